@@ -1,0 +1,107 @@
+# tandem: one Makefile for the library, the command, the tests and the benchmarks.
+#
+#   make            library + build/tandem (+ CUDA backend when nvcc is on PATH)
+#   make cpu        the same without CUDA (src/cuda/gpu_none.c stands in)
+#   make test       build and run every test group; last line "N passed, N failed"
+#   make test-asan  the tests under AddressSanitizer + UBSan (objects in build-asan/)
+#   make bench      build the benchmark programs
+#   make help       this list
+#
+# Kernels are compiled once per ISA: a file named *_avx2.c, *_avx512.c or *_amx.c
+# gets that ISA's -m flags and nothing else does, so the shipped binary runs on any
+# x86-64 and picks its kernels at start from CPUID (src/core/isa.c). Never -march=native.
+
+CC      ?= cc
+NVCC    ?= nvcc
+BUILD   ?= build
+OPT     ?= -O2
+SAN     ?=
+CFLAGS_BASE = -std=c11 -Wall -Wextra -Werror $(OPT) -g -fPIC -pthread \
+              -D_GNU_SOURCE -Iinclude -Isrc -MMD -MP $(SAN)
+LDLIBS  = -ljansson -lnuma -lpcre2-8 -lutf8proc -lm -lpthread
+
+ISA_AVX2   = -mavx2 -mfma -mf16c
+ISA_AVX512 = $(ISA_AVX2) -mavx512f -mavx512bw -mavx512vl -mavx512dq \
+             -mavx512bf16 -mavx512vnni
+ISA_AMX    = $(ISA_AVX512) -mamx-tile -mamx-bf16 -mamx-int8
+
+# CUDA: on by default when nvcc exists; `make cpu` or CUDA=0 turns it off.
+ifeq ($(origin CUDA),undefined)
+  CUDA := $(if $(shell command -v $(NVCC) 2>/dev/null),1,0)
+endif
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
+NVFLAGS = -O2 -std=c++17 -Xcompiler -fPIC -Iinclude -Isrc \
+          -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90
+
+LIB_SRC  := $(shell find src -name '*.c' | sort)
+CU_SRC   := $(shell find src -name '*.cu' | sort)
+ifeq ($(CUDA),1)
+  LIB_SRC := $(filter-out src/cuda/gpu_none.c,$(LIB_SRC))
+  LIB_CU  := $(CU_SRC:%.cu=$(BUILD)/%.o)
+  LDLIBS  += -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/targets/x86_64-linux/lib \
+             -lcudart -lcublas -lcuda -lstdc++ -Wl,-rpath,$(CUDA_HOME)/lib64
+else
+  LIB_CU  :=
+endif
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o) $(LIB_CU)
+CLI_OBJ  := $(patsubst %.c,$(BUILD)/%.o,$(shell find cli server -name '*.c' 2>/dev/null | sort))
+TEST_OBJ := $(patsubst %.c,$(BUILD)/%.o,$(shell find tests -name '*.c' | sort))
+BENCH_SRC := $(shell find dev -name '*.c' 2>/dev/null | sort)
+BENCH_BIN := $(BENCH_SRC:dev/%.c=$(BUILD)/dev/%)
+
+.PHONY: all cpu test test-asan bench help clean
+all: $(BUILD)/tandem
+
+cpu:
+	@$(MAKE) --no-print-directory CUDA=0 all
+
+help:
+	@sed -n '3,9p' Makefile | sed 's/^# //'
+
+# The stamp makes a switch between `make` and `make cpu` rebuild the archive.
+$(BUILD)/.cuda-$(CUDA):
+	@mkdir -p $(BUILD) && rm -f $(BUILD)/.cuda-* && touch $@
+
+$(BUILD)/libtandem.a: $(LIB_OBJ) $(BUILD)/.cuda-$(CUDA)
+	@rm -f $@
+	ar rcs $@ $(LIB_OBJ)
+
+$(BUILD)/tandem: $(CLI_OBJ) $(BUILD)/libtandem.a
+	$(CC) $(CFLAGS_BASE) -o $@ $(CLI_OBJ) $(BUILD)/libtandem.a $(LDLIBS)
+
+$(BUILD)/run_tests: $(TEST_OBJ) $(BUILD)/libtandem.a
+	$(CC) $(CFLAGS_BASE) -o $@ $(TEST_OBJ) $(BUILD)/libtandem.a $(LDLIBS)
+
+$(BUILD)/dev/%: dev/%.c $(BUILD)/libtandem.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_BASE) $(ISA_AMX) -o $@ $< $(BUILD)/libtandem.a $(LDLIBS)
+
+test: $(BUILD)/run_tests $(BUILD)/tandem
+	$(BUILD)/run_tests $(TESTS)
+
+test-asan:
+	@$(MAKE) --no-print-directory CUDA=0 BUILD=build-asan OPT=-O1 \
+	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" test
+
+bench: $(BENCH_BIN) $(BUILD)/tandem
+
+clean:
+	rm -rf build build-asan
+
+$(BUILD)/%_avx2.o: %_avx2.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_BASE) $(ISA_AVX2) -c $< -o $@
+$(BUILD)/%_avx512.o: %_avx512.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_BASE) $(ISA_AVX512) -c $< -o $@
+$(BUILD)/%_amx.o: %_amx.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_BASE) $(ISA_AMX) -c $< -o $@
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_BASE) -c $< -o $@
+$(BUILD)/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -c $< -o $@
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

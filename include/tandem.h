@@ -1,0 +1,121 @@
+/*
+ * tandem.h - the public C API of tandem, a Mixture-of-Experts inference engine.
+ *
+ * Who owns what:
+ *   - A tandem_engine is a loaded model: configuration, weights (mmap'd or
+ *     converted at load), the CPU thread pool and the kernel choice. It is
+ *     immutable after tandem_engine_open() returns and may be shared by many
+ *     sessions. tandem_engine_close() frees it; close every session first.
+ *   - A tandem_session is one or more timelines over an engine: a KV cache with
+ *     a slot per sequence, the logits of the last forward, and all scratch
+ *     memory, sized once at creation (no allocation per token). A session is
+ *     used by one thread at a time.
+ *   - Memory passed in (batches, paths) stays the caller's. Pointers returned
+ *     (logits, info strings) stay valid until the next call on the same
+ *     object or until it is freed.
+ *
+ * Errors: every fallible call returns 0 or a negative TANDEM_E* code and, when
+ * err is not NULL, writes a message a user can act on into err[errlen]
+ * ("model.safetensors: tensor 'model.layers.3.mlp.gate.weight' has shape
+ * [8,64], expected [16,64]"). The library never exits or aborts on bad input.
+ */
+#ifndef TANDEM_H
+#define TANDEM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- error codes ------------------------------------------------------- */
+enum {
+    TANDEM_OK           = 0,
+    TANDEM_EINVAL       = -1, /* a bad argument from the caller */
+    TANDEM_EIO          = -2, /* a file could not be opened, read or mapped */
+    TANDEM_EFORMAT      = -3, /* a file is malformed, truncated or inconsistent */
+    TANDEM_EUNSUPPORTED = -4, /* valid, but not supported (yet) */
+    TANDEM_ENOMEM       = -5, /* out of memory */
+    TANDEM_EFULL        = -6, /* KV cache or batch capacity exceeded */
+    TANDEM_EGPU         = -7, /* a CUDA error */
+};
+const char *tandem_strerror(int code);
+
+/* ---- engine -------------------------------------------------------------- */
+typedef struct tandem_engine tandem_engine;
+
+typedef struct {
+    int n_threads;        /* CPU worker threads; 0 = one per online core */
+    int dummy_weights;    /* nonzero: random weights at full size, no files read */
+    uint64_t seed;        /* seed for dummy weights */
+} tandem_engine_params;
+
+void tandem_engine_params_default(tandem_engine_params *p);
+
+/* Open the Hugging Face style model directory `path` (config.json and
+ * model.safetensors or model.safetensors.index.json + shards). */
+int tandem_engine_open(const char *path, const tandem_engine_params *p,
+                       tandem_engine **out, char *err, size_t errlen);
+void tandem_engine_close(tandem_engine *e);
+
+typedef struct {
+    const char *arch;         /* e.g. "Qwen3MoeForCausalLM" */
+    const char *isa;          /* CPU kernels in use: "ref", "avx2", "avx512", "amx" */
+    int n_layer, n_layer_moe;
+    int d_model, n_vocab;
+    int n_expert, n_expert_used, n_shared_expert;
+    int max_ctx;              /* max_position_embeddings of the config */
+    int n_threads;
+    int64_t n_params;         /* all parameters */
+    int64_t n_params_active;  /* parameters touched per token */
+    int64_t weight_bytes;     /* bytes of weights as held in memory */
+} tandem_model_info;
+
+void tandem_engine_info(const tandem_engine *e, tandem_model_info *out);
+
+/* ---- session ------------------------------------------------------------- */
+typedef struct tandem_session tandem_session;
+
+typedef struct {
+    int n_seq;     /* sequences (KV slots), ids 0..n_seq-1; default 1 */
+    int n_ctx;     /* tokens per sequence; 0 = min(model max, 4096) */
+    int n_batch;   /* most tokens one forward may take; default 512 */
+} tandem_session_params;
+
+void tandem_session_params_default(tandem_session_params *p);
+int tandem_session_create(tandem_engine *e, const tandem_session_params *p,
+                          tandem_session **out, char *err, size_t errlen);
+void tandem_session_free(tandem_session *s);
+
+/* ---- forward ------------------------------------------------------------- *
+ * A batch holds tokens of one or more sequences. Token i of sequence seq[i]
+ * sits at position pos[i], which must be that sequence's current length when
+ * the token is reached (tokens of one sequence appear in order; the KV cache
+ * grows by one per token). want[i] != 0 asks for the logits of token i; with
+ * want == NULL only the last token's logits are kept. */
+typedef struct {
+    int n_tokens;
+    const int32_t *token;  /* [n_tokens] token ids */
+    const int32_t *pos;    /* [n_tokens] positions */
+    const int32_t *seq;    /* [n_tokens] sequence ids; NULL = all sequence 0 */
+    const int8_t  *want;   /* [n_tokens] or NULL */
+} tandem_batch;
+
+int tandem_forward(tandem_session *s, const tandem_batch *b,
+                   char *err, size_t errlen);
+
+/* Logits [n_vocab] (fp32) of the i-th wanted token of the last forward, in
+ * batch order; NULL when i is out of range. */
+const float *tandem_logits(const tandem_session *s, int i);
+int tandem_n_vocab(const tandem_engine *e);
+
+/* ---- KV cache per sequence ---------------------------------------------- */
+int tandem_kv_len(const tandem_session *s, int seq);
+int tandem_kv_clear(tandem_session *s, int seq);            /* length -> 0 */
+int tandem_kv_truncate(tandem_session *s, int seq, int len); /* keep [0,len) */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,109 @@
+/*
+ * test_core.c - the thread pool, number conversions and error helpers.
+ */
+#include "test.h"
+#include "core/bf16.h"
+#include "core/err.h"
+#include "core/isa.h"
+#include "core/pool.h"
+
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    atomic_int *hits;
+    atomic_int part_hits[4];
+} count_ctx;
+
+static void count_items(void *arg, int64_t b, int64_t e)
+{
+    count_ctx *c = arg;
+    for (int64_t i = b; i < e; i++)
+        atomic_fetch_add(&c->hits[i], 1);
+}
+
+static void count_parts(void *arg, int64_t b, int64_t e)
+{
+    count_ctx *c = arg;
+    atomic_fetch_add(&c->part_hits[pool_part()], (int)(e - b));
+}
+
+TEST_GROUP(pool)
+{
+    enum { N = 10007 };
+    atomic_int *hits = calloc(N, sizeof *hits);
+    for (int threads = 1; threads <= 3; threads++) {
+        pool *p = NULL;
+        char err[256];
+        CHECK(pool_create(&p, threads, 1, err, sizeof err) == 0);
+        if (!p)
+            continue;
+        count_ctx c = { .hits = hits };
+        for (int rep = 0; rep < 50; rep++) {
+            memset(hits, 0, N * sizeof *hits);
+            pool_run(p, N, rep % 7 + 1, count_items, &c);
+            int bad = 0;
+            for (int i = 0; i < N; i++)
+                bad += atomic_load(&hits[i]) != 1;
+            CHECKF(bad == 0, "threads=%d rep=%d: %d items not run exactly once", threads, rep, bad);
+        }
+        pool_free(p);
+    }
+    /* Two partitions on one node: each runs the whole range once. */
+    pool *p = NULL;
+    CHECK(pool_create(&p, 2, 2, NULL, 0) == 0);
+    if (p) {
+        CHECK(pool_nparts(p) == 2);
+        count_ctx c = { .hits = hits };
+        pool_run_parts(p, 1000, 3, count_parts, &c);
+        CHECK(atomic_load(&c.part_hits[0]) == 1000);
+        CHECK(atomic_load(&c.part_hits[1]) == 1000);
+        pool_free(p);
+    }
+    char err[128];
+    CHECK(pool_create(&p, 2, 5, err, sizeof err) == TANDEM_EINVAL);
+    CHECK(strstr(err, "partitions") != NULL);
+    free(hits);
+}
+
+TEST_GROUP(convert)
+{
+    CHECK(bf16_to_f32(0x3f80) == 1.0f);
+    CHECK(f32_to_bf16(1.0f) == 0x3f80);
+    CHECK(f32_to_bf16(1.00390625f) == 0x3f80);   /* tie rounds to even */
+    CHECK(f32_to_bf16(1.01171875f) == 0x3f82);   /* tie rounds to even (up) */
+    CHECK(f16_to_f32(0x3c00) == 1.0f);
+    CHECK(f16_to_f32(0xc000) == -2.0f);
+    CHECK(f16_to_f32(0x0001) == 5.9604644775390625e-8f); /* smallest subnormal */
+    CHECK(isinf(f16_to_f32(0x7c00)));
+    CHECK(fp8e4m3_to_f32(0x38) == 1.0f);
+    CHECK(fp8e4m3_to_f32(0x7e) == 448.0f);
+    CHECK(fp8e4m3_to_f32(0x01) == 0.001953125f);
+    CHECK(fp8e4m3_to_f32(0xb8) == -1.0f);
+    CHECK(isnan(fp8e4m3_to_f32(0x7f)));
+    /* every bf16 survives a round trip */
+    int bad = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        float f = bf16_to_f32((uint16_t)h);
+        if (!isnan(f) && f32_to_bf16(f) != h)
+            bad++;
+    }
+    CHECK(bad == 0);
+}
+
+TEST_GROUP(errors)
+{
+    char err[64];
+    CHECK(td_err(err, sizeof err, TANDEM_EIO, "x %d", 3) == TANDEM_EIO);
+    CHECK(!strcmp(err, "x 3"));
+    td_err_prefix(err, sizeof err, TANDEM_EIO, "file.bin");
+    CHECK(!strcmp(err, "file.bin: x 3"));
+    char tiny[8];
+    td_err(tiny, sizeof tiny, TANDEM_EIO, "a long message");
+    td_err_prefix(tiny, sizeof tiny, TANDEM_EIO, "prefix-longer");
+    CHECK(strlen(tiny) < sizeof tiny);
+    CHECK(strcmp(isa_name(isa_detect()), "?") != 0);
+    CHECK(isa_parse("avx512") == ISA_AVX512 && isa_parse("nope") == -1);
+}
