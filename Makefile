@@ -17,8 +17,10 @@ BUILD   ?= build
 OPT     ?= -O2
 SAN     ?=
 CFLAGS_BASE = -std=c11 -Wall -Wextra -Werror $(OPT) -g -fPIC -pthread \
-              -D_GNU_SOURCE -Iinclude -Isrc -MMD -MP $(SAN)
-LDLIBS  = -ljansson -lnuma -lpcre2-8 -lutf8proc -lm -lpthread
+              -D_GNU_SOURCE -Iinclude -Isrc -MMD -MP $(SAN) $(EXTRA_CFLAGS)
+# EXTRA_CFLAGS / EXTRA_LDFLAGS point at libraries unpacked outside the system
+# paths (the GPU machine has no package registry: dev/sysroot.sh).
+LDLIBS  = $(EXTRA_LDFLAGS) -ljansson -lnuma -lpcre2-8 -lutf8proc -lm -lpthread
 
 ISA_AVX2   = -mavx2 -mfma -mf16c
 ISA_AVX512 = $(ISA_AVX2) -mavx512f -mavx512bw -mavx512vl -mavx512dq \

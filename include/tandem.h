@@ -115,6 +115,11 @@ int tandem_kv_len(const tandem_session *s, int seq);
 int tandem_kv_clear(tandem_session *s, int seq);            /* length -> 0 */
 int tandem_kv_truncate(tandem_session *s, int seq, int len); /* keep [0,len) */
 
+/* ---- benchmarks ---------------------------------------------------------- */
+/* `tandem bench moe ARGS`: the CPU MoE operator at real shapes, one line per case
+ * in the key=value format of BENCH.md on stdout. Returns a process exit code. */
+int tandem_bench_moe(int argc, char **argv);
+
 #ifdef __cplusplus
 }
 #endif
