@@ -81,6 +81,8 @@ typedef struct {
     int n_seq;     /* sequences (KV slots), ids 0..n_seq-1; default 1 */
     int n_ctx;     /* tokens per sequence; 0 = min(model max, 4096) */
     int n_batch;   /* most tokens one forward may take; default 512 */
+    int n_outputs; /* most tokens per forward whose logits are kept;
+                      0 = n_batch, or fewer when that would pass 256 MB */
 } tandem_session_params;
 
 void tandem_session_params_default(tandem_session_params *p);

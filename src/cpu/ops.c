@@ -1,0 +1,162 @@
+/*
+ * ops.c - reference CPU ops (norms, activations, rope) and the dense matmul
+ * driver that hands row ranges of a weight matrix to the pool.
+ */
+#include "cpu/ops.h"
+#include "core/bf16.h"
+#include "core/isa.h"
+
+#include <math.h>
+#include <string.h>
+
+void mat_row_f32(const mat *m, int64_t r, float *out)
+{
+    if (m->dt == DT_F32) {
+        memcpy(out, (const float *)m->data + r * m->cols, (size_t)m->cols * sizeof(float));
+    } else {
+        const uint16_t *w = (const uint16_t *)m->data + r * m->cols;
+        for (int64_t i = 0; i < m->cols; i++)
+            out[i] = bf16_to_f32(w[i]);
+    }
+}
+
+/* ---- matmul ---------------------------------------------------------------- */
+
+/* The scalar reference: one fp32 accumulator per output, in order of k. */
+static void mm_rows_bf16_ref(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const void *W, int64_t K,
+                             int64_t n0, int64_t n1)
+{
+    const uint16_t *w = W;
+    for (int64_t n = n0; n < n1; n++)
+        for (int t = 0; t < T; t++) {
+            float acc = 0;
+            for (int64_t k = 0; k < K; k++)
+                acc += x[t * ldx + k] * bf16_to_f32(w[n * K + k]);
+            y[t * ldy + n] = acc;
+        }
+}
+
+static void mm_rows_f32_ref(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const void *W, int64_t K,
+                            int64_t n0, int64_t n1)
+{
+    const float *w = W;
+    for (int64_t n = n0; n < n1; n++)
+        for (int t = 0; t < T; t++) {
+            float acc = 0;
+            for (int64_t k = 0; k < K; k++)
+                acc += x[t * ldx + k] * w[n * K + k];
+            y[t * ldy + n] = acc;
+        }
+}
+
+static const mm_kernels mm_ref = { mm_rows_bf16_ref, mm_rows_f32_ref };
+extern const mm_kernels mm_avx2, mm_avx512;
+
+const mm_kernels *mm_kernels_for(int isa)
+{
+    if (isa >= ISA_AVX512)
+        return &mm_avx512;
+    if (isa >= ISA_AVX2)
+        return &mm_avx2;
+    return &mm_ref;
+}
+
+typedef struct {
+    float *y;
+    int64_t ldy, ldx;
+    const float *x;
+    int T;
+    const mat *W;
+    const float *bias;
+    mm_rows_fn fn;
+} mm_ctx;
+
+enum { MM_ROWS = 16 }; /* rows of W per work item: 16 rows x K fit in L1/L2 */
+
+static void mm_job(void *arg, int64_t b, int64_t e)
+{
+    const mm_ctx *c = arg;
+    int64_t n0 = b * MM_ROWS, n1 = e * MM_ROWS < c->W->rows ? e * MM_ROWS : c->W->rows;
+    c->fn(c->y, c->ldy, c->x, c->ldx, c->T, c->W->data, c->W->cols, n0, n1);
+    if (c->bias)
+        for (int t = 0; t < c->T; t++)
+            for (int64_t n = n0; n < n1; n++)
+                c->y[t * c->ldy + n] += c->bias[n];
+}
+
+void op_matmul(pool *p, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const mat *W, const float *bias)
+{
+    const mm_kernels *k = mm_kernels_for(isa_current());
+    mm_ctx c = { y, ldy, ldx, x, T, W, bias, W->dt == DT_F32 ? k->f32 : k->bf16 };
+    int64_t items = (W->rows + MM_ROWS - 1) / MM_ROWS;
+    pool_run(p, items, 1, mm_job, &c);
+}
+
+/* ---- row ops ---------------------------------------------------------------- */
+
+void op_rmsnorm(float *y, const float *x, const float *w, int n, float eps)
+{
+    double ss = 0;
+    for (int i = 0; i < n; i++)
+        ss += (double)x[i] * x[i];
+    float r = (float)(1.0 / sqrt(ss / n + eps));
+    for (int i = 0; i < n; i++)
+        y[i] = w ? w[i] * (x[i] * r) : x[i] * r;
+}
+
+typedef struct {
+    float *y;
+    const float *x, *w;
+    int64_t ldy, ldx;
+    int n;
+    float eps;
+} norm_ctx;
+
+static void norm_job(void *arg, int64_t b, int64_t e)
+{
+    const norm_ctx *c = arg;
+    for (int64_t t = b; t < e; t++)
+        op_rmsnorm(c->y + t * c->ldy, c->x + t * c->ldx, c->w, c->n, c->eps);
+}
+
+void op_rmsnorm_rows(pool *p, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const float *w, int n,
+                     float eps)
+{
+    norm_ctx c = { y, x, w, ldy, ldx, n, eps };
+    if (T * (int64_t)n < 65536)
+        norm_job(&c, 0, T);
+    else
+        pool_run(p, T, 0, norm_job, &c);
+}
+
+void op_silu_mul(float *g, const float *u, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+void op_softmax(float *x, int n)
+{
+    float m = -INFINITY;
+    for (int i = 0; i < n; i++)
+        m = x[i] > m ? x[i] : m;
+    double s = 0;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - m);
+        s += x[i];
+    }
+    float inv = (float)(1.0 / s);
+    for (int i = 0; i < n; i++)
+        x[i] *= inv;
+}
+
+void op_rope(float *x, int dim, int pairs, const float *cos, const float *sin)
+{
+    int h = dim / 2;
+    for (int i = 0; i < h; i++) {
+        int a = pairs ? 2 * i : i, b = pairs ? 2 * i + 1 : i + h;
+        float x0 = x[a], x1 = x[b];
+        x[a] = x0 * cos[i] - x1 * sin[i];
+        x[b] = x1 * cos[i] + x0 * sin[i];
+    }
+}

@@ -1,0 +1,46 @@
+/*
+ * safetensors.h - read-only access to safetensors checkpoints through mmap.
+ *
+ * A set is one file, or the shards listed by model.safetensors.index.json
+ * ("weight_map": tensor name -> shard file). Tensor data is never copied: a
+ * tensor's `data` points into the file mapping and stays valid until
+ * st_close(). Every header is validated at open: JSON well-formed, known
+ * dtypes, offsets inside the file, sizes consistent with shapes, no overlap
+ * with the header, and every index entry present in its shard.
+ */
+#ifndef TD_SAFETENSORS_H
+#define TD_SAFETENSORS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/dtype.h"
+
+#define ST_MAX_DIMS 8
+
+typedef struct {
+    const char *name;
+    td_dtype dtype;
+    int ndim;
+    int64_t shape[ST_MAX_DIMS];
+    const void *data;   /* into the mapping */
+    size_t nbytes;
+    int file;           /* index of the shard holding it */
+} st_tensor;
+
+typedef struct st_set st_set;
+
+/* path: a .safetensors file, or a directory holding model.safetensors or
+ * model.safetensors.index.json. */
+int st_open(st_set **out, const char *path, char *err, size_t errlen);
+void st_close(st_set *s);
+
+const st_tensor *st_find(const st_set *s, const char *name);
+int st_count(const st_set *s);
+const st_tensor *st_at(const st_set *s, int i);
+const char *st_file_path(const st_set *s, int file); /* for messages */
+
+/* "[8,64]" style shape string into buf (for messages). */
+const char *st_shape_str(const int64_t *shape, int ndim, char *buf, size_t n);
+
+#endif

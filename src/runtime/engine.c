@@ -1,0 +1,139 @@
+/*
+ * engine.c - tandem_engine: open a model directory, describe it, close it.
+ *
+ * Open order: config.json -> model description; kernel choice (CPUID or
+ * TANDEM_CPU); thread pool; checkpoint mapping; weight binding; rope tables.
+ * Any failure unwinds what was done and leaves *out NULL.
+ */
+#include "core/err.h"
+#include "core/isa.h"
+#include "core/log.h"
+#include "runtime/engine.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+void tandem_engine_params_default(tandem_engine_params *p)
+{
+    memset(p, 0, sizeof *p);
+    p->seed = 1234;
+}
+
+/* Inverse rope frequencies, as transformers computes them (default or YaRN). */
+static int rope_tables(tandem_engine *e)
+{
+    const model_desc *d = &e->d;
+    int half = d->rope_dim / 2, dim = d->rope_dim;
+    e->rope_inv_freq = malloc((size_t)(half > 0 ? half : 1) * sizeof(float));
+    if (!e->rope_inv_freq)
+        return TANDEM_ENOMEM;
+    double base = d->rope_theta;
+    for (int i = 0; i < half; i++) {
+        double pos_freq = pow(base, (double)(2 * i) / dim);
+        double extra = 1.0 / pos_freq;
+        double inv = extra;
+        if (d->rope_yarn) {
+            double inter = 1.0 / (d->yarn_factor * pos_freq);
+            double lo = dim * log(d->yarn_orig_ctx / (d->yarn_beta_fast * 2 * M_PI)) / (2 * log(base));
+            double hi = dim * log(d->yarn_orig_ctx / (d->yarn_beta_slow * 2 * M_PI)) / (2 * log(base));
+            if (d->yarn_truncate) {
+                lo = floor(lo);
+                hi = ceil(hi);
+            }
+            if (lo < 0)
+                lo = 0;
+            if (hi > dim - 1)
+                hi = dim - 1;
+            if (lo == hi)
+                hi += 0.001;
+            double ramp = ((double)i - lo) / (hi - lo);
+            ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+            double extra_factor = 1.0 - ramp;
+            inv = inter * (1 - extra_factor) + extra * extra_factor;
+        }
+        e->rope_inv_freq[i] = (float)inv;
+    }
+    return 0;
+}
+
+int tandem_engine_open(const char *path, const tandem_engine_params *p, tandem_engine **out, char *err,
+                       size_t errlen)
+{
+    *out = NULL;
+    if (!path || !*path)
+        return td_err(err, errlen, TANDEM_EINVAL, "no model path given");
+    struct stat st;
+    if (stat(path, &st) != 0)
+        return td_err(err, errlen, TANDEM_EIO, "%s: no such model directory", path);
+    if (!S_ISDIR(st.st_mode))
+        return td_err(err, errlen, TANDEM_EINVAL, "%s: a model is a directory holding config.json and safetensors",
+                      path);
+    tandem_engine *e = calloc(1, sizeof *e);
+    if (!e)
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    if (p)
+        e->params = *p;
+    else
+        tandem_engine_params_default(&e->params);
+    snprintf(e->path, sizeof e->path, "%s", path);
+    char cfg[1100];
+    snprintf(cfg, sizeof cfg, "%s/config.json", path);
+    int rc = model_load_config(&e->d, cfg, err, errlen);
+    if (!rc)
+        rc = isa_select(err, errlen);
+    if (!rc) {
+        e->isa = isa_current();
+        rc = pool_create(&e->pool, e->params.n_threads, 0, err, errlen);
+    }
+    if (!rc && !e->params.dummy_weights)
+        rc = st_open(&e->st, path, err, errlen);
+    if (!rc)
+        rc = engine_load_weights(e, err, errlen);
+    if (!rc && rope_tables(e) != 0)
+        rc = td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    if (rc) {
+        tandem_engine_close(e);
+        return rc;
+    }
+    td_log(TD_LOG_INFO, "%s: %s, %d layers (%d MoE), %d experts (top-%d), kernels %s, %d threads", path,
+           e->d.arch_name, e->d.n_layer, e->d.n_layer_moe, e->d.n_expert, e->d.n_expert_used, isa_name(e->isa),
+           pool_size(e->pool));
+    *out = e;
+    return 0;
+}
+
+void tandem_engine_close(tandem_engine *e)
+{
+    if (!e)
+        return;
+    engine_free_weights(e);
+    st_close(e->st);
+    pool_free(e->pool);
+    model_desc_free(&e->d);
+    free(e->rope_inv_freq);
+    free(e);
+}
+
+void tandem_engine_info(const tandem_engine *e, tandem_model_info *o)
+{
+    memset(o, 0, sizeof *o);
+    const model_desc *d = &e->d;
+    o->arch = d->arch_name;
+    o->isa = isa_name(e->isa);
+    o->n_layer = d->n_layer;
+    o->n_layer_moe = d->n_layer_moe;
+    o->d_model = d->d_model;
+    o->n_vocab = d->n_vocab;
+    o->n_expert = d->n_expert;
+    o->n_expert_used = d->n_expert_used;
+    o->n_shared_expert = d->d_ff_shared ? (d->d_ff_shared + d->d_ff_expert - 1) / d->d_ff_expert : 0;
+    o->max_ctx = d->max_ctx;
+    o->n_threads = pool_size(e->pool);
+    model_param_counts(d, &o->n_params, &o->n_params_active);
+    o->weight_bytes = e->weight_bytes;
+}
+
+int tandem_n_vocab(const tandem_engine *e) { return e->d.n_vocab; }

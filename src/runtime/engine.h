@@ -1,0 +1,87 @@
+/*
+ * engine.h - the insides of tandem_engine and tandem_session (runtime only).
+ *
+ * The engine owns the model description, the weight views (pointing into
+ * the mmap'd checkpoint, or into buffers converted at load), the thread pool
+ * and the rope tables. The session owns the KV cache and every scratch
+ * buffer the forward pass touches, sized at creation.
+ */
+#ifndef TD_RUNTIME_ENGINE_H
+#define TD_RUNTIME_ENGINE_H
+
+#include "tandem.h"
+#include "core/pool.h"
+#include "cpu/ops.h"
+#include "io/safetensors.h"
+#include "model/model.h"
+
+typedef struct {
+    float *attn_norm, *ffn_norm;              /* [d_model] */
+    /* GQA */
+    mat q, k, v, o;                           /* [n_head*hd][D], [n_kv*hd][D], .., [D][n_head*hd] */
+    float *q_bias, *k_bias, *v_bias, *o_bias;
+    float *q_norm, *k_norm;                   /* [head_dim] */
+    /* MLA */
+    mat q_a, q_b, kv_a, kv_b;                 /* [rq][D], [H*qk][rq], [R+rope][D], [H*(nope+v)][R] */
+    float *q_a_norm, *kv_a_norm;              /* [rq], [R] */
+    /* dense MLP */
+    mat ffn_gate, ffn_up, ffn_down;           /* [F][D], [F][D], [D][F] */
+    float *ffn_gate_bias, *ffn_up_bias, *ffn_down_bias;
+    /* MoE */
+    mat router;                               /* [E][D] */
+    float *router_bias;                       /* [E] */
+    mat *exp_gate, *exp_up, *exp_down;        /* [E] each: [Fe][D], [Fe][D], [D][Fe] */
+    mat sh_gate, sh_up, sh_down;              /* [Fs][D], [Fs][D], [D][Fs] */
+    float *sh_gate_bias, *sh_up_bias, *sh_down_bias;
+    mat sh_gate_inp;                          /* [1][D] */
+} layer_weights;
+
+struct tandem_engine {
+    model_desc d;
+    tandem_engine_params params;
+    char path[1024];            /* the model directory, for messages */
+    st_set *st;                 /* NULL with dummy weights */
+    pool *pool;
+    int isa;
+    mat embed, lm_head;         /* [V][D] */
+    float *out_norm;            /* [D] */
+    layer_weights *layers;      /* [n_layer] */
+    void **owned;               /* buffers made at load (converted tensors) */
+    int n_owned, cap_owned;
+    float *rope_inv_freq;       /* [rope_dim/2] */
+    int64_t weight_bytes;
+};
+
+typedef struct {
+    float *k, *v;               /* GQA: [n_seq][n_ctx][n_kv*hd] */
+    float *ckv, *kpe;           /* MLA: [n_seq][n_ctx][R], [n_seq][n_ctx][rope] */
+} kv_layer;
+
+struct tandem_session {
+    tandem_engine *e;
+    int n_seq, n_ctx, n_batch;
+    int *len;                   /* [n_seq] tokens in each sequence's cache */
+    kv_layer *kv;               /* [n_layer] */
+    /* scratch, [n_batch][...] rows */
+    float *x, *h, *q, *kvbuf, *att, *ff1, *ff2, *y, *logits_row;
+    float *rope_cs;             /* [n_batch][rope_dim] cos then sin */
+    int32_t *tok_seq, *tok_pos;
+    int32_t *ids;               /* [n_batch][k] */
+    float *wts;                 /* [n_batch][k] */
+    float *router_logits;       /* [n_batch][E] */
+    float *route_scratch;       /* [3E] */
+    int32_t *exp_count, *exp_tok; /* [E], [E][n_batch] */
+    float *exp_w;               /* [E][n_batch] */
+    float *gx, *gg, *gu, *gy;   /* gathered per expert: [n_batch][D], [n_batch][Fe] x2, [n_batch][D] */
+    float *attn_scratch;        /* [pool threads][attn_scratch_floats] */
+    int64_t attn_scratch_stride;
+    float *logits;              /* [n_batch][V] */
+    int n_logits;               /* logits rows filled by the last forward */
+    int n_outputs;              /* capacity of logits, in rows */
+};
+
+int engine_load_weights(tandem_engine *e, char *err, size_t errlen);
+void engine_free_weights(tandem_engine *e);
+int forward_batch(tandem_session *s, const tandem_batch *b, char *err, size_t errlen);
+
+#endif

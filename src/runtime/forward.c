@@ -1,0 +1,264 @@
+/*
+ * forward.c - one batched forward pass on the CPU.
+ *
+ * For a batch of T tokens (any mix of sequences):
+ *   x = embed(tokens)
+ *   per layer: x += attn(norm(x));  x += ffn(norm(x))
+ *   logits = lm_head(norm(x)) for the wanted tokens
+ * where attn is GQA or MLA over the session's KV cache and ffn is a dense
+ * SwiGLU or a routed MoE (plus shared experts). All buffers come from the
+ * session; the batch is validated completely before any state changes, so a
+ * rejected batch leaves the KV cache as it was.
+ */
+#include "core/err.h"
+#include "cpu/attn.h"
+#include "cpu/router.h"
+#include "runtime/engine.h"
+
+#include <math.h>
+#include <string.h>
+
+static int validate(tandem_session *s, const tandem_batch *b, int *n_want, char *err, size_t errlen)
+{
+    const model_desc *d = &s->e->d;
+    int T = b->n_tokens;
+    if (T < 1 || T > s->n_batch)
+        return td_err(err, errlen, TANDEM_EINVAL, "batch: %d tokens, the session takes 1 to %d per forward", T,
+                      s->n_batch);
+    if (!b->token || !b->pos)
+        return td_err(err, errlen, TANDEM_EINVAL, "batch: token and pos arrays are required");
+    int32_t *next = s->tok_seq; /* per-sequence running length, borrowed */
+    int want = 0;
+    for (int t = 0; t < T; t++) {
+        int seq = b->seq ? b->seq[t] : 0;
+        if (seq < 0 || seq >= s->n_seq)
+            return td_err(err, errlen, TANDEM_EINVAL, "batch: token %d has sequence id %d, the session has %d", t,
+                          seq, s->n_seq);
+        if (b->token[t] < 0 || b->token[t] >= d->n_vocab)
+            return td_err(err, errlen, TANDEM_EINVAL, "batch: token %d has id %d, outside the vocabulary of %d", t,
+                          b->token[t], d->n_vocab);
+        want += b->want ? b->want[t] != 0 : t == T - 1;
+    }
+    /* positions: each sequence continues where its cache ends */
+    for (int t = 0; t < T; t++) {
+        int seq = b->seq ? b->seq[t] : 0, expect = s->len[seq];
+        for (int u = 0; u < t; u++)
+            expect += (b->seq ? b->seq[u] : 0) == seq;
+        if (b->pos[t] != expect)
+            return td_err(err, errlen, TANDEM_EINVAL,
+                          "batch: token %d of sequence %d has position %d, expected %d (the next free position)", t,
+                          seq, b->pos[t], expect);
+        if (expect >= s->n_ctx)
+            return td_err(err, errlen, TANDEM_EFULL, "sequence %d is full: its context holds %d tokens", seq,
+                          s->n_ctx);
+        next[t] = seq;
+    }
+    if (want > s->n_outputs)
+        return td_err(err, errlen, TANDEM_EFULL, "batch: logits wanted for %d tokens, the session keeps at most %d",
+                      want, s->n_outputs);
+    *n_want = want;
+    return 0;
+}
+
+/* cos/sin of every token's position: rope_cs[t] = [cos(half) | sin(half)] */
+static void rope_table(tandem_session *s, int T)
+{
+    const tandem_engine *e = s->e;
+    int half = e->d.rope_dim / 2;
+    for (int t = 0; t < T; t++) {
+        float *cs = s->rope_cs + (int64_t)t * 2 * half;
+        for (int i = 0; i < half; i++) {
+            /* the angle is formed in fp32, as transformers does */
+            float ang = (float)s->tok_pos[t] * e->rope_inv_freq[i];
+            cs[i] = (float)cos((double)ang) * e->d.rope_scale;
+            cs[half + i] = (float)sin((double)ang) * e->d.rope_scale;
+        }
+    }
+}
+
+static void attention_gqa(tandem_session *s, int l, int T)
+{
+    tandem_engine *e = s->e;
+    const model_desc *d = &e->d;
+    const layer_weights *L = &e->layers[l];
+    const int hd = d->head_dim, H = d->n_head, KH = d->n_kv_head, half = d->rope_dim / 2;
+    const int64_t D = d->d_model, qd = (int64_t)H * hd, kd = (int64_t)KH * hd;
+    kv_layer *kv = &s->kv[l];
+    op_matmul(e->pool, s->q, qd, s->h, D, T, &L->q, L->q_bias);
+    op_matmul(e->pool, s->kvbuf, 2 * kd, s->h, D, T, &L->k, L->k_bias);
+    op_matmul(e->pool, s->kvbuf + kd, 2 * kd, s->h, D, T, &L->v, L->v_bias);
+    for (int t = 0; t < T; t++) {
+        const float *cs = s->rope_cs + (int64_t)t * 2 * half;
+        float *q = s->q + t * qd, *k = s->kvbuf + t * 2 * kd, *v = k + kd;
+        for (int h = 0; h < H; h++) {
+            if (L->q_norm)
+                op_rmsnorm(q + h * hd, q + h * hd, L->q_norm, hd, d->rms_eps);
+            op_rope(q + h * hd, d->rope_dim, d->rope == ROPE_PAIRS, cs, cs + half);
+        }
+        for (int h = 0; h < KH; h++) {
+            if (L->k_norm)
+                op_rmsnorm(k + h * hd, k + h * hd, L->k_norm, hd, d->rms_eps);
+            op_rope(k + h * hd, d->rope_dim, d->rope == ROPE_PAIRS, cs, cs + half);
+        }
+        int64_t cell = (int64_t)s->tok_seq[t] * s->n_ctx + s->tok_pos[t];
+        memcpy(kv->k + cell * kd, k, (size_t)kd * 4);
+        memcpy(kv->v + cell * kd, v, (size_t)kd * 4);
+    }
+    attn_gqa_params a = { H, KH, hd, d->attn_scale, d->sliding_window, kv->k, kv->v, (int64_t)s->n_ctx * kd, kd };
+    attn_gqa(e->pool, &a, T, s->q, s->tok_seq, s->tok_pos, s->att, s->attn_scratch, s->attn_scratch_stride);
+    op_matmul(e->pool, s->y, D, s->att, qd, T, &L->o, L->o_bias);
+}
+
+static void attention_mla(tandem_session *s, int l, int T)
+{
+    tandem_engine *e = s->e;
+    const model_desc *d = &e->d;
+    const layer_weights *L = &e->layers[l];
+    const int H = d->n_head, R = d->kv_lora_rank, rope = d->qk_rope_dim, nope = d->qk_nope_dim;
+    const int qk = nope + rope, half = rope / 2;
+    const int64_t D = d->d_model, qd = (int64_t)H * qk, kvd = R + rope + d->q_lora_rank;
+    kv_layer *kv = &s->kv[l];
+    if (d->q_lora_rank) {
+        float *qa = s->kvbuf + R + rope;
+        op_matmul(e->pool, qa, kvd, s->h, D, T, &L->q_a, NULL);
+        op_rmsnorm_rows(e->pool, qa, kvd, qa, kvd, T, L->q_a_norm, d->q_lora_rank, d->rms_eps);
+        op_matmul(e->pool, s->q, qd, qa, kvd, T, &L->q_b, NULL);
+    } else {
+        op_matmul(e->pool, s->q, qd, s->h, D, T, &L->q, NULL);
+    }
+    op_matmul(e->pool, s->kvbuf, kvd, s->h, D, T, &L->kv_a, NULL);
+    for (int t = 0; t < T; t++) {
+        const float *cs = s->rope_cs + (int64_t)t * 2 * half;
+        float *c = s->kvbuf + t * kvd, *q = s->q + t * qd;
+        int64_t cell = (int64_t)s->tok_seq[t] * s->n_ctx + s->tok_pos[t];
+        op_rmsnorm(kv->ckv + cell * R, c, L->kv_a_norm, R, d->rms_eps);
+        op_rope(c + R, rope, d->rope == ROPE_PAIRS, cs, cs + half);
+        memcpy(kv->kpe + cell * rope, c + R, (size_t)rope * 4);
+        for (int h = 0; h < H; h++)
+            op_rope(q + h * qk + nope, rope, d->rope == ROPE_PAIRS, cs, cs + half);
+    }
+    attn_mla_params a = { H, nope, rope, d->v_head_dim, R, d->attn_scale, kv->ckv, kv->kpe,
+                          (int64_t)s->n_ctx * R, (int64_t)s->n_ctx * rope, &L->kv_b };
+    attn_mla(e->pool, &a, T, s->q, s->tok_seq, s->tok_pos, s->att, s->attn_scratch, s->attn_scratch_stride);
+    op_matmul(e->pool, s->y, D, s->att, (int64_t)H * d->v_head_dim, T, &L->o, NULL);
+}
+
+/* y[T][D] = SwiGLU MLP of h; uses ff1/ff2 as scratch. */
+static void mlp(tandem_session *s, int T, int64_t F, const mat *g, const mat *u, const mat *dn, const float *gb,
+                const float *ub, const float *db, float *y)
+{
+    pool *p = s->e->pool;
+    const int64_t D = s->e->d.d_model;
+    op_matmul(p, s->ff1, F, s->h, D, T, g, gb);
+    op_matmul(p, s->ff2, F, s->h, D, T, u, ub);
+    op_silu_mul(s->ff1, s->ff2, (int64_t)T * F);
+    op_matmul(p, y, D, s->ff1, F, T, dn, db);
+}
+
+static void moe(tandem_session *s, int l, int T)
+{
+    tandem_engine *e = s->e;
+    const model_desc *d = &e->d;
+    const layer_weights *L = &e->layers[l];
+    const int E = d->n_expert, K = d->n_expert_used;
+    const int64_t D = d->d_model, F = d->d_ff_expert;
+    op_matmul(e->pool, s->router_logits, E, s->h, D, T, &L->router, NULL);
+    route_params rp = { d->route, E, K, d->norm_topk, d->route_scale, d->n_group, d->topk_group, L->router_bias };
+    memset(s->exp_count, 0, (size_t)E * 4);
+    for (int t = 0; t < T; t++) {
+        route_select(&rp, s->router_logits + (int64_t)t * E, s->ids + t * K, s->wts + t * K, s->route_scratch);
+        for (int k = 0; k < K; k++) {
+            int ex = s->ids[t * K + k], n = s->exp_count[ex]++;
+            s->exp_tok[(int64_t)ex * s->n_batch + n] = t;
+            s->exp_w[(int64_t)ex * s->n_batch + n] = s->wts[t * K + k];
+        }
+    }
+    memset(s->y, 0, (size_t)(T * D) * 4);
+    for (int ex = 0; ex < E; ex++) {
+        int n = s->exp_count[ex];
+        if (!n)
+            continue;
+        const int32_t *tok = s->exp_tok + (int64_t)ex * s->n_batch;
+        const float *w = s->exp_w + (int64_t)ex * s->n_batch;
+        for (int i = 0; i < n; i++)
+            memcpy(s->gx + i * D, s->h + tok[i] * D, (size_t)D * 4);
+        op_matmul(e->pool, s->gg, F, s->gx, D, n, &L->exp_gate[ex], NULL);
+        op_matmul(e->pool, s->gu, F, s->gx, D, n, &L->exp_up[ex], NULL);
+        op_silu_mul(s->gg, s->gu, n * F);
+        op_matmul(e->pool, s->gy, D, s->gg, F, n, &L->exp_down[ex], NULL);
+        for (int i = 0; i < n; i++) {
+            float *yt = s->y + tok[i] * D;
+            const float *gy = s->gy + i * D;
+            for (int64_t j = 0; j < D; j++)
+                yt[j] += w[i] * gy[j];
+        }
+    }
+    if (d->d_ff_shared) {
+        mlp(s, T, d->d_ff_shared, &L->sh_gate, &L->sh_up, &L->sh_down, L->sh_gate_bias, L->sh_up_bias,
+            L->sh_down_bias, s->gy);
+        for (int t = 0; t < T; t++) {
+            float gate = 1.0f;
+            if (d->shared_gate) {
+                float z;
+                op_matmul(e->pool, &z, 1, s->h + t * D, D, 1, &L->sh_gate_inp, NULL);
+                gate = 1.0f / (1.0f + expf(-z));
+            }
+            float *yt = s->y + t * D;
+            const float *z = s->gy + t * D;
+            for (int64_t j = 0; j < D; j++)
+                yt[j] += gate * z[j];
+        }
+    }
+}
+
+static void add_rows(float *x, const float *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        x[i] += y[i];
+}
+
+int forward_batch(tandem_session *s, const tandem_batch *b, char *err, size_t errlen)
+{
+    tandem_engine *e = s->e;
+    const model_desc *d = &e->d;
+    int n_want = 0, rc = validate(s, b, &n_want, err, errlen);
+    if (rc)
+        return rc;
+    const int T = b->n_tokens;
+    const int64_t D = d->d_model;
+    for (int t = 0; t < T; t++)
+        s->tok_pos[t] = b->pos[t]; /* tok_seq was filled by validate */
+    rope_table(s, T);
+    for (int t = 0; t < T; t++)
+        mat_row_f32(&e->embed, b->token[t], s->x + t * D);
+
+    for (int l = 0; l < d->n_layer; l++) {
+        const layer_weights *L = &e->layers[l];
+        op_rmsnorm_rows(e->pool, s->h, D, s->x, D, T, L->attn_norm, (int)D, d->rms_eps);
+        if (d->attn == ATTN_GQA)
+            attention_gqa(s, l, T);
+        else
+            attention_mla(s, l, T);
+        add_rows(s->x, s->y, T * D);
+        op_rmsnorm_rows(e->pool, s->h, D, s->x, D, T, L->ffn_norm, (int)D, d->rms_eps);
+        if (d->layer_moe[l])
+            moe(s, l, T);
+        else
+            mlp(s, T, d->d_ff, &L->ffn_gate, &L->ffn_up, &L->ffn_down, L->ffn_gate_bias, L->ffn_up_bias,
+                L->ffn_down_bias, s->y);
+        add_rows(s->x, s->y, T * D);
+    }
+
+    /* final norm of the wanted rows, gathered, then one lm_head matmul */
+    int j = 0;
+    for (int t = 0; t < T; t++) {
+        int want = b->want ? b->want[t] != 0 : t == T - 1;
+        if (want)
+            op_rmsnorm(s->h + (j++) * D, s->x + t * D, e->out_norm, (int)D, d->rms_eps);
+    }
+    op_matmul(e->pool, s->logits, d->n_vocab, s->h, D, n_want, &e->lm_head, NULL);
+    s->n_logits = n_want;
+    for (int t = 0; t < T; t++)
+        s->len[s->tok_seq[t]] = s->tok_pos[t] + 1;
+    return 0;
+}

@@ -1,0 +1,360 @@
+/*
+ * load.c - binding checkpoint tensors to the engine's weight views.
+ *
+ * Every tensor the model description lists (model_tensors) must be present
+ * with the expected shape and a supported dtype; anything else is an error
+ * naming the tensor and the file. BF16 and F32 matrices are used in place
+ * from the mmap'd file (no copy, no load time); F16 matrices become F32 and
+ * FP8 E4M3 matrices with 128x128-style block scales (weight_scale_inv)
+ * become BF16 at load. Vectors (norms, biases) are always copied to F32.
+ *
+ * With dummy weights nothing is read: each tensor is filled in parallel with
+ * uniform noise of variance 1/cols (norm weights 1, biases 0), seeded by its
+ * name, so benchmarks run at full size without a checkpoint.
+ */
+#include "core/bf16.h"
+#include "core/err.h"
+#include "core/log.h"
+#include "core/mem.h"
+#include "runtime/engine.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void *own(tandem_engine *e, size_t bytes)
+{
+    if (e->n_owned == e->cap_owned) {
+        int cap = e->cap_owned ? e->cap_owned * 2 : 256;
+        void **n = realloc(e->owned, (size_t)cap * sizeof *n);
+        if (!n)
+            return NULL;
+        e->owned = n;
+        e->cap_owned = cap;
+    }
+    void *p = td_alloc(bytes);
+    if (p)
+        e->owned[e->n_owned++] = p;
+    return p;
+}
+
+/* Where a tensor of this slot goes: a vector or a matrix view. */
+static void slot_target(tandem_engine *e, const tensor_spec *s, float ***vec, mat **m)
+{
+    *vec = NULL;
+    *m = NULL;
+    layer_weights *L = s->layer >= 0 ? &e->layers[s->layer] : NULL;
+    switch (s->slot) {
+    case TS_EMBED: *m = &e->embed; break;
+    case TS_LM_HEAD: *m = &e->lm_head; break;
+    case TS_OUT_NORM: *vec = &e->out_norm; break;
+    case TS_ATTN_NORM: *vec = &L->attn_norm; break;
+    case TS_FFN_NORM: *vec = &L->ffn_norm; break;
+    case TS_Q: *m = &L->q; break;
+    case TS_K: *m = &L->k; break;
+    case TS_V: *m = &L->v; break;
+    case TS_O: *m = &L->o; break;
+    case TS_Q_BIAS: *vec = &L->q_bias; break;
+    case TS_K_BIAS: *vec = &L->k_bias; break;
+    case TS_V_BIAS: *vec = &L->v_bias; break;
+    case TS_O_BIAS: *vec = &L->o_bias; break;
+    case TS_Q_NORM: *vec = &L->q_norm; break;
+    case TS_K_NORM: *vec = &L->k_norm; break;
+    case TS_Q_A: *m = &L->q_a; break;
+    case TS_Q_A_NORM: *vec = &L->q_a_norm; break;
+    case TS_Q_B: *m = &L->q_b; break;
+    case TS_KV_A: *m = &L->kv_a; break;
+    case TS_KV_A_NORM: *vec = &L->kv_a_norm; break;
+    case TS_KV_B: *m = &L->kv_b; break;
+    case TS_FFN_GATE: *m = &L->ffn_gate; break;
+    case TS_FFN_UP: *m = &L->ffn_up; break;
+    case TS_FFN_DOWN: *m = &L->ffn_down; break;
+    case TS_FFN_GATE_BIAS: *vec = &L->ffn_gate_bias; break;
+    case TS_FFN_UP_BIAS: *vec = &L->ffn_up_bias; break;
+    case TS_FFN_DOWN_BIAS: *vec = &L->ffn_down_bias; break;
+    case TS_ROUTER: *m = &L->router; break;
+    case TS_ROUTER_BIAS: *vec = &L->router_bias; break;
+    case TS_EXP_GATE: *m = &L->exp_gate[s->expert]; break;
+    case TS_EXP_UP: *m = &L->exp_up[s->expert]; break;
+    case TS_EXP_DOWN: *m = &L->exp_down[s->expert]; break;
+    case TS_SH_GATE: *m = &L->sh_gate; break;
+    case TS_SH_UP: *m = &L->sh_up; break;
+    case TS_SH_DOWN: *m = &L->sh_down; break;
+    case TS_SH_GATE_BIAS: *vec = &L->sh_gate_bias; break;
+    case TS_SH_UP_BIAS: *vec = &L->sh_up_bias; break;
+    case TS_SH_DOWN_BIAS: *vec = &L->sh_down_bias; break;
+    case TS_SH_GATE_INP: *m = &L->sh_gate_inp; break;
+    case TS_COUNT: break;
+    }
+}
+
+/* ---- FP8 block dequantisation ------------------------------------------- */
+typedef struct {
+    const uint8_t *w;
+    const float *scale;
+    uint16_t *out;
+    int64_t rows, cols, scale_cols;
+    int br, bc;
+} fp8_ctx;
+
+static void fp8_job(void *arg, int64_t b, int64_t e)
+{
+    const fp8_ctx *c = arg;
+    for (int64_t r = b; r < e; r++) {
+        const float *srow = c->scale + (r / c->br) * c->scale_cols;
+        for (int64_t k = 0; k < c->cols; k++)
+            c->out[r * c->cols + k] = f32_to_bf16(fp8e4m3_to_f32(c->w[r * c->cols + k]) * srow[k / c->bc]);
+    }
+}
+
+static int dequant_fp8(tandem_engine *e, const tensor_spec *s, const st_tensor *t, mat *m, char *err, size_t errlen)
+{
+    char sname[160], sh[64];
+    snprintf(sname, sizeof sname, "%s_scale_inv", s->name);
+    const st_tensor *sc = st_find(e->st, sname);
+    int64_t br = e->d.fp8_block[0], bc = e->d.fp8_block[1];
+    int64_t sr = (s->rows + br - 1) / br, scc = (s->cols + bc - 1) / bc;
+    if (!sc)
+        return td_err(err, errlen, TANDEM_EFORMAT, "%s: FP8 tensor '%s' has no block scales '%s'",
+                      st_file_path(e->st, t->file), s->name, sname);
+    if (sc->dtype != DT_F32 || sc->ndim != 2 || sc->shape[0] != sr || sc->shape[1] != scc) {
+        int64_t want[2] = { sr, scc };
+        return td_err(err, errlen, TANDEM_EFORMAT, "%s: tensor '%s' is %s %s, expected F32 %s (blocks of %lldx%lld)",
+                      st_file_path(e->st, sc->file), sname, dtype_name(sc->dtype),
+                      st_shape_str(sc->shape, sc->ndim, sh, sizeof sh), st_shape_str(want, 2, sh + 32, 32),
+                      (long long)br, (long long)bc);
+    }
+    uint16_t *out = own(e, (size_t)(s->rows * s->cols) * 2);
+    if (!out)
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory dequantising '%s'", s->name);
+    fp8_ctx c = { t->data, sc->data, out, s->rows, s->cols, scc, (int)br, (int)bc };
+    pool_run(e->pool, s->rows, 16, fp8_job, &c);
+    *m = (mat){ out, DT_BF16, s->rows, s->cols };
+    return 0;
+}
+
+/* ---- binding one tensor --------------------------------------------------- */
+static int bind_tensor(tandem_engine *e, const tensor_spec *s, const st_tensor *t, char *err, size_t errlen)
+{
+    float **vec;
+    mat *m;
+    char sh[64], want_sh[64];
+    const char *file = st_file_path(e->st, t->file);
+    int64_t want[2] = { s->rows, s->cols };
+    int64_t n = s->rows * (s->ndim == 2 ? s->cols : 1);
+    int shape_ok = t->ndim == s->ndim && t->shape[0] == s->rows && (s->ndim == 1 || t->shape[1] == s->cols);
+    if (!shape_ok)
+        return td_err(err, errlen, TANDEM_EFORMAT, "%s: tensor '%s' has shape %s, expected %s", file, s->name,
+                      st_shape_str(t->shape, t->ndim, sh, sizeof sh),
+                      st_shape_str(want, s->ndim, want_sh, sizeof want_sh));
+    slot_target(e, s, &vec, &m);
+    if (vec) {
+        float *out = own(e, (size_t)n * sizeof(float));
+        if (!out)
+            return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+        if (t->dtype == DT_F32)
+            memcpy(out, t->data, (size_t)n * 4);
+        else if (t->dtype == DT_BF16)
+            for (int64_t i = 0; i < n; i++)
+                out[i] = bf16_to_f32(((const uint16_t *)t->data)[i]);
+        else if (t->dtype == DT_F16)
+            for (int64_t i = 0; i < n; i++)
+                out[i] = f16_to_f32(((const uint16_t *)t->data)[i]);
+        else
+            return td_err(err, errlen, TANDEM_EFORMAT, "%s: tensor '%s' has dtype %s, expected F32, F16 or BF16", file,
+                          s->name, dtype_name(t->dtype));
+        *vec = out;
+        e->weight_bytes += n * 4;
+        return 0;
+    }
+    switch (t->dtype) {
+    case DT_BF16:
+    case DT_F32:
+        *m = (mat){ t->data, t->dtype, s->rows, s->cols };
+        e->weight_bytes += (int64_t)t->nbytes;
+        return 0;
+    case DT_F16: {
+        float *out = own(e, (size_t)n * 4);
+        if (!out)
+            return td_err(err, errlen, TANDEM_ENOMEM, "out of memory converting '%s'", s->name);
+        for (int64_t i = 0; i < n; i++)
+            out[i] = f16_to_f32(((const uint16_t *)t->data)[i]);
+        *m = (mat){ out, DT_F32, s->rows, s->cols };
+        e->weight_bytes += n * 4;
+        return 0;
+    }
+    case DT_F8_E4M3:
+        if (!e->d.fp8 || !s->linear)
+            return td_err(err, errlen, TANDEM_EFORMAT,
+                          "%s: tensor '%s' is FP8 but %s", file, s->name,
+                          e->d.fp8 ? "only linear projections may be FP8"
+                                   : "config.json has no fp8 quantization_config");
+        e->weight_bytes += n * 2;
+        return dequant_fp8(e, s, t, m, err, errlen);
+    default:
+        return td_err(err, errlen, TANDEM_EFORMAT, "%s: tensor '%s' has dtype %s, expected BF16, F16 or F32%s", file,
+                      s->name, dtype_name(t->dtype), e->d.fp8 ? " (or F8_E4M3)" : "");
+    }
+}
+
+/* Experts saved as fused 3-D tensors (transformers 5 in-memory layout). */
+static int bind_fused_expert(tandem_engine *e, const tensor_spec *s, char *err, size_t errlen)
+{
+    char prefix[96], name[160], sh[64];
+    model_fused_expert_prefix(&e->d, s->layer, prefix, sizeof prefix);
+    int down = s->slot == TS_EXP_DOWN;
+    snprintf(name, sizeof name, "%s.%s", prefix, down ? "down_proj" : "gate_up_proj");
+    const st_tensor *t = st_find(e->st, name);
+    if (!t)
+        return 1; /* not fused either: the caller reports the per-expert name */
+    int64_t F = e->d.d_ff_expert, D = e->d.d_model, E = e->d.n_expert;
+    int64_t r = down ? D : 2 * F, c = down ? F : D;
+    if (t->ndim != 3 || t->shape[0] != E || t->shape[1] != r || t->shape[2] != c) {
+        int64_t want[3] = { E, r, c };
+        char w[64];
+        return td_err(err, errlen, TANDEM_EFORMAT, "%s: tensor '%s' has shape %s, expected %s",
+                      st_file_path(e->st, t->file), name, st_shape_str(t->shape, t->ndim, sh, sizeof sh),
+                      st_shape_str(want, 3, w, sizeof w));
+    }
+    if (t->dtype != DT_BF16 && t->dtype != DT_F32)
+        return td_err(err, errlen, TANDEM_EUNSUPPORTED, "%s: fused expert tensor '%s' in %s is not supported yet",
+                      st_file_path(e->st, t->file), name, dtype_name(t->dtype));
+    size_t es = dtype_size(t->dtype);
+    const char *base = (const char *)t->data + (size_t)(s->expert * r * c) * es;
+    if (s->slot == TS_EXP_UP)
+        base += (size_t)(F * D) * es;
+    float **vec;
+    mat *m;
+    slot_target(e, s, &vec, &m);
+    *m = (mat){ base, t->dtype, s->rows, s->cols };
+    if (s->slot != TS_EXP_UP)
+        e->weight_bytes += (int64_t)(r * c * es);
+    return 0;
+}
+
+/* ---- dummy weights --------------------------------------------------------- */
+typedef struct {
+    uint16_t *out;
+    int64_t cols;
+    uint64_t seed;
+    float amp;
+} fill_ctx;
+
+static uint64_t splitmix(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static void fill_job(void *arg, int64_t b, int64_t e)
+{
+    const fill_ctx *c = arg;
+    for (int64_t r = b; r < e; r++) {
+        uint64_t st = c->seed ^ (uint64_t)r * 0x2545f4914f6cdd1dull;
+        uint16_t *row = c->out + r * c->cols;
+        for (int64_t k = 0; k < c->cols; k += 4) {
+            uint64_t v = splitmix(&st);
+            for (int j = 0; j < 4 && k + j < c->cols; j++) {
+                float u = (float)((v >> (16 * j)) & 0xffff) / 32768.0f - 1.0f;
+                row[k + j] = f32_to_bf16(u * c->amp);
+            }
+        }
+    }
+}
+
+static int bind_dummy(tandem_engine *e, const tensor_spec *s, char *err, size_t errlen)
+{
+    float **vec;
+    mat *m;
+    slot_target(e, s, &vec, &m);
+    uint64_t h = 1469598103934665603ull ^ e->params.seed;
+    for (const char *p = s->name; *p; p++)
+        h = (h ^ (unsigned char)*p) * 1099511628211ull;
+    if (vec) {
+        float *out = own(e, (size_t)s->rows * 4);
+        if (!out)
+            return td_err(err, errlen, TANDEM_ENOMEM, "out of memory making dummy '%s'", s->name);
+        int is_norm = strstr(s->name, "norm") != NULL;
+        for (int64_t i = 0; i < s->rows; i++)
+            out[i] = is_norm ? 1.0f : 0.0f;
+        *vec = out;
+        e->weight_bytes += s->rows * 4;
+        return 0;
+    }
+    uint16_t *out = own(e, (size_t)(s->rows * s->cols) * 2);
+    if (!out)
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory making dummy '%s' (%lld x %lld)", s->name,
+                      (long long)s->rows, (long long)s->cols);
+    fill_ctx c = { out, s->cols, h, s->slot == TS_EMBED ? 1.0f : sqrtf(3.0f / (float)s->cols) };
+    pool_run(e->pool, s->rows, 64, fill_job, &c);
+    *m = (mat){ out, DT_BF16, s->rows, s->cols };
+    e->weight_bytes += s->rows * s->cols * 2;
+    return 0;
+}
+
+int engine_load_weights(tandem_engine *e, char *err, size_t errlen)
+{
+    const model_desc *d = &e->d;
+    e->layers = calloc((size_t)d->n_layer, sizeof *e->layers);
+    if (!e->layers)
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    for (int l = 0; l < d->n_layer; l++) {
+        if (!d->layer_moe[l])
+            continue;
+        layer_weights *L = &e->layers[l];
+        L->exp_gate = calloc((size_t)d->n_expert, sizeof(mat));
+        L->exp_up = calloc((size_t)d->n_expert, sizeof(mat));
+        L->exp_down = calloc((size_t)d->n_expert, sizeof(mat));
+        if (!L->exp_gate || !L->exp_up || !L->exp_down)
+            return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    }
+    tensor_spec *specs;
+    int n, rc = model_tensors(d, &specs, &n, err, errlen);
+    if (rc)
+        return rc;
+    for (int i = 0; i < n && !rc; i++) {
+        const tensor_spec *s = &specs[i];
+        if (e->params.dummy_weights) {
+            rc = bind_dummy(e, s, err, errlen);
+            continue;
+        }
+        const st_tensor *t = st_find(e->st, s->name);
+        if (t) {
+            rc = bind_tensor(e, s, t, err, errlen);
+        } else if (s->expert >= 0 && (rc = bind_fused_expert(e, s, err, errlen)) <= 0) {
+            /* bound from a fused tensor, or a fused tensor was malformed */
+        } else {
+            rc = td_err(err, errlen, TANDEM_EFORMAT, "%s: tensor '%s' is missing (needed by %s)", e->path,
+                        s->name, d->arch_name);
+        }
+    }
+    free(specs);
+    if (rc)
+        return rc;
+    if (d->tie_embed)
+        e->lm_head = e->embed;
+    if (e->embed.dt != DT_BF16 && e->embed.dt != DT_F32)
+        return td_err(err, errlen, TANDEM_EFORMAT, "embedding has an unsupported dtype");
+    td_log(TD_LOG_INFO, "weights: %.2f GB held", (double)e->weight_bytes / 1e9);
+    return 0;
+}
+
+void engine_free_weights(tandem_engine *e)
+{
+    for (int i = 0; i < e->n_owned; i++)
+        free(e->owned[i]);
+    free(e->owned);
+    e->owned = NULL;
+    e->n_owned = e->cap_owned = 0;
+    if (e->layers)
+        for (int l = 0; l < e->d.n_layer; l++) {
+            free(e->layers[l].exp_gate);
+            free(e->layers[l].exp_up);
+            free(e->layers[l].exp_down);
+        }
+    free(e->layers);
+    e->layers = NULL;
+}
