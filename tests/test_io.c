@@ -115,7 +115,7 @@ static int edit_header(const char *dir, void (*fn)(json_t *hdr))
     return rc;
 }
 
-static const char *victim = "model.layers.0.self_attn.k_proj.weight";
+static const char *victim = "model.layers.0.self_attn.q_proj.weight"; /* [128][64]: not square */
 
 static void drop_tensor(json_t *h) { json_object_del(h, victim); }
 static void transpose_tensor(json_t *h)

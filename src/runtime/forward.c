@@ -109,6 +109,10 @@ static void attention_gqa(tandem_session *s, int l, int T)
     op_matmul(e->pool, s->y, D, s->att, qd, T, &L->o, L->o_bias);
 }
 
+/* DeepSeek's q_a_layernorm and kv_a_layernorm are built with the RMSNorm
+ * default eps, not the config's rms_norm_eps. */
+#define MLA_NORM_EPS 1e-6f
+
 static void attention_mla(tandem_session *s, int l, int T)
 {
     tandem_engine *e = s->e;
@@ -121,7 +125,7 @@ static void attention_mla(tandem_session *s, int l, int T)
     if (d->q_lora_rank) {
         float *qa = s->kvbuf + R + rope;
         op_matmul(e->pool, qa, kvd, s->h, D, T, &L->q_a, NULL);
-        op_rmsnorm_rows(e->pool, qa, kvd, qa, kvd, T, L->q_a_norm, d->q_lora_rank, d->rms_eps);
+        op_rmsnorm_rows(e->pool, qa, kvd, qa, kvd, T, L->q_a_norm, d->q_lora_rank, MLA_NORM_EPS);
         op_matmul(e->pool, s->q, qd, qa, kvd, T, &L->q_b, NULL);
     } else {
         op_matmul(e->pool, s->q, qd, s->h, D, T, &L->q, NULL);
@@ -131,7 +135,7 @@ static void attention_mla(tandem_session *s, int l, int T)
         const float *cs = s->rope_cs + (int64_t)t * 2 * half;
         float *c = s->kvbuf + t * kvd, *q = s->q + t * qd;
         int64_t cell = (int64_t)s->tok_seq[t] * s->n_ctx + s->tok_pos[t];
-        op_rmsnorm(kv->ckv + cell * R, c, L->kv_a_norm, R, d->rms_eps);
+        op_rmsnorm(kv->ckv + cell * R, c, L->kv_a_norm, R, MLA_NORM_EPS);
         op_rope(c + R, rope, d->rope == ROPE_PAIRS, cs, cs + half);
         memcpy(kv->kpe + cell * rope, c + R, (size_t)rope * 4);
         for (int h = 0; h < H; h++)
