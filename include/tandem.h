@@ -117,6 +117,66 @@ int tandem_kv_len(const tandem_session *s, int seq);
 int tandem_kv_clear(tandem_session *s, int seq);            /* length -> 0 */
 int tandem_kv_truncate(tandem_session *s, int seq, int len); /* keep [0,len) */
 
+/* ---- text: tokenizer, streaming detokenizer, chat template -------------- *
+ * Read from the model directory: tokenizer.json, tokenizer_config.json (and
+ * chat_template.jinja when present). Independent of the engine. */
+typedef struct tandem_tokenizer tandem_tokenizer;
+
+int tandem_tokenizer_open(const char *model_dir, tandem_tokenizer **out, char *err, size_t errlen);
+void tandem_tokenizer_close(tandem_tokenizer *t);
+int tandem_tokenizer_n_vocab(const tandem_tokenizer *t);
+
+/* Encode len bytes of text. add_special: add BOS etc. as the model's
+ * post-processor does. Writes at most cap ids; *n_out gets the full count. */
+int tandem_tokenize(const tandem_tokenizer *t, const char *text, size_t len, int add_special, int32_t *ids, int cap,
+                    int *n_out, char *err, size_t errlen);
+/* Nonzero when id ends a generation (eos, <|im_end|>, <|endoftext|> ...). */
+int tandem_token_is_eog(const tandem_tokenizer *t, int32_t id);
+/* Id of an exact token string (a special token such as "<|im_end|>"), or -1. */
+int32_t tandem_token_id(const tandem_tokenizer *t, const char *text);
+
+/* Streaming decode: complete UTF-8 only; a partial character is held back. */
+typedef struct tandem_detok tandem_detok;
+int tandem_detok_create(const tandem_tokenizer *t, int skip_special, tandem_detok **out);
+void tandem_detok_free(tandem_detok *d);
+/* Feed one id; writes up to cap bytes of new text, returns the count or < 0. */
+int tandem_detok_push(tandem_detok *d, int32_t id, char *out, size_t cap);
+int tandem_detok_flush(tandem_detok *d, char *out, size_t cap);
+
+/* Render the model's chat template. messages_json: a JSON array of
+ * {"role", "content", ...}; tools_json and extra_json (an object merged into
+ * the template context, e.g. {"enable_thinking": false}) may be NULL.
+ * *out is malloc'd; free() it. */
+int tandem_chat_render(const tandem_tokenizer *t, const char *messages_json, const char *tools_json,
+                       int add_generation_prompt, const char *extra_json, char **out, char *err, size_t errlen);
+int tandem_has_chat_template(const tandem_tokenizer *t);
+
+/* ---- sampling -------------------------------------------------------------- */
+typedef struct {
+    float temperature;        /* 0 = greedy */
+    int top_k;                /* 0 = off */
+    float top_p;              /* 1 = off */
+    float min_p;              /* 0 = off */
+    float repeat_penalty;     /* 1 = off; divides positive logits of seen tokens */
+    float presence_penalty;   /* 0 = off; subtracted once per seen token */
+    float frequency_penalty;  /* 0 = off; subtracted per occurrence */
+    int penalty_last_n;       /* window of history the penalties look at; 0 = all */
+    uint64_t seed;
+} tandem_sampling;
+
+void tandem_sampling_default(tandem_sampling *p); /* greedy, no penalties */
+
+typedef struct tandem_sampler tandem_sampler;
+int tandem_sampler_create(const tandem_sampling *p, int n_vocab, int max_history, tandem_sampler **out,
+                          char *err, size_t errlen);
+void tandem_sampler_free(tandem_sampler *s);
+/* Pick a token from logits [n_vocab] (not modified). Also returns, when
+ * logprob is not NULL, log-softmax of the raw logits at the chosen id. */
+int32_t tandem_sample(tandem_sampler *s, const float *logits, float *logprob);
+/* Record a token (prompt or generated) in the penalty history. */
+void tandem_sampler_accept(tandem_sampler *s, int32_t id);
+void tandem_sampler_reset(tandem_sampler *s);
+
 /* ---- benchmarks ---------------------------------------------------------- */
 /* `tandem bench moe ARGS`: the CPU MoE operator at real shapes, one line per case
  * in the key=value format of BENCH.md on stdout. Returns a process exit code. */
