@@ -49,7 +49,16 @@ typedef struct {
     int n_threads;        /* CPU worker threads; 0 = one per online core */
     int dummy_weights;    /* nonzero: random weights at full size, no files read */
     uint64_t seed;        /* seed for dummy weights */
+    int gpu;              /* -1 = use a GPU when one is there (default), 0 = CPU only,
+                             1 = require a GPU (error without one) */
+    int gpu_device;       /* CUDA device index */
+    double gpu_mem_gb;    /* GPU memory budget for weights; 0 = all free memory less a reserve */
+    int gpu_experts;      /* routed experts per MoE layer kept on the GPU (hot experts) */
+    int cpu_experts;      /* format of CPU experts: TANDEM_FMT_* */
+    int n_layer_limit;    /* > 0: build only the first N layers (benchmarks at full width) */
 } tandem_engine_params;
+
+enum { TANDEM_FMT_BF16 = 0, TANDEM_FMT_INT8 = 1, TANDEM_FMT_INT4 = 2 };
 
 void tandem_engine_params_default(tandem_engine_params *p);
 

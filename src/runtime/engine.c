@@ -20,6 +20,7 @@ void tandem_engine_params_default(tandem_engine_params *p)
 {
     memset(p, 0, sizeof *p);
     p->seed = 1234;
+    p->gpu = -1;
 }
 
 /* Inverse rope frequencies, as transformers computes them (default or YaRN). */
