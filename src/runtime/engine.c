@@ -83,6 +83,12 @@ int tandem_engine_open(const char *path, const tandem_engine_params *p, tandem_e
     char cfg[1100];
     snprintf(cfg, sizeof cfg, "%s/config.json", path);
     int rc = model_load_config(&e->d, cfg, err, errlen);
+    if (!rc && e->params.n_layer_limit > 0 && e->params.n_layer_limit < e->d.n_layer) {
+        e->d.n_layer = e->params.n_layer_limit; /* layers past the limit are never looked up */
+        e->d.n_layer_moe = 0;
+        for (int l = 0; l < e->d.n_layer; l++)
+            e->d.n_layer_moe += e->d.layer_moe[l];
+    }
     if (!rc)
         rc = isa_select(err, errlen);
     if (!rc) {
