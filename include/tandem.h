@@ -56,6 +56,9 @@ typedef struct {
     int gpu_experts;      /* routed experts per MoE layer kept on the GPU (hot experts) */
     int cpu_experts;      /* format of CPU experts: TANDEM_FMT_* */
     int n_layer_limit;    /* > 0: build only the first N layers (benchmarks at full width) */
+    /* Called during load with the fraction done (0..1), e.g. for a progress bar. */
+    void (*progress)(float done, void *user);
+    void *progress_user;
 } tandem_engine_params;
 
 enum { TANDEM_FMT_BF16 = 0, TANDEM_FMT_INT8 = 1, TANDEM_FMT_INT4 = 2 };
@@ -79,6 +82,10 @@ typedef struct {
     int64_t n_params;         /* all parameters */
     int64_t n_params_active;  /* parameters touched per token */
     int64_t weight_bytes;     /* bytes of weights as held in memory */
+    int64_t kv_bytes_per_token; /* KV cache bytes per token of context, all layers */
+    int n_head, n_kv_head;
+    const char *attention;    /* "GQA" or "MLA" */
+    const char *routing;      /* routing rule, in words */
 } tandem_model_info;
 
 void tandem_engine_info(const tandem_engine *e, tandem_model_info *out);

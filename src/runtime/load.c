@@ -317,6 +317,8 @@ int engine_load_weights(tandem_engine *e, char *err, size_t errlen)
         return rc;
     for (int i = 0; i < n && !rc; i++) {
         const tensor_spec *s = &specs[i];
+        if (e->params.progress && (i % 64 == 0 || i == n - 1))
+            e->params.progress((float)(i + 1) / (float)n, e->params.progress_user);
         if (e->params.dummy_weights) {
             rc = bind_dummy(e, s, err, errlen);
             continue;
