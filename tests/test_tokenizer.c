@@ -9,6 +9,7 @@
  * messages naming the file and field. A 1 MB encode prints its throughput (info, not a check).
  */
 #include <jansson.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -244,6 +245,9 @@ static void check_lookups(void)
     int32_t seq[3] = {h, h, h};
     CHECK(bpe_decode(t, seq, 3, 0, out, 2, &need) == 0 && need == 3 && !strcmp(out, "h"));
     CHECK(bpe_encode(t, NULL, 5, 0, ids, 2, &n, err, sizeof err) == TANDEM_EINVAL);
+    /* unknown ids are skipped, as tokenizers' decode does */
+    int32_t odd[4] = {-5, h, bpe_n_vocab(t) + 10, h};
+    CHECK(bpe_decode(t, odd, 4, 0, out, sizeof out, &need) == 0 && !strcmp(out, "hh"));
     bpe_free(t);
 }
 
@@ -394,6 +398,82 @@ static void bench_1mb(void)
     free(text);
 }
 
+/* Worst cases for the regexes (JIT stack) and the merge loop: 1 MB of one character class. Only
+ * success and time are checked; the fixtures hold the exact ids for 3 kB versions. */
+static void bench_pathological(void)
+{
+    const char *names[] = {"qwen2", "llama_sp"};
+    const char *units[] = {" ", "a", "7", "\n", "\xf0\x9f\x98\x80", "\xe4\xb8\xad"};
+    size_t len = 1 << 20;
+    char *text = malloc(len + 4);
+    for (int f = 0; f < 2; f++) {
+        char path[256], err[256];
+        snprintf(path, sizeof path, FIXDIR "%s.tokenizer.json", names[f]);
+        bpe *t;
+        if (bpe_load(&t, path, err, sizeof err))
+            continue;
+        for (int u = 0; u < 6; u++) {
+            size_t ul = strlen(units[u]), n = 0;
+            while (n + ul <= len) {
+                memcpy(text + n, units[u], ul);
+                n += ul;
+            }
+            int cnt = 0;
+            double t0 = now_s();
+            int rc = bpe_encode(t, text, n, 0, NULL, 0, &cnt, err, sizeof err);
+            double dt = now_s() - t0;
+            CHECKF(rc == 0 && cnt > 0, "%s: 1 MB of '%s': rc %d %s", names[f], units[u], rc, err);
+            printf("info: [tokenizer] %s: 1 MB of U+%04X: %d tokens in %.3f s\n", names[f],
+                   (unsigned)utf8_decode(units[u], ul, &(size_t){0}), cnt, dt);
+        }
+        bpe_free(t);
+    }
+    free(text);
+}
+
+/* A const bpe is shared by threads: concurrent encodes give the single-thread ids. */
+typedef struct {
+    const bpe *t;
+    const char *text;
+    size_t len;
+    int32_t *ids;
+    int n;
+} enc_job;
+
+static void *enc_thread(void *arg)
+{
+    enc_job *j = arg;
+    char err[128];
+    for (int r = 0; r < 20; r++)
+        if (bpe_encode(j->t, j->text, j->len, 1, j->ids, 4096, &j->n, err, sizeof err))
+            j->n = -1;
+    return NULL;
+}
+
+static void check_threads(void)
+{
+    char err[256];
+    bpe *t;
+    if (bpe_load(&t, FIXDIR "deepseek_v3.tokenizer.json", err, sizeof err))
+        return;
+    const char *text = "Hello 世界 123456 <｜User｜>x  y\n\n😀 it's";
+    enc_job j[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        j[i] = (enc_job){t, text, strlen(text), malloc(4096 * sizeof(int32_t)), 0};
+        pthread_create(&th[i], NULL, enc_thread, &j[i]);
+    }
+    for (int i = 0; i < 4; i++)
+        pthread_join(th[i], NULL);
+    int ok = j[0].n > 0;
+    for (int i = 1; i < 4; i++)
+        ok = ok && j[i].n == j[0].n && !memcmp(j[i].ids, j[0].ids, (size_t)j[0].n * 4);
+    CHECKF(ok, "concurrent encodes disagree");
+    for (int i = 0; i < 4; i++)
+        free(j[i].ids);
+    bpe_free(t);
+}
+
 TEST_GROUP(tokenizer)
 {
     for (size_t f = 0; f < sizeof FAMILIES / sizeof FAMILIES[0]; f++)
@@ -401,5 +481,7 @@ TEST_GROUP(tokenizer)
     check_lookups();
     check_errors();
     check_fuzz();
+    check_threads();
     bench_1mb();
+    bench_pathological();
 }

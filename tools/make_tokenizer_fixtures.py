@@ -182,6 +182,8 @@ LONG_PARAGRAPH = (
     "Emoji 🚀✨ and ZWJ 👩‍💻 mark the end.\n\n"
 )
 HARD.append(LONG_PARAGRAPH * 3)
+# long runs: one huge pre-token (or, without a pre-tokenizer, one huge word) each
+HARD += ["a" * 3000, " " * 3000 + "x", "7" * 1000, "\n" * 500 + "end", "ab" * 1500, "😀" * 300]
 
 
 def sh(cmd):

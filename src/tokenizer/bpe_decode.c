@@ -405,15 +405,22 @@ static int deliver(bpe_stream *s, char *out, size_t cap)
     return (int)k;
 }
 
-/* May the decoded window still change when more ids come? */
+/* Is the window's last token an <0xXX> token of a ByteFallback decoder? The run it belongs to
+ * decides as a whole whether it is text or one U+FFFD per byte, so nothing of the run can be
+ * emitted before it ends (and the window need not be decoded until then). */
+static int open_byte_run(const bpe_stream *s)
+{
+    size_t len;
+    uint8_t byte;
+    const char *last = bpe_token_str(s->t, s->win[s->n_win - 1], &len);
+    return s->t->dec_bytefallback && is_byte_token(last, len, &byte);
+}
+
+/* Does the decoded window (s->text) end in a character that later bytes can still complete? */
 static int pending(const bpe_stream *s)
 {
     const bpe *t = s->t;
     size_t len;
-    const char *last = bpe_token_str(t, s->win[s->n_win - 1], &len);
-    uint8_t byte;
-    if (t->dec_bytefallback && is_byte_token(last, len, &byte))
-        return 1; /* the run decides as a whole whether it is text or U+FFFDs */
     const bpe_buf *x = &s->text;
     if (!t->dec_bytelevel || x->n < 3 || memcmp(x->p + x->n - 3, "\xef\xbf\xbd", 3))
         return 0;
@@ -476,6 +483,8 @@ int bpe_stream_push(bpe_stream *s, int32_t id, char *out, size_t cap)
         s->cap_win = c;
     }
     s->win[s->n_win++] = id;
+    if (open_byte_run(s))
+        return deliver(s, out, cap);
     s->text.n = 0;
     int rc = decode_ids(s->t, s->win, s->n_win, s->skip, &s->text);
     if (rc)

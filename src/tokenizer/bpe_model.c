@@ -326,12 +326,21 @@ typedef struct {
     int32_t rank, pos, merged;
 } bpe_cand;
 
+/* Words repeat (" the", "\n\n"), so one call remembers the ids of the short words it has
+ * seen: a hash lookup instead of the merge loop. Per call, so a const bpe stays shareable. */
+#define CACHE_WORD_MAX 48        /* bytes; longer words are rare and are not cached */
+#define CACHE_ENTRIES (1 << 16)  /* bound on the cache's memory per call */
+
 struct bpe_work {
     bpe_sym *sym;
     size_t n_sym, cap_sym;
     bpe_cand *heap;
     size_t n_heap, cap_heap;
     bpe_buf key;
+    bpe_strmap cache;    /* word -> index into span */
+    struct { uint32_t off, n; } *span;  /* [cache.n] ids of each cached word in cids */
+    int32_t *cids;
+    size_t n_cids, cap_cids;
 };
 
 bpe_work *bpe_work_new(void) { return calloc(1, sizeof(bpe_work)); }
@@ -343,6 +352,9 @@ void bpe_work_free(bpe_work *w)
     free(w->sym);
     free(w->heap);
     bpe_buf_free(&w->key);
+    bpe_strmap_free(&w->cache);
+    free(w->span);
+    free(w->cids);
     free(w);
 }
 
@@ -473,6 +485,28 @@ static const char *sym_key(const bpe *t, bpe_work *w, const char *s, size_t i, s
     return w->key.p;
 }
 
+static int cache_put(bpe_work *w, const char *s, size_t len, const int32_t *ids, size_t n)
+{
+    if (w->cache.n >= CACHE_ENTRIES)
+        return 0;
+    if ((w->cache.n & (w->cache.n - 1)) == 0) { /* grow span at powers of two */
+        size_t c = w->cache.n ? w->cache.n * 2 : 256;
+        void *p = realloc(w->span, c * sizeof *w->span);
+        if (!p)
+            return -1;
+        w->span = p;
+    }
+    for (size_t i = 0; i < n; i++)
+        if (bpe_ids_push(&w->cids, &w->n_cids, &w->cap_cids, ids[i]))
+            return -1;
+    w->span[w->cache.n].off = (uint32_t)(w->n_cids - n);
+    w->span[w->cache.n].n = (uint32_t)n;
+    return bpe_strmap_put(&w->cache, s, len, (int32_t)w->cache.n);
+}
+
+static int merge_word(const bpe *t, bpe_work *w, const char *s, size_t len, int32_t **ids,
+                      size_t *n, size_t *cap);
+
 int bpe_model_word(const bpe *t, bpe_work *w, const char *s, size_t len, int32_t **ids, size_t *n,
                    size_t *cap)
 {
@@ -483,6 +517,26 @@ int bpe_model_word(const bpe *t, bpe_work *w, const char *s, size_t len, int32_t
         if (id >= 0)
             return bpe_ids_push(ids, n, cap, id) ? TANDEM_ENOMEM : 0;
     }
+    if (len > CACHE_WORD_MAX)
+        return merge_word(t, w, s, len, ids, n, cap);
+    int32_t k = bpe_strmap_get(&w->cache, s, len);
+    if (k >= 0) {
+        for (uint32_t i = 0; i < w->span[k].n; i++)
+            if (bpe_ids_push(ids, n, cap, w->cids[w->span[k].off + i]))
+                return TANDEM_ENOMEM;
+        return 0;
+    }
+    size_t n0 = *n;
+    int rc = merge_word(t, w, s, len, ids, n, cap);
+    if (!rc && w->n_cids < UINT32_MAX / 2 && cache_put(w, s, len, *ids + n0, *n - n0))
+        rc = TANDEM_ENOMEM;
+    return rc;
+}
+
+/* tokenizers' BPE::merge_word + Word::merge_all */
+static int merge_word(const bpe *t, bpe_work *w, const char *s, size_t len, int32_t **ids,
+                      size_t *n, size_t *cap)
+{
     w->n_sym = 0;
     int32_t unk = -1;       /* pending unknown symbol (fused with the next unknowns) */
     uint32_t unk_len = 0;
