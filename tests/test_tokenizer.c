@@ -22,7 +22,8 @@
 #define FIXDIR "tests/fixtures/tokenizers/"
 
 static const char *FAMILIES[] = {"qwen2", "deepseek_v3", "glm45", "llama_sp", "llama_meta",
-                                 "gpt2_misc", "suffix_misc"};
+                                 "gpt2_misc", "suffix_misc", "blocks_a", "blocks_b", "blocks_c",
+                                 "blocks_d"};
 
 static int json_ids(json_t *a, int32_t **out)
 {
@@ -138,6 +139,11 @@ static void check_decode(const bpe *t, const char *name, const char *what, int c
     const char *want = json_string_value(want_j);
     size_t want_len = json_string_length(want_j), len = 0;
     char *got = decode_all(t, ids, n, skip, &len);
+    if (!want) { /* tokenizers panics on this one (see the fixture script): just no crash */
+        CHECK(got != NULL);
+        free(got);
+        return;
+    }
     int same = got && len == want_len && !memcmp(got, want, len);
     if (!same) {
         char a[200], b[200];

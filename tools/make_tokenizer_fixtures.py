@@ -72,7 +72,7 @@ import random
 import subprocess
 import sys
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -423,6 +423,63 @@ def build_suffix_misc():
                           {"type": "BPEDecoder", "suffix": "</w>"})
 
 
+def trained_tokenizer(model, normalizer, pre_tokenizer, decoder, post, vocab_size, alphabet, special,
+                      limit_alphabet=None):
+    """A building-block variant: configured through the Python API, trained, saved by tokenizers."""
+    cfg = train(model, normalizer, pre_tokenizer, vocab_size, alphabet, special, limit_alphabet)
+    tok = Tokenizer.from_str(json.dumps(cfg))
+    if decoder is not None:
+        tok.decoder = decoder
+    if post is not None:
+        tok.post_processor = post
+    return json.loads(tok.to_str())
+
+
+def build_blocks_a():
+    """Strip + NFKD normalizers; Split behaviors MergedWithPrevious / MergedWithNext; Digits
+    (contiguous); unk; no decoder (tokens joined with spaces); RobertaProcessing."""
+    norm = normalizers.Sequence([normalizers.Strip(left=True, right=True), normalizers.NFKD()])
+    pt = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s+"), "merged_with_previous"),
+                                  pre_tokenizers.Split("-", "merged_with_next"),
+                                  pre_tokenizers.Digits(individual_digits=False)])
+    cfg = trained_tokenizer(models.BPE(unk_token="<unk>", fuse_unk=False), norm, pt, None, None, 700, [],
+                            ["<unk>", "<s>", "</s>"], limit_alphabet=80)
+    tok = Tokenizer.from_str(json.dumps(cfg))
+    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
+                                                      ("<s>", tok.token_to_id("<s>")))
+    return json.loads(tok.to_str())
+
+
+def build_blocks_b():
+    """Split Contiguous with invert, Punctuation (Removed), WhitespaceSplit; decoders Replace (Regex)
+    and Strip with stop; fuse_unk."""
+    pt = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"[aeiou]+"), "contiguous", invert=True),
+                                  pre_tokenizers.Punctuation("removed"), pre_tokenizers.WhitespaceSplit()])
+    # tokenizers' Strip panics when a token is shorter than `right` (the empty text here): those
+    # decodes are recorded as null and only checked not to crash
+    dec = decoders.Sequence([decoders.Replace(Regex(r"[aeiou]{2}"), "_"), decoders.Fuse(),
+                             decoders.Strip(content="x", left=1, right=2)])
+    return trained_tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True), normalizers.Lowercase(), pt,
+                             dec, None, 700, [], ["<unk>"], limit_alphabet=60)
+
+
+def build_blocks_c():
+    """Metaspace split=true (MergedWithNext) with prepend "always"; continuing_subword_prefix;
+    Metaspace decoder; Prepend + Replace(String) normalizers."""
+    norm = normalizers.Sequence([normalizers.Replace("``", '"'), normalizers.Prepend("~")])
+    pt = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    return trained_tokenizer(models.BPE(unk_token="<unk>", continuing_subword_prefix="##"), norm, pt,
+                             decoders.Metaspace(replacement="▁", prepend_scheme="always"), None, 800, [],
+                             ["<unk>"], limit_alphabet=120)
+
+
+def build_blocks_d():
+    """ByteLevel normalizer, BertPreTokenizer, NFD + StripAccents, ByteLevel decoder."""
+    norm = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents(), normalizers.ByteLevel()])
+    return trained_tokenizer(models.BPE(), norm, pre_tokenizers.BertPreTokenizer(), decoders.ByteLevel(),
+                             None, 700, pre_tokenizers.ByteLevel.alphabet(), [])
+
+
 FAMILIES = {
     "qwen2": build_qwen2,
     "deepseek_v3": build_deepseek_v3,
@@ -431,6 +488,10 @@ FAMILIES = {
     "llama_meta": build_llama_meta,
     "gpt2_misc": build_gpt2_misc,
     "suffix_misc": build_suffix_misc,
+    "blocks_a": build_blocks_a,
+    "blocks_b": build_blocks_b,
+    "blocks_c": build_blocks_c,
+    "blocks_d": build_blocks_d,
 }
 
 
@@ -456,8 +517,16 @@ def decode_cases(tok, n_vocab, cases, rng):
     res = []
     for ids in out:
         for skip in (False, True):
-            res.append({"ids": ids, "skip": skip, "text": tok.decode(ids, skip_special_tokens=skip)})
+            res.append({"ids": ids, "skip": skip, "text": safe_decode(tok, ids, skip)})
     return res
+
+
+def safe_decode(tok, ids, skip):
+    """tok.decode, or None where tokenizers itself panics (Strip on a too short token)."""
+    try:
+        return tok.decode(ids, skip_special_tokens=skip)
+    except BaseException:  # pyo3's PanicException derives from BaseException
+        return None
 
 
 def main():
@@ -483,9 +552,9 @@ def main():
             e = tok.encode(h, add_special_tokens=False).ids
             s = tok.encode(h, add_special_tokens=True).ids
             cases.append({"text": h, "ids": e, "ids_special": s,
-                          "dec": tok.decode(e, skip_special_tokens=False),
-                          "dec_special": tok.decode(s, skip_special_tokens=False),
-                          "dec_special_skip": tok.decode(s, skip_special_tokens=True)})
+                          "dec": safe_decode(tok, e, False),
+                          "dec_special": safe_decode(tok, s, False),
+                          "dec_special_skip": safe_decode(tok, s, True)})
         exp = {"tokenizer": name + ".tokenizer.json", "n_vocab": n_vocab, "cases": cases,
                "decode": decode_cases(tok, n_vocab, cases, rng),
                "invalid": [{"hex": b.hex(), "ids": tok.encode(b.decode("utf-8", "replace"),

@@ -489,7 +489,10 @@ int bpe_stream_push(bpe_stream *s, int32_t id, char *out, size_t cap)
     int rc = decode_ids(s->t, s->win, s->n_win, s->skip, &s->text);
     if (rc)
         return rc;
-    if (!pending(s) && (rc = emit(s)))
+    /* Emit only when the text grew: a token that adds nothing yet (a character a Strip step
+     * drops at the end of the text, for one) must stay in the window, or it would become the
+     * window's first token and be judged by the rules for the start of the text. */
+    if (s->text.n > s->prefix.n && !pending(s) && (rc = emit(s)))
         return rc;
     return deliver(s, out, cap);
 }

@@ -309,25 +309,25 @@ static int apply_split(enc *e, const piece *p, int behavior, int invert)
         for (size_t k = 0; k < e->n_parts; k++)
             e->parts[k].m = !e->parts[k].m;
     size_t n = e->n_parts, w = 0;
-    /* merge in place into parts[0..w), then emit */
+    /* merge in place into parts[from..w), then emit */
+    size_t from = 0;
     if (behavior == BPE_MERGED_NEXT) {
+        /* right to left, written from the back: parts[from..n) in text order; the write index
+         * never drops below the read index */
         int prev_m = 0;
+        from = n;
         for (size_t k = n; k-- > 0;) {
             size_t a = e->parts[k].a, b = e->parts[k].b;
             int m = e->parts[k].m;
-            if (m && !prev_m && w)
-                e->parts[w - 1].a = a;
-            else
-                e->parts[w].a = a, e->parts[w].b = b, e->parts[w].m = 0, w++;
+            if (m && !prev_m && from < n) {
+                e->parts[from].a = a;
+            } else {
+                from--;
+                e->parts[from].a = a, e->parts[from].b = b, e->parts[from].m = 0;
+            }
             prev_m = m;
         }
-        for (size_t k = 0; k < w / 2; k++) { /* back to text order */
-            size_t a = e->parts[k].a, b = e->parts[k].b;
-            e->parts[k].a = e->parts[w - 1 - k].a;
-            e->parts[k].b = e->parts[w - 1 - k].b;
-            e->parts[w - 1 - k].a = a;
-            e->parts[w - 1 - k].b = b;
-        }
+        w = n;
     } else if (behavior == BPE_MERGED_PREV || behavior == BPE_CONTIGUOUS) {
         int prev_m = -1;
         for (size_t k = 0; k < n; k++) {
@@ -343,7 +343,7 @@ static int apply_split(enc *e, const piece *p, int behavior, int invert)
     } else {
         w = n;
     }
-    for (size_t k = 0; k < w; k++) {
+    for (size_t k = from; k < w; k++) {
         if (behavior == BPE_REMOVED && e->parts[k].m)
             continue;
         size_t a = e->parts[k].a;
