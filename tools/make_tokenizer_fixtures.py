@@ -57,11 +57,18 @@ Where each family's configuration comes from (stored public copies, read through
               TemplateProcessing "<s> $A </s>").
   suffix_misc not a family: Whitespace pre-tokenizer, NFD+StripAccents+Lowercase, end_of_word_suffix
               "</w>", unk without byte_fallback, BPEDecoder, BertProcessing.
+  blocks_a..d building-block variants configured through the Python API and saved by tokenizers
+              itself (Split behaviors MergedWithPrevious/MergedWithNext/Contiguous + invert,
+              Punctuation, WhitespaceSplit, BertPreTokenizer, Metaspace split, Strip/Prepend/
+              Replace/ByteLevel normalizers, Replace(Regex)/Strip decoders, continuing_subword_prefix,
+              no decoder, RobertaProcessing); see each build_blocks_* docstring.
 
 Training text: the first ~400 KB of `apt-cache dumpavail`, a few Python stdlib modules, and the
 multilingual lines below; the fixtures committed are the truth, the training text only shapes them.
+Re-running is not byte-identical for every file (the trainer breaks some ties differently between
+runs when limit_alphabet is used); any regenerated set is as valid as the committed one.
 
-Run (about 10 s):  python3 tools/make_tokenizer_fixtures.py [--out tests/fixtures/tokenizers]
+Run (about 15 s):  python3 tools/make_tokenizer_fixtures.py [--out DIR] [--only NAME ...]
 """
 
 import argparse

@@ -15,9 +15,9 @@
  * Anything else is refused at load with an error naming the file and the type.
  *
  * Regexes run on PCRE2 (UTF + UCP, JIT when available). `tokenizers` uses Oniguruma; the
- * differences that matter are translated at load: \s and \S also cover U+0085 (Oniguruma's
- * White_Space), \w is Oniguruma's [\p{L}\p{M}\p{Nd}\p{Pc}], \h is a hex digit, ^ and $ are line
- * anchors.
+ * differences that matter are translated at load: \s and \S are exactly Unicode White_Space
+ * (PCRE2's \s lacks U+0085 and has U+180E), \w is Oniguruma's [\p{L}\p{M}\p{Nd}\p{Pc}], \h is a
+ * hex digit, ^ and $ are line anchors. (\S \W \H inside a [...] class keep PCRE2's meaning.)
  *
  * Invalid UTF-8 input: `tokenizers` only takes valid strings, so bpe_encode() first repairs the
  * bytes like String::from_utf8_lossy (each maximal ill-formed subpart becomes U+FFFD) and

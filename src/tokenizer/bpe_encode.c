@@ -629,7 +629,7 @@ done:
     if (rc == TANDEM_ENOMEM)
         td_err(err, errlen, rc, "%s: out of memory while encoding %zu bytes", t->name, len);
     else if (rc && rc != TANDEM_EINVAL)
-        td_err(err, errlen, rc, "%s: a regex failed to match (pattern error or resource limit) "
+        td_err(err, errlen, rc, "%s: a regex or normalizer step failed (resource limit?) "
                "while encoding %zu bytes", t->name, len);
     free(fixed);
     enc_free(e);
