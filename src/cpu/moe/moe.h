@@ -1,0 +1,117 @@
+/*
+ * moe.h - the CPU Mixture-of-Experts operator: routed experts packed once,
+ * then one call per MoE layer and batch of tokens.
+ *
+ *   out[t][:] = sum_k w[t][k] * E_{ids[t][k]}(x[t]),   E(x) = down(silu(gate x) * (up x))
+ *
+ * Ownership: a moe_op holds the packed weights of one layer and is immutable
+ * after moe_create() (any number of sessions may share it); a moe_scratch is
+ * one session's working memory, sized once, so moe_forward() allocates
+ * nothing. One moe_forward() at a time per scratch.
+ *
+ * Kernels: the kernel set is isa_current() at create time (TANDEM_CPU forces
+ * one) or the one given to moe_create_isa(). Each expert's token count picks
+ * its kernel: fewer than amx_min tokens -> the vector kernel of the set
+ * (AVX-512 VNNI/BF16 dot products, bandwidth-bound decode); otherwise the
+ * tile kernel (AMX) where the set has one. Every kernel has a scalar _ref
+ * twin with the same numerics.
+ *
+ * NUMA: the op is built for a pool (pool.h); each pool partition holds a
+ * slice of every expert's d_ff (rows of gate/up, columns of down), computes a
+ * partial down-sum, and the partials are added in partition order.
+ *
+ * ---- numerics (identical in every kernel set, ref included) ----------------
+ * BF16  activations x are rounded to bf16 (RNE); g = Gate.x and u = Up.x are
+ *       sums of exact bf16*bf16 products in fp32; h = bf16(silu(g) * u);
+ *       y = Down.h in fp32. Kernels differ only in fp32 summation order
+ *       (and AVX-512/AMX treat bf16 denormals as zero).
+ * INT8  weights symmetric: W = s * q, q in [-127, 127], one fp32 scale s per
+ *       row and group of `group` columns along K (moe_desc.group; 0 = one
+ *       scale for the whole row, the default: AMX tiles then accumulate the
+ *       whole K in int32 without a flush). Stored as u8 u = q + 128 so that
+ *       VPDPBUSD (u8 x s8) and TDPBSUD apply; the 128 offset is removed
+ *       exactly in int32 with the activation sums.
+ * INT4  group 32 along K: W = s * q + m, q in 0..15, s and m fp16 per row and
+ *       group (a GGUF Q4_K block repacks with q exact and s, m rounded to fp16,
+ *       relative error <= 2^-11 of the scale, i.e. under 1/1000 of a q step).
+ * INT8/INT4 activations: per row (token for gate/up, token-expert pair for
+ *       down) a = amax|x|, xq = rint(x * (127 / a)) in [-127, 127], sx = a / 127.
+ *       Per group g: D_g = sum xq * q (int32, exact), S_g = sum xq (int32).
+ *       acc = 0; for g in order: INT8 acc = fma(s_g, (float)D_g, acc);
+ *       INT4 acc = fma(s_g, D_g, acc), acc = fma(m_g, S_g, acc). result = sx * acc.
+ *       h = silu(g) * u in fp32, then quantised as above for down.
+ *       With one partition these kernels are bit-identical to the reference.
+ * silu(g) = g / (1 + e(-g)) with e() a shared fma polynomial (moe_impl.h),
+ * argument clamped to [-87, 87]. Output: out[t] = fma(w, y, out[t]) over the
+ * token's (expert, weight) pairs in ascending expert order; partition
+ * partials are then added in partition order. ids < 0 are skipped.
+ */
+#ifndef TD_MOE_H
+#define TD_MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/pool.h"
+
+typedef enum { MOE_BF16 = 0, MOE_INT8 = 1, MOE_INT4 = 2 } moe_fmt;
+typedef enum { MOE_SRC_BF16 = 0, MOE_SRC_F32 = 1 } moe_src;
+
+typedef struct {
+    int n_expert, d_model, d_ff;
+    moe_fmt fmt;                 /* packed format */
+    moe_src src;                 /* dtype of the source rows below */
+    const void *const *gate;     /* [n_expert] -> [d_ff][d_model] row-major (HF layout); an entry may be
+                                    NULL: that expert is not held on the CPU and is never routed here */
+    const void *const *up;       /* [n_expert] -> [d_ff][d_model] */
+    const void *const *down;     /* [n_expert] -> [d_model][d_ff] */
+    int group;                   /* INT8 only: scale group along K, a multiple of 64; 0 = whole row */
+    int amx_min;                 /* tokens per expert from which the tile (AMX) kernel runs;
+                                    0 = MOE_AMX_MIN_DEFAULT */
+} moe_desc;
+
+/* Below this many tokens an expert's rows are too few to fill 16-row AMX
+ * tiles and the layer is bandwidth-bound anyway (BF16 turns compute-bound
+ * near 140 tokens per expert); the vector kernels read the weights once per
+ * 12 tokens. To be replaced by the value measured on the H200 machine. */
+#define MOE_AMX_MIN_DEFAULT 16
+
+typedef struct moe_op moe_op;           /* packed weights, immutable after create */
+typedef struct moe_scratch moe_scratch; /* per session: sized once, no allocation per call */
+
+/* Pack (and quantise) the experts of d, in parallel on p. The op is bound to
+ * p's partition count and size: moe_forward() must get a pool with the same
+ * number of partitions and no more threads. */
+int moe_create(moe_op **out, const moe_desc *d, pool *p, char *err, size_t errlen);
+/* The same with a given kernel set (ISA_REF..ISA_AMX of core/isa.h);
+ * TANDEM_EUNSUPPORTED when this machine lacks it. */
+int moe_create_isa(moe_op **out, const moe_desc *d, pool *p, int isa, char *err, size_t errlen);
+void moe_free(moe_op *op);
+
+size_t moe_bytes(const moe_op *op);  /* packed bytes of one expert (all partitions) */
+int moe_isa(const moe_op *op);       /* kernel set in use */
+int moe_n_held(const moe_op *op);    /* experts held on the CPU */
+
+int moe_scratch_create(const moe_op *op, int max_tokens, int top_k, moe_scratch **out, char *err, size_t errlen);
+void moe_scratch_free(moe_scratch *s);
+
+/* out[t][:] = sum_k w[t][k] * E_{ids[t][k]}(x[t]),  E(x) = down( silu(gate x) * (up x) ),
+ * skipping ids[t][k] < 0. x [n][d_model] fp32; ids/w [n][top_k]; out [n][d_model] fp32, overwritten.
+ * n <= max_tokens and top_k <= top_k of the scratch. Returns 0, or TANDEM_EINVAL (message in
+ * moe_scratch_error(s)) for an id out of range or routed to an expert not held here. */
+int moe_forward(moe_op *op, moe_scratch *s, pool *p, int n, int top_k, const float *x,
+                const int32_t *ids, const float *w, float *out);
+/* same with bf16 activations (the GPU hands over bf16 hidden states) */
+int moe_forward_bf16(moe_op *op, moe_scratch *s, pool *p, int n, int top_k, const uint16_t *x,
+                     const int32_t *ids, const float *w, float *out);
+const char *moe_scratch_error(const moe_scratch *s);
+
+/* Packed experts on disk (`tandem convert`): the file holds the packed
+ * partition buffers as they are in memory, so moe_open_packed() maps them
+ * (one NUMA node) or reads each slice onto its node. The pool given to
+ * open must have as many partitions as the one the op was packed for. */
+int moe_save(const moe_op *op, const char *path, char *err, size_t errlen);
+int moe_open_packed(moe_op **out, const char *path, pool *p, int isa /* <0: isa_current() */,
+                    char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,237 @@
+/*
+ * moe_impl.h - what the files of the MoE operator share: the packed layout,
+ * the op and scratch structures, the kernel interface and the scalar
+ * numerics every kernel must reproduce. Not part of the public API.
+ *
+ * Packed layout of one matrix W[N][K] (N outputs, K inputs; one expert, one
+ * partition slice). Rows are cut into row blocks ("rb") of 16; K is padded
+ * with zeros to kp (a multiple of 64). A row block is contiguous, so a work
+ * item streams it from DRAM in order; blocks follow each other:
+ *
+ *   BF16  rb = kp/32 tiles of 1024 B. Tile row r (0..15) holds, for the 16
+ *         rows n, the bf16 pair W[n][32t+2r], W[n][32t+2r+1] in 4 bytes:
+ *         one AVX-512 register (lane n = output row) and one row of an AMX B
+ *         tile in the VNNI pair layout TDPBF16PS reads.
+ *   INT8  rb = groups of `group` columns; a group is group/64 tiles of 1024 B
+ *         (tile row r: lane n holds u8 W[n][64t+4r..+3], the quad layout of
+ *         VPDPBUSD / TDPBSUD) followed by the 16 rows' fp32 scales (64 B).
+ *   INT4  rb = kp/32 blocks of 320 B: 256 B of nibbles, then 16 fp16 scales,
+ *         then 16 fp16 mins. Nibble byte c*64 + n*4 + j (c = 0..3) holds
+ *         q[n][4c+j] in its low half and q[n][4(c+4)+j] in its high half, so
+ *         one 64-byte load gives two VNNI quad rows (c and c+4) after an AND
+ *         and a shift.
+ *
+ * Every block and tile starts on a 64-byte boundary.
+ */
+#ifndef TD_MOE_IMPL_H
+#define TD_MOE_IMPL_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "core/bf16.h"
+#include "cpu/moe/moe.h"
+
+#define MOE_RB 16           /* rows per row block */
+#define MOE_KALIGN 64       /* K padding and partition-slice granularity */
+#define MOE_MAX_PARTS 16
+#define MOE_MAX_K 65536     /* int32 sums stay exact: 255 * 127 * 65536 < 2^31 */
+#define MOE_UP_BIG_RB 8     /* row blocks per phase-1 item of a tile-kernel expert */
+#define MOE_MC 256          /* token rows per pass of the tile kernels */
+#define MOE_TSCRATCH (640u * 1024u) /* per-thread scratch of the tile kernels */
+#define MOE_TB_BF16 12      /* tokens per pass of the vector kernels */
+#define MOE_TB_INT 6
+#define MOE_MAX_GROUPS (MOE_MAX_K / 64)
+
+/* ---- layout ----------------------------------------------------------- */
+
+static inline size_t moe_int8_group_bytes(int group) { return (size_t)group / 64 * 1024 + 64; }
+
+/* bytes of one row block of a matrix with kp padded columns */
+static inline size_t moe_rb_bytes(int fmt, int kp, int group)
+{
+    switch (fmt) {
+    case MOE_BF16: return (size_t)kp * 32;
+    case MOE_INT8: return (size_t)(kp / group) * moe_int8_group_bytes(group);
+    default: return (size_t)(kp / 32) * 320;
+    }
+}
+
+/* byte offset of W[n][k] (n = row inside the block) for BF16 / INT8 / INT4 */
+static inline size_t moe_off_bf16(int n, int k)
+{
+    return (size_t)(k / 32) * 1024 + (size_t)((k % 32) / 2) * 64 + (size_t)n * 4 + (size_t)(k % 2) * 2;
+}
+static inline size_t moe_off_int8(int n, int k, int group)
+{
+    return (size_t)(k / group) * moe_int8_group_bytes(group) + (size_t)((k % group) / 64) * 1024 +
+           (size_t)((k % 64) / 4) * 64 + (size_t)n * 4 + (size_t)(k % 4);
+}
+static inline size_t moe_off_int8_scale(int n, int g, int group)
+{
+    return (size_t)g * moe_int8_group_bytes(group) + (size_t)group / 64 * 1024 + (size_t)n * 4;
+}
+/* INT4: byte of q[n][k] and the shift of its nibble */
+static inline size_t moe_off_int4(int n, int k, int *shift)
+{
+    int r = (k % 32) / 4;
+    *shift = r >= 4 ? 4 : 0;
+    return (size_t)(k / 32) * 320 + (size_t)(r % 4) * 64 + (size_t)n * 4 + (size_t)(k % 4);
+}
+
+/* ---- one packed matrix as a kernel sees it ----------------------------- */
+typedef struct {
+    const uint8_t *w;   /* row block 0 */
+    size_t rb_bytes;
+    int nrb;            /* row blocks */
+    int kp;             /* padded K (multiple of 64) */
+    int group;          /* INT8: K per scale group (divides kp); INT4: 32; BF16: kp */
+} moe_mat;
+
+/* activation rows of one product (an expert's rows: gathered x, or h) */
+typedef struct {
+    const void *x;       /* [m][ld] bf16 (BF16) or int8 */
+    const float *sx;     /* [m] int formats: row scale */
+    const int32_t *s32;  /* [m][lds] int formats: sums of 32 consecutive xq */
+    size_t ld, lds;      /* row strides in elements */
+    int m;               /* rows */
+} moe_act;
+
+/* Phase 1: rows [rb0, rb1) of gate and up for the m rows of a; writes
+ * h[i][rb*16 + j] (bf16 for BF16, fp32 otherwise; row stride ldh elements).
+ * Phase 2: rows [rb0, rb1) of down for the rows of a (h quantised / bf16);
+ * out[tok[i]][c] = fma(wt[i], y[i][c], out[tok[i]][c]) for c < ncols; rows
+ * i with tok[i] < 0 are padding and skipped. ts: the thread's scratch. */
+typedef void (*moe_up_fn)(int fmt, const moe_mat *g, const moe_mat *u, int rb0, int rb1,
+                          const moe_act *a, void *h, size_t ldh, void *ts);
+typedef void (*moe_down_fn)(int fmt, const moe_mat *d, int rb0, int rb1, const moe_act *a,
+                            const int32_t *tok, const float *wt, float *out, size_t ldo, int ncols,
+                            void *ts);
+
+typedef struct {
+    const char *name;
+    int isa;
+    /* 1 if the kernel runs this format/group; 0 declines (caller falls back) */
+    int (*accepts)(int fmt, int group);
+    moe_up_fn up;
+    moe_down_fn down;
+} moe_kernel;
+
+extern const moe_kernel moe_kernel_ref, moe_kernel_avx2, moe_kernel_avx512, moe_kernel_amx;
+
+/* ---- the op ------------------------------------------------------------ */
+typedef struct {
+    int lo, hi;    /* real d_ff range [lo, hi) of this partition */
+    int pad;       /* padded length (multiple of kalign): rows of gate/up, K of down */
+    int off;       /* first column of the slice in h rows */
+} moe_slice;
+
+enum { MOE_BUF_HEAP = 0, MOE_BUF_NUMA = 1, MOE_BUF_MAP = 2 };
+
+struct moe_op {
+    int n_expert, d_model, d_ff, fmt, group; /* group: INT8 desc group (0 = row) */
+    int isa, amx_min;
+    const moe_kernel *small, *big;  /* vector kernel; tile kernel (or the vector one) */
+    int nparts, nthreads;
+    int kalign;     /* K padding / slice granularity: 64, or the INT8 group */
+    int kp;         /* d_model padded: K of gate/up */
+    int np;         /* d_model padded to 32: rows of down */
+    int ffpad;      /* columns of h: sum of slice pads */
+    moe_slice sl[MOE_MAX_PARTS];
+    size_t gate_bytes[MOE_MAX_PARTS]; /* one expert's gate (= up) slice */
+    size_t down_bytes[MOE_MAX_PARTS];
+    size_t exp_bytes[MOE_MAX_PARTS];  /* gate + up + down, 64-aligned */
+    uint8_t *buf[MOE_MAX_PARTS];      /* [n_held] experts of partition p */
+    size_t buf_bytes[MOE_MAX_PARTS];
+    int buf_kind[MOE_MAX_PARTS];
+    int32_t *slot;  /* [n_expert] index among held experts, -1 if not held */
+    int n_held;
+    void *map;      /* moe_open_packed: the file mapping */
+    size_t map_len;
+};
+
+/* which = 0 gate, 1 up, 2 down */
+static inline moe_mat moe_mat_of(const struct moe_op *op, int p, int e, int which)
+{
+    moe_mat m;
+    const uint8_t *base = op->buf[p] + (size_t)op->slot[e] * op->exp_bytes[p];
+    if (which < 2) {
+        m.w = base + (size_t)which * op->gate_bytes[p];
+        m.kp = op->kp;
+        m.nrb = op->sl[p].pad / MOE_RB;
+    } else {
+        m.w = base + 2 * op->gate_bytes[p];
+        m.kp = op->sl[p].pad;
+        m.nrb = op->np / MOE_RB;
+    }
+    m.group = op->fmt == MOE_INT4 ? 32 : op->fmt == MOE_INT8 ? (op->group ? op->group : m.kp) : m.kp;
+    m.rb_bytes = m.kp ? moe_rb_bytes(op->fmt, m.kp, m.group) : 0;
+    return m;
+}
+
+/* Fill sizes, slices and padding of op from n_expert/d_model/d_ff/fmt/group/
+ * nparts (moe.c); shared with moe_open_packed to check a file. */
+void moe_layout(struct moe_op *op);
+/* Validate d (shape, format, isa against this CPU, pool) and fill the plain
+ * fields of op; moe_pick_kernels() then sets small/big for op->isa. */
+int moe_check_desc(const moe_desc *d, pool *p, int isa, struct moe_op *op, char *err, size_t errlen);
+void moe_pick_kernels(struct moe_op *op);
+
+/* ---- shared scalar numerics ------------------------------------------- */
+#define MOE_EXP_LN2_HI 0.693359375f
+#define MOE_EXP_LN2_LO (-2.12194440e-4f)
+#define MOE_EXP_LOG2E 1.44269504088896341f
+#define MOE_EXP_P0 1.9875691500e-4f
+#define MOE_EXP_P1 1.3981999507e-3f
+#define MOE_EXP_P2 8.3334519073e-3f
+#define MOE_EXP_P3 4.1665795894e-2f
+#define MOE_EXP_P4 1.6666665459e-1f
+#define MOE_EXP_P5 5.0000001201e-1f
+#define MOE_EXP_CLAMP 87.0f
+
+/* e^t for t in [-87, 87] (clamped): n = rint(t log2 e), r = t - n ln2 in two
+ * fma steps, degree-7 polynomial (Cephes expf), times 2^n. Vector kernels do
+ * the same operations in the same order, so results agree to the bit. */
+static inline float moe_exp(float t)
+{
+    t = t > MOE_EXP_CLAMP ? MOE_EXP_CLAMP : t < -MOE_EXP_CLAMP ? -MOE_EXP_CLAMP : t;
+    float n = nearbyintf(t * MOE_EXP_LOG2E);
+    float r = fmaf(n, -MOE_EXP_LN2_HI, t);
+    r = fmaf(n, -MOE_EXP_LN2_LO, r);
+    float z = r * r;
+    float y = fmaf(MOE_EXP_P0, r, MOE_EXP_P1);
+    y = fmaf(y, r, MOE_EXP_P2);
+    y = fmaf(y, r, MOE_EXP_P3);
+    y = fmaf(y, r, MOE_EXP_P4);
+    y = fmaf(y, r, MOE_EXP_P5);
+    y = fmaf(y, z, r);
+    y = y + 1.0f;
+    uint32_t bits = (uint32_t)((int)n + 127) << 23;
+    float s;
+    memcpy(&s, &bits, 4);
+    return y * s;
+}
+
+static inline float moe_silu(float g) { return g / (1.0f + moe_exp(-g)); }
+
+/* shared activation quantisation (moe_act.c): one row of k values to int8
+ * with a zero tail up to kp, its scale and sums of 32 */
+void moe_quant_row_f32(const float *x, int k, int kp, int8_t *q, float *sx, int32_t *s32);
+void moe_quant_row_bf16(const uint16_t *x, int k, int kp, int8_t *q, float *sx, int32_t *s32);
+void moe_bf16_row_f32(const float *x, int k, int kp, uint16_t *out);
+
+/* scalar fp32 <-> fp16 (RNE), for packing INT4 scales */
+uint16_t moe_f32_to_f16(float f);
+
+/* pack one expert (all partitions) from the source rows (moe_pack.c);
+ * rb-granular so that moe_create can spread it over the pool */
+typedef struct {
+    const void *gate, *up, *down;  /* one expert's source matrices */
+    int src;                       /* moe_src */
+} moe_src_exp;
+/* pack row block rb of matrix `which` (0 gate, 1 up, 2 down) of expert e into partition p */
+void moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int which, int rb);
+
+#endif

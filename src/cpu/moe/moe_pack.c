@@ -1,0 +1,209 @@
+/*
+ * moe_pack.c - packing and quantisation of expert weights into the layout of
+ * moe_impl.h. Portable C: packing runs once at load, spread over the pool by
+ * moe_create() one row block at a time (each call writes only its block).
+ *
+ * Invariants: padding (rows past N, columns past K) is zero, so padded h
+ * columns come out exactly 0 and padded activations meet zero weights.
+ * Quantisation scales are computed over the FULL source row (INT8 whole-row
+ * scale) or over full-row groups, never over a partition slice, so the packed
+ * values do not depend on how d_ff is split across partitions.
+ */
+#include "cpu/moe/moe_impl.h"
+
+#include <math.h>
+
+uint16_t moe_f32_to_f16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u)
+        return (uint16_t)(sign | 0x7e00u);              /* NaN */
+    if (a >= 0x477ff000u)
+        return (uint16_t)(sign | 0x7c00u);              /* rounds past 65504: inf */
+    if (a < 0x38800000u) {                               /* below 2^-14: subnormal half */
+        if (a < 0x33000000u)
+            return (uint16_t)sign;                       /* under half the smallest: 0 */
+        uint32_t man = (a & 0x7fffffu) | 0x800000u;
+        int e = (int)(a >> 23);                          /* 102..112 */
+        int shift = 126 - e;                             /* 14..24 */
+        uint32_t h = man >> shift;
+        uint32_t rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1)))
+            h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((a - 0x38000000u) >> 13);              /* rebias 127 -> 15 */
+    uint32_t rem = a & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1)))
+        h++;
+    return (uint16_t)(sign | h);
+}
+
+/* one source element as float; (r, c) inside the full source matrix */
+static inline float src_at(const void *m, int src, size_t ld, int r, int c)
+{
+    if (src == MOE_SRC_BF16)
+        return bf16_to_f32(((const uint16_t *)m)[(size_t)r * ld + (size_t)c]);
+    return ((const float *)m)[(size_t)r * ld + (size_t)c];
+}
+
+/* The mapping from a packed (row n, column k) to the source: returns 0 for
+ * padding. which 0/1: rows are d_ff (slice), columns d_model; 2: rows d_model,
+ * columns the d_ff slice. */
+typedef struct {
+    const void *m;
+    int src;
+    size_t ld;          /* source row length */
+    int row0, nrow;     /* source rows [row0, row0 + nrow) are real */
+    int col0, ncol;     /* source columns [col0, col0 + ncol) are real */
+    int full_cols;      /* columns of the full source row (for whole-row scales) */
+} src_view;
+
+static src_view view_of(const struct moe_op *op, const moe_src_exp *s, int p, int which)
+{
+    src_view v;
+    v.src = s->src;
+    const moe_slice *sl = &op->sl[p];
+    if (which < 2) {
+        v.m = which == 0 ? s->gate : s->up;
+        v.ld = (size_t)op->d_model;
+        v.row0 = sl->lo;
+        v.nrow = sl->hi - sl->lo;
+        v.col0 = 0;
+        v.ncol = op->d_model;
+        v.full_cols = op->d_model;
+    } else {
+        v.m = s->down;
+        v.ld = (size_t)op->d_ff;
+        v.row0 = 0;
+        v.nrow = op->d_model;
+        v.col0 = sl->lo;
+        v.ncol = sl->hi - sl->lo;
+        v.full_cols = op->d_ff;
+    }
+    return v;
+}
+
+static inline float view_at(const src_view *v, int n, int k)
+{
+    if (n >= v->nrow || k >= v->ncol)
+        return 0.0f;
+    return src_at(v->m, v->src, v->ld, v->row0 + n, v->col0 + k);
+}
+
+static void pack_bf16(const src_view *v, int rb, int kp, uint8_t *dst)
+{
+    uint16_t *o = (uint16_t *)dst;
+    for (int t = 0; t < kp / 32; t++)
+        for (int r = 0; r < 16; r++)
+            for (int n = 0; n < 16; n++) {
+                int row = rb * 16 + n, k = t * 32 + 2 * r;
+                if (v->src == MOE_SRC_BF16 && row < v->nrow && k + 1 < v->ncol) {
+                    const uint16_t *s = (const uint16_t *)v->m + (size_t)(v->row0 + row) * v->ld + v->col0 + k;
+                    o[0] = s[0];
+                    o[1] = s[1];
+                } else {
+                    o[0] = f32_to_bf16(view_at(v, row, k));
+                    o[1] = f32_to_bf16(view_at(v, row, k + 1));
+                }
+                o += 2;
+            }
+}
+
+/* amax over full-row columns [c0, c1) of source row r */
+static float row_amax(const src_view *v, int r, int c0, int c1)
+{
+    float a = 0.0f;
+    for (int c = c0; c < c1; c++) {
+        float x = fabsf(src_at(v->m, v->src, v->ld, r, c));
+        a = x > a ? x : a;
+    }
+    return a;
+}
+
+static void pack_int8(const src_view *v, int rb, int kp, int group, int whole_row, uint8_t *dst)
+{
+    float inv[16];
+    for (int g = 0; g < kp / group; g++) {
+        uint8_t *gb = dst + (size_t)g * moe_int8_group_bytes(group);
+        float *scale = (float *)(gb + (size_t)group / 64 * 1024);
+        for (int n = 0; n < 16; n++) {
+            int row = rb * 16 + n;
+            float amax = 0.0f;
+            if (row < v->nrow) {
+                /* the group in full-row coordinates (slices start on a group boundary) */
+                int c0 = whole_row ? 0 : v->col0 + g * group;
+                int c1 = whole_row ? v->full_cols : c0 + group;
+                if (c1 > v->full_cols)
+                    c1 = v->full_cols;
+                amax = row_amax(v, v->row0 + row, c0, c1);
+            }
+            scale[n] = amax / 127.0f;
+            inv[n] = amax > 0.0f ? 127.0f / amax : 0.0f;
+        }
+        for (int t = 0; t < group / 64; t++)
+            for (int r = 0; r < 16; r++)
+                for (int n = 0; n < 16; n++)
+                    for (int j = 0; j < 4; j++) {
+                        float q = nearbyintf(view_at(v, rb * 16 + n, g * group + t * 64 + 4 * r + j) * inv[n]);
+                        q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+                        gb[(size_t)t * 1024 + (size_t)r * 64 + (size_t)n * 4 + (size_t)j] = (uint8_t)((int)q + 128);
+                    }
+    }
+}
+
+static void pack_int4(const src_view *v, int rb, int kp, uint8_t *dst)
+{
+    for (int b = 0; b < kp / 32; b++) {
+        uint8_t *blk = dst + (size_t)b * 320;
+        uint16_t *sc = (uint16_t *)(blk + 256), *mn = (uint16_t *)(blk + 288);
+        uint8_t q[16][32];
+        for (int n = 0; n < 16; n++) {
+            int row = rb * 16 + n;
+            float lo = 0.0f, hi = 0.0f;
+            int first = 1;
+            for (int k = 0; k < 32; k++) {
+                if (row >= v->nrow || b * 32 + k >= v->ncol)
+                    continue;
+                float x = view_at(v, row, b * 32 + k);
+                if (first || x < lo)
+                    lo = x;
+                if (first || x > hi)
+                    hi = x;
+                first = 0;
+            }
+            uint16_t s16 = moe_f32_to_f16((hi - lo) / 15.0f), m16 = moe_f32_to_f16(lo);
+            float s = f16_to_f32(s16), m = f16_to_f32(m16);
+            sc[n] = s16;
+            mn[n] = m16;
+            for (int k = 0; k < 32; k++) {
+                int real = row < v->nrow && b * 32 + k < v->ncol;
+                float x = view_at(v, row, b * 32 + k);
+                float qq = s > 0.0f && real ? nearbyintf((x - m) / s) : 0.0f;
+                qq = qq < 0.0f ? 0.0f : qq > 15.0f ? 15.0f : qq;
+                q[n][k] = (uint8_t)qq;
+            }
+        }
+        for (int c = 0; c < 4; c++)
+            for (int n = 0; n < 16; n++)
+                for (int j = 0; j < 4; j++)
+                    blk[c * 64 + n * 4 + j] = (uint8_t)(q[n][4 * c + j] | (q[n][4 * (c + 4) + j] << 4));
+    }
+}
+
+void moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int which, int rb)
+{
+    moe_mat m = moe_mat_of(op, p, e, which);
+    if (!m.kp)
+        return;
+    src_view v = view_of(op, s, p, which);
+    uint8_t *dst = (uint8_t *)m.w + (size_t)rb * m.rb_bytes;
+    switch (op->fmt) {
+    case MOE_BF16: pack_bf16(&v, rb, m.kp, dst); break;
+    case MOE_INT8: pack_int8(&v, rb, m.kp, m.group, op->group == 0, dst); break;
+    default: pack_int4(&v, rb, m.kp, dst); break;
+    }
+}
