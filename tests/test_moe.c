@@ -29,7 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MOE_TEST_MAX_ISA ISA_REF /* raised as the kernel sets land */
+#define MOE_TEST_MAX_ISA ISA_AVX512 /* raised as the kernel sets land */
 
 /* ---- random data ------------------------------------------------------- */
 
@@ -408,6 +408,7 @@ static void test_ref_vs_dense(pool *p, int fmt, int group, int src, double tol_s
 /* ---- fast kernels against the reference -------------------------------- */
 
 static int n_cases;
+static double worst[3]; /* per format, over the cases of one kernel set */
 
 static void compare_case(const weights *w, const run_opts *fast, double tol, const char *what)
 {
@@ -429,6 +430,7 @@ static void compare_case(const weights *w, const run_opts *fast, double tol, con
         double r = rel_diff(a, b, (size_t)n * w->dm);
         CHECKF(r <= tol, "%s: max|fast - ref| / max|ref| = %.3g > %.3g (max|ref| %.3g)", what, r, tol,
                max_abs(b, (size_t)n * w->dm));
+        worst[fast->fmt] = fmax(worst[fast->fmt], r);
         n_cases++;
     }
     free(x), free(wt), free(a), free(b), free(ids);
@@ -444,6 +446,7 @@ static void test_isa(pool *p1, pool *p2, int isa)
     static const struct { int dm, ff; } shapes[] = { { 100, 72 }, { 128, 192 } };
     int E = 10;
     n_cases = 0;
+    worst[0] = worst[1] = worst[2] = 0;
     for (int sh = 0; sh < 2; sh++) {
         weights w = make_weights(E, shapes[sh].dm, shapes[sh].ff, MOE_SRC_BF16, ~0ull);
         for (int fmt = 0; fmt < 3; fmt++)
@@ -470,7 +473,8 @@ static void test_isa(pool *p1, pool *p2, int isa)
         }
         free_weights(&w);
     }
-    printf("  moe %s vs ref: %d cases\n", isa_name(isa), n_cases);
+    printf("  moe %s vs ref: %d cases, worst max|diff|/max|ref|: bf16 %.2e, int8 %.2e, int4 %.2e\n", isa_name(isa),
+           n_cases, worst[0], worst[1], worst[2]);
 }
 
 /* ---- partitions: the split does not change the result ------------------ */
@@ -589,7 +593,7 @@ TEST_GROUP(moe)
     test_split(p1, p2);
     test_errors(p1);
     for (int isa = ISA_AVX2; isa <= ISA_AMX; isa++) {
-        if (isa > MOE_TEST_MAX_ISA) {
+        if (isa > MOE_TEST_MAX_ISA || isa == ISA_AVX2) { /* not written yet */
             SKIP(isa_name(isa), "kernels not written yet");
             continue;
         }

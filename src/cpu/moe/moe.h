@@ -23,8 +23,9 @@
  * ---- numerics (identical in every kernel set, ref included) ----------------
  * BF16  activations x are rounded to bf16 (RNE); g = Gate.x and u = Up.x are
  *       sums of exact bf16*bf16 products in fp32; h = bf16(silu(g) * u);
- *       y = Down.h in fp32. Kernels differ only in fp32 summation order
- *       (and AVX-512/AMX treat bf16 denormals as zero).
+ *       y = Down.h in fp32. Sums run per K pair, odd element first (the SDM
+ *       order of VDPBF16PS: AVX-512 matches the reference to the bit); AMX
+ *       tiles may sum in another order; AVX-512/AMX treat denormals as zero.
  * INT8  weights symmetric: W = s * q, q in [-127, 127], one fp32 scale s per
  *       row and group of `group` columns along K (moe_desc.group; 0 = one
  *       scale for the whole row, the default: AMX tiles then accumulate the

@@ -42,7 +42,8 @@
 #define MOE_MC 256          /* token rows per pass of the tile kernels */
 #define MOE_TSCRATCH (640u * 1024u) /* per-thread scratch of the tile kernels */
 #define MOE_TB_BF16 12      /* tokens per pass of the vector kernels */
-#define MOE_TB_INT 6
+#define MOE_TB_INT 6        /* INT8 */
+#define MOE_TB_INT4 4
 #define MOE_MAX_GROUPS (MOE_MAX_K / 64)
 
 /* ---- layout ----------------------------------------------------------- */
