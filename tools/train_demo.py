@@ -19,6 +19,12 @@ Role
 
     That is 8 files, all written into --out (which may be the GPU machine's $OUT).
 
+How to run
+    python3 tools/demo_corpus.py          # here: writes .corpus/apt-descriptions.jsonl.gz
+    python3 tools/train_demo.py --corpus .corpus/apt-descriptions.jsonl.gz --out "$OUT" \
+        --minutes 6 --device cuda         # on the H200 (no network needed), ~7 min in all
+    Smoke test on a CPU: add --device cpu --minutes 1 --max-docs 8000 --eval-tokens 8192.
+
 Invariants
     - config.json and model.safetensors are written by this script, not by save_pretrained:
       their layout is then the hub's, whatever transformers version runs here (5.x writes
@@ -264,7 +270,12 @@ def round_to_bf16(model):
 
 def export_and_check(model, cfg, out, x):
     """Write model.safetensors, load the folder with from_pretrained (float32) and compare
-    its logits on x with the in-memory model's. Returns the max abs difference."""
+    its logits on x with the in-memory model's, both with the same experts kernel.
+    Returns (max |logit diff|, fraction of positions off by more than 1e-3, parameters).
+
+    A wrong tensor layout or config shows at every position; a lone position may differ
+    only where float32 rounding flips a near-tie in the router's top-k, so it stops only
+    when more than 1% of positions disagree."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -273,6 +284,9 @@ def export_and_check(model, cfg, out, x):
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     dev = x.device
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(dev).eval()
+    impl = getattr(model.config, "_experts_implementation", None)
+    if impl is not None:
+        set_experts_impl(loaded, impl)
     was_training, tf32 = model.training, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     model.eval()
@@ -281,13 +295,15 @@ def export_and_check(model, cfg, out, x):
         b = loaded(input_ids=x, use_cache=False).logits.float()
     model.train(was_training)
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    diff = (a - b).abs().max().item()
+    per_pos = (a - b).abs().amax(dim=-1)
+    diff, bad = per_pos.max().item(), (per_pos > 1e-3).float().mean().item()
     n_params = sum(t.numel() for t in tensors.values())
-    if diff > 1e-3:
-        die("the saved model does not reproduce the trained one: max |logit diff| %.3g "
-            "(tensor layout or config mismatch; transformers %s)" % (diff, _tf_version()))
+    if bad > 0.01:
+        die("the saved model does not reproduce the one in memory: %.1f%% of positions differ, "
+            "max |logit diff| %.3g (tensor layout or config mismatch; transformers %s)"
+            % (100 * bad, diff, _tf_version()))
     del loaded
-    return diff, n_params
+    return diff, bad, n_params
 
 
 def _tf_version():
@@ -373,10 +389,12 @@ def pick_experts_impl(model, step_loss, x, autocast, sync):
     current = getattr(model.config, "_experts_implementation", None)
     if current is None:
         return None, {}
-    times = {}
+    times, active = {}, current
     for impl in dict.fromkeys([current, "grouped_mm", "eager"]):
-        if not set_experts_impl(model, impl):
+        # The current kernel needs no switch (an old transformers may have none).
+        if impl != active and not set_experts_impl(model, impl):
             continue
+        active = impl
         try:
             for i in range(5):
                 if i == 2:
@@ -393,7 +411,10 @@ def pick_experts_impl(model, step_loss, x, autocast, sync):
     if not times:
         die("no experts implementation runs on this machine")
     best = min(times, key=times.get)
-    set_experts_impl(model, best)
+    if best != active and not set_experts_impl(model, best):
+        if active not in times:
+            die("cannot switch transformers back to experts implementation %s" % best)
+        best = active
     return best, {k: round(v, 4) for k, v in times.items()}
 
 
@@ -504,11 +525,12 @@ def main():
     config = AutoConfig.from_pretrained(a.out)
     # float32 master weights: from_config would follow the config's bf16 torch_dtype.
     model = AutoModelForCausalLM.from_config(config).float().to(dev)
-    diff, n_params = export_and_check(model, cfg, a.out, hwin[:2])
+    diff, bad, n_params = export_and_check(model, cfg, a.out, hwin[:2])
     n_expert = a.layers * a.experts * 3 * a.hidden * a.moe_inter
     n_active = n_params - n_expert * (a.experts - a.top_k) // a.experts
     log("model: %d params (%.2f MB bf16), %d active per token; "
-        "export check max|dlogit| %.2g" % (n_params, 2 * n_params / 1e6, n_active, diff))
+        "export check max|dlogit| %.2g (%.2f%% of positions > 1e-3)"
+        % (n_params, 2 * n_params / 1e6, n_active, diff, 100 * bad))
 
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -601,8 +623,8 @@ def main():
     best["state"] = None
 
     # Save, check the saved files reproduce the model, then evaluate them with transformers.
-    diff, _ = export_and_check(model, cfg, a.out, hwin[:4])
-    log("saved %s (export check max|dlogit| %.2g)" % (a.out, diff))
+    diff, bad, _ = export_and_check(model, cfg, a.out, hwin[:4])
+    log("saved %s (export check max|dlogit| %.2g, %.2f%% of positions > 1e-3)" % (a.out, diff, 100 * bad))
     del model, fwd, opt, data
     res = eval_demo.evaluate(a.out, a.corpus, a.out, a.seq, a.eval_tokens, dev, a.max_docs, quiet=True)
     log("held-out ppl %.4f (nll %.4f) over %d tokens, transformers float32" % (
@@ -615,6 +637,7 @@ def main():
                                       "moe_intermediate_size", "max_position_embeddings", "tie_word_embeddings")},
         "params": n_params, "params_active_per_token": n_active, "bytes_bf16": 2 * n_params,
         "experts_implementation": experts_impl, "experts_step_seconds": impl_times,
+        "export_check": {"max_abs_logit_diff": diff, "positions_over_1e-3": bad},
         "steps": step, "batch": batch, "seq": a.seq, "tokens_seen": tokens,
         "train_tokens": n_tok, "epochs": round(tokens / n_tok, 3),
         "minutes": round(train_s / 60, 3), "tokens_per_s": round(tokens / train_s),
