@@ -38,6 +38,7 @@ static const moe_kernel *kernel_of(int isa)
     switch (isa) {
     case ISA_AMX:
     case ISA_AVX512: return &moe_kernel_avx512;
+    case ISA_AVX2: return &moe_kernel_avx2;
     default: return &moe_kernel_ref;
     }
 }
@@ -181,7 +182,7 @@ int moe_check_desc(const moe_desc *d, pool *p, int isa, struct moe_op *op, char 
         return td_err(err, errlen, TANDEM_EINVAL, "moe: amx_min %d is negative", d->amx_min);
     if (isa < ISA_REF || isa >= ISA_COUNT)
         return td_err(err, errlen, TANDEM_EINVAL, "moe: unknown kernel set %d", isa);
-    if (isa == ISA_AVX2 || isa == ISA_AMX)
+    if (isa == ISA_AMX)
         return td_err(err, errlen, TANDEM_EUNSUPPORTED, "moe: kernel set '%s' is not built yet", isa_name(isa));
     if (isa > isa_detect())
         return td_err(err, errlen, TANDEM_EUNSUPPORTED, "moe: kernel set '%s' needs a CPU this one is not (best: '%s')",
