@@ -32,7 +32,8 @@ ifeq ($(origin CUDA),undefined)
   CUDA := $(if $(shell command -v $(NVCC) 2>/dev/null),1,0)
 endif
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
-NVFLAGS = -O2 -std=c++17 -Xcompiler -fPIC -Iinclude -Isrc \
+NVFLAGS = -O2 -std=c++17 -Xcompiler -fPIC -Iinclude -Isrc -MMD -MP \
+          -Xcompiler -Wall,-Wextra -Werror all-warnings \
           -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90
 
 LIB_SRC  := $(shell find src -name '*.c' | sort)
@@ -41,7 +42,7 @@ ifeq ($(CUDA),1)
   LIB_SRC := $(filter-out src/cuda/gpu_none.c,$(LIB_SRC))
   LIB_CU  := $(CU_SRC:%.cu=$(BUILD)/%.o)
   LDLIBS  += -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/targets/x86_64-linux/lib \
-             -lcudart -lcublas -lcuda -lstdc++ -Wl,-rpath,$(CUDA_HOME)/lib64
+             -lcublas -lcudart_static -ldl -lrt -lstdc++ -Wl,-rpath,$(CUDA_HOME)/lib64
 else
   LIB_CU  :=
 endif

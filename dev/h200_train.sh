@@ -10,11 +10,9 @@ SR=$PWD/.sysroot/usr
   echo "== probe"; nproc; lscpu | grep -E 'Model name|amx|avx512_bf16' | cut -c1-200 | head -3
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   echo "== build"
-  nice -n 19 make -j4 cpu EXTRA_CFLAGS="-I$SR/include" \
-     EXTRA_LDFLAGS="-L$SR/lib/x86_64-linux-gnu -Wl,-rpath,$SR/lib/x86_64-linux-gnu" > /tmp/build.log 2>&1 \
-     && echo build ok || { echo build FAILED; tail -20 /tmp/build.log; }
   nice -n 19 make -j4 CUDA=0 build/run_tests EXTRA_CFLAGS="-I$SR/include" \
-     EXTRA_LDFLAGS="-L$SR/lib/x86_64-linux-gnu -Wl,-rpath,$SR/lib/x86_64-linux-gnu" >> /tmp/build.log 2>&1
+     EXTRA_LDFLAGS="-L$SR/lib/x86_64-linux-gnu -Wl,-rpath,$SR/lib/x86_64-linux-gnu" > /tmp/build.log 2>&1 \
+     && echo build ok || { echo build FAILED; grep -E 'error' /tmp/build.log | head -20; }
   echo "== tests"; TANDEM_LOG=info nice -n 19 build/run_tests 2>&1 | grep -vE '^  ' | tail -25
 ) > /tmp/side.log 2>&1 &
 side=$!

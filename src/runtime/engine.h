@@ -50,6 +50,7 @@ struct tandem_engine {
     int n_owned, cap_owned;
     float *rope_inv_freq;       /* [rope_dim/2] */
     int64_t weight_bytes;
+    struct hybrid_engine *hy;   /* GPU placement and weights (runtime/hybrid.h); NULL = CPU only */
 };
 
 typedef struct {
@@ -78,6 +79,7 @@ struct tandem_session {
     float *logits;              /* [n_batch][V] */
     int n_logits;               /* logits rows filled by the last forward */
     int n_outputs;              /* capacity of logits, in rows */
+    struct hybrid_session *hys; /* GPU state of the session (runtime/hybrid.h); NULL = CPU only */
 };
 
 int engine_load_weights(tandem_engine *e, char *err, size_t errlen);

@@ -14,8 +14,8 @@
 
 /* A render's arena cap: generous for real conversations (the context is not
  * copied), small enough that a hostile template fails instead of swapping. */
-#define RENDER_LIMIT ((size_t)1 << 30)
-#define PARSE_LIMIT ((size_t)1 << 30)
+#define RENDER_LIMIT ((size_t)256 << 20)
+#define PARSE_LIMIT ((size_t)256 << 20)
 
 int jinja_parse(jinja_tmpl **out, const char *src, size_t len, char *err, size_t errlen)
 {

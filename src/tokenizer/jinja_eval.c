@@ -24,7 +24,7 @@
 #include <string.h>
 
 #define MAX_DEPTH 300
-#define MAX_STEPS 50000000ull
+#define MAX_STEPS 20000000ull
 
 enum { JX_NEXT, JX_BREAK, JX_CONTINUE };
 
@@ -310,16 +310,16 @@ static jinja_val repeat(jinja_rt *rt, jinja_val seq, int64_t times)
 {
     if (times < 0)
         times = 0;
-    size_t unit = seq.t == JV_STR ? seq.u.s.n : seq.u.l->n;
-    if (unit && (uint64_t)times > ((size_t)1 << 31) / unit)
-        jinja_rt_fail(rt, TANDEM_ENOMEM, "repetition result too large");
+    size_t unit = seq.t == JV_STR ? seq.u.s.n : seq.u.l->n * sizeof(jinja_val);
+    if (unit && (uint64_t)times > ((size_t)64 << 20) / unit)
+        jinja_rt_fail(rt, TANDEM_ENOMEM, "repetition result too large (over 64 MiB)");
     if (seq.t == JV_STR) {
-        jinja_buf b;
-        jinja_buf_init(&b, rt->a);
+        char *p = jinja_alloc(rt->a, unit * (size_t)times + 1);
         for (int64_t k = 0; k < times; k++)
-            jinja_buf_put(&b, seq.u.s.p, seq.u.s.n);
-        return jinja_buf_val(&b);
+            memcpy(p + (size_t)k * unit, seq.u.s.p, unit);
+        return jinja_str(p, unit * (size_t)times);
     }
+    unit = seq.u.l->n;
     jinja_list *l = jinja_list_new(rt->a, unit * (size_t)times);
     for (int64_t k = 0; k < times; k++)
         for (size_t i = 0; i < unit; i++)
@@ -837,8 +837,10 @@ static int exec_for(jinja_rt *rt, jinja_frame *f, const jinja_node *n, jinja_buf
     const jinja_list *items = jinja_iter(rt, eval(rt, f, n->b));
     if (n->c) {
         jinja_list *kept = jinja_list_new(rt->a, items->n);
+        jinja_frame *fr = frame_new(rt, f);  /* an expression cannot capture it */
         for (size_t i = 0; i < items->n; i++) {
-            jinja_frame *fr = frame_new(rt, f);
+            step(rt, n);
+            fr->n = 0;
             assign(rt, fr, n->a, items->v[i]);
             if (jinja_truthy(eval(rt, fr, n->c)))
                 kept->v[kept->n++] = items->v[i];
@@ -850,9 +852,14 @@ static int exec_for(jinja_rt *rt, jinja_frame *f, const jinja_node *n, jinja_buf
     jinja_val lv = {0};
     lv.t = JV_LOOP;
     lv.u.loop = loop;
+    /* Without closures nothing outlives an iteration's frame, so one frame is
+     * reused (cleared) for all iterations: a long loop then costs no memory. */
+    jinja_frame *shared = (n->flags & JNF_CAPTURES) ? NULL : frame_new(rt, f);
     for (size_t i = 0; i < items->n; i++) {
         loop->i = (int64_t)i;
-        jinja_frame *fr = frame_new(rt, f);
+        step(rt, n);
+        jinja_frame *fr = shared ? shared : frame_new(rt, f);
+        fr->n = 0;
         assign(rt, fr, n->a, items->v[i]);
         frame_set(rt, fr, "loop", lv);
         if (exec_body(rt, fr, n->d, out) == JX_BREAK)

@@ -37,7 +37,7 @@ static int64_t int_arg(jinja_rt *rt, jinja_val v, const char *what)
 static void tick(jinja_rt *rt, uint64_t n)
 {
     rt->steps += n;
-    if (rt->steps > 50000000ull)
+    if (rt->steps > 20000000ull)
         jinja_rt_fail(rt, TANDEM_ENOMEM, "rendering takes too many steps (template too costly)");
 }
 

@@ -273,6 +273,9 @@ enum { JC_EQ, JC_NE, JC_LT, JC_LE, JC_GT, JC_GE, JC_IN, JC_NOTIN };
 #define JNF_CALLER  1
 #define JNF_VARARGS 2
 #define JNF_KWARGS  4
+/* JN_FOR flag: the body defines a macro or call block, whose closure may
+ * keep the iteration's frame alive, so each iteration needs its own frame. */
+#define JNF_CAPTURES 8
 
 typedef struct jinja_node {
     uint8_t kind;

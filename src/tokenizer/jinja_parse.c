@@ -775,6 +775,21 @@ static unsigned names_used(const jinja_node *n)
     return f;
 }
 
+static int defines_closure(const jinja_node *n)
+{
+    if (!n)
+        return 0;
+    if (n->kind == JN_MACRO || n->kind == JN_CALLBLOCK)
+        return 1;
+    if (defines_closure(n->a) || defines_closure(n->b) || defines_closure(n->c) || defines_closure(n->d) ||
+        defines_closure(n->e))
+        return 1;
+    for (int i = 0; i < n->nkids; i++)
+        if (defines_closure(n->kids[i]))
+            return 1;
+    return 0;
+}
+
 static jinja_node *parse_stmt_body(parser *P, int kind, int line, const char *endtag)
 {
     const char *end[] = {endtag, NULL};
@@ -845,6 +860,8 @@ static jinja_node *parse_statement(parser *P)
         if (is_name(next_tok(P), "else"))
             n->e = parse_statements(P, end2, 1);
         P->soft = soft;
+        if (defines_closure(n->d))
+            n->flags |= JNF_CAPTURES;
     } else if (!strcmp(tag, "set")) {
         jinja_node *target = parse_tuple(P, 1, 1, NULL, 0, 1);
         check_assignable(P, target, 1);
