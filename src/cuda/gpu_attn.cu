@@ -1,0 +1,269 @@
+/*
+ * gpu_attn.cu - causal attention over the KV cache in GPU memory: GQA, and
+ * MLA in the absorbed form (src/cpu/attn.c is the reference for both).
+ *
+ * One block per (token, head) with ATT_WARPS warps. Warp w takes keys
+ * lo+w, lo+w+ATT_WARPS, ...; for each key the warp forms the score with a
+ * lane-strided dot product (coalesced reads of the key row), then folds it
+ * into a running softmax (max m, sum l, and the weighted value sum, whose
+ * head_dim floats are spread over the lanes, VPL per lane). The warps' states
+ * are merged at the end in shared memory. This is the online softmax: the
+ * result equals softmax-then-sum up to fp32 rounding, and it needs no
+ * scratch proportional to the context, so prefill and decode share it.
+ * Positions and sequence ids are read on the device, so a captured graph
+ * serves every decode step.
+ *
+ * MLA: (1) q_lat[t][h] = q_nope[t][h] . W_uk[h] (kv_b's key rows),
+ * (2) attention of [q_lat | q_pe] against [ckv | kpe] with ckv as values,
+ * giving o_lat[t][h] (both in the caller's scratch), (3) out[t][h] =
+ * W_uv[h] . o_lat[t][h] (kv_b's value rows).
+ */
+#include "cuda/gpu_internal.cuh"
+
+enum { ATT_WARPS = 8 };
+
+/* Running softmax state of one warp; o[] holds dims lane + 32*v. */
+template <int VPL>
+struct att_state {
+    float m, l, o[VPL];
+};
+
+template <int VPL>
+static __device__ __forceinline__ void att_fold(att_state<VPL> &st, float s, const float *vrow, int vdim, int lane)
+{
+    float m_new = fmaxf(st.m, s);
+    float corr = expf(st.m - m_new); /* 0 while m is -inf */
+    float p = expf(s - m_new);
+    st.l = st.l * corr + p;
+#pragma unroll
+    for (int v = 0; v < VPL; v++) {
+        int d = lane + 32 * v;
+        float val = d < vdim ? vrow[d] : 0.0f;
+        st.o[v] = st.o[v] * corr + p * val;
+    }
+    st.m = m_new;
+}
+
+/* Merge the warps' states; writes vdim floats to out. sm: ATT_WARPS*(2+32*VPL) floats. */
+template <int VPL>
+static __device__ void att_merge(const att_state<VPL> &st, float *sm, float *out, int vdim)
+{
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float *ms = sm, *ls = sm + ATT_WARPS, *os = sm + 2 * ATT_WARPS;
+    if (lane == 0) {
+        ms[w] = st.m;
+        ls[w] = st.l;
+    }
+#pragma unroll
+    for (int v = 0; v < VPL; v++)
+        os[w * 32 * VPL + lane + 32 * v] = st.o[v];
+    __syncthreads();
+    float M = -INFINITY;
+    for (int i = 0; i < ATT_WARPS; i++)
+        M = fmaxf(M, ms[i]);
+    float L = 0;
+    for (int i = 0; i < ATT_WARPS; i++)
+        L += ls[i] > 0 ? ls[i] * expf(ms[i] - M) : 0.0f;
+    const float inv = 1.0f / L;
+    for (int d = threadIdx.x; d < vdim; d += blockDim.x) {
+        int v = d / 32, ln = d % 32;
+        float acc = 0;
+        for (int i = 0; i < ATT_WARPS; i++)
+            if (ls[i] > 0)
+                acc += os[i * 32 * VPL + ln + 32 * v] * expf(ms[i] - M);
+        out[d] = acc * inv;
+    }
+}
+
+/* ---- GQA ------------------------------------------------------------------------- */
+template <int VPL>
+static __global__ void gqa_kernel(gpu_gqa a, const float *q, int64_t ldq, const int32_t *seq, const int32_t *pos,
+                                  float *out, int64_t ldo)
+{
+    extern __shared__ float sm[];
+    const int t = blockIdx.x, h = blockIdx.y, hd = a.head_dim;
+    const int g = h / (a.n_head / a.n_kv_head);
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int p = pos[t];
+    const int lo = a.window > 0 && p - a.window + 1 > 0 ? p - a.window + 1 : 0;
+    float *qs = sm + ATT_WARPS * (2 + 32 * VPL);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x)
+        qs[d] = q[(int64_t)t * ldq + (int64_t)h * hd + d];
+    __syncthreads();
+    const float *K = a.k + (int64_t)seq[t] * a.seq_stride + (int64_t)g * hd;
+    const float *V = a.v + (int64_t)seq[t] * a.seq_stride + (int64_t)g * hd;
+    att_state<VPL> st;
+    st.m = -INFINITY;
+    st.l = 0;
+#pragma unroll
+    for (int v = 0; v < VPL; v++)
+        st.o[v] = 0;
+    for (int j = lo + w; j <= p; j += ATT_WARPS) {
+        const float *kr = K + (int64_t)j * a.row_stride;
+        float s = 0;
+#pragma unroll
+        for (int v = 0; v < VPL; v++) {
+            int d = lane + 32 * v;
+            if (d < hd)
+                s += qs[d] * kr[d];
+        }
+        s = warp_sum(s) * a.scale;
+        att_fold<VPL>(st, s, V + (int64_t)j * a.row_stride, hd, lane);
+    }
+    att_merge<VPL>(st, sm, out + (int64_t)t * ldo + (int64_t)h * hd, hd);
+}
+
+template <int VPL>
+static void gqa_launch(gpu_ctx *c, const gpu_gqa *a, int T, const float *q, int64_t ldq, const int32_t *seq,
+                       const int32_t *pos, float *out, int64_t ldo)
+{
+    size_t smem = (size_t)(ATT_WARPS * (2 + 32 * VPL) + a->head_dim) * sizeof(float);
+    gqa_kernel<VPL><<<dim3(T, a->n_head), 32 * ATT_WARPS, smem, c->s[GPU_MAIN]>>>(*a, q, ldq, seq, pos, out, ldo);
+}
+
+extern "C" int gpu_attn_gqa(gpu_ctx *c, const gpu_gqa *a, int T, const float *q, int64_t ldq, const int32_t *seq,
+                            const int32_t *pos, float *out, int64_t ldo)
+{
+    if (c->rc || T <= 0)
+        return c->rc;
+    if (a->n_kv_head <= 0 || a->n_head % a->n_kv_head != 0)
+        return gpu_fail(c, "attention", "n_head is not a multiple of n_kv_head");
+    int vpl = (a->head_dim + 31) / 32;
+    if (vpl <= 1)
+        gqa_launch<1>(c, a, T, q, ldq, seq, pos, out, ldo);
+    else if (vpl <= 2)
+        gqa_launch<2>(c, a, T, q, ldq, seq, pos, out, ldo);
+    else if (vpl <= 4)
+        gqa_launch<4>(c, a, T, q, ldq, seq, pos, out, ldo);
+    else if (vpl <= 8)
+        gqa_launch<8>(c, a, T, q, ldq, seq, pos, out, ldo);
+    else
+        return gpu_fail(c, "attention", "head_dim above 256 is not supported yet");
+    return gpu_launched(c, "attention (GQA)");
+}
+
+/* ---- MLA ----------------------------------------------------------------------------- */
+/* (1) grid (T, H): q_lat[t][h][r] = sum_d q[t][h][d] * kv_b[h*(nope+v)+d][r], d < nope. */
+template <typename WT>
+static __global__ void mla_absorb_kernel(gpu_mla a, const WT *kvb, const float *q, int64_t ldq, float *q_lat)
+{
+    extern __shared__ float qn[];
+    const int t = blockIdx.x, h = blockIdx.y, R = a.rank, qk = a.nope + a.rope;
+    for (int d = threadIdx.x; d < a.nope; d += blockDim.x)
+        qn[d] = q[(int64_t)t * ldq + (int64_t)h * qk + d];
+    __syncthreads();
+    const WT *W = kvb + (int64_t)h * (a.nope + a.v_dim) * R;
+    float *o = q_lat + ((int64_t)t * a.n_head + h) * R;
+    for (int r = threadIdx.x; r < R; r += blockDim.x) {
+        float acc = 0;
+        for (int d = 0; d < a.nope; d++)
+            acc += qn[d] * gpu_ld(W, (int64_t)d * R + r);
+        o[r] = acc;
+    }
+}
+
+/* (2) grid (T, H): scores over [ckv | kpe], values ckv; o_lat [T][H][R]. */
+template <int VPL>
+static __global__ void mla_attn_kernel(gpu_mla a, const float *q, int64_t ldq, const float *q_lat,
+                                       const int32_t *seq, const int32_t *pos, float *o_lat)
+{
+    extern __shared__ float sm[];
+    const int t = blockIdx.x, h = blockIdx.y, R = a.rank, qk = a.nope + a.rope;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int p = pos[t];
+    float *ql = sm + ATT_WARPS * (2 + 32 * VPL), *qp = ql + R;
+    for (int d = threadIdx.x; d < R; d += blockDim.x)
+        ql[d] = q_lat[((int64_t)t * a.n_head + h) * R + d];
+    for (int d = threadIdx.x; d < a.rope; d += blockDim.x)
+        qp[d] = q[(int64_t)t * ldq + (int64_t)h * qk + a.nope + d];
+    __syncthreads();
+    const float *C = a.ckv + (int64_t)seq[t] * a.ckv_seq_stride;
+    const float *P = a.kpe + (int64_t)seq[t] * a.kpe_seq_stride;
+    att_state<VPL> st;
+    st.m = -INFINITY;
+    st.l = 0;
+#pragma unroll
+    for (int v = 0; v < VPL; v++)
+        st.o[v] = 0;
+    for (int j = w; j <= p; j += ATT_WARPS) {
+        const float *cr = C + (int64_t)j * R, *pr = P + (int64_t)j * a.rope;
+        float s1 = 0, s2 = 0;
+#pragma unroll
+        for (int v = 0; v < VPL; v++) {
+            int d = lane + 32 * v;
+            if (d < R)
+                s1 += ql[d] * cr[d];
+        }
+        for (int d = lane; d < a.rope; d += 32)
+            s2 += qp[d] * pr[d];
+        float s = (warp_sum(s1) + warp_sum(s2)) * a.scale;
+        att_fold<VPL>(st, s, cr, R, lane);
+    }
+    att_merge<VPL>(st, sm, o_lat + ((int64_t)t * a.n_head + h) * R, R);
+}
+
+/* (3) grid (T, H), one warp per output dim: out[t][h*v+d] = kv_b[h*(nope+v)+nope+d] . o_lat[t][h]. */
+template <typename WT>
+static __global__ void mla_expand_kernel(gpu_mla a, const WT *kvb, const float *o_lat, float *out, int64_t ldo)
+{
+    const int t = blockIdx.x, h = blockIdx.y, R = a.rank;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float *ol = o_lat + ((int64_t)t * a.n_head + h) * R;
+    for (int d = w; d < a.v_dim; d += blockDim.x >> 5) {
+        const WT *row = kvb + ((int64_t)h * (a.nope + a.v_dim) + a.nope + d) * R;
+        float s = 0;
+        for (int r = lane; r < R; r += 32)
+            s += gpu_ld(row, r) * ol[r];
+        s = warp_sum(s);
+        if (lane == 0)
+            out[(int64_t)t * ldo + (int64_t)h * a.v_dim + d] = s;
+    }
+}
+
+template <int VPL>
+static void mla_attn_launch(gpu_ctx *c, const gpu_mla *a, int T, const float *q, int64_t ldq, const float *q_lat,
+                            const int32_t *seq, const int32_t *pos, float *o_lat)
+{
+    size_t smem = (size_t)(ATT_WARPS * (2 + 32 * VPL) + a->rank + a->rope) * sizeof(float);
+    if (smem > 48 * 1024)
+        cudaFuncSetAttribute(mla_attn_kernel<VPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    mla_attn_kernel<VPL><<<dim3(T, a->n_head), 32 * ATT_WARPS, smem, c->s[GPU_MAIN]>>>(*a, q, ldq, q_lat, seq, pos,
+                                                                                       o_lat);
+}
+
+extern "C" int gpu_attn_mla(gpu_ctx *c, const gpu_mla *a, int T, const float *q, int64_t ldq, const int32_t *seq,
+                            const int32_t *pos, float *out, int64_t ldo, float *scratch)
+{
+    if (c->rc || T <= 0)
+        return c->rc;
+    cudaStream_t s = c->s[GPU_MAIN];
+    float *q_lat = scratch, *o_lat = scratch + (int64_t)T * a->n_head * a->rank;
+    dim3 grid(T, a->n_head);
+    size_t qsm = (size_t)(a->nope > 0 ? a->nope : 1) * sizeof(float);
+    if (a->kv_b.dt == GPU_BF16)
+        mla_absorb_kernel<<<grid, 256, qsm, s>>>(*a, (const __nv_bfloat16 *)a->kv_b.data, q, ldq, q_lat);
+    else
+        mla_absorb_kernel<<<grid, 256, qsm, s>>>(*a, (const float *)a->kv_b.data, q, ldq, q_lat);
+    if (gpu_launched(c, "MLA: absorb"))
+        return c->rc;
+    int vpl = (a->rank + 31) / 32;
+    if (vpl <= 1)
+        mla_attn_launch<1>(c, a, T, q, ldq, q_lat, seq, pos, o_lat);
+    else if (vpl <= 2)
+        mla_attn_launch<2>(c, a, T, q, ldq, q_lat, seq, pos, o_lat);
+    else if (vpl <= 4)
+        mla_attn_launch<4>(c, a, T, q, ldq, q_lat, seq, pos, o_lat);
+    else if (vpl <= 8)
+        mla_attn_launch<8>(c, a, T, q, ldq, q_lat, seq, pos, o_lat);
+    else if (vpl <= 16)
+        mla_attn_launch<16>(c, a, T, q, ldq, q_lat, seq, pos, o_lat);
+    else
+        return gpu_fail(c, "attention", "MLA kv_lora_rank above 512 is not supported yet");
+    if (gpu_launched(c, "MLA: attention"))
+        return c->rc;
+    if (a->kv_b.dt == GPU_BF16)
+        mla_expand_kernel<<<grid, 256, 0, s>>>(*a, (const __nv_bfloat16 *)a->kv_b.data, o_lat, out, ldo);
+    else
+        mla_expand_kernel<<<grid, 256, 0, s>>>(*a, (const float *)a->kv_b.data, o_lat, out, ldo);
+    return gpu_launched(c, "MLA: expand");
+}

@@ -1,0 +1,114 @@
+/*
+ * gpu_internal.cuh - what the .cu files of src/cuda share: the inside of
+ * gpu_ctx, the sticky-error helpers and small device helpers.
+ *
+ * Every CUDA or cuBLAS call goes through gpu_check()/gpu_blas_check(), and
+ * every kernel launch is followed by gpu_launched(): the first failure is
+ * kept in the context (code TANDEM_EGPU plus a message naming the op) and
+ * all later ops return it without enqueueing. No path exits or aborts.
+ */
+#ifndef TD_CUDA_GPU_INTERNAL_CUH
+#define TD_CUDA_GPU_INTERNAL_CUH
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdio.h>
+
+#include "cuda/gpu.h"
+#include "tandem.h"
+
+struct gpu_ctx {
+    cudaStream_t s[2];           /* GPU_MAIN, GPU_SIDE */
+    cudaEvent_t ev_fork, ev_join;
+    cublasHandle_t blas;
+    void *blas_ws;               /* cuBLAS workspace: set once so graph capture never allocates */
+    size_t blas_ws_bytes;
+    __nv_bfloat16 *xbf;          /* [scratch_elems] GEMM inputs rounded to BF16 */
+    size_t xbf_elems;
+    int exact_max_T;
+    int capturing;
+    int rc;                      /* sticky status */
+    char msg[512];
+};
+
+/* Record the first failure; returns the sticky code. */
+static inline int gpu_fail(gpu_ctx *c, const char *what, const char *why)
+{
+    if (!c->rc) {
+        c->rc = TANDEM_EGPU;
+        snprintf(c->msg, sizeof c->msg, "CUDA: %s: %s", what, why);
+    }
+    return c->rc;
+}
+
+static inline int gpu_check(gpu_ctx *c, cudaError_t e, const char *what)
+{
+    if (e == cudaSuccess)
+        return c->rc;
+    char why[256];
+    snprintf(why, sizeof why, "%s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
+    return gpu_fail(c, what, why);
+}
+
+static inline int gpu_blas_check(gpu_ctx *c, cublasStatus_t s, const char *what)
+{
+    if (s == CUBLAS_STATUS_SUCCESS)
+        return c->rc;
+    return gpu_fail(c, what, cublasGetStatusString(s));
+}
+
+/* After a <<<>>> launch: catches bad configurations and earlier async faults. */
+static inline int gpu_launched(gpu_ctx *c, const char *what)
+{
+    return gpu_check(c, cudaGetLastError(), what);
+}
+
+static inline int gpu_cdiv(int64_t a, int64_t b) { return (int)((a + b - 1) / b); }
+
+/* ---- device helpers ---------------------------------------------------------- */
+static __device__ __forceinline__ float gpu_ld(const float *p, int64_t i) { return p[i]; }
+static __device__ __forceinline__ float gpu_ld(const __nv_bfloat16 *p, int64_t i) { return __bfloat162float(p[i]); }
+
+static __device__ __forceinline__ float warp_sum(float v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+static __device__ __forceinline__ double warp_sum_d(double v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+static __device__ __forceinline__ float warp_max(float v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Load 8 consecutive weights as fp32 (BF16: one 16-byte load; F32: two). */
+static __device__ __forceinline__ void gpu_load8(const __nv_bfloat16 *p, float *w)
+{
+    uint4 u = *(const uint4 *)p;
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __bfloat1622float2(h[i]);
+        w[2 * i] = f.x;
+        w[2 * i + 1] = f.y;
+    }
+}
+
+static __device__ __forceinline__ void gpu_load8(const float *p, float *w)
+{
+    float4 a = *(const float4 *)p, b = *(const float4 *)(p + 4);
+    w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w;
+    w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+}
+
+#endif
