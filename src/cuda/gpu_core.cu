@@ -36,7 +36,10 @@ extern "C" int gpu_device_count(char *why, size_t whylen)
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess) {
-        if (why && whylen)
+        if (why && whylen && e == cudaErrorInsufficientDriver)
+            snprintf(why, whylen, "no NVIDIA driver, or one older than CUDA %d.%d that this build needs",
+                     CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10);
+        else if (why && whylen)
             snprintf(why, whylen, "%s", cudaGetErrorString(e));
         cudaGetLastError();
         return 0;

@@ -1,0 +1,560 @@
+/*
+ * hybrid.c - the placement plan and the GPU copy of the weights.
+ *
+ * hybrid_engine_open() runs after the CPU engine bound its weights:
+ *   1. decide whether to use a GPU (params.gpu: 0 never, 1 required, -1
+ *      when a usable one is there; "usable" = a device of compute capability
+ *      9.0 or later, as the kernels are built for sm_90 + compute_90 PTX);
+ *   2. plan: everything but the routed experts goes to the GPU, plus
+ *      params.gpu_experts experts per MoE layer (-1: as many as the budget
+ *      holds); the budget is --gpu-mem GB, or the free memory less a
+ *      reserve for the KV cache and activations of sessions;
+ *   3. upload, fusing matrices that read the same input (q|k|v, q_a|kv_a,
+ *      gate|up) so each is one GEMM; a fused matrix is F32 if any part is,
+ *      else BF16, so no weight loses precision;
+ *   4. pack the CPU-held experts of each MoE layer into the CPU MoE
+ *      operator (format params.cpu_experts); GPU-held experts are left out.
+ * Hot experts are chosen uniformly (experts 0..N-1 of every layer): no
+ * routing statistics are collected yet.
+ */
+#include "core/bf16.h"
+#include "core/err.h"
+#include "core/isa.h"
+#include "core/log.h"
+#include "runtime/hybrid_impl.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* Kept free on the GPU when no budget is given: KV cache, activations,
+ * cuBLAS workspace and the CUDA context of a session of moderate size. */
+#define HY_RESERVE_BYTES (4ll << 30)
+
+static int64_t esz(const mat *m) { return m->dt == DT_F32 ? 4 : 2; }
+
+/* Bytes on the GPU of matrices fused into one (F32 if any part is F32). */
+static int64_t fused_bytes(const mat *const *parts, int n)
+{
+    int64_t elems = 0, es = 2;
+    for (int i = 0; i < n; i++) {
+        if (!parts[i] || !parts[i]->data)
+            continue;
+        elems += parts[i]->rows * parts[i]->cols;
+        if (esz(parts[i]) == 4)
+            es = 4;
+    }
+    return elems * es;
+}
+
+static int64_t vec_bytes(const float *v, int64_t n) { return v ? n * 4 : 0; }
+
+int hy_layer_has_cpu(const hybrid_engine *hy, const model_desc *d, int l)
+{
+    return d->layer_moe[l] && hy->L[l].n_gpu_exp < d->n_expert;
+}
+
+/* ---- the plan ------------------------------------------------------------------ */
+int hybrid_plan_make(const tandem_engine *e, int64_t budget, hybrid_plan *p, char *err, size_t errlen)
+{
+    const model_desc *d = &e->d;
+    const int64_t D = d->d_model;
+    memset(p, 0, sizeof *p);
+    p->budget = budget;
+    int64_t b = 0;
+    const mat *emb[1] = { &e->embed }, *lm[1] = { &e->lm_head };
+    b += fused_bytes(emb, 1) + vec_bytes(e->out_norm, D);
+    if (e->lm_head.data != e->embed.data)
+        b += fused_bytes(lm, 1);
+    for (int l = 0; l < d->n_layer; l++) {
+        const layer_weights *L = &e->layers[l];
+        b += 2 * D * 4;
+        if (d->attn == ATTN_GQA) {
+            const mat *qkv[3] = { &L->q, &L->k, &L->v };
+            int64_t w = L->q.rows + L->k.rows + L->v.rows;
+            b += fused_bytes(qkv, 3) + (L->q_bias || L->k_bias || L->v_bias ? w * 4 : 0);
+            b += vec_bytes(L->q_norm, d->head_dim) + vec_bytes(L->k_norm, d->head_dim);
+        } else {
+            const mat *qa[2] = { d->q_lora_rank ? &L->q_a : NULL, &L->kv_a }, *qb[1] = { d->q_lora_rank ? &L->q_b : &L->q };
+            const mat *kvb[1] = { &L->kv_b };
+            b += fused_bytes(qa, 2) + fused_bytes(qb, 1) + fused_bytes(kvb, 1);
+            b += vec_bytes(L->q_a_norm, d->q_lora_rank) + vec_bytes(L->kv_a_norm, d->kv_lora_rank);
+        }
+        const mat *o[1] = { &L->o };
+        b += fused_bytes(o, 1) + vec_bytes(L->o_bias, D);
+        if (!d->layer_moe[l]) {
+            const mat *gu[2] = { &L->ffn_gate, &L->ffn_up }, *dn[1] = { &L->ffn_down };
+            b += fused_bytes(gu, 2) + fused_bytes(dn, 1);
+            b += (L->ffn_gate_bias || L->ffn_up_bias ? 2 * d->d_ff * 4 : 0) + vec_bytes(L->ffn_down_bias, D);
+            continue;
+        }
+        const mat *r[1] = { &L->router };
+        b += fused_bytes(r, 1) + vec_bytes(L->router_bias, d->n_expert);
+        if (d->d_ff_shared) {
+            const mat *gu[2] = { &L->sh_gate, &L->sh_up }, *dn[1] = { &L->sh_down }, *gi[1] = { &L->sh_gate_inp };
+            b += fused_bytes(gu, 2) + fused_bytes(dn, 1) + (d->shared_gate ? fused_bytes(gi, 1) : 0);
+            b += (L->sh_gate_bias || L->sh_up_bias ? 2 * d->d_ff_shared * 4 : 0) + vec_bytes(L->sh_down_bias, D);
+        }
+        if (!p->expert_bytes) {
+            const mat *ex[3] = { &L->exp_gate[0], &L->exp_up[0], &L->exp_down[0] };
+            p->expert_bytes = fused_bytes(ex, 3);
+            p->cpu_expert_bytes = 0;
+        }
+        p->n_moe_layers++;
+    }
+    p->dense_bytes = b;
+    if (b > budget)
+        return td_err(err, errlen, TANDEM_EUNSUPPORTED,
+                      "GPU: the weights other than routed experts take %.2f GB, the budget is %.2f GB "
+                      "(raise --gpu-mem, or run on the CPU with --gpu 0)",
+                      b / 1e9, budget / 1e9);
+    int n = e->params.gpu_experts;
+    int64_t per_layer = p->expert_bytes;
+    int fit = p->n_moe_layers && per_layer ? (int)((budget - b) / (per_layer * p->n_moe_layers)) : 0;
+    if (fit > d->n_expert)
+        fit = d->n_expert;
+    if (n < 0)
+        n = p->n_moe_layers ? fit : 0;
+    if (n > d->n_expert)
+        return td_err(err, errlen, TANDEM_EINVAL, "--gpu-experts %d: the model has %d routed experts per layer", n,
+                      d->n_expert);
+    if (p->n_moe_layers && n > fit)
+        return td_err(err, errlen, TANDEM_EUNSUPPORTED,
+                      "--gpu-experts %d needs %.2f GB of GPU memory beside %.2f GB of other weights; the budget of "
+                      "%.2f GB holds %d per layer",
+                      n, (double)n * per_layer * p->n_moe_layers / 1e9, b / 1e9, budget / 1e9, fit);
+    p->gpu_experts = p->n_moe_layers ? n : 0;
+    p->gpu_expert_bytes = (int64_t)p->gpu_experts * per_layer * p->n_moe_layers;
+    p->cpu_expert_bytes = 0;
+    for (int l = 0; l < d->n_layer; l++)
+        if (d->layer_moe[l])
+            p->cpu_expert_bytes += (int64_t)(d->n_expert - p->gpu_experts) * 3 * d->d_ff_expert * D *
+                                   esz(&e->layers[l].exp_gate[0]);
+    return 0;
+}
+
+/* ---- uploads ------------------------------------------------------------------- */
+static void *dev_alloc(hybrid_engine *hy, size_t bytes, char *err, size_t errlen)
+{
+    if (hy->n_bufs == hy->cap_bufs) {
+        int cap = hy->cap_bufs ? 2 * hy->cap_bufs : 256;
+        void **nb = realloc(hy->bufs, (size_t)cap * sizeof *nb);
+        if (!nb) {
+            td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+            return NULL;
+        }
+        hy->bufs = nb;
+        hy->cap_bufs = cap;
+    }
+    void *p;
+    if (gpu_alloc(&p, bytes, err, errlen))
+        return NULL;
+    hy->bufs[hy->n_bufs++] = p;
+    hy->gpu_bytes += (int64_t)bytes;
+    return p;
+}
+
+/* Upload rows of one or more matrices (same cols) as one device matrix. */
+static int up_mats(hybrid_engine *hy, gpu_mat *dst, const mat *const *parts, int n, char *err, size_t errlen)
+{
+    int64_t rows = 0, cols = -1;
+    int f32 = 0;
+    for (int i = 0; i < n; i++) {
+        if (!parts[i] || !parts[i]->data)
+            continue;
+        if (cols >= 0 && parts[i]->cols != cols)
+            return td_err(err, errlen, TANDEM_EINVAL, "GPU upload: fused matrices differ in width (%lld vs %lld)",
+                          (long long)cols, (long long)parts[i]->cols);
+        cols = parts[i]->cols;
+        rows += parts[i]->rows;
+        f32 |= parts[i]->dt == DT_F32;
+    }
+    memset(dst, 0, sizeof *dst);
+    if (rows == 0)
+        return 0;
+    size_t es = f32 ? 4 : 2;
+    char *base = dev_alloc(hy, (size_t)(rows * cols) * es, err, errlen);
+    if (!base)
+        return TANDEM_ENOMEM;
+    size_t off = 0;
+    for (int i = 0; i < n; i++) {
+        const mat *m = parts[i];
+        if (!m || !m->data)
+            continue;
+        size_t count = (size_t)(m->rows * m->cols);
+        int rc;
+        if ((m->dt == DT_F32) == f32) {
+            rc = gpu_upload(base + off, m->data, count * es, err, errlen);
+        } else { /* BF16 part of an F32 matrix: widen exactly */
+            float *tmp = malloc(count * 4);
+            if (!tmp)
+                return td_err(err, errlen, TANDEM_ENOMEM, "out of memory widening a matrix for the GPU");
+            for (size_t k = 0; k < count; k++)
+                tmp[k] = bf16_to_f32(((const uint16_t *)m->data)[k]);
+            rc = gpu_upload(base + off, tmp, count * 4, err, errlen);
+            free(tmp);
+        }
+        if (rc)
+            return rc;
+        off += count * es;
+    }
+    *dst = (gpu_mat){ base, f32 ? GPU_F32 : GPU_BF16, rows, cols };
+    return 0;
+}
+
+static int up_mat(hybrid_engine *hy, gpu_mat *dst, const mat *m, char *err, size_t errlen)
+{
+    const mat *p[1] = { m };
+    return up_mats(hy, dst, p, 1, err, errlen);
+}
+
+/* Concatenate vectors (NULL parts become zeros); *dst = NULL when all are NULL. */
+static int up_vecs(hybrid_engine *hy, float **dst, const float *const *parts, const int64_t *lens, int n, char *err,
+                   size_t errlen)
+{
+    int64_t total = 0, any = 0;
+    for (int i = 0; i < n; i++) {
+        total += lens[i];
+        any |= parts[i] != NULL;
+    }
+    *dst = NULL;
+    if (!any || total == 0)
+        return 0;
+    float *tmp = calloc((size_t)total, 4);
+    if (!tmp)
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    int64_t off = 0;
+    for (int i = 0; i < n; i++) {
+        if (parts[i])
+            memcpy(tmp + off, parts[i], (size_t)lens[i] * 4);
+        off += lens[i];
+    }
+    float *d = dev_alloc(hy, (size_t)total * 4, err, errlen);
+    int rc = d ? gpu_upload(d, tmp, (size_t)total * 4, err, errlen) : TANDEM_ENOMEM;
+    free(tmp);
+    if (!rc)
+        *dst = d;
+    return rc;
+}
+
+static int up_vec(hybrid_engine *hy, float **dst, const float *v, int64_t n, char *err, size_t errlen)
+{
+    return up_vecs(hy, dst, &v, &n, 1, err, errlen);
+}
+
+/* The routed experts of layer l that the plan puts on the GPU: 0..n-1. */
+static int up_experts(hybrid_engine *hy, const tandem_engine *e, int l, int n, char *err, size_t errlen)
+{
+    const model_desc *d = &e->d;
+    const layer_weights *L = &e->layers[l];
+    hy_layer *H = &hy->L[l];
+    const int E = d->n_expert;
+    H->slot_host = malloc((size_t)E * sizeof *H->slot_host);
+    if (!H->slot_host)
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    for (int x = 0; x < E; x++)
+        H->slot_host[x] = x < n ? x : -1;
+    H->n_gpu_exp = n;
+    int32_t *slot = dev_alloc(hy, (size_t)E * 4, err, errlen);
+    if (!slot)
+        return TANDEM_ENOMEM;
+    int rc = gpu_upload(slot, H->slot_host, (size_t)E * 4, err, errlen);
+    H->ex = (gpu_experts){ NULL, NULL, GPU_BF16, slot, E, d->d_model, d->d_ff_expert };
+    if (rc || n == 0)
+        return rc;
+    /* one matrix each: gate_up = [gate_0; up_0; gate_1; up_1; ...], down = [down_0; down_1; ...] */
+    const mat **gu = malloc((size_t)(2 * n) * sizeof *gu), **dn = malloc((size_t)n * sizeof *dn);
+    if (!gu || !dn) {
+        free(gu);
+        free(dn);
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    }
+    for (int x = 0; x < n; x++) {
+        gu[2 * x] = &L->exp_gate[x];
+        gu[2 * x + 1] = &L->exp_up[x];
+        dn[x] = &L->exp_down[x];
+    }
+    gpu_mat mg, md;
+    rc = up_mats(hy, &mg, gu, 2 * n, err, errlen);
+    if (!rc)
+        rc = up_mats(hy, &md, dn, n, err, errlen);
+    free(gu);
+    free(dn);
+    if (rc)
+        return rc;
+    if (mg.dt != md.dt)
+        return td_err(err, errlen, TANDEM_EUNSUPPORTED, "layer %d: experts mix F32 and BF16 matrices", l);
+    H->ex.gate_up = mg.data;
+    H->ex.down = md.data;
+    H->ex.dt = mg.dt;
+    return 0;
+}
+
+static int upload_layer(hybrid_engine *hy, const tandem_engine *e, int l, char *err, size_t errlen)
+{
+    const model_desc *d = &e->d;
+    const layer_weights *L = &e->layers[l];
+    hy_layer *H = &hy->L[l];
+    const int64_t D = d->d_model;
+    int rc = up_vec(hy, &H->attn_norm, L->attn_norm, D, err, errlen);
+    if (!rc)
+        rc = up_vec(hy, &H->ffn_norm, L->ffn_norm, D, err, errlen);
+    if (!rc && d->attn == ATTN_GQA) {
+        const mat *qkv[3] = { &L->q, &L->k, &L->v };
+        const float *qkv_b[3] = { L->q_bias, L->k_bias, L->v_bias };
+        int64_t lens[3] = { L->q.rows, L->k.rows, L->v.rows };
+        rc = up_mats(hy, &H->qkv, qkv, 3, err, errlen);
+        if (!rc)
+            rc = up_vecs(hy, &H->qkv_bias, qkv_b, lens, 3, err, errlen);
+        if (!rc)
+            rc = up_vec(hy, &H->q_norm, L->q_norm, d->head_dim, err, errlen);
+        if (!rc)
+            rc = up_vec(hy, &H->k_norm, L->k_norm, d->head_dim, err, errlen);
+    } else if (!rc) {
+        const mat *qa[2] = { d->q_lora_rank ? &L->q_a : NULL, &L->kv_a };
+        rc = up_mats(hy, &H->qkv_a, qa, 2, err, errlen);
+        if (!rc)
+            rc = up_mat(hy, &H->q_b, d->q_lora_rank ? &L->q_b : &L->q, err, errlen);
+        if (!rc)
+            rc = up_mat(hy, &H->kv_b, &L->kv_b, err, errlen);
+        if (!rc)
+            rc = up_vec(hy, &H->q_a_norm, L->q_a_norm, d->q_lora_rank, err, errlen);
+        if (!rc)
+            rc = up_vec(hy, &H->kv_a_norm, L->kv_a_norm, d->kv_lora_rank, err, errlen);
+    }
+    if (!rc)
+        rc = up_mat(hy, &H->o, &L->o, err, errlen);
+    if (!rc)
+        rc = up_vec(hy, &H->o_bias, L->o_bias, D, err, errlen);
+    if (rc)
+        return rc;
+    if (!d->layer_moe[l]) {
+        const mat *gu[2] = { &L->ffn_gate, &L->ffn_up };
+        const float *gub[2] = { L->ffn_gate_bias, L->ffn_up_bias };
+        int64_t lens[2] = { d->d_ff, d->d_ff };
+        rc = up_mats(hy, &H->ffn_gu, gu, 2, err, errlen);
+        if (!rc)
+            rc = up_vecs(hy, &H->ffn_gu_bias, gub, lens, 2, err, errlen);
+        if (!rc)
+            rc = up_mat(hy, &H->ffn_down, &L->ffn_down, err, errlen);
+        if (!rc)
+            rc = up_vec(hy, &H->ffn_down_bias, L->ffn_down_bias, D, err, errlen);
+        return rc;
+    }
+    rc = up_mat(hy, &H->router, &L->router, err, errlen);
+    if (!rc)
+        rc = up_vec(hy, &H->router_bias, L->router_bias, d->n_expert, err, errlen);
+    if (!rc && d->d_ff_shared) {
+        const mat *gu[2] = { &L->sh_gate, &L->sh_up };
+        const float *gub[2] = { L->sh_gate_bias, L->sh_up_bias };
+        int64_t lens[2] = { d->d_ff_shared, d->d_ff_shared };
+        rc = up_mats(hy, &H->sh_gu, gu, 2, err, errlen);
+        if (!rc)
+            rc = up_vecs(hy, &H->sh_gu_bias, gub, lens, 2, err, errlen);
+        if (!rc)
+            rc = up_mat(hy, &H->sh_down, &L->sh_down, err, errlen);
+        if (!rc)
+            rc = up_vec(hy, &H->sh_down_bias, L->sh_down_bias, D, err, errlen);
+        if (!rc && d->shared_gate)
+            rc = up_mat(hy, &H->sh_gate_inp, &L->sh_gate_inp, err, errlen);
+    }
+    if (!rc)
+        rc = up_experts(hy, e, l, hy->plan.gpu_experts, err, errlen);
+    return rc;
+}
+
+/* ---- CPU experts: the MoE operator per layer ----------------------------------------- */
+static int pack_cpu_experts(hybrid_engine *hy, tandem_engine *e, int l, char *err, size_t errlen)
+{
+    const model_desc *d = &e->d;
+    const layer_weights *L = &e->layers[l];
+    hy_layer *H = &hy->L[l];
+    const int E = d->n_expert;
+    if (hy->cpu_ref || H->n_gpu_exp >= E)
+        return 0;
+    const void **g = calloc((size_t)E, sizeof *g), **u = calloc((size_t)E, sizeof *u),
+               **dn = calloc((size_t)E, sizeof *dn);
+    int rc = 0;
+    if (!g || !u || !dn) {
+        rc = td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+        goto done;
+    }
+    td_dtype dt = L->exp_gate[0].dt;
+    for (int x = 0; x < E; x++) {
+        if (H->slot_host[x] >= 0)
+            continue;
+        if (L->exp_gate[x].dt != dt || L->exp_up[x].dt != dt || L->exp_down[x].dt != dt) {
+            rc = td_err(err, errlen, TANDEM_EUNSUPPORTED, "layer %d: experts mix F32 and BF16 matrices", l);
+            goto done;
+        }
+        g[x] = L->exp_gate[x].data;
+        u[x] = L->exp_up[x].data;
+        dn[x] = L->exp_down[x].data;
+    }
+    moe_desc md = { 0 };
+    md.n_expert = E;
+    md.d_model = d->d_model;
+    md.d_ff = d->d_ff_expert;
+    md.fmt = (moe_fmt)hy->moe_fmt;
+    md.src = dt == DT_F32 ? MOE_SRC_F32 : MOE_SRC_BF16;
+    md.gate = (const void *const *)g;
+    md.up = (const void *const *)u;
+    md.down = (const void *const *)dn;
+    rc = moe_create(&H->moe, &md, e->pool, err, errlen);
+    if (rc)
+        td_err_prefix(err, errlen, rc, "packing CPU experts");
+done:
+    free(g);
+    free(u);
+    free(dn);
+    return rc;
+}
+
+/* ---- open / close ------------------------------------------------------------------ */
+static void hy_free(hybrid_engine *hy, int n_layer)
+{
+    if (!hy)
+        return;
+    if (hy->L)
+        for (int l = 0; l < n_layer; l++) {
+            moe_free(hy->L[l].moe);
+            free(hy->L[l].slot_host);
+        }
+    for (int i = 0; i < hy->n_bufs; i++)
+        gpu_free(hy->bufs[i]);
+    free(hy->bufs);
+    free(hy->L);
+    free(hy);
+}
+
+void hybrid_engine_close(tandem_engine *e)
+{
+    if (!e || !e->hy)
+        return;
+    hy_free(e->hy, e->d.n_layer);
+    e->hy = NULL;
+}
+
+static double secs(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* A GPU that cannot be used: an error when one was required, else the CPU. */
+static int no_gpu(const tandem_engine *e, int rc, const char *msg, char *err, size_t errlen)
+{
+    if (e->params.gpu == 1)
+        return td_err(err, errlen, rc ? rc : TANDEM_EGPU, "%s", msg);
+    td_log(TD_LOG_INFO, "GPU not used (%s): running on the CPU", msg);
+    return 0;
+}
+
+int hybrid_engine_open(tandem_engine *e, char *err, size_t errlen)
+{
+    e->hy = NULL;
+    if (e->params.gpu == 0)
+        return 0;
+    char why[512];
+    if (gpu_device_count(why, sizeof why) == 0) {
+        char msg[600];
+        snprintf(msg, sizeof msg, "no CUDA device: %s", why);
+        return no_gpu(e, TANDEM_EGPU, msg, err, errlen);
+    }
+    const model_desc *d = &e->d;
+    hybrid_engine *hy = calloc(1, sizeof *hy);
+    if (!hy || !(hy->L = calloc((size_t)d->n_layer, sizeof *hy->L))) {
+        free(hy);
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    }
+    hy->device = e->params.gpu_device;
+    int rc = gpu_open(hy->device, &hy->info, why, sizeof why);
+    if (rc) {
+        hy_free(hy, d->n_layer);
+        return no_gpu(e, rc, why, err, errlen);
+    }
+    if (hy->info.cc_major < 9) {
+        snprintf(why, sizeof why, "%s has compute capability %d.%d; tandem's kernels are built for 9.0 (sm_90) and later",
+                 hy->info.name, hy->info.cc_major, hy->info.cc_minor);
+        hy_free(hy, d->n_layer);
+        return no_gpu(e, TANDEM_EUNSUPPORTED, why, err, errlen);
+    }
+    const char *ref = getenv("TANDEM_HYBRID_CPU");
+    hy->cpu_ref = ref && !strcmp(ref, "ref");
+    hy->moe_fmt = e->params.cpu_experts;
+    if (hy->moe_fmt < TANDEM_FMT_BF16 || hy->moe_fmt > TANDEM_FMT_INT4) {
+        hy_free(hy, d->n_layer);
+        return td_err(err, errlen, TANDEM_EINVAL, "cpu_experts: format %d is not one of bf16, int8, int4",
+                      e->params.cpu_experts);
+    }
+    int64_t budget = (int64_t)(e->params.gpu_mem_gb * 1e9);
+    if (budget <= 0)
+        budget = (int64_t)hy->info.mem_free - HY_RESERVE_BYTES;
+    rc = hybrid_plan_make(e, budget, &hy->plan, why, sizeof why);
+    if (rc) {
+        hy_free(hy, d->n_layer);
+        return e->params.gpu == 1 || rc == TANDEM_EINVAL ? td_err(err, errlen, rc, "%s", why)
+                                                         : no_gpu(e, rc, why, err, errlen);
+    }
+    double t0 = secs();
+    rc = up_mat(hy, &hy->embed, &e->embed, err, errlen);
+    if (!rc && e->lm_head.data == e->embed.data)
+        hy->lm_head = hy->embed; /* tied */
+    else if (!rc)
+        rc = up_mat(hy, &hy->lm_head, &e->lm_head, err, errlen);
+    if (!rc)
+        rc = up_vec(hy, &hy->out_norm, e->out_norm, d->d_model, err, errlen);
+    if (!rc)
+        rc = up_vec(hy, &hy->inv_freq, e->rope_inv_freq, d->rope_dim / 2 > 0 ? d->rope_dim / 2 : 1, err, errlen);
+    for (int l = 0; !rc && l < d->n_layer; l++)
+        rc = upload_layer(hy, e, l, err, errlen);
+    hy->upload_s = secs() - t0;
+    t0 = secs();
+    for (int l = 0; !rc && l < d->n_layer; l++)
+        if (d->layer_moe[l])
+            rc = pack_cpu_experts(hy, e, l, err, errlen);
+    hy->pack_s = secs() - t0;
+    if (rc) {
+        hy_free(hy, d->n_layer);
+        return rc;
+    }
+    e->hy = hy;
+    td_log(TD_LOG_INFO, "GPU %d (%s): %.2f GB of weights uploaded in %.1f s, %d experts per MoE layer on the GPU; "
+                        "CPU experts packed in %.1f s",
+           hy->device, hy->info.name, hy->gpu_bytes / 1e9, hy->upload_s, hy->plan.gpu_experts, hy->pack_s);
+    return 0;
+}
+
+/* ---- `tandem info` ------------------------------------------------------------------- */
+void hybrid_plan_print(const tandem_engine *e, FILE *out)
+{
+    const hybrid_engine *hy = e->hy;
+    if (!hy) {
+        char why[256] = "";
+        int n = gpu_device_count(why, sizeof why);
+        fprintf(out, "gpu:          not used (%s)\n",
+                e->params.gpu == 0 ? "--gpu 0" : n == 0 ? why : "not usable, see the log");
+        return;
+    }
+    const gpu_info *g = &hy->info;
+    const hybrid_plan *p = &hy->plan;
+    static const char *fmt[] = { "bf16", "int8", "int4" };
+    fprintf(out, "gpu:          %d: %s, compute %d.%d, %d SMs, %.1f GB (%.1f GB free at load), driver %d.%d\n",
+            hy->device, g->name, g->cc_major, g->cc_minor, g->n_sm, g->mem_total / 1e9, g->mem_free / 1e9,
+            g->driver_version / 1000, g->driver_version % 1000 / 10);
+    fprintf(out, "placement:    GPU: embeddings, attention, norms, routers, shared experts, dense MLPs, lm_head "
+                 "(%.2f GB)\n",
+            p->dense_bytes / 1e9);
+    if (p->n_moe_layers)
+        fprintf(out,
+                "              routed experts: %d of %d per MoE layer on the GPU (%.2f GB), the rest on the CPU "
+                "(%.2f GB as stored, %s, %s)\n",
+                p->gpu_experts, e->d.n_expert, p->gpu_expert_bytes / 1e9, p->cpu_expert_bytes / 1e9,
+                hy->cpu_ref ? "reference loop" : fmt[hy->moe_fmt],
+                hy->cpu_ref ? "fp32" : "MoE operator");
+    fprintf(out, "              budget %.2f GB (%s), %.2f GB uploaded\n", p->budget / 1e9,
+            e->params.gpu_mem_gb > 0 ? "--gpu-mem" : "free memory less a 4 GB reserve", hy->gpu_bytes / 1e9);
+    fprintf(out, "hand-off:     stream memory operations %s; graphs per decode shape\n",
+            g->mem_ops ? "available" : "not available (host functions only)");
+}

@@ -1,0 +1,93 @@
+/*
+ * hybrid.h - GPU + CPU execution: the placement plan made at load and the
+ * hybrid forward schedule (DESIGN.md section 1).
+ *
+ * The engine side (hybrid.c): after the CPU engine has bound its weights,
+ * hybrid_engine_open() decides what lives on the GPU (everything but routed
+ * experts by default, plus --gpu-experts N experts per MoE layer), checks it
+ * against the memory budget, uploads it, and packs the CPU-held experts into
+ * the CPU MoE operator (src/cpu/moe). e->hy stays NULL when the engine runs
+ * on the CPU only (gpu = 0, or gpu = -1 without a usable device).
+ *
+ * The session side (hybrid_session.c, hybrid_cpu.c): the KV cache and all
+ * activations in GPU memory, pinned host slots for the hand-off, and one
+ * CUDA graph per decode batch shape. Per MoE layer the GPU writes the normed
+ * hidden states, the expert ids (GPU-held experts masked to -1) and the
+ * weights to the pinned slot; the CPU computes its experts while the GPU runs
+ * the shared experts and its own experts; the GPU waits and adds the result.
+ *
+ * Wiring (the engine and session call these; they are no-ops when e->hy is
+ * NULL): hybrid_engine_open() at the end of tandem_engine_open(),
+ * hybrid_engine_close() first in tandem_engine_close(), hybrid_session_create()
+ * at the end of tandem_session_create(), hybrid_session_free() first in
+ * tandem_session_free(), and tandem_forward() calls hybrid_forward() instead
+ * of forward_batch() when s->hys is set.
+ *
+ * Knobs for development and measurement, read when a session is created
+ * (environment): TANDEM_GPU_GRAPH=0 disables graphs; TANDEM_GPU_HANDOFF=
+ * host|memop picks the hand-off (default host); TANDEM_GPU_CHUNK=N caps
+ * tokens per GPU pass (default 1024); TANDEM_GPU_EXACT=1 keeps every
+ * activation fp32 (no BF16 GEMM inputs). At engine open: TANDEM_HYBRID_CPU=ref
+ * computes CPU experts with the plain fp32 loop instead of the MoE operator.
+ */
+#ifndef TD_RUNTIME_HYBRID_H
+#define TD_RUNTIME_HYBRID_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "tandem.h"
+
+struct tandem_engine;
+struct tandem_session;
+
+int hybrid_engine_open(tandem_engine *e, char *err, size_t errlen);
+void hybrid_engine_close(tandem_engine *e);
+int hybrid_session_create(tandem_session *s, char *err, size_t errlen);
+void hybrid_session_free(tandem_session *s);
+int hybrid_forward(tandem_session *s, const tandem_batch *b, char *err, size_t errlen);
+void hybrid_plan_print(const tandem_engine *e, FILE *out);
+
+/* `tandem bench e2e ARGS` (hybrid_bench.c): end-to-end prefill and decode on
+ * full-size shapes, BENCH.md lines on stdout. Returns a process exit code. */
+int tandem_bench_e2e(int argc, char **argv);
+
+/* ---- the placement plan (pure: computable and testable without a GPU) ---- */
+typedef struct {
+    int64_t dense_bytes;        /* GPU bytes of everything but routed experts */
+    int64_t expert_bytes;       /* GPU bytes of one routed expert (gate, up, down) */
+    int gpu_experts;            /* routed experts per MoE layer held on the GPU */
+    int n_moe_layers;
+    int64_t gpu_expert_bytes;   /* gpu_experts * expert_bytes * n_moe_layers */
+    int64_t budget;             /* bytes allowed for weights */
+    int64_t cpu_expert_bytes;   /* routed expert bytes left to the CPU (as stored) */
+} hybrid_plan;
+
+/* Plan the weights of e for a budget in bytes. Fails with a message naming
+ * the sizes when the non-expert weights do not fit, or when gpu_experts is
+ * out of range or does not fit beside them. */
+int hybrid_plan_make(const tandem_engine *e, int64_t budget, hybrid_plan *p, char *err, size_t errlen);
+
+/* Session options; hybrid_session_create() takes them from the environment. */
+enum { HY_HANDOFF_HOST = 0, HY_HANDOFF_MEMOP = 1 };
+typedef struct {
+    int graphs;                 /* capture one CUDA graph per decode shape */
+    int handoff;                /* HY_HANDOFF_* */
+    int chunk;                  /* most tokens per GPU pass */
+    int exact;                  /* fp32 GEMM inputs everywhere */
+    int cpu_skip;               /* measurement: hand off, but the CPU computes nothing */
+    int no_handoff;             /* measurement: skip CPU experts entirely (GPU time alone) */
+} hybrid_opts;
+void hybrid_opts_default(hybrid_opts *o);   /* defaults, then the environment */
+int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *err, size_t errlen);
+
+/* Accumulated time of the session (nanoseconds) since the last reset. */
+typedef struct {
+    int64_t steps, graph_launches, captures;
+    int64_t cpu_ns;             /* inside the CPU experts */
+    int64_t wall_ns;            /* inside hybrid_forward */
+} hybrid_stats;
+void hybrid_stats_get(const tandem_session *s, hybrid_stats *out);
+void hybrid_stats_reset(tandem_session *s);
+
+#endif

@@ -1,0 +1,248 @@
+/*
+ * hybrid_cpu.c - the CPU side of the hand-off: the routed experts of one
+ * layer from the pinned slot, and the two ways the GPU hands that work over.
+ *
+ * The work (cpu_layer): x = the layer's normed hidden states (bf16 for the
+ * MoE operator, fp32 for the reference loop), ids (GPU-held experts already
+ * -1), w -> y[t] = sum_k w[t][k] * expert_ids[t][k](x[t]), written to the
+ * pinned slot. It runs the engine's thread pool; the caller of the pool is
+ * whichever thread runs cpu_layer (a CUDA host-function thread, or the
+ * watcher below), which is safe because nothing else uses the pool while a
+ * hybrid pass is in flight.
+ *
+ * Hand-off (a), host functions: the side stream runs hy_cpu_layer() as a
+ * host node; the node blocks that stream until the experts are done.
+ * Hand-off (b), stream memory operations: per layer l the side stream
+ * writes go[l] = 1, waits for done[l] == 1 and resets it to 0. The watcher
+ * thread, armed once per pass, walks the CPU layers in order: it spins on
+ * go[l] (the GPU reaches it within microseconds of the layer's attention),
+ * clears it, computes, and publishes done[l] = 1 with a release store after
+ * the results (x86 stores reach the GPU in order). The fixed flag values make
+ * the sequence replayable inside a CUDA graph. If the GPU fails mid-pass the
+ * main thread sets abort_step and the watcher stops spinning.
+ *
+ * A failure of the CPU experts (an id the operator does not hold) cannot be
+ * returned from a host node: it is kept in hs->cpu_rc / cpu_msg, the result
+ * is zero, and hybrid_forward() reports it after the pass.
+ */
+#include "core/bf16.h"
+#include "core/err.h"
+#include "core/log.h"
+#include "core/mem.h"
+#include "cpu/ops.h"
+#include "runtime/hybrid_impl.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- the reference loop (fp32, as forward.c computes routed experts) -------------- */
+static void ref_layer(hybrid_session *hs, int l, int T)
+{
+    tandem_engine *e = hs->e;
+    const model_desc *d = &e->d;
+    const layer_weights *L = &e->layers[l];
+    const int E = d->n_expert, K = d->n_expert_used, C = hs->chunk;
+    const int64_t D = d->d_model, F = d->d_ff_expert;
+    const float *x = hs->slot_x;
+    float *y = hs->slot_y;
+    memset(hs->r_cnt, 0, (size_t)E * 4);
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < K; k++) {
+            int ex = hs->slot_ids[t * K + k];
+            if (ex < 0)
+                continue;
+            int n = hs->r_cnt[ex]++;
+            hs->r_tok[(int64_t)ex * C + n] = t;
+            hs->r_w[(int64_t)ex * C + n] = hs->slot_w[t * K + k];
+        }
+    memset(y, 0, (size_t)(T * D) * 4);
+    for (int ex = 0; ex < E; ex++) {
+        int n = hs->r_cnt[ex];
+        if (!n)
+            continue;
+        const int32_t *tok = hs->r_tok + (int64_t)ex * C;
+        const float *w = hs->r_w + (int64_t)ex * C;
+        for (int i = 0; i < n; i++)
+            memcpy(hs->rx + i * D, x + tok[i] * D, (size_t)D * 4);
+        op_matmul(e->pool, hs->rg, F, hs->rx, D, n, &L->exp_gate[ex], NULL);
+        op_matmul(e->pool, hs->ru, F, hs->rx, D, n, &L->exp_up[ex], NULL);
+        op_silu_mul(hs->rg, hs->ru, n * F);
+        op_matmul(e->pool, hs->ry, D, hs->rg, F, n, &L->exp_down[ex], NULL);
+        for (int i = 0; i < n; i++) {
+            float *yt = y + tok[i] * D;
+            const float *gy = hs->ry + i * D;
+            for (int64_t j = 0; j < D; j++)
+                yt[j] += w[i] * gy[j];
+        }
+    }
+}
+
+static void cpu_layer(hybrid_session *hs, int l)
+{
+    const int64_t t0 = hy_now_ns();
+    const model_desc *d = &hs->e->d;
+    const int T = hs->cur_T, K = d->n_expert_used;
+    const size_t ybytes = (size_t)T * (size_t)d->d_model * 4;
+    hy_layer *H = &hs->hy->L[l];
+    if (hs->o.cpu_skip) {
+        memset(hs->slot_y, 0, ybytes);
+    } else if (H->moe) {
+        int rc = moe_forward_bf16(H->moe, hs->ms, hs->e->pool, T, K, hs->slot_x, hs->slot_ids, hs->slot_w,
+                                  hs->slot_y);
+        if (rc) {
+            if (!hs->cpu_rc) {
+                hs->cpu_rc = rc;
+                snprintf(hs->cpu_msg, sizeof hs->cpu_msg, "layer %d: CPU experts: %s", l,
+                         moe_scratch_error(hs->ms));
+            }
+            memset(hs->slot_y, 0, ybytes);
+        }
+    } else {
+        ref_layer(hs, l, T);
+    }
+    atomic_fetch_add(&hs->cpu_ns, hy_now_ns() - t0);
+}
+
+void hy_cpu_layer(void *job)
+{
+    const hy_job *j = job;
+    cpu_layer(j->hs, j->layer);
+}
+
+/* ---- hand-off (b): the watcher ---------------------------------------------------- */
+static void *watch_main(void *arg)
+{
+    hybrid_session *hs = arg;
+    const model_desc *d = &hs->e->d;
+    pthread_mutex_lock(&hs->mu);
+    for (;;) {
+        while (!hs->armed && !hs->quit)
+            pthread_cond_wait(&hs->cv, &hs->mu);
+        if (hs->quit)
+            break;
+        pthread_mutex_unlock(&hs->mu);
+        for (int l = 0; l < d->n_layer; l++) {
+            if (!hy_layer_has_cpu(hs->hy, d, l))
+                continue;
+            uint32_t *go = &hs->flags[2 * l], *done = &hs->flags[2 * l + 1];
+            int aborted = 0;
+            while (__atomic_load_n(go, __ATOMIC_ACQUIRE) != 1) {
+                if (atomic_load_explicit(&hs->abort_step, memory_order_relaxed)) {
+                    aborted = 1;
+                    break;
+                }
+                __builtin_ia32_pause();
+            }
+            if (aborted)
+                break;
+            __atomic_store_n(go, 0, __ATOMIC_RELAXED);
+            cpu_layer(hs, l);
+            __atomic_store_n(done, 1, __ATOMIC_RELEASE);
+        }
+        pthread_mutex_lock(&hs->mu);
+        hs->armed = 0;
+        pthread_cond_broadcast(&hs->cv);
+    }
+    pthread_mutex_unlock(&hs->mu);
+    return NULL;
+}
+
+int hy_cpu_arm(hybrid_session *hs)
+{
+    if (!hs->th_started)
+        return 0;
+    pthread_mutex_lock(&hs->mu);
+    hs->armed = 1;
+    pthread_cond_broadcast(&hs->cv);
+    pthread_mutex_unlock(&hs->mu);
+    return 0;
+}
+
+/* After the pass: wait until the watcher is idle again. */
+void hy_cpu_disarm(hybrid_session *hs, int aborted)
+{
+    if (!hs->th_started)
+        return;
+    if (aborted)
+        atomic_store(&hs->abort_step, 1);
+    pthread_mutex_lock(&hs->mu);
+    while (hs->armed)
+        pthread_cond_wait(&hs->cv, &hs->mu);
+    pthread_mutex_unlock(&hs->mu);
+    if (aborted) {
+        memset(hs->flags, 0, (size_t)hs->e->d.n_layer * 2 * sizeof *hs->flags);
+        atomic_store(&hs->abort_step, 0);
+    }
+}
+
+/* ---- setup -------------------------------------------------------------------------- */
+int hy_cpu_init(hybrid_session *hs, char *err, size_t errlen)
+{
+    const model_desc *d = &hs->e->d;
+    const hybrid_engine *hy = hs->hy;
+    const int C = hs->chunk;
+    hs->jobs = calloc((size_t)d->n_layer, sizeof *hs->jobs);
+    if (!hs->jobs)
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    for (int l = 0; l < d->n_layer; l++)
+        hs->jobs[l] = (hy_job){ hs, l };
+    pthread_mutex_init(&hs->mu, NULL);
+    pthread_cond_init(&hs->cv, NULL);
+    const moe_op *big = NULL;
+    int any_cpu = 0;
+    for (int l = 0; l < d->n_layer; l++) {
+        if (!hy_layer_has_cpu(hy, d, l))
+            continue;
+        any_cpu = 1;
+        if (hy->L[l].moe && (!big || moe_n_held(hy->L[l].moe) > moe_n_held(big)))
+            big = hy->L[l].moe;
+    }
+    if (big) {
+        int rc = moe_scratch_create(big, C, d->n_expert_used, &hs->ms, err, errlen);
+        if (rc)
+            return rc;
+    } else if (any_cpu) {
+        const int64_t D = d->d_model, F = d->d_ff_expert, E = d->n_expert;
+        hs->rx = td_alloc((size_t)(C * D) * 4);
+        hs->ry = td_alloc((size_t)(C * D) * 4);
+        hs->rg = td_alloc((size_t)(C * F) * 4);
+        hs->ru = td_alloc((size_t)(C * F) * 4);
+        hs->r_cnt = td_alloc((size_t)E * 4);
+        hs->r_tok = td_alloc((size_t)(E * C) * 4);
+        hs->r_w = td_alloc((size_t)(E * C) * 4);
+        if (!hs->rx || !hs->ry || !hs->rg || !hs->ru || !hs->r_cnt || !hs->r_tok || !hs->r_w)
+            return td_err(err, errlen, TANDEM_ENOMEM, "out of memory for the CPU expert scratch");
+    }
+    if (any_cpu && hs->o.handoff == HY_HANDOFF_MEMOP) {
+        if (pthread_create(&hs->th, NULL, watch_main, hs) != 0)
+            return td_err(err, errlen, TANDEM_ENOMEM, "could not start the hand-off thread");
+        hs->th_started = 1;
+    }
+    return 0;
+}
+
+void hy_cpu_free(hybrid_session *hs)
+{
+    if (hs->th_started) {
+        atomic_store(&hs->abort_step, 1);
+        pthread_mutex_lock(&hs->mu);
+        hs->quit = 1;
+        pthread_cond_broadcast(&hs->cv);
+        pthread_mutex_unlock(&hs->mu);
+        pthread_join(hs->th, NULL);
+        hs->th_started = 0;
+    }
+    if (hs->jobs) {
+        pthread_mutex_destroy(&hs->mu);
+        pthread_cond_destroy(&hs->cv);
+    }
+    moe_scratch_free(hs->ms);
+    free(hs->jobs);
+    free(hs->rx);
+    free(hs->ry);
+    free(hs->rg);
+    free(hs->ru);
+    free(hs->r_cnt);
+    free(hs->r_tok);
+    free(hs->r_w);
+}

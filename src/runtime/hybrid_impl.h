@@ -1,0 +1,157 @@
+/*
+ * hybrid_impl.h - the insides of the hybrid engine and session, shared by
+ * hybrid.c (plan, upload), hybrid_session.c (schedule, graphs) and
+ * hybrid_cpu.c (the CPU side of the hand-off). Not for other modules.
+ *
+ * Invariants: every device pointer below was made by hybrid.c / the session
+ * and is freed by them; shapes are in the comments; activations on the GPU
+ * are fp32 rows of [chunk][...]; the pinned hand-off slot is written by the
+ * GPU only between fork and hand-off of a layer and read by it only after
+ * the CPU signalled, so one slot serves every layer.
+ */
+#ifndef TD_RUNTIME_HYBRID_IMPL_H
+#define TD_RUNTIME_HYBRID_IMPL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+
+#include "cpu/moe/moe.h"
+#include "cuda/gpu.h"
+#include "runtime/engine.h"
+#include "runtime/hybrid.h"
+
+typedef struct {
+    float *attn_norm, *ffn_norm;          /* [D] */
+    /* GQA: q, k, v fused */
+    gpu_mat qkv;                          /* [qd + 2kd][D] */
+    float *qkv_bias;                      /* [qd + 2kd] or NULL */
+    float *q_norm, *k_norm;               /* [head_dim] or NULL */
+    /* MLA: q_a and kv_a fused (both read h) */
+    gpu_mat qkv_a;                        /* [rq + R + rope][D] (rq = 0 without q_lora) */
+    gpu_mat q_b;                          /* [H*qk][rq], or q [H*qk][D] without q_lora */
+    gpu_mat kv_b;                         /* [H*(nope+v)][R] */
+    float *q_a_norm, *kv_a_norm;          /* [rq], [R] */
+    gpu_mat o;                            /* [D][H*v] */
+    float *o_bias;                        /* [D] or NULL */
+    /* dense MLP */
+    gpu_mat ffn_gu, ffn_down;             /* [2F][D], [D][F] */
+    float *ffn_gu_bias, *ffn_down_bias;
+    /* MoE */
+    gpu_mat router;                       /* [E][D] */
+    float *router_bias;                   /* [E] or NULL */
+    gpu_mat sh_gu, sh_down;               /* [2Fs][D], [D][Fs] */
+    float *sh_gu_bias, *sh_down_bias;
+    gpu_mat sh_gate_inp;                  /* [1][D] (Qwen2-MoE) */
+    gpu_experts ex;                       /* GPU-held routed experts */
+    int n_gpu_exp;
+    int32_t *slot_host;                   /* [E] place on the GPU or -1 */
+    moe_op *moe;                          /* CPU-held experts (NULL with the reference loop) */
+} hy_layer;
+
+typedef struct hybrid_engine {
+    int device;
+    gpu_info info;
+    hybrid_plan plan;
+    int cpu_ref;                          /* CPU experts by the plain loop, not the MoE operator */
+    int moe_fmt;                          /* MOE_* of the CPU experts */
+    gpu_mat embed, lm_head;               /* [V][D] */
+    float *out_norm;                      /* [D] */
+    float *inv_freq;                      /* [rope_dim/2] */
+    hy_layer *L;                          /* [n_layer] */
+    void **bufs;                          /* every device allocation */
+    int n_bufs, cap_bufs;
+    int64_t gpu_bytes;                    /* weights uploaded */
+    double upload_s, pack_s;
+} hybrid_engine;
+
+enum { HY_MAX_GRAPHS = 16 };
+
+typedef struct hybrid_session hybrid_session;
+
+typedef struct {
+    hybrid_session *hs;
+    int layer;
+} hy_job;
+
+struct hybrid_session {
+    tandem_session *s;
+    tandem_engine *e;
+    hybrid_engine *hy;
+    hybrid_opts o;
+    gpu_ctx *c;
+    int chunk;                            /* most tokens per pass */
+    int n_out;                            /* logits rows per pass */
+    /* KV cache on the GPU */
+    float *kv;                            /* one block for all layers */
+    float **k, **v;                       /* GQA [n_layer] -> [n_seq][n_ctx][kd] */
+    float **ckv, **kpe;                   /* MLA [n_layer] -> [n_seq][n_ctx][R], [..][rope] */
+    /* device activations */
+    float *x, *h;                         /* [chunk][D] residual stream, normed input */
+    float *qkv;                           /* GQA [chunk][qd+2kd]; MLA [chunk][rq+R+rope] */
+    float *q;                             /* MLA [chunk][H*qk] */
+    float *att;                           /* [chunk][H*v] */
+    float *ff, *act;                      /* [chunk][2F], [chunk][F] (F the largest FFN) */
+    float *ysh, *ycpu;                    /* [chunk][D] gated shared expert, CPU experts */
+    float *rlog;                          /* [chunk][E] router logits */
+    float *wts;                           /* [chunk][K] */
+    float *shg;                           /* [chunk] shared-expert gate logits */
+    float *xw;                            /* [n_out][D] wanted rows */
+    float *logits;                        /* [n_out][V] */
+    float *scratch;                       /* MLA: 2*chunk*H*R; GPU experts: chunk*K*(3Fe+D) */
+    int32_t *ids, *ids_cpu;
+    uint16_t *hbf;
+    int32_t *tok_d, *pos_d, *seq_d, *rows_d;
+    /* pinned host memory */
+    int32_t *tok_h, *pos_h, *seq_h, *rows_h;   /* [chunk] inputs of one pass */
+    void *slot_x;                         /* [chunk][D] fp32 (or bf16) hidden states to the CPU */
+    int32_t *slot_ids;                    /* [chunk][K] */
+    float *slot_w;                        /* [chunk][K] */
+    float *slot_y;                        /* [chunk][D] CPU result */
+    uint32_t *flags;                      /* [n_layer][2]: go, done (hand-off b) */
+    int logits_pinned;                    /* s->logits is registered with CUDA */
+    /* CPU side */
+    moe_scratch *ms;                      /* MoE operator scratch */
+    float *rx, *rg, *ru, *ry;             /* reference loop: [chunk][D], [chunk][F] x2, [chunk][D] */
+    int32_t *r_cnt, *r_tok;               /* [E], [E][chunk] */
+    float *r_w;                           /* [E][chunk] */
+    hy_job *jobs;                         /* [n_layer] */
+    int cur_T;                            /* tokens of the pass in flight */
+    _Atomic int64_t cpu_ns;
+    int cpu_rc;
+    char cpu_msg[256];
+    /* hand-off (b): the thread that watches the flags */
+    pthread_t th;
+    int th_started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int armed, quit;
+    atomic_int abort_step;
+    /* graphs, keyed by (tokens, wanted rows) */
+    struct {
+        int T, n_want;
+        gpu_graph *g;
+    } graphs[HY_MAX_GRAPHS];
+    int n_graphs;
+    hybrid_stats st;
+    void **bufs;                          /* every device allocation of the session */
+    int n_bufs, cap_bufs;
+    float *logits_h;                      /* pinned staging when s->logits cannot be pinned */
+};
+
+/* hybrid_cpu.c */
+int hy_cpu_init(hybrid_session *hs, char *err, size_t errlen);
+void hy_cpu_free(hybrid_session *hs);
+void hy_cpu_layer(void *job);             /* host function: the CPU experts of one layer */
+int hy_cpu_arm(hybrid_session *hs);       /* hand-off (b): watch the flags of one pass */
+void hy_cpu_disarm(hybrid_session *hs, int aborted);
+int hy_layer_has_cpu(const hybrid_engine *hy, const model_desc *d, int l);
+
+static inline int64_t hy_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+#endif

@@ -1,0 +1,543 @@
+/*
+ * hybrid_session.c - a session on the GPU: KV cache and activations in GPU
+ * memory, the forward schedule of DESIGN.md section 1, chunked prefill and
+ * one CUDA graph per decode shape.
+ *
+ * A batch is cut into passes of at most `chunk` tokens, in order, so a long
+ * prompt is prefilled in chunks: each pass stores its keys before attending,
+ * so later tokens (of this pass or a later one) see earlier ones through the
+ * cache. One pass (enqueue()):
+ *   copy tok/pos/seq/wanted-rows from pinned memory; x = embed(tok)
+ *   per layer: h = norm(x); x += o(attn(h)); h = norm2(x);
+ *     dense:  x += down(silu(gate h) * up h)
+ *     MoE:    ids, w = route(router h)                  (router GEMM in fp32)
+ *             fork -> side stream: h, ids (GPU experts -1), w -> pinned slot;
+ *                                  CPU experts (hand-off a or b); y -> GPU
+ *             main stream: x += shared(h); x += GPU-held experts(h)
+ *             join; x += y
+ *   logits = lm_head(norm(x[wanted rows])) -> the session's logits (pinned)
+ * Small passes (T <= HY_GRAPH_MAX_T, one chunk) are captured once per
+ * (T, wanted rows) as a CUDA graph and replayed: every input is read on the
+ * device from fixed buffers, so a graph serves every later step of that
+ * shape. A capture that fails turns graphs off for the session (warning) and
+ * the pass runs eagerly.
+ *
+ * Errors: GPU errors are sticky in the context and reported after the pass;
+ * a failed pass may have written KV entries of its tokens, but the session's
+ * lengths only grow after success, so those cells are simply overwritten.
+ */
+#include "core/err.h"
+#include "core/log.h"
+#include "runtime/hybrid_impl.h"
+
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { HY_GRAPH_MAX_T = 64, HY_CHUNK_DEFAULT = 1024 };
+
+/* DeepSeek builds q_a_layernorm / kv_a_layernorm with RMSNorm's default eps
+ * (as forward.c does). */
+#define HY_MLA_NORM_EPS 1e-6f
+
+_Static_assert(GPU_ROUTE_SOFTMAX == (int)ROUTE_SOFTMAX && GPU_ROUTE_SOFTMAX_GROUP == (int)ROUTE_SOFTMAX_GROUP &&
+                   GPU_ROUTE_SIGMOID_GROUP == (int)ROUTE_SIGMOID_GROUP,
+               "gpu.h routing kinds follow model.h");
+_Static_assert((int)MOE_BF16 == TANDEM_FMT_BF16 && (int)MOE_INT8 == TANDEM_FMT_INT8 &&
+                   (int)MOE_INT4 == TANDEM_FMT_INT4,
+               "moe.h formats follow tandem.h");
+
+void hybrid_opts_default(hybrid_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->graphs = 1;
+    o->handoff = HY_HANDOFF_HOST;
+    o->chunk = HY_CHUNK_DEFAULT;
+    const char *v;
+    if ((v = getenv("TANDEM_GPU_GRAPH")))
+        o->graphs = atoi(v) != 0;
+    if ((v = getenv("TANDEM_GPU_HANDOFF")))
+        o->handoff = !strcmp(v, "memop") ? HY_HANDOFF_MEMOP : HY_HANDOFF_HOST;
+    if ((v = getenv("TANDEM_GPU_CHUNK")) && atoi(v) > 0)
+        o->chunk = atoi(v);
+    if ((v = getenv("TANDEM_GPU_EXACT")))
+        o->exact = atoi(v) != 0;
+}
+
+/* ---- allocation ------------------------------------------------------------------- */
+static void *dalloc(hybrid_session *hs, size_t bytes, char *err, size_t errlen)
+{
+    if (hs->n_bufs == hs->cap_bufs) {
+        int cap = hs->cap_bufs ? 2 * hs->cap_bufs : 64;
+        void **nb = realloc(hs->bufs, (size_t)cap * sizeof *nb);
+        if (!nb) {
+            td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+            return NULL;
+        }
+        hs->bufs = nb;
+        hs->cap_bufs = cap;
+    }
+    void *p;
+    if (gpu_alloc(&p, bytes, err, errlen))
+        return NULL;
+    hs->bufs[hs->n_bufs++] = p;
+    return p;
+}
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+void hybrid_session_free(tandem_session *s)
+{
+    if (!s || !s->hys)
+        return;
+    hybrid_session *hs = s->hys;
+    if (hs->c)
+        gpu_sync(hs->c, NULL, 0);
+    hy_cpu_free(hs);
+    for (int i = 0; i < hs->n_graphs; i++)
+        gpu_graph_free(hs->graphs[i].g);
+    gpu_ctx_free(hs->c);
+    for (int i = 0; i < hs->n_bufs; i++)
+        gpu_free(hs->bufs[i]);
+    free(hs->bufs);
+    free(hs->k);
+    free(hs->v);
+    free(hs->ckv);
+    free(hs->kpe);
+    void *pinned[] = { hs->tok_h, hs->pos_h, hs->seq_h, hs->rows_h, hs->slot_x, hs->slot_ids,
+                       hs->slot_w, hs->slot_y, hs->flags, hs->logits_h };
+    for (size_t i = 0; i < sizeof pinned / sizeof pinned[0]; i++)
+        gpu_host_free(pinned[i]);
+    if (hs->logits_pinned)
+        gpu_host_unregister(s->logits);
+    free(hs);
+    s->hys = NULL;
+}
+
+int hybrid_session_create(tandem_session *s, char *err, size_t errlen)
+{
+    s->hys = NULL;
+    if (!s->e->hy)
+        return 0;
+    hybrid_opts o;
+    hybrid_opts_default(&o);
+    return hybrid_session_create_opts(s, &o, err, errlen);
+}
+
+int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *err, size_t errlen)
+{
+    tandem_engine *e = s->e;
+    const model_desc *d = &e->d;
+    s->hys = NULL;
+    if (!e->hy)
+        return td_err(err, errlen, TANDEM_EINVAL, "session: the engine has no GPU");
+    int rc = gpu_use_device(e->hy->device, err, errlen);
+    if (rc)
+        return rc;
+    hybrid_session *hs = calloc(1, sizeof *hs);
+    if (!hs)
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    s->hys = hs;
+    hs->s = s;
+    hs->e = e;
+    hs->hy = e->hy;
+    hs->o = *o;
+    hs->chunk = o->chunk > 0 && o->chunk < s->n_batch ? o->chunk : s->n_batch;
+    hs->n_out = s->n_outputs < hs->chunk ? s->n_outputs : hs->chunk;
+    const int64_t C = hs->chunk, D = d->d_model, E = d->n_expert, K = d->n_expert_used, V = d->n_vocab;
+    const int64_t H = d->n_head, cells = (int64_t)s->n_seq * s->n_ctx;
+    int64_t qkvw, attw, kmax;
+    if (d->attn == ATTN_GQA) {
+        qkvw = (H + 2 * d->n_kv_head) * d->head_dim;
+        attw = H * d->head_dim;
+    } else {
+        qkvw = d->q_lora_rank + d->kv_lora_rank + d->qk_rope_dim;
+        attw = H * d->v_head_dim;
+    }
+    const int64_t F = max64(max64(d->d_ff, d->d_ff_shared), d->d_ff_expert);
+    kmax = max64(max64(D, attw), max64(F, d->q_lora_rank));
+    int64_t scratch = 0;
+    if (d->attn == ATTN_MLA)
+        scratch = 2 * C * H * d->kv_lora_rank;
+    if (e->hy->plan.gpu_experts > 0)
+        scratch = max64(scratch, C * K * (3 * d->d_ff_expert + D));
+
+    rc = gpu_ctx_create(&hs->c, (size_t)(C * kmax), err, errlen);
+    if (!rc && o->exact)
+        gpu_ctx_set_exact(hs->c, INT_MAX);
+    /* the KV cache: one block, per layer k|v (GQA) or ckv|kpe (MLA) */
+    int64_t per_layer = d->attn == ATTN_GQA ? 2 * cells * d->n_kv_head * d->head_dim
+                                            : cells * (d->kv_lora_rank + d->qk_rope_dim);
+    hs->k = calloc((size_t)d->n_layer, sizeof(float *));
+    hs->v = calloc((size_t)d->n_layer, sizeof(float *));
+    hs->ckv = calloc((size_t)d->n_layer, sizeof(float *));
+    hs->kpe = calloc((size_t)d->n_layer, sizeof(float *));
+    if (!rc && (!hs->k || !hs->v || !hs->ckv || !hs->kpe))
+        rc = td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    if (!rc && !(hs->kv = dalloc(hs, (size_t)(per_layer * d->n_layer) * 4, err, errlen)))
+        rc = td_err_prefix(err, errlen, TANDEM_ENOMEM, "GPU KV cache (lower n_ctx or n_seq)");
+    for (int l = 0; !rc && l < d->n_layer; l++) {
+        float *base = hs->kv + per_layer * l;
+        if (d->attn == ATTN_GQA) {
+            hs->k[l] = base;
+            hs->v[l] = base + per_layer / 2;
+        } else {
+            hs->ckv[l] = base;
+            hs->kpe[l] = base + cells * d->kv_lora_rank;
+        }
+    }
+    struct {
+        void **p;
+        int64_t bytes;
+    } dev[] = {
+        { (void **)&hs->x, C * D * 4 },         { (void **)&hs->h, C * D * 4 },
+        { (void **)&hs->qkv, C * qkvw * 4 },    { (void **)&hs->q, d->attn == ATTN_MLA ? C * H * (d->qk_nope_dim + d->qk_rope_dim) * 4 : 4 },
+        { (void **)&hs->att, C * attw * 4 },    { (void **)&hs->ff, C * 2 * F * 4 },
+        { (void **)&hs->act, C * F * 4 },       { (void **)&hs->ysh, C * D * 4 },
+        { (void **)&hs->ycpu, C * D * 4 },      { (void **)&hs->rlog, C * E * 4 + 4 },
+        { (void **)&hs->wts, C * K * 4 + 4 },   { (void **)&hs->shg, C * 4 },
+        { (void **)&hs->xw, hs->n_out * D * 4 }, { (void **)&hs->logits, hs->n_out * V * 4 },
+        { (void **)&hs->scratch, scratch * 4 + 4 }, { (void **)&hs->ids, C * K * 4 + 4 },
+        { (void **)&hs->ids_cpu, C * K * 4 + 4 }, { (void **)&hs->hbf, C * D * 2 },
+        { (void **)&hs->tok_d, C * 4 },         { (void **)&hs->pos_d, C * 4 },
+        { (void **)&hs->seq_d, C * 4 },         { (void **)&hs->rows_d, C * 4 },
+    };
+    for (size_t i = 0; !rc && i < sizeof dev / sizeof dev[0]; i++)
+        if (!(*dev[i].p = dalloc(hs, (size_t)dev[i].bytes, err, errlen)))
+            rc = td_err_prefix(err, errlen, TANDEM_ENOMEM, "GPU activations (lower n_batch or TANDEM_GPU_CHUNK)");
+    struct {
+        void **p;
+        int64_t bytes;
+    } pin[] = {
+        { (void **)&hs->tok_h, C * 4 },     { (void **)&hs->pos_h, C * 4 },     { (void **)&hs->seq_h, C * 4 },
+        { (void **)&hs->rows_h, C * 4 },    { &hs->slot_x, C * D * 4 },         { (void **)&hs->slot_ids, C * K * 4 + 4 },
+        { (void **)&hs->slot_w, C * K * 4 + 4 }, { (void **)&hs->slot_y, C * D * 4 },
+        { (void **)&hs->flags, (int64_t)d->n_layer * 2 * 4 },
+    };
+    for (size_t i = 0; !rc && i < sizeof pin / sizeof pin[0]; i++)
+        rc = gpu_host_alloc(pin[i].p, (size_t)pin[i].bytes, err, errlen);
+    if (!rc) {
+        size_t lb = (size_t)s->n_outputs * (size_t)V * 4;
+        if (gpu_host_register(s->logits, lb, NULL, 0) == 0)
+            hs->logits_pinned = 1;
+        else
+            rc = gpu_host_alloc((void **)&hs->logits_h, (size_t)hs->n_out * (size_t)V * 4, err, errlen);
+    }
+    if (!rc)
+        rc = hy_cpu_init(hs, err, errlen);
+    if (rc) {
+        hybrid_session_free(s);
+        return rc;
+    }
+    td_log(TD_LOG_INFO, "GPU session: KV cache %.2f GB for %d x %d tokens, passes of %d tokens, %s hand-off, graphs %s",
+           per_layer * d->n_layer * 4 / 1e9, s->n_seq, s->n_ctx, hs->chunk,
+           o->handoff == HY_HANDOFF_MEMOP ? "stream-memory-op" : "host-function", o->graphs ? "on" : "off");
+    return 0;
+}
+
+/* ---- the schedule of one pass ---------------------------------------------------------- */
+static void attn_gqa(hybrid_session *hs, int l, int T)
+{
+    gpu_ctx *c = hs->c;
+    const tandem_session *s = hs->s;
+    const model_desc *d = &hs->e->d;
+    const hybrid_engine *hy = hs->hy;
+    const hy_layer *L = &hy->L[l];
+    const int H = d->n_head, KH = d->n_kv_head, hd = d->head_dim, D = d->d_model;
+    const int64_t qd = (int64_t)H * hd, kd = (int64_t)KH * hd, W = qd + 2 * kd;
+    const int pairs = d->rope == ROPE_PAIRS;
+    gpu_matmul(c, hs->qkv, W, hs->h, D, T, &L->qkv, L->qkv_bias, 0);
+    if (L->q_norm)
+        gpu_rmsnorm(c, hs->qkv, hs->qkv, T, W, H, hd, L->q_norm, hd, d->rms_eps);
+    if (L->k_norm)
+        gpu_rmsnorm(c, hs->qkv + qd, hs->qkv + qd, T, W, KH, hd, L->k_norm, hd, d->rms_eps);
+    gpu_rope(c, hs->qkv, T, W, H, hd, 0, d->rope_dim, pairs, hy->inv_freq, d->rope_scale, hs->pos_d);
+    gpu_rope(c, hs->qkv + qd, T, W, KH, hd, 0, d->rope_dim, pairs, hy->inv_freq, d->rope_scale, hs->pos_d);
+    const int64_t seq_stride = (int64_t)s->n_ctx * kd;
+    gpu_kv_store(c, hs->k[l], seq_stride, kd, hs->qkv + qd, W, (int)kd, T, hs->seq_d, hs->pos_d);
+    gpu_kv_store(c, hs->v[l], seq_stride, kd, hs->qkv + qd + kd, W, (int)kd, T, hs->seq_d, hs->pos_d);
+    gpu_gqa a = { H, KH, hd, d->attn_scale, d->sliding_window, hs->k[l], hs->v[l], seq_stride, kd };
+    gpu_attn_gqa(c, &a, T, hs->qkv, W, hs->seq_d, hs->pos_d, hs->att, qd);
+    gpu_matmul(c, hs->x, D, hs->att, qd, T, &L->o, L->o_bias, 1);
+}
+
+static void attn_mla(hybrid_session *hs, int l, int T)
+{
+    gpu_ctx *c = hs->c;
+    const tandem_session *s = hs->s;
+    const model_desc *d = &hs->e->d;
+    const hybrid_engine *hy = hs->hy;
+    const hy_layer *L = &hy->L[l];
+    const int H = d->n_head, R = d->kv_lora_rank, rope = d->qk_rope_dim, nope = d->qk_nope_dim;
+    const int rq = d->q_lora_rank, qk = nope + rope, D = d->d_model;
+    const int64_t A = rq + R + rope, qd = (int64_t)H * qk;
+    const int pairs = d->rope == ROPE_PAIRS;
+    /* qkv = [q_a | ckv | k_pe] from one GEMM */
+    gpu_matmul(c, hs->qkv, A, hs->h, D, T, &L->qkv_a, NULL, 0);
+    if (rq) {
+        gpu_rmsnorm(c, hs->qkv, hs->qkv, T, A, 1, 0, L->q_a_norm, rq, HY_MLA_NORM_EPS);
+        gpu_matmul(c, hs->q, qd, hs->qkv, A, T, &L->q_b, NULL, 0);
+    } else {
+        gpu_matmul(c, hs->q, qd, hs->h, D, T, &L->q_b, NULL, 0);
+    }
+    float *ckv = hs->qkv + rq, *kpe = hs->qkv + rq + R;
+    gpu_rmsnorm(c, ckv, ckv, T, A, 1, 0, L->kv_a_norm, R, HY_MLA_NORM_EPS);
+    gpu_kv_store(c, hs->ckv[l], (int64_t)s->n_ctx * R, R, ckv, A, R, T, hs->seq_d, hs->pos_d);
+    gpu_rope(c, kpe, T, A, 1, 0, 0, rope, pairs, hy->inv_freq, d->rope_scale, hs->pos_d);
+    gpu_kv_store(c, hs->kpe[l], (int64_t)s->n_ctx * rope, rope, kpe, A, rope, T, hs->seq_d, hs->pos_d);
+    gpu_rope(c, hs->q, T, qd, H, qk, nope, rope, pairs, hy->inv_freq, d->rope_scale, hs->pos_d);
+    gpu_mla a = { H, nope, rope, d->v_head_dim, R, d->attn_scale, hs->ckv[l], hs->kpe[l],
+                  (int64_t)s->n_ctx * R, (int64_t)s->n_ctx * rope, L->kv_b };
+    gpu_attn_mla(c, &a, T, hs->q, qd, hs->seq_d, hs->pos_d, hs->att, (int64_t)H * d->v_head_dim, hs->scratch);
+    gpu_matmul(c, hs->x, D, hs->att, (int64_t)H * d->v_head_dim, T, &L->o, NULL, 1);
+}
+
+/* x += down(silu(gate h) * up h) (+ biases); gated: x += sigmoid(gate_inp . h) * (...) */
+static void mlp(hybrid_session *hs, int T, int F, const gpu_mat *gu, const float *gu_b, const gpu_mat *dn,
+                const float *dn_b, const gpu_mat *gate_inp)
+{
+    gpu_ctx *c = hs->c;
+    const int D = hs->e->d.d_model;
+    gpu_matmul(c, hs->ff, 2 * F, hs->h, D, T, gu, gu_b, 0);
+    gpu_silu_mul(c, hs->act, F, hs->ff, 2 * F, T, F);
+    if (!gate_inp) {
+        gpu_matmul(c, hs->x, D, hs->act, F, T, dn, dn_b, 1);
+        return;
+    }
+    gpu_matmul(c, hs->ysh, D, hs->act, F, T, dn, dn_b, 0);
+    gpu_matmul_exact(c, hs->shg, 1, hs->h, D, T, gate_inp, NULL, 0);
+    gpu_add_rows(c, hs->x, D, hs->ysh, D, T, D, hs->shg);
+}
+
+static void moe_layer(hybrid_session *hs, int l, int T)
+{
+    gpu_ctx *c = hs->c;
+    const model_desc *d = &hs->e->d;
+    const hybrid_engine *hy = hs->hy;
+    const hy_layer *L = &hy->L[l];
+    const int D = d->d_model, E = d->n_expert, K = d->n_expert_used;
+    gpu_matmul_exact(c, hs->rlog, E, hs->h, D, T, &L->router, NULL, 0);
+    gpu_route_params rp = { (int)d->route, E, K, d->norm_topk, d->route_scale, d->n_group, d->topk_group,
+                            L->router_bias };
+    gpu_route(c, &rp, T, hs->rlog, hs->ids, hs->wts);
+    const int cpu = hy_layer_has_cpu(hy, d, l) && !hs->o.no_handoff;
+    if (cpu) {
+        const int32_t *ids = hs->ids;
+        if (L->n_gpu_exp) {
+            gpu_moe_cpu_ids(c, L->ex.slot, T, K, hs->ids, hs->ids_cpu);
+            ids = hs->ids_cpu;
+        }
+        const void *xs = hs->h;
+        size_t xbytes = (size_t)T * D * 4;
+        if (!hy->cpu_ref) { /* the MoE operator takes bf16 hidden states */
+            gpu_to_bf16(c, hs->hbf, hs->h, (int64_t)T * D);
+            xs = hs->hbf;
+            xbytes = (size_t)T * D * 2;
+        }
+        gpu_fork(c);
+        gpu_copy(c, GPU_SIDE, hs->slot_x, xs, xbytes);
+        gpu_copy(c, GPU_SIDE, hs->slot_ids, ids, (size_t)T * K * 4);
+        gpu_copy(c, GPU_SIDE, hs->slot_w, hs->wts, (size_t)T * K * 4);
+        if (hs->o.handoff == HY_HANDOFF_HOST) {
+            gpu_host_fn(c, GPU_SIDE, hy_cpu_layer, &hs->jobs[l]);
+        } else {
+            gpu_flag_write(c, GPU_SIDE, &hs->flags[2 * l], 1);
+            gpu_flag_wait(c, GPU_SIDE, &hs->flags[2 * l + 1], 1);
+            gpu_flag_write(c, GPU_SIDE, &hs->flags[2 * l + 1], 0);
+        }
+        gpu_copy(c, GPU_SIDE, hs->ycpu, hs->slot_y, (size_t)T * D * 4);
+    }
+    /* meanwhile on the main stream: shared experts, then the GPU-held experts */
+    if (d->d_ff_shared)
+        mlp(hs, T, d->d_ff_shared, &L->sh_gu, L->sh_gu_bias, &L->sh_down, L->sh_down_bias,
+            d->shared_gate ? &L->sh_gate_inp : NULL);
+    if (L->n_gpu_exp)
+        gpu_moe_experts(c, &L->ex, T, K, hs->h, D, hs->ids, hs->wts, hs->x, D, hs->scratch);
+    if (cpu) {
+        gpu_join(c);
+        gpu_add_rows(c, hs->x, D, hs->ycpu, D, T, D, NULL);
+    }
+}
+
+/* The whole pass, enqueued (or captured). dst: where the logits rows go. */
+static void enqueue(hybrid_session *hs, int T, int n_want, float *dst)
+{
+    gpu_ctx *c = hs->c;
+    const model_desc *d = &hs->e->d;
+    const hybrid_engine *hy = hs->hy;
+    const int D = d->d_model;
+    gpu_copy(c, GPU_MAIN, hs->tok_d, hs->tok_h, (size_t)T * 4);
+    gpu_copy(c, GPU_MAIN, hs->pos_d, hs->pos_h, (size_t)T * 4);
+    gpu_copy(c, GPU_MAIN, hs->seq_d, hs->seq_h, (size_t)T * 4);
+    if (n_want)
+        gpu_copy(c, GPU_MAIN, hs->rows_d, hs->rows_h, (size_t)n_want * 4);
+    gpu_embed(c, hs->x, &hy->embed, hs->tok_d, T);
+    for (int l = 0; l < d->n_layer; l++) {
+        const hy_layer *L = &hy->L[l];
+        gpu_rmsnorm(c, hs->h, hs->x, T, D, 1, 0, L->attn_norm, D, d->rms_eps);
+        if (d->attn == ATTN_GQA)
+            attn_gqa(hs, l, T);
+        else
+            attn_mla(hs, l, T);
+        gpu_rmsnorm(c, hs->h, hs->x, T, D, 1, 0, L->ffn_norm, D, d->rms_eps);
+        if (d->layer_moe[l])
+            moe_layer(hs, l, T);
+        else
+            mlp(hs, T, d->d_ff, &L->ffn_gu, L->ffn_gu_bias, &L->ffn_down, L->ffn_down_bias, NULL);
+    }
+    if (!n_want)
+        return;
+    gpu_gather_rows(c, hs->xw, D, hs->x, D, hs->rows_d, n_want, D);
+    gpu_rmsnorm(c, hs->xw, hs->xw, n_want, D, 1, 0, hy->out_norm, D, d->rms_eps);
+    gpu_matmul(c, hs->logits, d->n_vocab, hs->xw, D, n_want, &hy->lm_head, NULL, 0);
+    gpu_copy(c, GPU_MAIN, dst, hs->logits, (size_t)n_want * d->n_vocab * 4);
+}
+
+static gpu_graph *graph_for(hybrid_session *hs, int T, int n_want, float *dst, char *err, size_t errlen)
+{
+    for (int i = 0; i < hs->n_graphs; i++)
+        if (hs->graphs[i].T == T && hs->graphs[i].n_want == n_want)
+            return hs->graphs[i].g;
+    if (hs->n_graphs == HY_MAX_GRAPHS)
+        return NULL;
+    gpu_graph *g = NULL;
+    if (gpu_capture_begin(hs->c) == 0) {
+        enqueue(hs, T, n_want, dst);
+        gpu_capture_end(hs->c, &g);
+    }
+    if (!g) {
+        char msg[512];
+        gpu_ctx_status(hs->c, msg, sizeof msg);
+        td_log(TD_LOG_WARN, "CUDA graph capture failed (%s): running without graphs", msg);
+        gpu_ctx_clear(hs->c);
+        hs->o.graphs = 0;
+        (void)err, (void)errlen;
+        return NULL;
+    }
+    hs->graphs[hs->n_graphs].T = T;
+    hs->graphs[hs->n_graphs].n_want = n_want;
+    hs->graphs[hs->n_graphs].g = g;
+    hs->n_graphs++;
+    hs->st.captures++;
+    return g;
+}
+
+static int run_pass(hybrid_session *hs, int T, int n_want, float *dst, int graphable, char *err, size_t errlen)
+{
+    hs->cur_T = T;
+    gpu_graph *g = NULL;
+    if (graphable && hs->o.graphs && T <= HY_GRAPH_MAX_T)
+        g = graph_for(hs, T, n_want, dst, err, errlen);
+    hy_cpu_arm(hs);
+    if (g) {
+        gpu_graph_launch(hs->c, g);
+        hs->st.graph_launches++;
+    } else {
+        enqueue(hs, T, n_want, dst);
+    }
+    int rc = gpu_sync(hs->c, err, errlen);
+    hy_cpu_disarm(hs, rc != 0);
+    if (!rc && hs->cpu_rc) {
+        rc = td_err(err, errlen, hs->cpu_rc, "%s", hs->cpu_msg);
+        hs->cpu_rc = 0;
+    }
+    return rc;
+}
+
+/* ---- the batch ---------------------------------------------------------------------- */
+/* As forward.c validates: ids and sequences in range, each sequence's
+ * positions continue its cache, room in the context and the logits. */
+static int validate(const tandem_session *s, const tandem_batch *b, int *n_want, char *err, size_t errlen)
+{
+    const model_desc *d = &s->e->d;
+    const int T = b->n_tokens;
+    if (T < 1 || T > s->n_batch)
+        return td_err(err, errlen, TANDEM_EINVAL, "batch: %d tokens, the session takes 1 to %d per forward", T,
+                      s->n_batch);
+    if (!b->token || !b->pos)
+        return td_err(err, errlen, TANDEM_EINVAL, "batch: token and pos arrays are required");
+    int want = 0;
+    for (int t = 0; t < T; t++) {
+        int seq = b->seq ? b->seq[t] : 0;
+        if (seq < 0 || seq >= s->n_seq)
+            return td_err(err, errlen, TANDEM_EINVAL, "batch: token %d has sequence id %d, the session has %d", t,
+                          seq, s->n_seq);
+        if (b->token[t] < 0 || b->token[t] >= d->n_vocab)
+            return td_err(err, errlen, TANDEM_EINVAL, "batch: token %d has id %d, outside the vocabulary of %d", t,
+                          b->token[t], d->n_vocab);
+        want += b->want ? b->want[t] != 0 : t == T - 1;
+    }
+    for (int t = 0; t < T; t++) {
+        int seq = b->seq ? b->seq[t] : 0, expect = s->len[seq];
+        for (int u = 0; u < t; u++)
+            expect += (b->seq ? b->seq[u] : 0) == seq;
+        if (b->pos[t] != expect)
+            return td_err(err, errlen, TANDEM_EINVAL,
+                          "batch: token %d of sequence %d has position %d, expected %d (the next free position)", t,
+                          seq, b->pos[t], expect);
+        if (expect >= s->n_ctx)
+            return td_err(err, errlen, TANDEM_EFULL, "sequence %d is full: its context holds %d tokens", seq,
+                          s->n_ctx);
+    }
+    if (want > s->n_outputs)
+        return td_err(err, errlen, TANDEM_EFULL, "batch: logits wanted for %d tokens, the session keeps at most %d",
+                      want, s->n_outputs);
+    *n_want = want;
+    return 0;
+}
+
+int hybrid_forward(tandem_session *s, const tandem_batch *b, char *err, size_t errlen)
+{
+    hybrid_session *hs = s->hys;
+    if (!hs)
+        return td_err(err, errlen, TANDEM_EINVAL, "forward: the session has no GPU state");
+    int n_want = 0, rc = validate(s, b, &n_want, err, errlen);
+    if (rc)
+        return rc;
+    const int64_t t0 = hy_now_ns(), V = s->e->d.n_vocab;
+    if ((rc = gpu_use_device(hs->hy->device, err, errlen)))
+        return rc;
+    const int T = b->n_tokens;
+    int rows_done = 0;
+    for (int start = 0; !rc && start < T; start += hs->chunk) {
+        int n = T - start < hs->chunk ? T - start : hs->chunk, nw = 0;
+        for (int i = 0; i < n; i++) {
+            int t = start + i;
+            hs->tok_h[i] = b->token[t];
+            hs->pos_h[i] = b->pos[t];
+            hs->seq_h[i] = b->seq ? b->seq[t] : 0;
+            if (b->want ? b->want[t] != 0 : t == T - 1)
+                hs->rows_h[nw++] = i;
+        }
+        float *dst = hs->logits_pinned ? s->logits + (int64_t)rows_done * V : hs->logits_h;
+        rc = run_pass(hs, n, nw, dst, n == T, err, errlen);
+        if (!rc && !hs->logits_pinned && nw)
+            memcpy(s->logits + (int64_t)rows_done * V, hs->logits_h, (size_t)nw * V * 4);
+        rows_done += nw;
+    }
+    if (rc)
+        return rc;
+    for (int t = 0; t < T; t++)
+        s->len[b->seq ? b->seq[t] : 0] = b->pos[t] + 1;
+    s->n_logits = n_want;
+    hs->st.steps++;
+    hs->st.wall_ns += hy_now_ns() - t0;
+    return 0;
+}
+
+void hybrid_stats_get(const tandem_session *s, hybrid_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    if (!s->hys)
+        return;
+    *out = s->hys->st;
+    out->cpu_ns = atomic_load(&s->hys->cpu_ns);
+}
+
+void hybrid_stats_reset(tandem_session *s)
+{
+    if (!s->hys)
+        return;
+    memset(&s->hys->st, 0, sizeof s->hys->st);
+    atomic_store(&s->hys->cpu_ns, 0);
+}
