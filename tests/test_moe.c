@@ -29,8 +29,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MOE_TEST_MAX_ISA ISA_AVX512 /* raised as the kernel sets land */
-
 /* ---- random data ------------------------------------------------------- */
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
@@ -179,6 +177,7 @@ typedef struct {
     pool *p;
     int fmt, group, isa, amx_min;
     int n, top_k, route, act_bf16;
+    int emu;   /* tile kernel = the AMX kernels on the tile emulator */
 } run_opts;
 
 /* Returns 0 and fills out, or the error code (message in err). */
@@ -189,6 +188,8 @@ static int run_layer(const weights *w, const run_opts *o, const float *x, const 
     moe_op *op = NULL;
     moe_scratch *s = NULL;
     int rc = moe_create_isa(&op, &d, o->p, o->isa, err, errlen);
+    if (!rc && o->emu)
+        op->big = &moe_kernel_amx_emu; /* before the scratch: it sizes the tile buffers */
     if (!rc)
         rc = moe_scratch_create(op, o->n, o->top_k, &s, err, errlen);
     if (!rc) {
@@ -407,74 +408,112 @@ static void test_ref_vs_dense(pool *p, int fmt, int group, int src, double tol_s
 
 /* ---- fast kernels against the reference -------------------------------- */
 
-static int n_cases;
-static double worst[3]; /* per format, over the cases of one kernel set */
+/* The kernel variants under test: every set this CPU has, plus the AMX
+ * kernel code on the tile emulator (needs AVX-512). */
+typedef struct {
+    const char *name;
+    int isa, emu;
+    int cases;
+    double worst[3]; /* per format: max|fast - ref| / max|ref| */
+} variant;
 
-static void compare_case(const weights *w, const run_opts *fast, double tol, const char *what)
+/* One input, the reference once, every variant against it. */
+static void compare_case(const weights *w, const run_opts *o, variant *vs, int nv, double tol, const char *what)
 {
-    int n = fast->n, top_k = fast->top_k;
-    float *x = malloc((size_t)n * w->dm * 4), *wt = malloc((size_t)n * top_k * 4);
-    float *a = malloc((size_t)n * w->dm * 4), *b = malloc((size_t)n * w->dm * 4);
+    int n = o->n, top_k = o->top_k;
+    size_t no = (size_t)n * w->dm;
+    float *x = malloc(no * 4), *wt = malloc((size_t)n * top_k * 4), *a = malloc(no * 4), *b = malloc(no * 4);
     int32_t *ids = malloc((size_t)n * top_k * 4);
-    for (size_t i = 0; i < (size_t)n * w->dm; i++)
+    for (size_t i = 0; i < no; i++)
         x[i] = (float)rng_gauss();
-    make_routes(fast->route, w->E, n, top_k, ids, wt);
-    run_opts ref = *fast;
+    make_routes(o->route, w->E, n, top_k, ids, wt);
+    run_opts ref = *o;
     ref.isa = ISA_REF;
+    ref.emu = 0;
     char err[256] = "";
-    int rc1 = run_layer(w, fast, x, ids, wt, a, err, sizeof err);
-    CHECKF(rc1 == 0, "%s: %s", what, err);
-    int rc2 = run_layer(w, &ref, x, ids, wt, b, err, sizeof err);
-    CHECKF(rc2 == 0, "%s (ref): %s", what, err);
-    if (!rc1 && !rc2) {
-        double r = rel_diff(a, b, (size_t)n * w->dm);
-        CHECKF(r <= tol, "%s: max|fast - ref| / max|ref| = %.3g > %.3g (max|ref| %.3g)", what, r, tol,
-               max_abs(b, (size_t)n * w->dm));
-        worst[fast->fmt] = fmax(worst[fast->fmt], r);
-        n_cases++;
+    int rc = run_layer(w, &ref, x, ids, wt, b, err, sizeof err);
+    CHECKF(rc == 0, "%s (ref): %s", what, err);
+    for (int v = 0; v < nv && rc == 0; v++) {
+        run_opts f = *o;
+        f.isa = vs[v].isa;
+        f.emu = vs[v].emu;
+        int rc1 = run_layer(w, &f, x, ids, wt, a, err, sizeof err);
+        CHECKF(rc1 == 0, "%s %s: %s", vs[v].name, what, err);
+        if (rc1)
+            continue;
+        double r = rel_diff(a, b, no);
+        CHECKF(r <= tol, "%s %s: max|fast - ref| / max|ref| = %.3g > %.3g (max|ref| %.3g)", vs[v].name, what, r, tol,
+               max_abs(b, no));
+        vs[v].worst[o->fmt] = fmax(vs[v].worst[o->fmt], r);
+        vs[v].cases++;
     }
     free(x), free(wt), free(a), free(b), free(ids);
 }
 
-static void test_isa(pool *p1, pool *p2, int isa)
+static void test_kernels(pool *p1, pool *p2)
 {
     static const struct { int n, top_k, route, amx_min; } cases[] = {
         { 1, 1, ROUTE_RANDOM, 0 },   { 1, 8, ROUTE_RANDOM, 0 },  { 3, 8, ROUTE_NEG, 0 },
         { 4, 8, ROUTE_RANDOM, 0 },   { 40, 8, ROUTE_ONE, 0 },    { 37, 4, ROUTE_SOME, 0 },
         { 200, 8, ROUTE_RANDOM, 0 }, { 77, 8, ROUTE_NEG, 1 },    { 300, 2, ROUTE_ONE, 0 },
     };
-    static const struct { int dm, ff; } shapes[] = { { 100, 72 }, { 128, 192 } };
+    /* the third shape has K > 512: several K chunks in the tile kernels */
+    static const struct { int dm, ff; } shapes[] = { { 100, 72 }, { 128, 192 }, { 600, 520 } };
+    variant vs[4];
+    int nv = 0, best = isa_detect();
+    for (int isa = ISA_AVX2; isa <= ISA_AMX; isa++) {
+        if (isa > best) {
+            char what[64];
+            snprintf(what, sizeof what, "moe %s kernels", isa_name(isa));
+            SKIP(what, isa == ISA_AMX ? "no AMX" : "this CPU lacks the ISA");
+            continue;
+        }
+        vs[nv++] = (variant){ isa_name(isa), isa, 0, 0, { 0, 0, 0 } };
+    }
+    if (best >= ISA_AVX512) /* the AMX kernel code on the tile emulator */
+        vs[nv++] = (variant){ "amx-emu", ISA_AVX512, 1, 0, { 0, 0, 0 } };
+    else
+        SKIP("moe amx-emu kernels", "the tile emulator needs AVX-512");
     int E = 10;
-    n_cases = 0;
-    worst[0] = worst[1] = worst[2] = 0;
-    for (int sh = 0; sh < 2; sh++) {
+    for (int sh = 0; sh < 3; sh++) {
         weights w = make_weights(E, shapes[sh].dm, shapes[sh].ff, MOE_SRC_BF16, ~0ull);
+        /* the large shape only for the tile kernels, on one expert of 40 rows */
+        int nvs = sh == 2 ? 0 : nv;
+        variant *v = vs;
+        if (sh == 2) {
+            for (int i = 0; i < nv; i++)
+                if (vs[i].emu || vs[i].isa == ISA_AMX)
+                    v = &vs[i], nvs = nv - i, i = nv;
+        }
         for (int fmt = 0; fmt < 3; fmt++)
             for (int c = 0; c < (int)(sizeof cases / sizeof cases[0]); c++) {
                 if (sh == 1 && cases[c].n > 100)
                     continue; /* the big cases once, on the odd shape */
-                for (int parts = 1; parts <= 2; parts++) {
-                    run_opts o = { .p = parts == 1 ? p1 : p2, .fmt = fmt, .isa = isa,
-                                   .amx_min = cases[c].amx_min, .n = cases[c].n, .top_k = cases[c].top_k,
-                                   .route = cases[c].route, .act_bf16 = (c + parts) % 2 };
+                if (sh == 2 && (cases[c].route != ROUTE_ONE || cases[c].n > 100))
+                    continue;
+                for (int parts = 1; parts <= 2 && nvs; parts++) {
+                    run_opts o = { .p = parts == 1 ? p1 : p2, .fmt = fmt, .amx_min = cases[c].amx_min,
+                                   .n = cases[c].n, .top_k = cases[c].top_k, .route = cases[c].route,
+                                   .act_bf16 = (c + parts) % 2 };
                     char what[160];
-                    snprintf(what, sizeof what, "%s %s %dx%d n=%d top%d route=%d parts=%d act=%s", isa_name(isa),
-                             fmt_name(fmt), w.dm, w.ff, o.n, o.top_k, o.route, parts, o.act_bf16 ? "bf16" : "f32");
-                    compare_case(&w, &o, fmt == MOE_BF16 ? 2e-3 : 1e-6, what);
+                    snprintf(what, sizeof what, "%s %dx%d n=%d top%d route=%d parts=%d act=%s", fmt_name(fmt), w.dm,
+                             w.ff, o.n, o.top_k, o.route, parts, o.act_bf16 ? "bf16" : "f32");
+                    compare_case(&w, &o, v, nvs, fmt == MOE_BF16 ? 2e-3 : 1e-6, what);
                 }
             }
         /* INT8 with scale groups along K */
-        for (int g = 64; g <= 128; g += 64) {
-            run_opts o = { .p = p2, .fmt = MOE_INT8, .group = g, .isa = isa, .n = 20, .top_k = 4, .route = ROUTE_RANDOM,
+        for (int g = 64; g <= 128 && nvs; g += 64) {
+            run_opts o = { .p = p2, .fmt = MOE_INT8, .group = g, .n = 20, .top_k = 4, .route = ROUTE_RANDOM,
                            .amx_min = 2 };
             char what[160];
-            snprintf(what, sizeof what, "%s int8 group %d %dx%d", isa_name(isa), g, w.dm, w.ff);
-            compare_case(&w, &o, 1e-6, what);
+            snprintf(what, sizeof what, "int8 group %d %dx%d", g, w.dm, w.ff);
+            compare_case(&w, &o, v, nvs, 1e-6, what);
         }
         free_weights(&w);
     }
-    printf("  moe %s vs ref: %d cases, worst max|diff|/max|ref|: bf16 %.2e, int8 %.2e, int4 %.2e\n", isa_name(isa),
-           n_cases, worst[0], worst[1], worst[2]);
+    for (int i = 0; i < nv; i++)
+        printf("  moe %s vs ref: %d cases, worst max|diff|/max|ref|: bf16 %.2e, int8 %.2e, int4 %.2e\n", vs[i].name,
+               vs[i].cases, vs[i].worst[0], vs[i].worst[1], vs[i].worst[2]);
 }
 
 /* ---- partitions: the split does not change the result ------------------ */
@@ -592,19 +631,7 @@ TEST_GROUP(moe)
     test_ref_vs_dense(p2, MOE_INT4, 0, MOE_SRC_BF16, 2.2e-1, 3.5e-2);
     test_split(p1, p2);
     test_errors(p1);
-    for (int isa = ISA_AVX2; isa <= ISA_AMX; isa++) {
-        if (isa > MOE_TEST_MAX_ISA) {
-            SKIP(isa_name(isa), "kernels not written yet");
-            continue;
-        }
-        if (isa > isa_detect()) {
-            char what[64];
-            snprintf(what, sizeof what, "moe %s kernels", isa_name(isa));
-            SKIP(what, isa == ISA_AMX ? "no AMX" : "this CPU lacks the ISA");
-            continue;
-        }
-        test_isa(p1, p2, isa);
-    }
+    test_kernels(p1, p2);
     pool_free(p1);
     pool_free(p2);
 }

@@ -36,7 +36,7 @@ static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 static const moe_kernel *kernel_of(int isa)
 {
     switch (isa) {
-    case ISA_AMX:
+    case ISA_AMX: return &moe_kernel_amx;
     case ISA_AVX512: return &moe_kernel_avx512;
     case ISA_AVX2: return &moe_kernel_avx2;
     default: return &moe_kernel_ref;
@@ -157,6 +157,13 @@ void moe_pick_kernels(struct moe_op *op)
     }
     op->small = k;
     op->big = k;
+    if (isa == ISA_AMX) {
+        if (moe_kernel_amx.accepts(op->fmt, op->group))
+            op->big = &moe_kernel_amx;
+        else
+            td_log(TD_LOG_WARN, "moe: kernel 'amx' declines format %d (group %d); using '%s' for prefill", op->fmt,
+                   op->group, k->name);
+    }
     td_log(TD_LOG_INFO, "moe: kernels '%s' (< %d tokens per expert) and '%s'", op->small->name, op->amx_min,
            op->big->name);
 }
@@ -182,8 +189,6 @@ int moe_check_desc(const moe_desc *d, pool *p, int isa, struct moe_op *op, char 
         return td_err(err, errlen, TANDEM_EINVAL, "moe: amx_min %d is negative", d->amx_min);
     if (isa < ISA_REF || isa >= ISA_COUNT)
         return td_err(err, errlen, TANDEM_EINVAL, "moe: unknown kernel set %d", isa);
-    if (isa == ISA_AMX)
-        return td_err(err, errlen, TANDEM_EUNSUPPORTED, "moe: kernel set '%s' is not built yet", isa_name(isa));
     if (isa > isa_detect())
         return td_err(err, errlen, TANDEM_EUNSUPPORTED, "moe: kernel set '%s' needs a CPU this one is not (best: '%s')",
                       isa_name(isa), isa_name(isa_detect()));

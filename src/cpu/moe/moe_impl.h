@@ -121,6 +121,8 @@ typedef struct {
 } moe_kernel;
 
 extern const moe_kernel moe_kernel_ref, moe_kernel_avx2, moe_kernel_avx512, moe_kernel_amx;
+/* the AMX kernels on a tile emulator (tests on machines without AMX; needs AVX-512) */
+extern const moe_kernel moe_kernel_amx_emu;
 
 /* ---- the op ------------------------------------------------------------ */
 typedef struct {
