@@ -128,6 +128,12 @@ int tandem_forward(tandem_session *s, const tandem_batch *b,
 const float *tandem_logits(const tandem_session *s, int i);
 int tandem_n_vocab(const tandem_engine *e);
 
+/* Mean negative log-likelihood of tokens[1..n) given their prefixes, from an
+ * empty cache for sequence seq (cleared first, left holding the n tokens).
+ * n must fit the session's batch, context and outputs. */
+int tandem_eval_nll(tandem_session *s, int seq, const int32_t *tokens, int n, double *nll, char *err,
+                    size_t errlen);
+
 /* ---- KV cache per sequence ---------------------------------------------- */
 int tandem_kv_len(const tandem_session *s, int seq);
 int tandem_kv_clear(tandem_session *s, int seq);            /* length -> 0 */
