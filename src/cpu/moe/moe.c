@@ -33,6 +33,31 @@
 
 static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
+#define HUGE_PAGE ((size_t)2 << 20)
+
+void *moe_huge_alloc(size_t n)
+{
+    size_t len = (n + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    if (len < n)
+        return NULL;
+    uint8_t *m = mmap(NULL, len + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED)
+        return NULL;
+    uint8_t *p = (uint8_t *)(((uintptr_t)m + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+    if (p > m)
+        munmap(m, (size_t)(p - m));
+    if (p + len < m + len + HUGE_PAGE)
+        munmap(p + len, (size_t)(m + len + HUGE_PAGE - (p + len)));
+    madvise(p, len, MADV_HUGEPAGE);
+    return p;
+}
+
+void moe_huge_free(void *p, size_t n)
+{
+    if (p)
+        munmap(p, (n + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE);
+}
+
 static const moe_kernel *kernel_of(int isa)
 {
     switch (isa) {
@@ -104,7 +129,7 @@ static void free_bufs(struct moe_op *op)
         if (op->buf_kind[p] == MOE_BUF_NUMA)
             numa_free(op->buf[p], op->buf_bytes[p]);
         else
-            free(op->buf[p]);
+            moe_huge_free(op->buf[p], op->buf_bytes[p]);
         op->buf[p] = NULL;
     }
     if (op->map)
@@ -132,9 +157,11 @@ static int alloc_bufs(struct moe_op *op, char *err, size_t errlen)
         if (nodes > 1 && op->nparts == nodes) {
             op->buf[p] = numa_alloc_onnode(op->buf_bytes[p], p);
             op->buf_kind[p] = MOE_BUF_NUMA;
+            if (op->buf[p])
+                madvise(op->buf[p], op->buf_bytes[p], MADV_HUGEPAGE);
         } else {
-            op->buf[p] = td_alloc(op->buf_bytes[p]);
-            op->buf_kind[p] = MOE_BUF_HEAP;
+            op->buf[p] = moe_huge_alloc(op->buf_bytes[p]);
+            op->buf_kind[p] = MOE_BUF_HUGE;
         }
         if (!op->buf[p])
             return td_err(err, errlen, TANDEM_ENOMEM, "moe: out of memory for %.2f GB of packed experts (partition %d)",
@@ -298,6 +325,8 @@ struct moe_scratch {
     int32_t *hs32;
     float *part;           /* [nparts-1][max_tokens][d_model] */
     uint8_t *tbuf;         /* [nthreads][MOE_TSCRATCH] */
+    void *region;          /* everything above, one mapping */
+    size_t region_bytes;
     char err[256];
 };
 
@@ -305,15 +334,50 @@ void moe_scratch_free(moe_scratch *s)
 {
     if (!s)
         return;
-    void *ptrs[] = { s->cnt, s->off, s->fill, s->touched, s->small, s->big, s->tok, s->rowof, s->wt, s->prefix,
-                     s->xg, s->xsx, s->xs32, s->h, s->hq, s->hsx, s->hs32, s->part, s->tbuf };
-    for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++)
-        free(ptrs[i]);
+    moe_huge_free(s->region, s->region_bytes);
     free(s);
 }
 
 const char *moe_scratch_error(const moe_scratch *s) { return s ? s->err : ""; }
 
+/* carve n bytes (64-aligned) from the region; with base == NULL only counts */
+static void *carve(uint8_t *base, size_t *at, size_t n)
+{
+    void *p = base ? base + *at : NULL;
+    *at += (n + 63) / 64 * 64;
+    return p;
+}
+
+static void scratch_carve(moe_scratch *s, const moe_op *op, uint8_t *base, size_t *total)
+{
+    size_t at = 0, pairs = (size_t)s->max_tokens * (size_t)s->top_k, rows = (size_t)s->rows_max;
+    size_t E = (size_t)op->n_expert, kp = (size_t)op->kp, ff = (size_t)op->ffpad;
+    int q = op->fmt != MOE_BF16;
+    s->cnt = carve(base, &at, E * 4);
+    s->off = carve(base, &at, E * 4);
+    s->fill = carve(base, &at, E * 4);
+    s->touched = carve(base, &at, E * 4);
+    s->small = carve(base, &at, E * 4);
+    s->big = carve(base, &at, E * 4);
+    s->tok = carve(base, &at, rows * 4);
+    s->wt = carve(base, &at, rows * 4);
+    s->rowof = carve(base, &at, pairs * 4);
+    s->prefix = carve(base, &at, (size_t)op->nparts * (E + 1) * 8);
+    s->xg = carve(base, &at, rows * kp * (q ? 1 : 2));
+    s->xsx = carve(base, &at, rows * 4);
+    s->xs32 = carve(base, &at, rows * kp / 32 * 4);
+    s->h = carve(base, &at, rows * ff * (q ? 4 : 2));
+    s->hq = q ? carve(base, &at, rows * ff) : NULL;
+    s->hsx = q ? carve(base, &at, rows * 4) : NULL;
+    s->hs32 = q ? carve(base, &at, rows * ff / 32 * 4) : NULL;
+    s->part = op->nparts > 1 ? carve(base, &at, (size_t)(op->nparts - 1) * (size_t)s->max_tokens * (size_t)op->d_model * 4)
+                             : NULL;
+    s->tbuf = op->big != op->small ? carve(base, &at, (size_t)op->nthreads * MOE_TSCRATCH) : NULL;
+    *total = at;
+}
+
+/* One huge-page region for all of it: the big arrays (gathered activations,
+ * h) are streamed by every thread in prefill. */
 int moe_scratch_create(const moe_op *op, int max_tokens, int top_k, moe_scratch **out, char *err, size_t errlen)
 {
     *out = NULL;
@@ -325,31 +389,20 @@ int moe_scratch_create(const moe_op *op, int max_tokens, int top_k, moe_scratch 
         return td_err(err, errlen, TANDEM_ENOMEM, "moe: out of memory");
     size_t pairs = (size_t)max_tokens * (size_t)top_k;
     size_t held = (size_t)(op->n_held ? op->n_held : 1);
-    size_t rows = pairs + 15 * (pairs < held ? pairs : held);
-    size_t E = (size_t)op->n_expert, kp = (size_t)op->kp, ff = (size_t)op->ffpad;
-    int q = op->fmt != MOE_BF16;
     s->max_tokens = max_tokens;
     s->top_k = top_k;
-    s->rows_max = (int)rows;
+    s->rows_max = (int)(pairs + 15 * (pairs < held ? pairs : held));
     s->n_expert = op->n_expert;
     s->nparts = op->nparts;
-    int ok = (s->cnt = td_alloc(E * 4)) && (s->off = td_alloc(E * 4)) && (s->fill = td_alloc(E * 4)) &&
-             (s->touched = td_alloc(E * 4)) && (s->small = td_alloc(E * 4)) && (s->big = td_alloc(E * 4)) &&
-             (s->tok = td_alloc(rows * 4)) && (s->wt = td_alloc(rows * 4)) && (s->rowof = td_alloc(pairs * 4)) &&
-             (s->prefix = td_alloc((size_t)op->nparts * (E + 1) * 8)) &&
-             (s->xg = td_alloc(rows * kp * (q ? 1 : 2))) && (s->xsx = td_alloc(rows * 4)) &&
-             (s->xs32 = td_alloc(rows * kp / 32 * 4)) && (s->h = td_alloc(rows * ff * (q ? 4 : 2)));
-    if (ok && q)
-        ok = (s->hq = td_alloc(rows * ff)) && (s->hsx = td_alloc(rows * 4)) && (s->hs32 = td_alloc(rows * ff / 32 * 4));
-    if (ok && op->nparts > 1)
-        ok = (s->part = td_alloc((size_t)(op->nparts - 1) * (size_t)max_tokens * (size_t)op->d_model * 4)) != NULL;
-    if (ok && op->big != op->small)
-        ok = (s->tbuf = td_alloc((size_t)op->nthreads * MOE_TSCRATCH)) != NULL;
-    if (!ok) {
-        moe_scratch_free(s);
-        return td_err(err, errlen, TANDEM_ENOMEM, "moe: out of memory for the scratch of %d tokens x top-%d", max_tokens,
-                      top_k);
+    scratch_carve(s, op, NULL, &s->region_bytes);
+    s->region = moe_huge_alloc(s->region_bytes);
+    if (!s->region) {
+        size_t mb = s->region_bytes >> 20;
+        free(s);
+        return td_err(err, errlen, TANDEM_ENOMEM, "moe: out of memory for the scratch of %d tokens x top-%d (%zu MB)",
+                      max_tokens, top_k, mb);
     }
+    scratch_carve(s, op, s->region, &s->region_bytes);
     *out = s;
     return 0;
 }

@@ -53,7 +53,10 @@ MOE_AI void core_bf16(const int NM, const int T, const uint8_t *w0, const uint8_
 MOE_AI void core_int8(const int NM, const int T, const uint8_t *w0, const uint8_t *w1, int kp, int group,
                       const int8_t *x, size_t ldx, const int32_t *corr, const float *sx, __m512 *acc)
 {
-    __m512i ia[2 * MOE_TB_INT];
+    /* two partial sums per row (even / odd tile rows) when registers allow:
+     * VPDPBUSD latency would otherwise bound decode; integer, so exact */
+    const int P2 = T <= 3;
+    __m512i ia[2 * MOE_TB_INT], ib[2 * MOE_TB_INT];
 #pragma GCC unroll 12
     for (int i = 0; i < NM * T; i++)
         acc[i] = _mm512_setzero_ps();
@@ -61,7 +64,7 @@ MOE_AI void core_int8(const int NM, const int T, const uint8_t *w0, const uint8_
     for (int g = 0; g < kp / group; g++) {
 #pragma GCC unroll 12
         for (int i = 0; i < NM * T; i++)
-            ia[i] = _mm512_setzero_si512();
+            ia[i] = ib[i] = _mm512_setzero_si512();
         for (int tl = 0; tl < group / 64; tl++) {
             const uint8_t *p0 = w0 + (size_t)g * gb + (size_t)tl * 1024, *p1 = w1 + (size_t)g * gb + (size_t)tl * 1024;
             const int8_t *xk = x + (size_t)g * group + (size_t)tl * 64;
@@ -75,12 +78,22 @@ MOE_AI void core_int8(const int NM, const int T, const uint8_t *w0, const uint8_
 #pragma GCC unroll 6
                 for (int t = 0; t < T; t++) {
                     __m512i xb = moe_bcast4(xk + (size_t)t * ldx + 4 * r);
-                    ia[t] = _mm512_dpbusd_epi32(ia[t], a, xb);
-                    if (NM == 2)
-                        ia[T + t] = _mm512_dpbusd_epi32(ia[T + t], b, xb);
+                    if (P2 && (r & 1)) {
+                        ib[t] = _mm512_dpbusd_epi32(ib[t], a, xb);
+                        if (NM == 2)
+                            ib[T + t] = _mm512_dpbusd_epi32(ib[T + t], b, xb);
+                    } else {
+                        ia[t] = _mm512_dpbusd_epi32(ia[t], a, xb);
+                        if (NM == 2)
+                            ia[T + t] = _mm512_dpbusd_epi32(ia[T + t], b, xb);
+                    }
                 }
             }
         }
+        if (P2)
+#pragma GCC unroll 12
+            for (int i = 0; i < NM * T; i++)
+                ia[i] = _mm512_add_epi32(ia[i], ib[i]);
         __m512 s0 = _mm512_load_ps(w0 + (size_t)g * gb + (size_t)group / 64 * 1024), s1 = s0;
         if (NM == 2)
             s1 = _mm512_load_ps(w1 + (size_t)g * gb + (size_t)group / 64 * 1024);
@@ -103,7 +116,8 @@ MOE_AI void core_int8(const int NM, const int T, const uint8_t *w0, const uint8_
 MOE_AI void core_int4(const int NM, const int T, const uint8_t *w0, const uint8_t *w1, int kp, const int8_t *x,
                       size_t ldx, const int32_t *s32, size_t lds, const float *sx, __m512 *acc)
 {
-    __m512i ia[2 * MOE_TB_INT];
+    const int P2 = T <= 2; /* low and high nibble chains apart (see core_int8) */
+    __m512i ia[2 * MOE_TB_INT], ib[2 * MOE_TB_INT];
     const __m512i low = _mm512_set1_epi8(0x0f);
 #pragma GCC unroll 12
     for (int i = 0; i < NM * T; i++)
@@ -113,7 +127,7 @@ MOE_AI void core_int4(const int NM, const int T, const uint8_t *w0, const uint8_
         const int8_t *xk = x + (size_t)b * 32;
 #pragma GCC unroll 12
         for (int i = 0; i < NM * T; i++)
-            ia[i] = _mm512_setzero_si512();
+            ia[i] = ib[i] = _mm512_setzero_si512();
         _mm_prefetch((const char *)(p0 + PFD), _MM_HINT_T0);
         _mm_prefetch((const char *)(p0 + PFD + 64), _MM_HINT_T0);
         _mm_prefetch((const char *)(p0 + PFD + 128), _MM_HINT_T0);
@@ -139,11 +153,24 @@ MOE_AI void core_int4(const int NM, const int T, const uint8_t *w0, const uint8_
             for (int t = 0; t < T; t++) {
                 __m512i xl = moe_bcast4(xk + (size_t)t * ldx + 4 * c);
                 __m512i xh = moe_bcast4(xk + (size_t)t * ldx + 4 * (c + 4));
-                ia[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[t], lo0, xl), hi0, xh);
-                if (NM == 2)
-                    ia[T + t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[T + t], lo1, xl), hi1, xh);
+                if (P2) {
+                    ia[t] = _mm512_dpbusd_epi32(ia[t], lo0, xl);
+                    ib[t] = _mm512_dpbusd_epi32(ib[t], hi0, xh);
+                    if (NM == 2) {
+                        ia[T + t] = _mm512_dpbusd_epi32(ia[T + t], lo1, xl);
+                        ib[T + t] = _mm512_dpbusd_epi32(ib[T + t], hi1, xh);
+                    }
+                } else {
+                    ia[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[t], lo0, xl), hi0, xh);
+                    if (NM == 2)
+                        ia[T + t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[T + t], lo1, xl), hi1, xh);
+                }
             }
         }
+        if (P2)
+#pragma GCC unroll 12
+            for (int i = 0; i < NM * T; i++)
+                ia[i] = _mm512_add_epi32(ia[i], ib[i]);
         __m512 sc0 = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p0 + 256)));
         __m512 mn0 = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p0 + 288))), sc1 = sc0, mn1 = mn0;
         if (NM == 2) {

@@ -131,7 +131,7 @@ typedef struct {
     int off;       /* first column of the slice in h rows */
 } moe_slice;
 
-enum { MOE_BUF_HEAP = 0, MOE_BUF_NUMA = 1, MOE_BUF_MAP = 2 };
+enum { MOE_BUF_HUGE = 0, MOE_BUF_NUMA = 1, MOE_BUF_MAP = 2 };
 
 struct moe_op {
     int n_expert, d_model, d_ff, fmt, group; /* group: INT8 desc group (0 = row) */
@@ -236,5 +236,19 @@ typedef struct {
 } moe_src_exp;
 /* pack row block rb of matrix `which` (0 gate, 1 up, 2 down) of expert e into partition p */
 void moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int which, int rb);
+
+/* Large buffers (packed experts, scratch): a 2 MB-aligned anonymous mapping
+ * advised for transparent huge pages, so streaming weights does not walk the
+ * page tables every 4 KB and first touch faults 512x less often. Zeroed.
+ * NULL on failure; free with the same size. */
+void *moe_huge_alloc(size_t n);
+void moe_huge_free(void *p, size_t n);
+
+/* ceilings for the benchmark (moe_bench_*.c): memory read of n bytes (a
+ * multiple of 256), and vector / tile peak loops returning operations done */
+uint64_t moe_bench_read512(const void *p, size_t n);
+uint64_t moe_bench_read256(const void *p, size_t n);
+double moe_bench_peak512(int int8, long iters);
+double moe_bench_peak_amx(int int8, long iters);
 
 #endif

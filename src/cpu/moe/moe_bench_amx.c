@@ -1,0 +1,43 @@
+/*
+ * moe_bench_amx.c - the AMX peak for `tandem bench moe`'s roofline: a loop of
+ * TDPBF16PS or TDPBSSD on tiles held in registers (four independent
+ * accumulators, as the kernels use), per thread. Compiled with the AMX flags;
+ * called only when isa_detect() found AMX (which obtained the OS permission).
+ */
+#include "cpu/moe/moe_impl.h"
+
+typedef struct {
+    uint8_t palette, start_row, rsv[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} peak_cfg;
+
+/* returns the operations done: 16 x 16 x 32 x 2 per TDPBF16PS, x 64 x 2 per TDPBSSD */
+double moe_bench_peak_amx(int int8, long iters)
+{
+    static _Alignas(64) const uint8_t zero[1024];
+    _Alignas(64) uint8_t sink[1024];
+    peak_cfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    __asm__ volatile("ldtilecfg %0" ::"m"(c) : "memory");
+    __asm__ volatile("tilezero %%tmm0\n\ttilezero %%tmm1\n\ttilezero %%tmm2\n\ttilezero %%tmm3" ::);
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm4\n\ttileloadd (%0,%1,1), %%tmm5\n\t"
+                     "tileloadd (%0,%1,1), %%tmm6\n\ttileloadd (%0,%1,1), %%tmm7" ::"r"(zero), "r"(64L) : "memory");
+    if (int8) {
+        for (long i = 0; i < iters; i++)
+            __asm__ volatile("tdpbssd %%tmm6, %%tmm4, %%tmm0\n\ttdpbssd %%tmm7, %%tmm4, %%tmm1\n\t"
+                             "tdpbssd %%tmm6, %%tmm5, %%tmm2\n\ttdpbssd %%tmm7, %%tmm5, %%tmm3" ::);
+    } else {
+        for (long i = 0; i < iters; i++)
+            __asm__ volatile("tdpbf16ps %%tmm6, %%tmm4, %%tmm0\n\ttdpbf16ps %%tmm7, %%tmm4, %%tmm1\n\t"
+                             "tdpbf16ps %%tmm6, %%tmm5, %%tmm2\n\ttdpbf16ps %%tmm7, %%tmm5, %%tmm3" ::);
+    }
+    __asm__ volatile("tilestored %%tmm0, (%0,%1,1)" ::"r"(sink), "r"(64L) : "memory");
+    __asm__ volatile("tilerelease" ::: "memory");
+    return (double)iters * 4 * 16 * 16 * (int8 ? 64 : 32) * 2;
+}
