@@ -9,6 +9,8 @@
  *    1 token, top-1 and top-8, one expert hit by all tokens, experts hit by
  *    none, ids < 0, decode (1-4 tokens) and prefill (hundreds) paths, 1 and 2
  *    partitions, fp32 and bf16 activations, BF16/INT8/INT4 (+ INT8 groups);
+ *  - packed experts saved and mapped back give the same output; truncated,
+ *    corrupted or foreign files and a pool of another split are refused;
  *  - errors: bad ids, experts not held, bad descriptions, missing ISA.
  *
  * Tolerances (max |a - b| / max |b| over the output): INT formats 1e-6 (the
@@ -28,6 +30,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* ---- random data ------------------------------------------------------- */
 
@@ -542,6 +545,70 @@ static void test_split(pool *p1, pool *p2)
     free_weights(&w);
 }
 
+/* ---- packed experts on disk --------------------------------------------- */
+
+static void test_file(pool *p1, pool *p2)
+{
+    weights w = make_weights(5, 100, 136, MOE_SRC_BF16, 0x17); /* expert 3 not held */
+    char path[128], err[256] = "";
+    snprintf(path, sizeof path, "/tmp/tandem_test_moe_%d.pk", (int)getpid());
+    for (int fmt = 0; fmt < 3; fmt++) {
+        moe_desc d = desc_of(&w, fmt, 0, 0);
+        moe_op *a = NULL, *b = NULL;
+        moe_scratch *sa = NULL, *sb = NULL;
+        int n = 6, top_k = 2;
+        int32_t ids[12] = { 0, 1, 2, 4, 4, -1, 1, 0, 2, 1, 0, 4 };
+        float x[6 * 100], wt[12], oa[6 * 100], ob[6 * 100];
+        for (int i = 0; i < 6 * 100; i++)
+            x[i] = (float)rng_gauss();
+        for (int i = 0; i < 12; i++)
+            wt[i] = 0.5f;
+        CHECK(moe_create_isa(&a, &d, p2, ISA_REF, err, sizeof err) == 0);
+        CHECKF(moe_save(a, path, err, sizeof err) == 0, "save: %s", err);
+        int rc = moe_open_packed(&b, path, p2, ISA_REF, err, sizeof err);
+        CHECKF(rc == 0, "open: %s", err);
+        if (!rc) {
+            CHECK(moe_bytes(b) == moe_bytes(a) && moe_n_held(b) == 4);
+            CHECK(moe_scratch_create(a, n, top_k, &sa, err, sizeof err) == 0);
+            CHECK(moe_scratch_create(b, n, top_k, &sb, err, sizeof err) == 0);
+            CHECK(moe_forward(a, sa, p2, n, top_k, x, ids, wt, oa) == 0);
+            CHECK(moe_forward(b, sb, p2, n, top_k, x, ids, wt, ob) == 0);
+            CHECKF(memcmp(oa, ob, sizeof oa) == 0, "%s: mapped op differs from the packed one", fmt_name(fmt));
+            int32_t bad[2] = { 3, -1 };
+            CHECK(moe_forward(b, sb, p2, 1, 2, x, bad, wt, ob) == TANDEM_EINVAL);
+        }
+        moe_scratch_free(sa), moe_scratch_free(sb);
+        moe_free(b);
+        moe_free(a);
+    }
+    moe_op *b = NULL;
+    CHECK(moe_open_packed(&b, path, p1, ISA_REF, err, sizeof err) == TANDEM_EUNSUPPORTED);
+    CHECKF(strstr(err, "partitions") != NULL, "message: %s", err);
+    /* corruptions: truncated data, flipped header byte, not a packed file */
+    FILE *f = fopen(path, "r+b");
+    if (f) {
+        fseek(f, 0, SEEK_END);
+        long size = ftell(f);
+        CHECK(ftruncate(fileno(f), size - 4096) == 0);
+        fclose(f);
+        CHECK(moe_open_packed(&b, path, p2, ISA_REF, err, sizeof err) == TANDEM_EFORMAT);
+        CHECKF(strstr(err, "truncated") != NULL, "message: %s", err);
+        f = fopen(path, "r+b");
+        fseek(f, 20, SEEK_SET);
+        fputc(0x55, f);
+        fclose(f);
+        CHECK(moe_open_packed(&b, path, p2, ISA_REF, err, sizeof err) == TANDEM_EFORMAT);
+        f = fopen(path, "wb");
+        fputs("not a packed file", f);
+        fclose(f);
+        CHECK(moe_open_packed(&b, path, p2, ISA_REF, err, sizeof err) == TANDEM_EFORMAT);
+        CHECKF(strstr(err, path) != NULL, "message names the file: %s", err);
+    }
+    unlink(path);
+    CHECK(moe_open_packed(&b, path, p2, ISA_REF, err, sizeof err) == TANDEM_EIO && b == NULL);
+    free_weights(&w);
+}
+
 /* ---- errors ------------------------------------------------------------- */
 
 static void test_errors(pool *p)
@@ -630,6 +697,7 @@ TEST_GROUP(moe)
     test_ref_vs_dense(p2, MOE_INT8, 128, MOE_SRC_BF16, 3.5e-2, 3.5e-2);
     test_ref_vs_dense(p2, MOE_INT4, 0, MOE_SRC_BF16, 2.2e-1, 3.5e-2);
     test_split(p1, p2);
+    test_file(p1, p2);
     test_errors(p1);
     test_kernels(p1, p2);
     pool_free(p1);
