@@ -13,9 +13,11 @@
  *   quant    INT8/INT4: h rows -> int8 + scale + sums (whole row, so the
  *            quantisation does not depend on the partition split);
  *   phase 2  items = blocks of output columns, each owned by one item, so
- *            outputs need no atomics: first all small experts in one job,
- *            then each big expert in its own job (its h rows are read from
- *            the LLC by all threads at once instead of once per item);
+ *            outputs need no atomics: first all small experts in one job
+ *            (items = column blocks, each over every small expert), then
+ *            the big experts in one job of (expert, column pair) items,
+ *            ordered per column by a ticket (down_big_job), so an expert's
+ *            h rows are read from the LLC by all threads at once;
  *   reduce   partitions > 1: out += partial of each partition, in order.
  * The accumulation order into out is therefore fixed: small experts in
  * ascending id, then big experts in ascending id, for every kernel set.
@@ -27,6 +29,7 @@
 #include "core/mem.h"
 
 #include <numa.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -325,6 +328,8 @@ struct moe_scratch {
     int32_t *hs32;
     float *part;           /* [nparts-1][max_tokens][d_model] */
     uint8_t *tbuf;         /* [nthreads][MOE_TSCRATCH] */
+    atomic_int *prog;      /* [nparts][prog_stride] phase-2b progress per column pair */
+    int prog_stride;
     void *region;          /* everything above, one mapping */
     size_t region_bytes;
     char err[256];
@@ -373,6 +378,8 @@ static void scratch_carve(moe_scratch *s, const moe_op *op, uint8_t *base, size_
     s->part = op->nparts > 1 ? carve(base, &at, (size_t)(op->nparts - 1) * (size_t)s->max_tokens * (size_t)op->d_model * 4)
                              : NULL;
     s->tbuf = op->big != op->small ? carve(base, &at, (size_t)op->nthreads * MOE_TSCRATCH) : NULL;
+    s->prog_stride = (op->np / 32 + 15) / 16 * 16; /* pairs of row blocks, padded to a cache line */
+    s->prog = carve(base, &at, (size_t)op->nparts * (size_t)s->prog_stride * sizeof(atomic_int));
     *total = at;
 }
 
@@ -416,7 +423,6 @@ typedef struct {
     const void *x;
     int x_bf16;
     float *out;
-    int expert;            /* phase 2b: the big expert */
     int c_down;            /* phase 2: row blocks per item */
 } fwd_ctx;
 
@@ -645,15 +651,25 @@ static void down_small_job(void *arg, int64_t b, int64_t e)
     }
 }
 
-/* phase 2b: one big expert, its output columns split into items */
+/* phase 2b: items (big expert i, column pair c), expert-major. Column pair c
+ * must see the experts in ascending order (determinism; and one writer per
+ * output column at a time): an item waits until prog[c] says expert i - 1
+ * is done there. Items are claimed in increasing order, so the one waited
+ * for is already running on another thread: no deadlock, and the wait is at
+ * most one item long. One job for all big experts: no per-expert barrier. */
 static void down_big_job(void *arg, int64_t b, int64_t e)
 {
     fwd_ctx *c = arg;
     const struct moe_op *op = c->op;
-    int p = pool_part(), nrb = (op->d_model + 15) / 16;
+    int p = pool_part(), nrb = (op->d_model + 15) / 16, npair = (nrb + 1) / 2;
+    atomic_int *prog = c->s->prog + (size_t)p * (size_t)c->s->prog_stride;
     for (int64_t it = b; it < e; it++) {
-        int rb0 = (int)it * c->c_down, rb1 = rb0 + c->c_down < nrb ? rb0 + c->c_down : nrb;
-        down_rows(c, op->big, p, c->expert, rb0, rb1, dest_of(c, p));
+        int i = (int)(it / npair), cp = (int)(it % npair);
+        while (atomic_load_explicit(&prog[cp], memory_order_acquire) != i)
+            __builtin_ia32_pause();
+        int rb0 = cp * 2, rb1 = rb0 + 2 < nrb ? rb0 + 2 : nrb;
+        down_rows(c, op->big, p, c->s->big[i], rb0, rb1, dest_of(c, p));
+        atomic_store_explicit(&prog[cp], i + 1, memory_order_release);
     }
 }
 
@@ -722,10 +738,9 @@ static int forward(struct moe_op *op, moe_scratch *s, pool *p, int n, int top_k,
     int nrb = (op->d_model + 15) / 16, tpp = pool_part_size(p, 0);
     c.c_down = clampi(nrb / (8 * tpp), 1, 8);
     pool_run_parts(p, (nrb + c.c_down - 1) / c.c_down, 1, down_small_job, &c);
-    c.c_down = 2 * clampi(nrb / 2 / (4 * tpp), 1, 4);
-    for (int i = 0; i < s->n_big; i++) {
-        c.expert = s->big[i];
-        pool_run_parts(p, (nrb + c.c_down - 1) / c.c_down, 1, down_big_job, &c);
+    if (s->n_big) {
+        memset(s->prog, 0, (size_t)op->nparts * (size_t)s->prog_stride * sizeof *s->prog);
+        pool_run_parts(p, (int64_t)s->n_big * ((nrb + 1) / 2), 1, down_big_job, &c);
     }
     if (op->nparts > 1)
         pool_run(p, n, 0, reduce_job, &c);
