@@ -44,8 +44,10 @@
  *       With one partition these kernels are bit-identical to the reference.
  * silu(g) = g / (1 + e(-g)) with e() a shared fma polynomial (moe_impl.h),
  * argument clamped to [-87, 87]. Output: out[t] = fma(w, y, out[t]) over the
- * token's (expert, weight) pairs in ascending expert order; partition
- * partials are then added in partition order. ids < 0 are skipped.
+ * token's (expert, weight) pairs: first the experts with fewer than amx_min
+ * tokens, then the others, each group in ascending expert id (the same order
+ * for every kernel set); partition partials are then added in partition
+ * order. ids < 0 are skipped.
  */
 #ifndef TD_MOE_H
 #define TD_MOE_H

@@ -84,6 +84,14 @@ typedef struct {
     uint8_t *stage;                      /* INT4: two unpacked B tiles (1 KB) */
 } amx_pass;
 
+/* ask for the 1 KB tile at p (16 lines) in L2 ahead of use: weight tiles
+ * come from DRAM once per chunk, the tile loads should not wait for them */
+static inline void prefetch_tile(const uint8_t *p)
+{
+    for (int l = 0; l < 16; l++)
+        _mm_prefetch((const char *)(p + l * 64), _MM_HINT_T1);
+}
+
 static void zero_tiles(int two)
 {
     AMX_ZERO(0);
@@ -135,6 +143,10 @@ static void pass_bf16(const amx_pass *P)
                     load_c(two, c, ncol);
                 const uint8_t *a = P->x + (size_t)mt * 16 * P->ldx + (size_t)kc0 * 2;
                 for (int s = 0; s < nst; s++) {
+                    if (mt == 0 && kc0 + AMX_KC < kp) { /* the next chunk's tiles */
+                        prefetch_tile(b0 + (size_t)(AMX_KC / 32 + s) * 1024);
+                        prefetch_tile(b1 + (size_t)(AMX_KC / 32 + s) * 1024);
+                    }
                     AMX_LOAD(4, a + (size_t)s * 64, P->ldx);
                     AMX_LOAD(6, b0 + (size_t)s * 1024, 64);
                     AMX_LOAD(7, b1 + (size_t)s * 1024, 64);
@@ -225,6 +237,10 @@ static void pass_int8(const amx_pass *P)
                         load_c(two, ci, ncol);
                     const uint8_t *a = P->x + (size_t)mt * 16 * P->ldx + (size_t)g * W->group + (size_t)c0 * 64;
                     for (int s = 0; s < cs; s++) {
+                        if (mt == 0) { /* the next chunk's tiles (across a group end: 64 B early) */
+                            prefetch_tile(b0 + (size_t)(cs + s) * 1024);
+                            prefetch_tile(b1 + (size_t)(cs + s) * 1024);
+                        }
                         AMX_LOAD(4, a + (size_t)s * 64, P->ldx);
                         AMX_LOAD(6, b0 + (size_t)s * 1024, 64);
                         AMX_LOAD(7, b1 + (size_t)s * 1024, 64);
