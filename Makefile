@@ -32,7 +32,7 @@ ifeq ($(origin CUDA),undefined)
   CUDA := $(if $(shell command -v $(NVCC) 2>/dev/null),1,0)
 endif
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
-NVFLAGS = -O2 -std=c++17 -Xcompiler -fPIC -Iinclude -Isrc -MMD -MP \
+NVFLAGS = -O2 -std=c++17 -Xcompiler -fPIC -Iinclude -Isrc -MMD -MP -DTD_CUDA_LIB='"$(CUDA_HOME)/lib64"' \
           -Xcompiler -Wall,-Wextra -Werror all-warnings \
           -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90
 
@@ -42,7 +42,7 @@ ifeq ($(CUDA),1)
   LIB_SRC := $(filter-out src/cuda/gpu_none.c,$(LIB_SRC))
   LIB_CU  := $(CU_SRC:%.cu=$(BUILD)/%.o)
   LDLIBS  += -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/targets/x86_64-linux/lib \
-             -lcublas -lcudart_static -ldl -lrt -lstdc++ -Wl,-rpath,$(CUDA_HOME)/lib64
+             -lcudart_static -ldl -lrt -lstdc++ -Wl,-rpath,$(CUDA_HOME)/lib64
 else
   LIB_CU  :=
 endif

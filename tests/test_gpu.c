@@ -615,6 +615,8 @@ static void test_handoff(gpu_ctx *c, const gpu_info *info)
             }
             gpu_graph_free(g);
             dev_free_all();
+            if (!ok && graph)
+                gpu_ctx_clear(c); /* a failed capture leaves the context usable */
         }
     }
     free(x);
@@ -840,9 +842,9 @@ TEST_GROUP(gpu)
     CHECKF(rc == 0, "%s", err);
     if (rc)
         return;
-    printf("  GPU: %s, compute %d.%d, %d SMs, %.1f GB, driver %d, runtime %d, stream memory ops %s\n", info.name,
-           info.cc_major, info.cc_minor, info.n_sm, info.mem_total / 1e9, info.driver_version, info.runtime_version,
-           info.mem_ops ? "yes" : "no");
+    printf("  GPU: %s, compute %d.%d, %d SMs, %.1f GB, driver %d, runtime %d, stream memory ops %s, cuBLAS %s\n",
+           info.name, info.cc_major, info.cc_minor, info.n_sm, info.mem_total / 1e9, info.driver_version,
+           info.runtime_version, info.mem_ops ? "yes" : "no", info.cublas ? "yes" : "not found (own GEMM kernel)");
     pool *p = NULL;
     rc = pool_create(&p, 2, 0, err, sizeof err);
     CHECKF(rc == 0, "%s", err);

@@ -51,6 +51,7 @@ typedef struct {
     int driver_version;           /* e.g. 13000; 0 = no driver */
     int runtime_version;          /* of the CUDA runtime linked in */
     int mem_ops;                  /* stream memory operations usable (hand-off b) */
+    int cublas;                   /* libcublas found (else every GEMM runs our kernel) */
 } gpu_info;
 
 /* How many CUDA devices this process can use; 0 when there is no driver or

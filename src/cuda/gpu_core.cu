@@ -15,6 +15,7 @@
  *   - cuBLAS gets a fixed workspace, so capturing a graph never allocates.
  */
 #include <cuda.h>
+#include <dlfcn.h>
 #include <mutex>
 #include <string.h>
 
@@ -112,6 +113,7 @@ extern "C" int gpu_open(int device, gpu_info *info, char *err, size_t errlen)
     cudaRuntimeGetVersion(&info->runtime_version);
     load_mem_ops();
     info->mem_ops = p_wait32 && p_write32;
+    info->cublas = gpu_blas() != NULL;
     return 0;
 }
 
@@ -197,6 +199,44 @@ extern "C" int gpu_memset(void *dst, int value, size_t bytes, char *err, size_t 
     return plain_err(cudaMemset(dst, value, bytes), "memset", err, errlen);
 }
 
+/* ---- cuBLAS at run time -------------------------------------------------------- */
+static gpu_blas_api blas_api;
+static const gpu_blas_api *blas_ok;
+
+const gpu_blas_api *gpu_blas(void)
+{
+    static std::once_flag once;
+    std::call_once(once, [] {
+        /* the binary's rpath names the toolkit it was built with; TD_CUDA_LIB too */
+        char name[64], full[600] = "";
+        snprintf(name, sizeof name, "libcublas.so.%d", CUBLAS_VER_MAJOR);
+#ifdef TD_CUDA_LIB
+        snprintf(full, sizeof full, "%s/%s", TD_CUDA_LIB, name);
+#endif
+        const char *names[] = { name, full, "libcublas.so" };
+        void *h = NULL;
+        for (int i = 0; i < 3 && !h; i++)
+            if (names[i][0])
+                h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+        if (!h)
+            return;
+        gpu_blas_api a;
+        *(void **)&a.create = dlsym(h, "cublasCreate_v2");
+        *(void **)&a.destroy = dlsym(h, "cublasDestroy_v2");
+        *(void **)&a.set_stream = dlsym(h, "cublasSetStream_v2");
+        *(void **)&a.set_workspace = dlsym(h, "cublasSetWorkspace_v2");
+        *(void **)&a.set_math_mode = dlsym(h, "cublasSetMathMode");
+        *(void **)&a.gemm_ex = dlsym(h, "cublasGemmEx");
+        *(void **)&a.status_string = dlsym(h, "cublasGetStatusString");
+        if (a.create && a.destroy && a.set_stream && a.set_workspace && a.set_math_mode && a.gemm_ex &&
+            a.status_string) {
+            blas_api = a;
+            blas_ok = &blas_api;
+        }
+    });
+    return blas_ok;
+}
+
 /* ---- contexts ----------------------------------------------------------------- */
 enum { BLAS_WS_BYTES = 32 << 20 }; /* what cuBLAS asks for on Hopper */
 
@@ -209,7 +249,7 @@ extern "C" void gpu_ctx_free(gpu_ctx *c)
     if (c->s[1])
         cudaStreamSynchronize(c->s[1]);
     if (c->blas)
-        cublasDestroy(c->blas);
+        gpu_blas()->destroy(c->blas);
     cudaFree(c->blas_ws);
     cudaFree(c->xbf);
     if (c->ev_fork)
@@ -233,23 +273,26 @@ extern "C" int gpu_ctx_create(gpu_ctx **out, size_t scratch_elems, char *err, si
         return TANDEM_ENOMEM;
     }
     c->exact_max_T = 16;
+    /* blocking streams: they order after synchronous uploads and memsets on the
+     * legacy stream (load time, tests) without extra synchronisation */
     for (int i = 0; i < 2; i++)
-        gpu_check(c, cudaStreamCreateWithFlags(&c->s[i], cudaStreamNonBlocking), "creating a stream");
+        gpu_check(c, cudaStreamCreateWithFlags(&c->s[i], cudaStreamDefault), "creating a stream");
     gpu_check(c, cudaEventCreateWithFlags(&c->ev_fork, cudaEventDisableTiming), "creating an event");
     gpu_check(c, cudaEventCreateWithFlags(&c->ev_join, cudaEventDisableTiming), "creating an event");
-    if (!c->rc)
-        gpu_blas_check(c, cublasCreate(&c->blas), "cublasCreate");
-    if (!c->rc)
-        gpu_blas_check(c, cublasSetStream(c->blas, c->s[GPU_MAIN]), "cublasSetStream");
-    if (!c->rc) {
+    const gpu_blas_api *b = gpu_blas();
+    if (!c->rc && b)
+        gpu_blas_check(c, b->create(&c->blas), "cublasCreate");
+    if (!c->rc && b)
+        gpu_blas_check(c, b->set_stream(c->blas, c->s[GPU_MAIN]), "cublasSetStream");
+    if (!c->rc && b) {
         c->blas_ws_bytes = BLAS_WS_BYTES;
         gpu_check(c, cudaMalloc(&c->blas_ws, c->blas_ws_bytes), "allocating the cuBLAS workspace");
     }
-    if (!c->rc)
-        gpu_blas_check(c, cublasSetWorkspace(c->blas, c->blas_ws, c->blas_ws_bytes), "cublasSetWorkspace");
+    if (!c->rc && b)
+        gpu_blas_check(c, b->set_workspace(c->blas, c->blas_ws, c->blas_ws_bytes), "cublasSetWorkspace");
     /* plain fp32 GEMMs stay fp32: no TF32 unless asked for */
-    if (!c->rc)
-        gpu_blas_check(c, cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    if (!c->rc && b)
+        gpu_blas_check(c, b->set_math_mode(c->blas, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
     c->xbf_elems = scratch_elems;
     if (!c->rc && scratch_elems)
         gpu_check(c, cudaMalloc((void **)&c->xbf, scratch_elems * sizeof(__nv_bfloat16)), "allocating GEMM scratch");

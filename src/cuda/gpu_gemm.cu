@@ -7,7 +7,8 @@
  *     the row length allows; fp32 activations, fp32 sums. This is the
  *     bandwidth-bound regime, where a GEMV near the HBM roofline is what
  *     matters and tensor cores do not help.
- *   cuBLAS (larger T, prefill): BF16 weights take the activations rounded
+ *   cuBLAS (larger T, prefill; loaded at run time, and when it is missing
+ *     the exact kernel serves every T): BF16 weights take the activations rounded
  *     to BF16 (into the context's scratch) and accumulate in fp32 on tensor
  *     cores; F32 weights run a plain fp32 GEMM (no TF32).
  *
@@ -125,13 +126,13 @@ static int mm_blas(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ld
         if (gpu_launched(c, "matmul: rounding inputs to BF16"))
             return c->rc;
         gpu_blas_check(c,
-                       cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, T, (int)K, &one, W->data,
+                       gpu_blas()->gemm_ex(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, T, (int)K, &one, W->data,
                                     CUDA_R_16BF, (int)K, c->xbf, CUDA_R_16BF, (int)K, &beta, y, CUDA_R_32F, (int)ldy,
                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                        "cublasGemmEx (BF16)");
     } else {
         gpu_blas_check(c,
-                       cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, T, (int)K, &one, W->data,
+                       gpu_blas()->gemm_ex(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, T, (int)K, &one, W->data,
                                     CUDA_R_32F, (int)K, x, CUDA_R_32F, (int)ldx, &beta, y, CUDA_R_32F, (int)ldy,
                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                        "cublasGemmEx (F32)");
@@ -148,7 +149,7 @@ extern "C" int gpu_matmul(gpu_ctx *c, float *y, int64_t ldy, const float *x, int
 {
     if (c->rc || T <= 0 || W->rows <= 0)
         return c->rc;
-    if (T <= c->exact_max_T)
+    if (T <= c->exact_max_T || !c->blas)
         return mm_exact(c, y, ldy, x, ldx, T, W, bias, accumulate);
     return mm_blas(c, y, ldy, x, ldx, T, W, bias, accumulate);
 }

@@ -18,10 +18,26 @@
 #include "cuda/gpu.h"
 #include "tandem.h"
 
+/* cuBLAS, loaded at run time (dlopen) so that no CUDA library is needed for
+ * the binary to start; NULL from gpu_blas() when it cannot be loaded, and
+ * then every GEMM runs on our own kernel. */
+struct gpu_blas_api {
+    cublasStatus_t (*create)(cublasHandle_t *);
+    cublasStatus_t (*destroy)(cublasHandle_t);
+    cublasStatus_t (*set_stream)(cublasHandle_t, cudaStream_t);
+    cublasStatus_t (*set_workspace)(cublasHandle_t, void *, size_t);
+    cublasStatus_t (*set_math_mode)(cublasHandle_t, cublasMath_t);
+    cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void *,
+                              const void *, cudaDataType, int, const void *, cudaDataType, int, const void *, void *,
+                              cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+    const char *(*status_string)(cublasStatus_t);
+};
+const gpu_blas_api *gpu_blas(void);
+
 struct gpu_ctx {
     cudaStream_t s[2];           /* GPU_MAIN, GPU_SIDE */
     cudaEvent_t ev_fork, ev_join;
-    cublasHandle_t blas;
+    cublasHandle_t blas;         /* NULL without cuBLAS: GEMMs use our kernel */
     void *blas_ws;               /* cuBLAS workspace: set once so graph capture never allocates */
     size_t blas_ws_bytes;
     __nv_bfloat16 *xbf;          /* [scratch_elems] GEMM inputs rounded to BF16 */
@@ -55,7 +71,9 @@ static inline int gpu_blas_check(gpu_ctx *c, cublasStatus_t s, const char *what)
 {
     if (s == CUBLAS_STATUS_SUCCESS)
         return c->rc;
-    return gpu_fail(c, what, cublasGetStatusString(s));
+    char why[64];
+    snprintf(why, sizeof why, "cuBLAS status %d", (int)s);
+    return gpu_fail(c, what, gpu_blas() ? gpu_blas()->status_string(s) : why);
 }
 
 /* After a <<<>>> launch: catches bad configurations and earlier async faults. */

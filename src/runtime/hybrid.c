@@ -555,6 +555,7 @@ void hybrid_plan_print(const tandem_engine *e, FILE *out)
                 hy->cpu_ref ? "fp32" : "MoE operator");
     fprintf(out, "              budget %.2f GB (%s), %.2f GB uploaded\n", p->budget / 1e9,
             e->params.gpu_mem_gb > 0 ? "--gpu-mem" : "free memory less a 4 GB reserve", hy->gpu_bytes / 1e9);
-    fprintf(out, "hand-off:     stream memory operations %s; graphs per decode shape\n",
-            g->mem_ops ? "available" : "not available (host functions only)");
+    fprintf(out, "hand-off:     stream memory operations %s; graphs per decode shape; GEMMs: %s\n",
+            g->mem_ops ? "available" : "not available (host functions only)",
+            g->cublas ? "own kernel up to 16 tokens, cuBLAS above" : "own kernel (cuBLAS not found)");
 }

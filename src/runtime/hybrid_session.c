@@ -235,6 +235,21 @@ int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *er
     return 0;
 }
 
+void hybrid_session_set_opts(tandem_session *s, const hybrid_opts *o)
+{
+    hybrid_session *hs = s->hys;
+    if (!hs)
+        return;
+    for (int i = 0; i < hs->n_graphs; i++)
+        gpu_graph_free(hs->graphs[i].g);
+    hs->n_graphs = 0;
+    hs->o.graphs = o->graphs;
+    hs->o.exact = o->exact;
+    hs->o.cpu_skip = o->cpu_skip;
+    hs->o.no_handoff = o->no_handoff;
+    gpu_ctx_set_exact(hs->c, o->exact ? INT_MAX : 16);
+}
+
 /* ---- the schedule of one pass ---------------------------------------------------------- */
 static void attn_gqa(hybrid_session *hs, int l, int T)
 {
@@ -428,7 +443,9 @@ static int run_pass(hybrid_session *hs, int T, int n_want, float *dst, int graph
     gpu_graph *g = NULL;
     if (graphable && hs->o.graphs && T <= HY_GRAPH_MAX_T)
         g = graph_for(hs, T, n_want, dst, err, errlen);
-    hy_cpu_arm(hs);
+    const int watch = !hs->o.no_handoff; /* the watcher waits for every CPU layer's flag */
+    if (watch)
+        hy_cpu_arm(hs);
     if (g) {
         gpu_graph_launch(hs->c, g);
         hs->st.graph_launches++;
@@ -436,7 +453,8 @@ static int run_pass(hybrid_session *hs, int T, int n_want, float *dst, int graph
         enqueue(hs, T, n_want, dst);
     }
     int rc = gpu_sync(hs->c, err, errlen);
-    hy_cpu_disarm(hs, rc != 0);
+    if (watch)
+        hy_cpu_disarm(hs, rc != 0);
     if (!rc && hs->cpu_rc) {
         rc = td_err(err, errlen, hs->cpu_rc, "%s", hs->cpu_msg);
         hs->cpu_rc = 0;

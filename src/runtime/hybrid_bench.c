@@ -1,0 +1,444 @@
+/*
+ * hybrid_bench.c - `tandem bench e2e`: end-to-end prefill and decode of the
+ * hybrid engine (and of the CPU engine) on full-size shapes, in BENCH.md's
+ * key=value line format.
+ *
+ * What one run measures, all in the same process:
+ *   - DRAM read bandwidth (all pool threads, 16-byte loads over 1 GiB, best
+ *     of 5): the ceiling for the CPU roofline;
+ *   - prefill tokens/s for each --prompt length (one sequence; the session
+ *     cuts the prompt into passes of TANDEM_GPU_CHUNK tokens, default the
+ *     longest prompt up to 4096);
+ *   - decode tokens/s at batch 1 after the first prompt, and the split of a
+ *     decode step: wall time W; CPU busy C (time inside the CPU experts);
+ *     GPU time G of the same step with the CPU hand-off removed (routed
+ *     experts skipped: the GPU's own work plus the graph launch); W0 of the
+ *     step with hand-offs whose CPU work is empty. gpu_busy = G/W,
+ *     cpu_busy = C/W, sync_frac = (W0 - G)/W: what handing off costs beyond
+ *     the work on either side (copies, host wake-ups, flag polling);
+ *   - roofline_tok_s = bandwidth / routed-expert bytes read per token on the
+ *     CPU (the packed size of the top-k experts of every MoE layer); for
+ *     mode=cpu, bandwidth / all weight bytes read per token.
+ * Decode step timings exclude the first steps of each configuration, which
+ * capture the CUDA graph.
+ */
+#include "core/err.h"
+#include "core/log.h"
+#include "core/mem.h"
+#include "runtime/hybrid_impl.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *usage =
+    "usage: tandem bench e2e --model DIR [options]\n"
+    "  --model DIR         a model directory (config.json; weights unless --dummy-weights)\n"
+    "  --name NAME         model name in the output (default: the directory's name)\n"
+    "  --dummy-weights     random weights at full size, nothing read from disk\n"
+    "  --layers N          only the first N layers\n"
+    "  --experts FMT       CPU experts: bf16, int8 or int4 (default int4)\n"
+    "  --mode M            hybrid, cpu or both (default hybrid)\n"
+    "  --handoff H         host, memop or both (default both)\n"
+    "  --prompt LIST       prefill lengths, comma-separated (default 512,4096)\n"
+    "  --decode N          decode steps measured per configuration (default 32)\n"
+    "  --cpu-prompt N      prefill length in CPU mode (default 512; 0 = none)\n"
+    "  --cpu-decode N      decode steps in CPU mode (default 8)\n"
+    "  --gpu-experts N     routed experts per layer on the GPU (default 0)\n"
+    "  --gpu-mem GB        GPU memory budget for weights\n"
+    "  --threads N         CPU threads (default: all cores)\n";
+
+typedef struct {
+    const char *model, *name;
+    int dummy, layers, fmt, mode_hybrid, mode_cpu, ho_host, ho_memop;
+    int prompts[8], n_prompts, decode, cpu_prompt, cpu_decode, gpu_experts, threads;
+    double gpu_mem;
+} bench_opts;
+
+static double now_s(void) { return (double)hy_now_ns() * 1e-9; }
+
+/* ---- DRAM read bandwidth --------------------------------------------------------- */
+typedef unsigned long long v2u64 __attribute__((vector_size(16)));
+typedef struct {
+    const v2u64 *p;
+    int64_t n;        /* vectors in all */
+    v2u64 sink[256];
+} bw_ctx;
+
+static void bw_job(void *arg, int64_t b, int64_t e)
+{
+    bw_ctx *c = arg;
+    int64_t per = c->n / 256;
+    v2u64 a0 = { 0, 0 }, a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t blk = b; blk < e; blk++) {
+        const v2u64 *p = c->p + blk * per;
+        for (int64_t i = 0; i + 4 <= per; i += 4) {
+            a0 ^= p[i];
+            a1 ^= p[i + 1];
+            a2 ^= p[i + 2];
+            a3 ^= p[i + 3];
+        }
+        c->sink[blk] = a0 ^ a1 ^ a2 ^ a3;
+    }
+}
+
+static double dram_gbps(pool *p)
+{
+    const size_t bytes = 1ull << 30;
+    v2u64 *buf = td_alloc(bytes);
+    if (!buf)
+        return 0;
+    memset(buf, 1, bytes);
+    bw_ctx c = { buf, (int64_t)(bytes / 16), { { 0, 0 } } };
+    double best = 0;
+    for (int r = 0; r < 5; r++) {
+        double t0 = now_s();
+        pool_run(p, 256, 1, bw_job, &c);
+        double gb = bytes / (now_s() - t0) / 1e9;
+        best = gb > best ? gb : best;
+    }
+    free(buf);
+    return best;
+}
+
+/* ---- helpers ------------------------------------------------------------------------ */
+static int forward(tandem_session *s, int hybrid, int n, const int32_t *tok, int pos0, char *err, size_t errlen)
+{
+    int32_t *pos = malloc((size_t)n * 4);
+    if (!pos)
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    for (int i = 0; i < n; i++)
+        pos[i] = pos0 + i;
+    tandem_batch b = { n, tok, pos, NULL, NULL };
+    int rc = hybrid ? hybrid_forward(s, &b, err, errlen) : tandem_forward(s, &b, err, errlen);
+    free(pos);
+    return rc;
+}
+
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+static int32_t rand_tok(int V)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (int32_t)(rng % (uint64_t)V);
+}
+
+/* Average seconds per decode step over `steps` steps (after `warm` unmeasured). */
+static int decode_steps(tandem_session *s, int hybrid, int warm, int steps, double *sec, int64_t *cpu_ns, char *err,
+                        size_t errlen)
+{
+    const int V = s->e->d.n_vocab;
+    hybrid_stats a, b;
+    double t0 = 0;
+    for (int i = 0; i < warm + steps; i++) {
+        if (i == warm) {
+            hybrid_stats_get(s, &a);
+            t0 = now_s();
+        }
+        int32_t tok = rand_tok(V);
+        int rc = forward(s, hybrid, 1, &tok, tandem_kv_len(s, 0), err, errlen);
+        if (rc)
+            return rc;
+    }
+    *sec = (now_s() - t0) / steps;
+    hybrid_stats_get(s, &b);
+    *cpu_ns = (b.cpu_ns - a.cpu_ns) / steps;
+    return 0;
+}
+
+static const char *fmt_name(int f) { return f == TANDEM_FMT_INT4 ? "int4" : f == TANDEM_FMT_INT8 ? "int8" : "bf16"; }
+
+/* Bytes of routed experts the CPU reads per token (top-k of every MoE layer). */
+static double cpu_expert_bytes_per_token(const tandem_engine *e)
+{
+    const model_desc *d = &e->d;
+    double total = 0;
+    for (int l = 0; l < d->n_layer; l++) {
+        if (!d->layer_moe[l])
+            continue;
+        const hy_layer *L = e->hy ? &e->hy->L[l] : NULL;
+        double per = L && L->moe ? (double)moe_bytes(L->moe)
+                                 : 3.0 * d->d_ff_expert * d->d_model * (e->layers[l].exp_gate[0].dt == DT_F32 ? 4 : 2);
+        double on_cpu = L ? (double)(d->n_expert - L->n_gpu_exp) / d->n_expert : 1.0;
+        total += per * d->n_expert_used * on_cpu;
+    }
+    return total;
+}
+
+/* ---- one hybrid configuration ----------------------------------------------------------- */
+static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, double bw, char *err, size_t errlen)
+{
+    int maxp = 0;
+    for (int i = 0; i < o->n_prompts; i++)
+        maxp = o->prompts[i] > maxp ? o->prompts[i] : maxp;
+    tandem_session_params sp;
+    tandem_session_params_default(&sp);
+    sp.n_ctx = maxp + 3 * (o->decode + 4) + 64;
+    sp.n_batch = maxp > 16 ? maxp : 16;
+    sp.n_outputs = 1;
+    tandem_session *s = NULL;
+    int rc = tandem_session_create(e, &sp, &s, err, errlen);
+    if (rc)
+        return rc;
+    hybrid_session_free(s); /* whatever the wiring made: this run's options below */
+    hybrid_opts ho;
+    hybrid_opts_default(&ho);
+    ho.handoff = handoff;
+    if (!getenv("TANDEM_GPU_CHUNK"))
+        ho.chunk = maxp < 4096 ? maxp : 4096;
+    rc = hybrid_session_create_opts(s, &ho, err, errlen);
+    const int V = e->d.n_vocab;
+    const char *hname = handoff == HY_HANDOFF_MEMOP ? "memop" : "host";
+    int32_t *tok = malloc((size_t)(maxp > 16 ? maxp : 16) * 4);
+    if (!rc && !tok)
+        rc = td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    for (int i = 0; !rc && i < (maxp > 16 ? maxp : 16); i++)
+        tok[i] = rand_tok(V);
+    /* warm-up: cuBLAS handles, kernels' first launches */
+    if (!rc)
+        rc = forward(s, 1, 16, tok, 0, err, errlen);
+    for (int i = 0; !rc && i < o->n_prompts; i++) {
+        tandem_kv_clear(s, 0);
+        double t0 = now_s();
+        rc = forward(s, 1, o->prompts[i], tok, 0, err, errlen);
+        double t = now_s() - t0;
+        if (!rc)
+            printf("bench=e2e model=%s experts=%s mode=hybrid handoff=%s phase=prefill prompt=%d batch=1 tok_s=%.1f "
+                   "ms=%.1f chunk=%d gpu_experts=%d\n",
+                   o->name, fmt_name(o->fmt), hname, o->prompts[i], o->prompts[i] / t, t * 1e3, s->hys->chunk,
+                   e->hy->plan.gpu_experts);
+        fflush(stdout);
+    }
+    /* decode after the first prompt */
+    if (!rc && o->decode > 0) {
+        tandem_kv_clear(s, 0);
+        rc = forward(s, 1, o->prompts[0], tok, 0, err, errlen);
+        double W = 0, G = 0, W0 = 0;
+        int64_t C = 0, c0;
+        hybrid_opts m = s->hys->o;
+        if (!rc)
+            rc = decode_steps(s, 1, 2, o->decode, &W, &C, err, errlen);
+        m.no_handoff = 1;
+        hybrid_session_set_opts(s, &m);
+        if (!rc)
+            rc = decode_steps(s, 1, 2, o->decode / 2 > 4 ? o->decode / 2 : 4, &G, &c0, err, errlen);
+        m.no_handoff = 0;
+        m.cpu_skip = 1;
+        hybrid_session_set_opts(s, &m);
+        if (!rc)
+            rc = decode_steps(s, 1, 2, o->decode / 2 > 4 ? o->decode / 2 : 4, &W0, &c0, err, errlen);
+        if (!rc) {
+            double bytes = cpu_expert_bytes_per_token(e), roof = bytes > 0 ? bw * 1e9 / bytes : 0;
+            double sync = W0 - G > 0 ? W0 - G : 0;
+            printf("bench=e2e model=%s experts=%s mode=hybrid handoff=%s phase=decode prompt=%d batch=1 tok_s=%.2f "
+                   "roofline_tok_s=%.2f roofline_frac=%.3f gpu_busy=%.3f cpu_busy=%.3f sync_frac=%.3f step_ms=%.3f "
+                   "gpu_ms=%.3f cpu_ms=%.3f handoff_empty_ms=%.3f expert_MB_per_tok=%.1f dram_GBps=%.1f graphs=%s\n",
+                   o->name, fmt_name(o->fmt), hname, o->prompts[0], 1.0 / W, roof, roof > 0 ? 1.0 / W / roof : 0,
+                   G / W, C * 1e-9 / W, sync / W, W * 1e3, G * 1e3, C * 1e-6, W0 * 1e3, bytes / 1e6, bw,
+                   s->hys->o.graphs ? "on" : "off");
+            fflush(stdout);
+        }
+    }
+    free(tok);
+    hybrid_session_free(s);
+    tandem_session_free(s);
+    return rc;
+}
+
+/* ---- the CPU engine on the same shapes --------------------------------------------------- */
+static int run_cpu(tandem_engine *e, const bench_opts *o, double bw, char *err, size_t errlen)
+{
+    struct hybrid_engine *hy = e->hy;
+    e->hy = NULL; /* a session without GPU state, whatever the wiring */
+    tandem_session_params sp;
+    tandem_session_params_default(&sp);
+    int P = o->cpu_prompt > 0 ? o->cpu_prompt : 16;
+    sp.n_ctx = P + o->cpu_decode + 16;
+    sp.n_batch = P;
+    sp.n_outputs = 1;
+    tandem_session *s = NULL;
+    int rc = tandem_session_create(e, &sp, &s, err, errlen);
+    e->hy = hy;
+    if (rc)
+        return rc;
+    const int V = e->d.n_vocab;
+    int32_t *tok = malloc((size_t)P * 4);
+    for (int i = 0; tok && i < P; i++)
+        tok[i] = rand_tok(V);
+    if (!tok)
+        rc = td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    double t0 = now_s();
+    if (!rc)
+        rc = forward(s, 0, P, tok, 0, err, errlen);
+    double t = now_s() - t0;
+    if (!rc && o->cpu_prompt > 0)
+        printf("bench=e2e model=%s experts=bf16 mode=cpu phase=prefill prompt=%d batch=1 tok_s=%.2f ms=%.1f "
+               "cpu_path=reference\n",
+               o->name, P, P / t, t * 1e3);
+    double W = 0;
+    int64_t C;
+    if (!rc && o->cpu_decode > 0)
+        rc = decode_steps(s, 0, 1, o->cpu_decode, &W, &C, err, errlen);
+    if (!rc && o->cpu_decode > 0) {
+        int64_t total, active;
+        model_param_counts(&e->d, &total, &active);
+        double bytes = (double)active * 2, roof = bw * 1e9 / bytes;
+        printf("bench=e2e model=%s experts=bf16 mode=cpu phase=decode prompt=%d batch=1 tok_s=%.2f roofline_tok_s=%.2f "
+               "roofline_frac=%.3f step_ms=%.1f active_MB_per_tok=%.1f dram_GBps=%.1f cpu_path=reference\n",
+               o->name, P, 1.0 / W, roof, 1.0 / W / roof, W * 1e3, bytes / 1e6, bw);
+    }
+    fflush(stdout);
+    free(tok);
+    tandem_session_free(s);
+    return rc;
+}
+
+/* ---- options and the run ---------------------------------------------------------------- */
+static int parse(int argc, char **argv, bench_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->fmt = TANDEM_FMT_INT4;
+    o->mode_hybrid = 1;
+    o->ho_host = o->ho_memop = 1;
+    o->prompts[0] = 512, o->prompts[1] = 4096, o->n_prompts = 2;
+    o->decode = 32;
+    o->cpu_prompt = 512;
+    o->cpu_decode = 8;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            fputs(usage, stdout);
+            return 1;
+        }
+        if (!strcmp(a, "--dummy-weights")) {
+            o->dummy = 1;
+            continue;
+        }
+        if (!v) {
+            fprintf(stderr, "bench e2e: %s needs a value\n%s", a, usage);
+            return -1;
+        }
+        i++;
+        if (!strcmp(a, "--model"))
+            o->model = v;
+        else if (!strcmp(a, "--name"))
+            o->name = v;
+        else if (!strcmp(a, "--layers"))
+            o->layers = atoi(v);
+        else if (!strcmp(a, "--experts")) {
+            o->fmt = !strcmp(v, "int4") ? TANDEM_FMT_INT4 : !strcmp(v, "int8") ? TANDEM_FMT_INT8
+                   : !strcmp(v, "bf16") ? TANDEM_FMT_BF16 : -1;
+            if (o->fmt < 0) {
+                fprintf(stderr, "bench e2e: --experts %s: expected bf16, int8 or int4\n", v);
+                return -1;
+            }
+        } else if (!strcmp(a, "--mode")) {
+            o->mode_hybrid = !strcmp(v, "hybrid") || !strcmp(v, "both");
+            o->mode_cpu = !strcmp(v, "cpu") || !strcmp(v, "both");
+        } else if (!strcmp(a, "--handoff")) {
+            o->ho_host = !strcmp(v, "host") || !strcmp(v, "both");
+            o->ho_memop = !strcmp(v, "memop") || !strcmp(v, "both");
+        } else if (!strcmp(a, "--prompt")) {
+            o->n_prompts = 0;
+            for (char *p = (char *)v; *p && o->n_prompts < 8;) {
+                int n = (int)strtol(p, &p, 10);
+                if (n > 0)
+                    o->prompts[o->n_prompts++] = n;
+                if (*p == ',')
+                    p++;
+                else if (*p)
+                    break;
+            }
+        } else if (!strcmp(a, "--decode"))
+            o->decode = atoi(v);
+        else if (!strcmp(a, "--cpu-prompt"))
+            o->cpu_prompt = atoi(v);
+        else if (!strcmp(a, "--cpu-decode"))
+            o->cpu_decode = atoi(v);
+        else if (!strcmp(a, "--gpu-experts"))
+            o->gpu_experts = atoi(v);
+        else if (!strcmp(a, "--gpu-mem"))
+            o->gpu_mem = atof(v);
+        else if (!strcmp(a, "--threads"))
+            o->threads = atoi(v);
+        else {
+            fprintf(stderr, "bench e2e: unknown option %s\n%s", a, usage);
+            return -1;
+        }
+    }
+    if (!o->model || o->n_prompts == 0 || (!o->mode_hybrid && !o->mode_cpu) || (!o->ho_host && !o->ho_memop)) {
+        fprintf(stderr, "bench e2e: --model is required (and --prompt, --mode, --handoff need valid values)\n%s", usage);
+        return -1;
+    }
+    if (!o->name) {
+        const char *sl = strrchr(o->model, '/');
+        o->name = sl && sl[1] ? sl + 1 : o->model;
+    }
+    return 0;
+}
+
+int tandem_bench_e2e(int argc, char **argv)
+{
+    bench_opts o;
+    int prc = parse(argc, argv, &o);
+    if (prc)
+        return prc > 0 ? 0 : 2;
+    char err[1024];
+    tandem_engine_params ep;
+    tandem_engine_params_default(&ep);
+    ep.dummy_weights = o.dummy;
+    ep.n_layer_limit = o.layers;
+    ep.cpu_experts = o.fmt;
+    ep.n_threads = o.threads;
+    ep.gpu = 0; /* the CPU engine first; the GPU side is opened below */
+    double t0 = now_s();
+    tandem_engine *e = NULL;
+    int rc = tandem_engine_open(o.model, &ep, &e, err, sizeof err);
+    if (rc) {
+        fprintf(stderr, "bench e2e: %s\n", err);
+        return 1;
+    }
+    double t_load = now_s() - t0;
+    double bw = dram_gbps(e->pool);
+    printf("# bench e2e: %s, %d layers (%d MoE), %d threads, load %.1f s, DRAM read %.1f GB/s\n", o.name,
+           e->d.n_layer, e->d.n_layer_moe, pool_size(e->pool), t_load, bw);
+    if (o.mode_hybrid) {
+        hybrid_engine_close(e);
+        e->params.gpu = 1;
+        e->params.gpu_experts = o.gpu_experts;
+        e->params.gpu_mem_gb = o.gpu_mem;
+        t0 = now_s();
+        rc = hybrid_engine_open(e, err, sizeof err);
+        if (rc) {
+            fprintf(stderr, "bench e2e: GPU: %s\n", err);
+        } else {
+            printf("# GPU: %s; weights %.2f GB uploaded in %.1f s; CPU experts (%s) packed in %.1f s\n",
+                   e->hy->info.name, e->hy->gpu_bytes / 1e9, e->hy->upload_s, fmt_name(o.fmt), e->hy->pack_s);
+            fflush(stdout);
+            for (int h = 0; h < 2; h++) {
+                if ((h == 0 && !o.ho_host) || (h == 1 && !o.ho_memop))
+                    continue;
+                if (h == 1 && !e->hy->info.mem_ops) {
+                    printf("# handoff=memop skipped: stream memory operations are not available\n");
+                    continue;
+                }
+                int r = run_hybrid(e, &o, h ? HY_HANDOFF_MEMOP : HY_HANDOFF_HOST, bw, err, sizeof err);
+                if (r) {
+                    fprintf(stderr, "bench e2e: hybrid (%s): %s\n", h ? "memop" : "host", err);
+                    rc = r;
+                }
+            }
+        }
+    }
+    if (o.mode_cpu) {
+        int r = run_cpu(e, &o, bw, err, sizeof err);
+        if (r) {
+            fprintf(stderr, "bench e2e: cpu: %s\n", err);
+            rc = r;
+        }
+    }
+    hybrid_engine_close(e);
+    tandem_engine_close(e);
+    return rc ? 1 : 0;
+}
