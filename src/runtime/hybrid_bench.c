@@ -283,7 +283,8 @@ static int run_cpu(tandem_engine *e, const bench_opts *o, double bw, char *err, 
     if (!rc && o->cpu_decode > 0) {
         int64_t total, active;
         model_param_counts(&e->d, &total, &active);
-        double bytes = (double)active * 2, roof = bw * 1e9 / bytes;
+        /* per token the CPU reads every active weight except the embedding table (one row) */
+        double bytes = (double)(active - (int64_t)e->d.n_vocab * e->d.d_model) * 2, roof = bw * 1e9 / bytes;
         printf("bench=e2e model=%s experts=bf16 mode=cpu phase=decode prompt=%d batch=1 tok_s=%.2f roofline_tok_s=%.2f "
                "roofline_frac=%.3f step_ms=%.1f active_MB_per_tok=%.1f dram_GBps=%.1f cpu_path=reference\n",
                o->name, P, 1.0 / W, roof, 1.0 / W / roof, W * 1e3, bytes / 1e6, bw);
