@@ -102,6 +102,7 @@ typedef struct {
     const int32_t *held;    /* [n_held] expert ids */
     int64_t per_exp;        /* items per expert */
     int64_t part_start[MOE_MAX_PARTS + 1];
+    atomic_int failed;      /* a block ran out of memory */
 } pack_ctx;
 
 static void pack_job(void *arg, int64_t b, int64_t e)
@@ -120,7 +121,8 @@ static void pack_job(void *arg, int64_t b, int64_t e)
         int rb = (int)(which < 2 ? r - (int64_t)which * nrb_up : r - 2 * (int64_t)nrb_up);
         int ex = c->held[slot];
         moe_src_exp s = { c->d->gate[ex], c->d->up[ex], c->d->down[ex], c->d->src };
-        moe_pack_rb(op, &s, p, ex, which, rb);
+        if (moe_pack_rb(op, &s, p, ex, which, rb))
+            atomic_store(&c->failed, 1);
     }
 }
 
@@ -282,6 +284,10 @@ int moe_create_isa(moe_op **out, const moe_desc *d, pool *p, int isa, char *err,
     c.per_exp = c.part_start[op->nparts];
     pool_run(p, (int64_t)op->n_held * c.per_exp, 0, pack_job, &c);
     free(held);
+    if (atomic_load(&c.failed)) {
+        rc = td_err(err, errlen, TANDEM_ENOMEM, "moe: out of memory while packing");
+        goto fail;
+    }
     td_log(TD_LOG_INFO, "moe: packed %d experts (%d x %d, format %d): %.1f MB each", op->n_held, op->d_model, op->d_ff,
            op->fmt, moe_bytes(op) / 1e6);
     *out = op;

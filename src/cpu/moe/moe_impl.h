@@ -234,8 +234,9 @@ typedef struct {
     const void *gate, *up, *down;  /* one expert's source matrices */
     int src;                       /* moe_src */
 } moe_src_exp;
-/* pack row block rb of matrix `which` (0 gate, 1 up, 2 down) of expert e into partition p */
-void moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int which, int rb);
+/* pack row block rb of matrix `which` (0 gate, 1 up, 2 down) of expert e
+ * into partition p; -1 when out of memory for its staging rows */
+int moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int which, int rb);
 
 /* Large buffers (packed experts, scratch): a 2 MB-aligned anonymous mapping
  * advised for transparent huge pages, so streaming weights does not walk the

@@ -12,6 +12,7 @@
 #include "cpu/moe/moe_impl.h"
 
 #include <math.h>
+#include <stdlib.h>
 
 uint16_t moe_f32_to_f16(float f)
 {
@@ -124,7 +125,27 @@ static float row_amax(const src_view *v, int r, int c0, int c1)
     return a;
 }
 
-static void pack_int8(const src_view *v, int rb, int kp, int group, int whole_row, uint8_t *dst)
+/* the 16 rows of row block rb as floats, zero padded: rows[n * kp + k] */
+static void stage_rows(const src_view *v, int rb, int kp, float *rows)
+{
+    for (int n = 0; n < 16; n++) {
+        float *r = rows + (size_t)n * kp;
+        int row = rb * 16 + n, k = 0;
+        if (row < v->nrow) {
+            size_t base = (size_t)(v->row0 + row) * v->ld + (size_t)v->col0;
+            if (v->src == MOE_SRC_BF16)
+                for (; k < v->ncol && k < kp; k++)
+                    r[k] = bf16_to_f32(((const uint16_t *)v->m)[base + (size_t)k]);
+            else
+                for (; k < v->ncol && k < kp; k++)
+                    r[k] = ((const float *)v->m)[base + (size_t)k];
+        }
+        for (; k < kp; k++)
+            r[k] = 0.0f;
+    }
+}
+
+static void pack_int8(const src_view *v, int rb, int kp, int group, int whole_row, const float *rows, uint8_t *dst)
 {
     float inv[16];
     for (int g = 0; g < kp / group; g++) {
@@ -148,14 +169,14 @@ static void pack_int8(const src_view *v, int rb, int kp, int group, int whole_ro
             for (int r = 0; r < 16; r++)
                 for (int n = 0; n < 16; n++)
                     for (int j = 0; j < 4; j++) {
-                        float q = nearbyintf(view_at(v, rb * 16 + n, g * group + t * 64 + 4 * r + j) * inv[n]);
+                        float q = nearbyintf(rows[(size_t)n * kp + (size_t)(g * group + t * 64 + 4 * r + j)] * inv[n]);
                         q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
                         gb[(size_t)t * 1024 + (size_t)r * 64 + (size_t)n * 4 + (size_t)j] = (uint8_t)((int)q + 128);
                     }
     }
 }
 
-static void pack_int4(const src_view *v, int rb, int kp, uint8_t *dst)
+static void pack_int4(const src_view *v, int rb, int kp, const float *rows, uint8_t *dst)
 {
     for (int b = 0; b < kp / 32; b++) {
         uint8_t *blk = dst + (size_t)b * 320;
@@ -168,7 +189,7 @@ static void pack_int4(const src_view *v, int rb, int kp, uint8_t *dst)
             for (int k = 0; k < 32; k++) {
                 if (row >= v->nrow || b * 32 + k >= v->ncol)
                     continue;
-                float x = view_at(v, row, b * 32 + k);
+                float x = rows[(size_t)n * kp + (size_t)(b * 32 + k)];
                 if (first || x < lo)
                     lo = x;
                 if (first || x > hi)
@@ -181,7 +202,7 @@ static void pack_int4(const src_view *v, int rb, int kp, uint8_t *dst)
             mn[n] = m16;
             for (int k = 0; k < 32; k++) {
                 int real = row < v->nrow && b * 32 + k < v->ncol;
-                float x = view_at(v, row, b * 32 + k);
+                float x = rows[(size_t)n * kp + (size_t)(b * 32 + k)];
                 float qq = s > 0.0f && real ? nearbyintf((x - m) / s) : 0.0f;
                 qq = qq < 0.0f ? 0.0f : qq > 15.0f ? 15.0f : qq;
                 q[n][k] = (uint8_t)qq;
@@ -194,16 +215,27 @@ static void pack_int4(const src_view *v, int rb, int kp, uint8_t *dst)
     }
 }
 
-void moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int which, int rb)
+int moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int which, int rb)
 {
     moe_mat m = moe_mat_of(op, p, e, which);
     if (!m.kp)
-        return;
+        return 0;
     src_view v = view_of(op, s, p, which);
     uint8_t *dst = (uint8_t *)m.w + (size_t)rb * m.rb_bytes;
-    switch (op->fmt) {
-    case MOE_BF16: pack_bf16(&v, rb, m.kp, dst); break;
-    case MOE_INT8: pack_int8(&v, rb, m.kp, m.group, op->group == 0, dst); break;
-    default: pack_int4(&v, rb, m.kp, dst); break;
+    if (op->fmt == MOE_BF16) {
+        pack_bf16(&v, rb, m.kp, dst);
+        return 0;
     }
+    /* quantised formats: the block's rows as floats once (malloc: up to 4 MB;
+     * glibc keeps such blocks in its arena after the first free) */
+    float *rows = malloc((size_t)16 * (size_t)m.kp * sizeof(float));
+    if (!rows)
+        return -1;
+    stage_rows(&v, rb, m.kp, rows);
+    if (op->fmt == MOE_INT8)
+        pack_int8(&v, rb, m.kp, m.group, op->group == 0, rows, dst);
+    else
+        pack_int4(&v, rb, m.kp, rows, dst);
+    free(rows);
+    return 0;
 }
