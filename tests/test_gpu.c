@@ -452,7 +452,7 @@ static void test_experts(gpu_ctx *c)
     for (int i = 0; i < 3 * D * F; i++)
         dn[i] = f32_to_bf16(frand() * 0.2f);
     float h[5 * 64], w[15], x[5 * 64], xr[5 * 64];
-    int32_t ids[15] = { 1, 0, 3, 4, 2, 5, 7, 6, 0, 3, 4, 1, 2, 2, 2 }, icpu[15];
+    int32_t ids[15] = { 1, 0, 3, 4, 2, 5, 7, 6, 0, 3, 4, 1, 2, 2, 2 };
     fill(h, T * D, 1.0f);
     fill(w, T * K, 1.0f);
     fill(x, T * D, 1.0f);
@@ -481,23 +481,54 @@ static void test_experts(gpu_ctx *c)
             for (int d = 0; d < D; d++)
                 xr[t * D + d] += w[t * K + k] * y[d];
         }
-    int32_t *dslot = dev_dup(slot, sizeof slot), *dids = dev_dup(ids, sizeof ids), *dic = dev_dup(NULL, sizeof ids);
+    int32_t *dslot = dev_dup(slot, sizeof slot), *dids = dev_dup(ids, sizeof ids);
     gpu_experts ex = { dev_dup(gu, (size_t)3 * 2 * F * D * 2), dev_dup(dn, (size_t)3 * D * F * 2), GPU_BF16, dslot, E,
                        D, F };
     float *dx = dev_dup(x, sizeof x);
     gpu_moe_experts(c, &ex, T, K, dev_dup(h, sizeof h), D, dids, dev_dup(w, sizeof w), dx, D,
                     dev_dup(NULL, (size_t)T * K * (3 * F + D) * 4));
-    gpu_moe_cpu_ids(c, dslot, T, K, dids, dic);
     if (synced(c, "GPU experts")) {
         down(x, dx, sizeof x);
         double e = max_rel(x, xr, T * D);
         CHECKF(e <= 1e-4, "GPU experts: error %.3g", e);
-        down(icpu, dic, sizeof icpu);
-        int ok = 1;
-        for (int i = 0; i < T * K; i++)
-            ok &= icpu[i] == (slot[ids[i]] >= 0 ? -1 : ids[i]);
-        CHECKF(ok, "CPU expert ids: GPU-held experts are not masked to -1");
     }
+    /* the hand-off slot, written into pinned memory by a kernel, and the add from it */
+    char err[256];
+    uint16_t *hx = NULL;
+    int32_t *hid = NULL;
+    float *hw = NULL, *hy = NULL;
+    if (gpu_host_alloc((void **)&hx, sizeof h, err, sizeof err) || gpu_host_alloc((void **)&hid, sizeof ids, err, sizeof err) ||
+        gpu_host_alloc((void **)&hw, sizeof w, err, sizeof err) || gpu_host_alloc((void **)&hy, sizeof x, err, sizeof err)) {
+        CHECKF(0, "%s", err);
+    } else {
+        float *dh = dev_dup(h, sizeof h), *dw = dev_dup(w, sizeof w), *dx2 = dev_dup(x, sizeof x);
+        gpu_handoff_pack(c, hx, 1, dh, T * D, hid, dids, dslot, hw, dw, T * K);
+        if (synced(c, "hand-off pack")) {
+            int ok = 1;
+            for (int i = 0; i < T * K; i++)
+                ok &= hid[i] == (slot[ids[i]] >= 0 ? -1 : ids[i]) && hw[i] == w[i];
+            for (int i = 0; i < T * D; i++)
+                ok &= hx[i] == f32_to_bf16(h[i]);
+            CHECKF(ok, "hand-off pack: slot differs (bf16 h, ids with GPU experts -1, w)");
+        }
+        float *hf = (float *)hx; /* fp32 flavour, then the add from host memory */
+        gpu_handoff_pack(c, hf, 0, dh, T * D, hid, dids, NULL, hw, dw, T * K);
+        if (synced(c, "hand-off pack fp32")) {
+            CHECK(!memcmp(hf, h, sizeof h) && !memcmp(hid, ids, sizeof ids));
+            for (int i = 0; i < T * D; i++)
+                hy[i] = h[i] * 0.5f;
+            gpu_add_rows_host(c, dx2, D, hy, D, T, D);
+            float x2[5 * 64];
+            if (synced(c, "add from host")) {
+                down(x2, dx2, sizeof x2);
+                int ok = 1;
+                for (int i = 0; i < T * D; i++)
+                    ok &= x2[i] == x[i] + h[i] * 0.5f;
+                CHECKF(ok, "add rows from host memory: wrong sums");
+            }
+        }
+    }
+    gpu_host_free(hx), gpu_host_free(hid), gpu_host_free(hw), gpu_host_free(hy);
     dev_free_all();
     free(gu), free(dn);
 }

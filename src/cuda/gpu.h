@@ -218,8 +218,17 @@ typedef struct {
  * scratch: T * K * (3F + D) floats. */
 int gpu_moe_experts(gpu_ctx *c, const gpu_experts *ex, int T, int K, const float *h, int64_t ldh,
                     const int32_t *ids, const float *w, float *x, int64_t ldx, float *scratch);
-/* ids_cpu[t][k] = ids[t][k] unless that expert is on the GPU (then -1). */
-int gpu_moe_cpu_ids(gpu_ctx *c, const int32_t *slot, int T, int K, const int32_t *ids, int32_t *ids_cpu);
+
+/* The GPU side of a CPU hand-off, written by one kernel straight into pinned
+ * host memory (zero-copy, no copy-engine operations):
+ *   x_host[i] = h[i] as bf16 (bf16 != 0) or fp32, i < n_x;
+ *   ids_host[j] = ids[j], or -1 where slot (may be NULL) puts that expert on
+ *   the GPU; w_host[j] = w[j], j < n_ids. */
+int gpu_handoff_pack(gpu_ctx *c, void *x_host, int bf16, const float *h, int64_t n_x, int32_t *ids_host,
+                     const int32_t *ids, const int32_t *slot, float *w_host, const float *w, int n_ids);
+/* x[t][i] += y_host[t][i], i < n: the CPU's result read from pinned memory
+ * (uncached loads, so a value written after an earlier pass is seen). */
+int gpu_add_rows_host(gpu_ctx *c, float *x, int64_t ldx, const float *y_host, int64_t ldy, int T, int n);
 
 #ifdef __cplusplus
 }

@@ -26,6 +26,7 @@ static int plain_err(cudaError_t e, const char *what, char *err, size_t errlen)
 {
     if (e == cudaSuccess)
         return 0;
+    cudaGetLastError(); /* or the next launch check would report it again */
     if (err && errlen)
         snprintf(err, errlen, "CUDA: %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
     return TANDEM_EGPU;

@@ -1,6 +1,8 @@
 /*
  * gpu_moe.cu - routed experts that live on the GPU ("hot" experts of the
- * placement plan), and the id list the CPU gets for the others.
+ * placement plan), and the GPU side of the hand-off to the CPU experts: the
+ * slot (hidden states, ids with GPU experts masked, weights) written into
+ * pinned host memory by a kernel, and the CPU's result added from there.
  *
  * Work is one (token, k) slot per grid row: slot i = t*K + k names expert
  * ids[i]; if that expert has no GPU place the whole row of blocks returns.
@@ -118,18 +120,49 @@ extern "C" int gpu_moe_experts(gpu_ctx *c, const gpu_experts *ex, int T, int K, 
     return gpu_launched(c, "GPU experts: combine");
 }
 
-static __global__ void cpu_ids_kernel(int32_t *ids_cpu, const int32_t *ids, const int32_t *slot, int n)
+/* ---- the hand-off slot ------------------------------------------------------------- */
+static __global__ void handoff_pack_kernel(void *x_host, int bf16, const float *h, int64_t n_x, int32_t *ids_host,
+                                           const int32_t *ids, const int32_t *slot, float *w_host, const float *w,
+                                           int n_ids)
 {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n)
-        ids_cpu[i] = slot[ids[i]] >= 0 ? -1 : ids[i];
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_x; i += stride) {
+        if (bf16)
+            ((__nv_bfloat16 *)x_host)[i] = __float2bfloat16_rn(h[i]);
+        else
+            ((float *)x_host)[i] = h[i];
+    }
+    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n_ids; j += stride) {
+        int e = ids[j];
+        ids_host[j] = slot && slot[e] >= 0 ? -1 : e;
+        w_host[j] = w[j];
+    }
 }
 
-extern "C" int gpu_moe_cpu_ids(gpu_ctx *c, const int32_t *slot, int T, int K, const int32_t *ids, int32_t *ids_cpu)
+extern "C" int gpu_handoff_pack(gpu_ctx *c, void *x_host, int bf16, const float *h, int64_t n_x, int32_t *ids_host,
+                                const int32_t *ids, const int32_t *slot, float *w_host, const float *w, int n_ids)
 {
-    if (c->rc || T <= 0)
+    if (c->rc)
         return c->rc;
-    int n = T * K;
-    cpu_ids_kernel<<<gpu_cdiv(n, 256), 256, 0, c->s[GPU_MAIN]>>>(ids_cpu, ids, slot, n);
-    return gpu_launched(c, "CPU expert ids");
+    int64_t n = n_x > n_ids ? n_x : n_ids;
+    int blocks = gpu_cdiv(n, 256) < 1024 ? gpu_cdiv(n, 256) : 1024;
+    handoff_pack_kernel<<<blocks > 0 ? blocks : 1, 256, 0, c->s[GPU_MAIN]>>>(x_host, bf16, h, n_x, ids_host, ids, slot,
+                                                                             w_host, w, n_ids);
+    return gpu_launched(c, "hand-off pack");
+}
+
+static __global__ void add_host_kernel(float *x, int64_t ldx, const float *y, int64_t ldy, int n)
+{
+    const int t = blockIdx.y;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n)
+        x[(int64_t)t * ldx + i] += __ldcv(y + (int64_t)t * ldy + i);
+}
+
+extern "C" int gpu_add_rows_host(gpu_ctx *c, float *x, int64_t ldx, const float *y_host, int64_t ldy, int T, int n)
+{
+    if (c->rc || T <= 0 || n <= 0)
+        return c->rc;
+    add_host_kernel<<<dim3(gpu_cdiv(n, 256), T), 256, 0, c->s[GPU_MAIN]>>>(x, ldx, y_host, ldy, n);
+    return gpu_launched(c, "add rows from host");
 }

@@ -261,8 +261,16 @@ int gpu_moe_experts(gpu_ctx *c, const gpu_experts *ex, int T, int K, const float
     return TANDEM_EGPU;
 }
 
-int gpu_moe_cpu_ids(gpu_ctx *c, const int32_t *slot, int T, int K, const int32_t *ids, int32_t *ids_cpu)
+int gpu_handoff_pack(gpu_ctx *c, void *x_host, int bf16, const float *h, int64_t n_x, int32_t *ids_host,
+                     const int32_t *ids, const int32_t *slot, float *w_host, const float *w, int n_ids)
 {
-    (void)c, (void)slot, (void)T, (void)K, (void)ids, (void)ids_cpu;
+    (void)c, (void)x_host, (void)bf16, (void)h, (void)n_x, (void)ids_host, (void)ids, (void)slot, (void)w_host, (void)w,
+        (void)n_ids;
+    return TANDEM_EGPU;
+}
+
+int gpu_add_rows_host(gpu_ctx *c, float *x, int64_t ldx, const float *y_host, int64_t ldy, int T, int n)
+{
+    (void)c, (void)x, (void)ldx, (void)y_host, (void)ldy, (void)T, (void)n;
     return TANDEM_EGPU;
 }

@@ -6,8 +6,9 @@
  * Invariants: every device pointer below was made by hybrid.c / the session
  * and is freed by them; shapes are in the comments; activations on the GPU
  * are fp32 rows of [chunk][...]; the pinned hand-off slot is written by the
- * GPU only between fork and hand-off of a layer and read by it only after
- * the CPU signalled, so one slot serves every layer.
+ * GPU before a layer's hand-off and its result read only after the CPU
+ * signalled, and the main stream waits for that before the next layer, so
+ * one slot serves every layer.
  */
 #ifndef TD_RUNTIME_HYBRID_IMPL_H
 #define TD_RUNTIME_HYBRID_IMPL_H
@@ -92,17 +93,16 @@ struct hybrid_session {
     float *q;                             /* MLA [chunk][H*qk] */
     float *att;                           /* [chunk][H*v] */
     float *ff, *act;                      /* [chunk][2F], [chunk][F] (F the largest FFN) */
-    float *ysh, *ycpu;                    /* [chunk][D] gated shared expert, CPU experts */
+    float *ysh;                           /* [chunk][D] gated shared expert */
     float *rlog;                          /* [chunk][E] router logits */
     float *wts;                           /* [chunk][K] */
     float *shg;                           /* [chunk] shared-expert gate logits */
     float *xw;                            /* [n_out][D] wanted rows */
     float *logits;                        /* [n_out][V] */
     float *scratch;                       /* MLA: 2*chunk*H*R; GPU experts: chunk*K*(3Fe+D) */
-    int32_t *ids, *ids_cpu;
-    uint16_t *hbf;
+    int32_t *ids;                         /* [chunk][K] */
     int32_t *tok_d, *pos_d, *seq_d, *rows_d;
-    /* pinned host memory */
+    /* pinned host memory (mapped: kernels read and write the slot directly) */
     int32_t *tok_h, *pos_h, *seq_h, *rows_h;   /* [chunk] inputs of one pass */
     void *slot_x;                         /* [chunk][D] fp32 (or bf16) hidden states to the CPU */
     int32_t *slot_ids;                    /* [chunk][K] */

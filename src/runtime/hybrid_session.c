@@ -11,10 +11,10 @@
  *   per layer: h = norm(x); x += o(attn(h)); h = norm2(x);
  *     dense:  x += down(silu(gate h) * up h)
  *     MoE:    ids, w = route(router h)                  (router GEMM in fp32)
- *             fork -> side stream: h, ids (GPU experts -1), w -> pinned slot;
- *                                  CPU experts (hand-off a or b); y -> GPU
+ *             a kernel writes h, ids (GPU experts -1), w into the pinned slot
+ *             fork -> side stream: CPU experts (hand-off a or b) -> y in the slot
  *             main stream: x += shared(h); x += GPU-held experts(h)
- *             join; x += y
+ *             join; x += y (read from pinned memory by the add kernel)
  *   logits = lm_head(norm(x[wanted rows])) -> the session's logits (pinned)
  * Small passes (T <= HY_GRAPH_MAX_T, one chunk) are captured once per
  * (T, wanted rows) as a CUDA graph and replayed: every input is read on the
@@ -194,11 +194,10 @@ int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *er
         { (void **)&hs->qkv, C * qkvw * 4 },    { (void **)&hs->q, d->attn == ATTN_MLA ? C * H * (d->qk_nope_dim + d->qk_rope_dim) * 4 : 4 },
         { (void **)&hs->att, C * attw * 4 },    { (void **)&hs->ff, C * 2 * F * 4 },
         { (void **)&hs->act, C * F * 4 },       { (void **)&hs->ysh, C * D * 4 },
-        { (void **)&hs->ycpu, C * D * 4 },      { (void **)&hs->rlog, C * E * 4 + 4 },
+        { (void **)&hs->rlog, C * E * 4 + 4 },
         { (void **)&hs->wts, C * K * 4 + 4 },   { (void **)&hs->shg, C * 4 },
         { (void **)&hs->xw, hs->n_out * D * 4 }, { (void **)&hs->logits, hs->n_out * V * 4 },
         { (void **)&hs->scratch, scratch * 4 + 4 }, { (void **)&hs->ids, C * K * 4 + 4 },
-        { (void **)&hs->ids_cpu, C * K * 4 + 4 }, { (void **)&hs->hbf, C * D * 2 },
         { (void **)&hs->tok_d, C * 4 },         { (void **)&hs->pos_d, C * 4 },
         { (void **)&hs->seq_d, C * 4 },         { (void **)&hs->rows_d, C * 4 },
     };
@@ -337,22 +336,11 @@ static void moe_layer(hybrid_session *hs, int l, int T)
     gpu_route(c, &rp, T, hs->rlog, hs->ids, hs->wts);
     const int cpu = hy_layer_has_cpu(hy, d, l) && !hs->o.no_handoff;
     if (cpu) {
-        const int32_t *ids = hs->ids;
-        if (L->n_gpu_exp) {
-            gpu_moe_cpu_ids(c, L->ex.slot, T, K, hs->ids, hs->ids_cpu);
-            ids = hs->ids_cpu;
-        }
-        const void *xs = hs->h;
-        size_t xbytes = (size_t)T * D * 4;
-        if (!hy->cpu_ref) { /* the MoE operator takes bf16 hidden states */
-            gpu_to_bf16(c, hs->hbf, hs->h, (int64_t)T * D);
-            xs = hs->hbf;
-            xbytes = (size_t)T * D * 2;
-        }
+        /* the slot, written by a kernel into pinned memory: h (bf16 for the MoE
+         * operator, fp32 for the reference loop), ids with GPU experts -1, w */
+        gpu_handoff_pack(c, hs->slot_x, !hy->cpu_ref, hs->h, (int64_t)T * D, hs->slot_ids, hs->ids,
+                         L->n_gpu_exp ? L->ex.slot : NULL, hs->slot_w, hs->wts, T * K);
         gpu_fork(c);
-        gpu_copy(c, GPU_SIDE, hs->slot_x, xs, xbytes);
-        gpu_copy(c, GPU_SIDE, hs->slot_ids, ids, (size_t)T * K * 4);
-        gpu_copy(c, GPU_SIDE, hs->slot_w, hs->wts, (size_t)T * K * 4);
         if (hs->o.handoff == HY_HANDOFF_HOST) {
             gpu_host_fn(c, GPU_SIDE, hy_cpu_layer, &hs->jobs[l]);
         } else {
@@ -360,7 +348,6 @@ static void moe_layer(hybrid_session *hs, int l, int T)
             gpu_flag_wait(c, GPU_SIDE, &hs->flags[2 * l + 1], 1);
             gpu_flag_write(c, GPU_SIDE, &hs->flags[2 * l + 1], 0);
         }
-        gpu_copy(c, GPU_SIDE, hs->ycpu, hs->slot_y, (size_t)T * D * 4);
     }
     /* meanwhile on the main stream: shared experts, then the GPU-held experts */
     if (d->d_ff_shared)
@@ -370,7 +357,7 @@ static void moe_layer(hybrid_session *hs, int l, int T)
         gpu_moe_experts(c, &L->ex, T, K, hs->h, D, hs->ids, hs->wts, hs->x, D, hs->scratch);
     if (cpu) {
         gpu_join(c);
-        gpu_add_rows(c, hs->x, D, hs->ycpu, D, T, D, NULL);
+        gpu_add_rows_host(c, hs->x, D, hs->slot_y, D, T, D);
     }
 }
 
