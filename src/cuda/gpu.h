@@ -73,7 +73,9 @@ void gpu_host_free(void *p);                              /* NULL ok */
 /* Pin an existing host buffer (so async copies and graphs may target it). */
 int gpu_host_register(void *p, size_t bytes, char *err, size_t errlen);
 void gpu_host_unregister(void *p);                        /* NULL ok */
-/* Synchronous copies (any host memory); for load time and tests. */
+/* Synchronous copies (any host memory); for load time and tests. They do
+ * not wait for contexts' streams: gpu_sync() a context before downloading
+ * what it computed. */
 int gpu_upload(void *dst, const void *src, size_t bytes, char *err, size_t errlen);
 int gpu_download(void *dst, const void *src, size_t bytes, char *err, size_t errlen);
 int gpu_memset(void *dst, int value, size_t bytes, char *err, size_t errlen);

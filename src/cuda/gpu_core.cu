@@ -185,9 +185,13 @@ extern "C" void gpu_host_unregister(void *p)
     }
 }
 
+/* cudaMemcpy from pageable memory may return before the DMA is done, and
+ * cudaMemset is asynchronous: wait for the legacy stream, so work enqueued
+ * next on a context's (non-blocking) streams sees the data. */
 extern "C" int gpu_upload(void *dst, const void *src, size_t bytes, char *err, size_t errlen)
 {
-    return plain_err(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "upload", err, errlen);
+    int rc = plain_err(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "upload", err, errlen);
+    return rc ? rc : plain_err(cudaStreamSynchronize(0), "upload", err, errlen);
 }
 
 extern "C" int gpu_download(void *dst, const void *src, size_t bytes, char *err, size_t errlen)
@@ -197,7 +201,8 @@ extern "C" int gpu_download(void *dst, const void *src, size_t bytes, char *err,
 
 extern "C" int gpu_memset(void *dst, int value, size_t bytes, char *err, size_t errlen)
 {
-    return plain_err(cudaMemset(dst, value, bytes), "memset", err, errlen);
+    int rc = plain_err(cudaMemset(dst, value, bytes), "memset", err, errlen);
+    return rc ? rc : plain_err(cudaStreamSynchronize(0), "memset", err, errlen);
 }
 
 /* ---- cuBLAS at run time -------------------------------------------------------- */
@@ -274,10 +279,10 @@ extern "C" int gpu_ctx_create(gpu_ctx **out, size_t scratch_elems, char *err, si
         return TANDEM_ENOMEM;
     }
     c->exact_max_T = 16;
-    /* blocking streams: they order after synchronous uploads and memsets on the
-     * legacy stream (load time, tests) without extra synchronisation */
+    /* non-blocking streams (as graph capture expects): they never wait for the
+     * legacy stream, so the synchronous uploads below finish before returning */
     for (int i = 0; i < 2; i++)
-        gpu_check(c, cudaStreamCreateWithFlags(&c->s[i], cudaStreamDefault), "creating a stream");
+        gpu_check(c, cudaStreamCreateWithFlags(&c->s[i], cudaStreamNonBlocking), "creating a stream");
     gpu_check(c, cudaEventCreateWithFlags(&c->ev_fork, cudaEventDisableTiming), "creating an event");
     gpu_check(c, cudaEventCreateWithFlags(&c->ev_join, cudaEventDisableTiming), "creating an event");
     const gpu_blas_api *b = gpu_blas();
