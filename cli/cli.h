@@ -1,0 +1,43 @@
+/*
+ * cli.h - shared pieces of the `tandem` command: option parsing into one
+ * struct, engine/session setup from options, and the subcommands.
+ * Front ends see only include/tandem.h.
+ */
+#ifndef TANDEM_CLI_H
+#define TANDEM_CLI_H
+
+#include <stdio.h>
+
+#include "tandem.h"
+
+#define CLI_MAX_STOPS 8
+
+typedef struct {
+    const char *model;
+    const char *prompt;
+    const char *system;
+    int threads, ctx, n_predict, verbose, layers, dummy;
+    int gpu, gpu_experts, cpu_experts;
+    double gpu_mem;
+    tandem_sampling samp;
+    const char *stops[CLI_MAX_STOPS];
+    int n_stops;
+    int raw;          /* run: do not apply the chat template */
+    int no_think;     /* chat: enable_thinking = false */
+} cli_opts;
+
+/* Parse argv[first..] into o. Returns 0, 1 when --help was printed, or -1
+ * after printing one error line. `allowed` lists the option names this
+ * subcommand takes (others are errors). */
+int cli_parse(int argc, char **argv, int first, cli_opts *o, const char *allowed, const char *usage);
+
+/* Open the engine with a progress bar when stderr is a terminal. */
+int cli_open_engine(const cli_opts *o, tandem_engine **e);
+
+int cmd_run(int argc, char **argv);
+int cmd_chat(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+int cmd_ppl(int argc, char **argv);
+
+#endif
