@@ -271,7 +271,8 @@ static jinja_val do_slice(jinja_rt *rt, jinja_val obj, jinja_val a, jinja_val b,
 
 const jinja_list *jinja_iter(jinja_rt *rt, jinja_val v)
 {
-    static jinja_list empty = {0, 0, NULL};
+    static jinja_val no_items[1];
+    static jinja_list empty = {0, 0, no_items};  /* never written: n == cap == 0 */
     switch (v.t) {
     case JV_UNDEF: return &empty;
     case JV_LIST: return v.u.l;

@@ -98,8 +98,13 @@ jinja_val jinja_s_case(jinja_rt *rt, jinja_val s, int upper)
     jinja_buf b;
     jinja_buf_init(&b, rt->a);
     size_t i = 0;
-    while (i < s.u.s.n)
-        jinja_utf8_put(&b, map_case(jinja_utf8_next(s.u.s.p, s.u.s.n, &i), upper));
+    while (i < s.u.s.n) {
+        uint32_t c = jinja_utf8_next(s.u.s.p, s.u.s.n, &i);
+        if (upper && c == 0xdf)  /* Python's full mapping: 'ß'.upper() == 'SS' */
+            jinja_buf_put(&b, "SS", 2);
+        else
+            jinja_utf8_put(&b, map_case(c, upper));
+    }
     return jinja_buf_val(&b);
 }
 

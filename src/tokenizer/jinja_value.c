@@ -160,13 +160,15 @@ void jinja_buf_put(jinja_buf *b, const void *s, size_t n)
             jinja_fail(b->a->e, TANDEM_ENOMEM, 0, "string too large");
         jinja_chunk *h = b->a->head;
         /* Extend in place when the buffer is the last thing in the head chunk. */
-        if (b->p && h && b->p + b->cap == (char *)(h + 1) + h->used && h->cap - h->used >= need - b->cap) {
-            h->used += need - b->cap;
-            b->cap = need;
+        /* Capacities stay multiples of 16 so the chunk's bump pointer stays aligned. */
+        size_t need16 = (need + 15) & ~(size_t)15;
+        if (b->p && h && b->p + b->cap == (char *)(h + 1) + h->used && h->cap - h->used >= need16 - b->cap) {
+            h->used += need16 - b->cap;
+            b->cap = need16;
         } else {
             size_t cap = b->cap * 2;
-            if (cap < need)
-                cap = need;
+            if (cap < need16)
+                cap = need16;
             if (cap < 64)
                 cap = 64;
             char *p = jinja_alloc(b->a, cap);
@@ -190,7 +192,7 @@ jinja_list *jinja_list_new(jinja_arena *a, size_t cap)
     jinja_list *l = jinja_alloc(a, sizeof *l);
     l->n = 0;
     l->cap = cap;
-    l->v = cap ? jinja_alloc(a, cap * sizeof *l->v) : NULL;
+    l->v = jinja_alloc(a, (cap ? cap : 1) * sizeof *l->v);  /* never NULL: memcpy of 0 items is fine */
     return l;
 }
 
@@ -212,8 +214,8 @@ jinja_dict *jinja_dict_new(jinja_arena *a, size_t cap)
     jinja_dict *d = jinja_alloc(a, sizeof *d);
     d->n = 0;
     d->cap = cap;
-    d->k = cap ? jinja_alloc(a, cap * sizeof *d->k) : NULL;
-    d->v = cap ? jinja_alloc(a, cap * sizeof *d->v) : NULL;
+    d->k = jinja_alloc(a, (cap ? cap : 1) * sizeof *d->k);  /* never NULL */
+    d->v = jinja_alloc(a, (cap ? cap : 1) * sizeof *d->v);
     return d;
 }
 
