@@ -39,5 +39,6 @@ int cmd_chat(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_ppl(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
 
 #endif

@@ -15,7 +15,10 @@ static const char *usage =
     "  -t, --threads N      CPU threads (default: all cores)\n"
     "  -c, --ctx N          context length to size the KV cache for (default 4096)\n"
     "  --dummy-weights      describe the config at full size without reading weights\n"
-    "  --layers N           only the first N layers\n";
+    "  --layers N           only the first N layers\n"
+    "  --cpu-experts FMT    bf16, int8 or int4 for experts on the CPU\n"
+    "  --cpu-only, --gpu-mem GB, --gpu-experts N\n"
+    "                       placement, as for `tandem run`\n";
 
 static void human(char *buf, size_t n, double bytes)
 {
@@ -31,12 +34,12 @@ static void human(char *buf, size_t n, double bytes)
 int cmd_info(int argc, char **argv)
 {
     cli_opts o;
-    int rc = cli_parse(argc, argv, 2, &o, "-m --model -t --threads -c --ctx --dummy-weights --layers -v", usage);
+    int rc = cli_parse(argc, argv, 2, &o,
+                       "-m --model -t --threads -c --ctx --dummy-weights --layers --cpu-experts --cpu-only "
+                       "--gpu-mem --gpu-experts -v",
+                       usage);
     if (rc)
         return rc > 0 ? 0 : 2;
-    if (!o.dummy)
-        o.dummy = 0;
-    o.gpu = 0;
     tandem_engine *e;
     if (cli_open_engine(&o, &e))
         return 1;
@@ -57,6 +60,7 @@ int cmd_info(int argc, char **argv)
     printf("memory:       weights %s; KV cache %s for %d tokens (%lld bytes/token)\n", w, kv, ctx,
            (long long)in.kv_bytes_per_token);
     printf("cpu:          %s kernels, %d threads\n", in.isa, in.n_threads);
+    tandem_print_placement(e, stdout);
     tandem_engine_close(e);
     return 0;
 }

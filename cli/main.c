@@ -18,6 +18,7 @@ static const char *usage_main =
     "  info   describe a model and its memory    tandem info -m MODEL\n"
     "  bench  benchmarks (moe)                   tandem bench moe --help\n"
     "  perplexity  NLL of token windows          tandem perplexity -m MODEL\n"
+    "  convert  pack CPU experts once, to disk   tandem convert -m MODEL --cpu-experts int4\n"
     "\n"
     "`tandem COMMAND --help` lists a command's options. Without -m, the demo model\n"
     "models/demo is used.\n";
@@ -166,8 +167,10 @@ int cli_parse(int argc, char **argv, int first, cli_opts *o, const char *allowed
                 o->cpu_experts = TANDEM_FMT_INT8;
             else if (!strcmp(v, "int4"))
                 o->cpu_experts = TANDEM_FMT_INT4;
+            else if (!strcmp(v, "f32"))
+                o->cpu_experts = TANDEM_FMT_F32;
             else {
-                fprintf(stderr, "tandem: --cpu-experts expects bf16, int8 or int4, got '%s'\n", v);
+                fprintf(stderr, "tandem: --cpu-experts expects bf16, int8, int4 or f32, got '%s'\n", v);
                 rc = -1;
             }
         } else if (!strcmp(name, "--dummy-weights"))
@@ -241,8 +244,10 @@ int main(int argc, char **argv)
         return cmd_info(argc, argv);
     if (!strcmp(cmd, "bench"))
         return cmd_bench(argc, argv);
+    if (!strcmp(cmd, "convert"))
+        return cmd_convert(argc, argv);
     if (!strcmp(cmd, "perplexity") || !strcmp(cmd, "ppl"))
         return cmd_ppl(argc, argv);
-    fprintf(stderr, "tandem: unknown command '%s' (run, chat, info, bench, perplexity; see tandem --help)\n", cmd);
+    fprintf(stderr, "tandem: unknown command '%s' (run, chat, info, bench, perplexity, convert; see tandem --help)\n", cmd);
     return 2;
 }

@@ -221,7 +221,8 @@ static const char *run_usage =
     "  --stop TEXT              stop when TEXT appears (repeatable, up to 8)\n"
     "  -t, --threads N          CPU threads (default: all cores)\n"
     "  -c, --ctx N              context length (default min(model, 4096))\n"
-    "  --cpu-experts FMT        bf16, int8 or int4 for experts on the CPU\n"
+    "  --cpu-experts FMT        experts on the CPU: bf16 (default), int8, int4, or f32\n"
+    "                           (the exact reference loop, for checking)\n"
     "  --cpu-only               do not use a GPU\n"
     "  --gpu-mem GB, --gpu-experts N\n"
     "                           GPU memory budget; routed experts per layer on the GPU\n";

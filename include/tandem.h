@@ -61,7 +61,10 @@ typedef struct {
     void *progress_user;
 } tandem_engine_params;
 
-enum { TANDEM_FMT_BF16 = 0, TANDEM_FMT_INT8 = 1, TANDEM_FMT_INT4 = 2 };
+/* CPU expert formats. BF16/INT8/INT4 pack the experts for the MoE operator
+ * (src/cpu/moe); F32 keeps the checkpoint's weights and runs the reference
+ * loop with fp32 activations (exact; slow; for checking). */
+enum { TANDEM_FMT_BF16 = 0, TANDEM_FMT_INT8 = 1, TANDEM_FMT_INT4 = 2, TANDEM_FMT_F32 = 3 };
 
 void tandem_engine_params_default(tandem_engine_params *p);
 
@@ -203,6 +206,19 @@ void tandem_sampler_reset(tandem_sampler *s);
 /* `tandem bench moe ARGS`: the CPU MoE operator at real shapes, one line per case
  * in the key=value format of BENCH.md on stdout. Returns a process exit code. */
 int tandem_bench_moe(int argc, char **argv);
+/* `tandem bench e2e ARGS`: the whole engine (hybrid and CPU-only) at real
+ * shapes with dummy weights; BENCH.md's bench=e2e lines on stdout. */
+int tandem_bench_e2e(int argc, char **argv);
+
+/* ---- placement and conversion ------------------------------------------- */
+/* Write the placement plan (what runs on the GPU and the CPU) to out, a FILE *. */
+void tandem_print_placement(const tandem_engine *e, void *out);
+
+/* `tandem convert`: pack the routed experts of the model in `path` into the
+ * CPU format fmt (TANDEM_FMT_BF16/INT8/INT4) and save them under
+ * path/packed-FMT-pN/ (N = NUMA partitions), so later loads with the same
+ * format map them instead of packing. n_threads 0 = all cores. */
+int tandem_convert_experts(const char *path, int fmt, int n_threads, char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

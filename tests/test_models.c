@@ -6,7 +6,8 @@
  * logits transformers computed for it: a prefill, decode steps through the
  * KV cache, and two sequences of different lengths decoded in one batch.
  *
- * Tolerance: max |logit error| <= 1e-3 * max |reference logit| over a run,
+ * Each fixture runs with every CPU expert format (see formats[] below).
+ * Tolerance of the exact path: max |logit error| <= 1e-3 * max |ref| over a run,
  * and the same argmax at every position whose top-2 reference gap is wider
  * than twice the measured error (a narrower gap is a tie within rounding and
  * is counted and printed, not failed). TANDEM_FIXTURE=name runs one fixture;
@@ -83,17 +84,38 @@ static int run_seq(tandem_session *s, int seq, const int32_t *tok, int n, int po
     return tandem_forward(s, &b, err, errlen);
 }
 
-static void report(const char *name, const char *what, const cmp_stats *st)
+/* Per CPU expert format: the tolerance on max |error| / max |ref|, and
+ * whether the argmax must agree. F32 is the exact path. BF16 rounds the
+ * expert activations to bf16 (moe.h), which moves the logits of these
+ * random models by up to ~0.7%. INT8/INT4 quantise the experts themselves:
+ * they are judged on a trained model by perplexity (tests/test_demo.c);
+ * here only a bound that catches a broken kernel is asserted (a routing
+ * flip in these random models moves a logit by up to ~15%). */
+static const struct {
+    int fmt;
+    const char *name;
+    double tol;
+    int argmax;
+} formats[] = {
+    { TANDEM_FMT_F32, "f32", REL_TOL, 1 },
+    { TANDEM_FMT_BF16, "bf16", 2e-2, 1 },
+    { TANDEM_FMT_INT8, "int8", 2.5e-1, 0 },
+    { TANDEM_FMT_INT4, "int4", 5e-1, 0 },
+};
+
+static void report(const char *name, const char *what, int f, const cmp_stats *st)
 {
     double rel = st->max_ref > 0 ? st->max_err / st->max_ref : st->max_err;
-    printf("  %-22s %-8s rows=%-3d max_err=%.3g max|ref|=%.3g rel=%.3g argmax_bad=%d ties=%d\n", name, what, st->rows,
-           st->max_err, st->max_ref, rel, st->argmax_bad, st->ties);
-    CHECKF(rel <= REL_TOL, "%s %s: relative logit error %.3g > %.3g", name, what, rel, REL_TOL);
-    CHECKF(st->argmax_bad == 0, "%s %s: %d positions with a different argmax", name, what, st->argmax_bad);
+    printf("  %-18s %-5s %-8s rows=%-3d max_err=%.3g max|ref|=%.3g rel=%.3g argmax_diff=%d ties=%d\n", name,
+           formats[f].name, what, st->rows, st->max_err, st->max_ref, rel, st->argmax_bad, st->ties);
+    CHECKF(rel <= formats[f].tol, "%s %s %s: relative logit error %.3g > %.3g", name, formats[f].name, what, rel,
+           formats[f].tol);
+    if (formats[f].argmax)
+        CHECKF(st->argmax_bad == 0, "%s %s: %d positions with a different argmax", name, what, st->argmax_bad);
     CHECKF(st->rows > 0, "%s %s: nothing compared", name, what);
 }
 
-static void check_fixture(const char *dir, const char *name)
+static void check_fixture(const char *dir, const char *name, int f)
 {
     char path[1100], err[512];
     snprintf(path, sizeof path, "%.1024s/ref.safetensors", dir);
@@ -105,6 +127,7 @@ static void check_fixture(const char *dir, const char *name)
     tandem_engine_params ep;
     tandem_engine_params_default(&ep);
     ep.n_threads = 2;
+    ep.cpu_experts = formats[f].fmt;
     tandem_engine *e = NULL;
     int rc = tandem_engine_open(dir, &ep, &e, err, sizeof err);
     CHECKF(rc == 0, "%s: %s", name, err);
@@ -134,7 +157,7 @@ static void check_fixture(const char *dir, const char *name)
         CHECKF(rc == 0, "%s prefill: %s", name, err);
         for (int t = 0; !rc && t < T; t++)
             compare_row(&st, tandem_logits(s, t), (const float *)pl->data + (int64_t)t * V, V);
-        report(name, "prefill", &st);
+        report(name, "prefill", f, &st);
         cmp_stats sd = { 0 };
         for (int i = 0; !rc && i < D; i++) {
             rc = run_seq(s, 0, dtok + i, 1, T + i, err, sizeof err);
@@ -142,7 +165,7 @@ static void check_fixture(const char *dir, const char *name)
             if (!rc)
                 compare_row(&sd, tandem_logits(s, 0), (const float *)dl->data + (int64_t)i * V, V);
         }
-        report(name, "decode", &sd);
+        report(name, "decode", f, &sd);
         CHECK(tandem_kv_len(s, 0) == T + D);
     }
 
@@ -188,7 +211,7 @@ static void check_fixture(const char *dir, const char *name)
                 compare_row(&st, tandem_logits(s, 1), (const float *)lb->data + (int64_t)(pb + step) * V, V);
             }
         }
-        report(name, "batch", &st);
+        report(name, "batch", f, &st);
     }
     tandem_session_free(s);
     tandem_engine_close(e);
@@ -221,6 +244,7 @@ TEST_GROUP(models)
     for (int i = 0; i < n; i++) {
         char p[1024];
         snprintf(p, sizeof p, "%.512s/%.255s", root, names[i]);
-        check_fixture(p, names[i]);
+        for (size_t f = 0; f < sizeof formats / sizeof formats[0]; f++)
+            check_fixture(p, names[i], (int)f);
     }
 }

@@ -8,13 +8,16 @@
 #include "core/err.h"
 #include "core/isa.h"
 #include "core/log.h"
+#include "cpu/moe/moe.h"
 #include "runtime/engine.h"
+#include "runtime/hybrid.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 void tandem_engine_params_default(tandem_engine_params *p)
 {
@@ -60,6 +63,71 @@ static int rope_tables(tandem_engine *e)
     return 0;
 }
 
+/* CPU-only runs: pack each MoE layer's experts for the MoE operator, or map
+ * them from `tandem convert`'s files (MODEL/packed-FMT/layer-N.bin) when those
+ * exist. TANDEM_FMT_F32 keeps the reference loop instead. */
+static int engine_pack_experts(tandem_engine *e, char *err, size_t errlen)
+{
+    const model_desc *d = &e->d;
+    int fmt = e->params.cpu_experts;
+    if (fmt == TANDEM_FMT_F32)
+        return 0;
+    if (fmt < TANDEM_FMT_BF16 || fmt > TANDEM_FMT_F32)
+        return td_err(err, errlen, TANDEM_EINVAL, "cpu_experts: unknown format %d", fmt);
+    e->moe = calloc((size_t)d->n_layer, sizeof *e->moe);
+    if (!e->moe)
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    const void **ptr = malloc((size_t)d->n_expert * 3 * sizeof *ptr);
+    if (!ptr)
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    int rc = 0;
+    for (int l = 0; l < d->n_layer && !rc; l++) {
+        if (!d->layer_moe[l])
+            continue;
+        char path[1200];
+        engine_packed_path(e, fmt, l, path, sizeof path);
+        if (access(path, R_OK) == 0) {
+            rc = moe_open_packed(&e->moe[l], path, e->pool, -1, err, errlen);
+            continue;
+        }
+        const layer_weights *L = &e->layers[l];
+        td_dtype dt = L->exp_gate[0].dt;
+        for (int x = 0; x < d->n_expert; x++) {
+            if (L->exp_gate[x].dt != dt || L->exp_up[x].dt != dt || L->exp_down[x].dt != dt) {
+                rc = td_err(err, errlen, TANDEM_EUNSUPPORTED, "layer %d: experts mix F32 and BF16 matrices", l);
+                break;
+            }
+            ptr[x] = L->exp_gate[x].data;
+            ptr[d->n_expert + x] = L->exp_up[x].data;
+            ptr[2 * d->n_expert + x] = L->exp_down[x].data;
+        }
+        if (rc)
+            break;
+        moe_desc md = { 0 };
+        md.n_expert = d->n_expert;
+        md.d_model = d->d_model;
+        md.d_ff = d->d_ff_expert;
+        md.fmt = (moe_fmt)fmt;
+        md.src = dt == DT_F32 ? MOE_SRC_F32 : MOE_SRC_BF16;
+        md.gate = (const void *const *)ptr;
+        md.up = (const void *const *)(ptr + d->n_expert);
+        md.down = (const void *const *)(ptr + 2 * d->n_expert);
+        rc = moe_create(&e->moe[l], &md, e->pool, err, errlen);
+        if (rc)
+            td_err_prefix(err, errlen, rc, "packing CPU experts");
+        if (e->params.progress)
+            e->params.progress((float)(l + 1) / (float)d->n_layer, e->params.progress_user);
+    }
+    free(ptr);
+    return rc;
+}
+
+void engine_packed_path(const tandem_engine *e, int fmt, int layer, char *buf, size_t n)
+{
+    static const char *names[] = { "bf16", "int8", "int4", "f32" };
+    snprintf(buf, n, "%s/packed-%s-p%d/layer-%d.bin", e->path, names[fmt & 3], pool_nparts(e->pool), layer);
+}
+
 int tandem_engine_open(const char *path, const tandem_engine_params *p, tandem_engine **out, char *err,
                        size_t errlen)
 {
@@ -101,6 +169,10 @@ int tandem_engine_open(const char *path, const tandem_engine_params *p, tandem_e
         rc = engine_load_weights(e, err, errlen);
     if (!rc && rope_tables(e) != 0)
         rc = td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    if (!rc)
+        rc = hybrid_engine_open(e, err, errlen);
+    if (!rc && !e->hy)
+        rc = engine_pack_experts(e, err, errlen);
     if (rc) {
         tandem_engine_close(e);
         return rc;
@@ -116,6 +188,11 @@ void tandem_engine_close(tandem_engine *e)
 {
     if (!e)
         return;
+    hybrid_engine_close(e);
+    if (e->moe)
+        for (int l = 0; l < e->d.n_layer; l++)
+            moe_free(e->moe[l]);
+    free(e->moe);
     engine_free_weights(e);
     st_close(e->st);
     pool_free(e->pool);

@@ -50,6 +50,7 @@ struct tandem_engine {
     int n_owned, cap_owned;
     float *rope_inv_freq;       /* [rope_dim/2] */
     int64_t weight_bytes;
+    struct moe_op **moe;        /* [n_layer] packed CPU experts (CPU-only runs), NULL when not MoE */
     struct hybrid_engine *hy;   /* GPU placement and weights (runtime/hybrid.h); NULL = CPU only */
 };
 
@@ -79,9 +80,12 @@ struct tandem_session {
     float *logits;              /* [n_batch][V] */
     int n_logits;               /* logits rows filled by the last forward */
     int n_outputs;              /* capacity of logits, in rows */
+    struct moe_scratch *moe_s;  /* scratch of the CPU MoE operator */
     struct hybrid_session *hys; /* GPU state of the session (runtime/hybrid.h); NULL = CPU only */
 };
 
+/* Where `tandem convert` puts a layer's packed experts. */
+void engine_packed_path(const tandem_engine *e, int fmt, int layer, char *buf, size_t n);
 int engine_load_weights(tandem_engine *e, char *err, size_t errlen);
 void engine_free_weights(tandem_engine *e);
 int forward_batch(tandem_session *s, const tandem_batch *b, char *err, size_t errlen);

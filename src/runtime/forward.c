@@ -12,6 +12,7 @@
  */
 #include "core/err.h"
 #include "cpu/attn.h"
+#include "cpu/moe/moe.h"
 #include "cpu/router.h"
 #include "runtime/engine.h"
 
@@ -159,24 +160,45 @@ static void mlp(tandem_session *s, int T, int64_t F, const mat *g, const mat *u,
     op_matmul(p, y, D, s->ff1, F, T, dn, db);
 }
 
+static void reference_experts(tandem_session *s, int l, int T);
+static void shared_experts(tandem_session *s, int l, int T);
+
 static void moe(tandem_session *s, int l, int T)
 {
     tandem_engine *e = s->e;
     const model_desc *d = &e->d;
     const layer_weights *L = &e->layers[l];
     const int E = d->n_expert, K = d->n_expert_used;
-    const int64_t D = d->d_model, F = d->d_ff_expert;
+    const int64_t D = d->d_model;
     op_matmul(e->pool, s->router_logits, E, s->h, D, T, &L->router, NULL);
     route_params rp = { d->route, E, K, d->norm_topk, d->route_scale, d->n_group, d->topk_group, L->router_bias };
-    memset(s->exp_count, 0, (size_t)E * 4);
-    for (int t = 0; t < T; t++) {
+    for (int t = 0; t < T; t++)
         route_select(&rp, s->router_logits + (int64_t)t * E, s->ids + t * K, s->wts + t * K, s->route_scratch);
+    if (e->moe && e->moe[l]) {
+        int rc = moe_forward(e->moe[l], s->moe_s, e->pool, T, K, s->h, s->ids, s->wts, s->y);
+        TD_ASSERT(rc == 0); /* ids come from the router: always in range and held */
+    } else {
+        reference_experts(s, l, T);
+    }
+    shared_experts(s, l, T);
+}
+
+/* The exact path (TANDEM_FMT_F32): experts one by one over the checkpoint's
+ * weights with fp32 activations, through the dense matmul. */
+static void reference_experts(tandem_session *s, int l, int T)
+{
+    tandem_engine *e = s->e;
+    const model_desc *d = &e->d;
+    const layer_weights *L = &e->layers[l];
+    const int E = d->n_expert, K = d->n_expert_used;
+    const int64_t D = d->d_model, F = d->d_ff_expert;
+    memset(s->exp_count, 0, (size_t)E * 4);
+    for (int t = 0; t < T; t++)
         for (int k = 0; k < K; k++) {
             int ex = s->ids[t * K + k], n = s->exp_count[ex]++;
             s->exp_tok[(int64_t)ex * s->n_batch + n] = t;
             s->exp_w[(int64_t)ex * s->n_batch + n] = s->wts[t * K + k];
         }
-    }
     memset(s->y, 0, (size_t)(T * D) * 4);
     for (int ex = 0; ex < E; ex++) {
         int n = s->exp_count[ex];
@@ -197,6 +219,14 @@ static void moe(tandem_session *s, int l, int T)
                 yt[j] += w[i] * gy[j];
         }
     }
+}
+
+static void shared_experts(tandem_session *s, int l, int T)
+{
+    tandem_engine *e = s->e;
+    const model_desc *d = &e->d;
+    const layer_weights *L = &e->layers[l];
+    const int64_t D = d->d_model;
     if (d->d_ff_shared) {
         mlp(s, T, d->d_ff_shared, &L->sh_gate, &L->sh_up, &L->sh_down, L->sh_gate_bias, L->sh_up_bias,
             L->sh_down_bias, s->gy);

@@ -372,6 +372,13 @@ static int pack_cpu_experts(hybrid_engine *hy, tandem_engine *e, int l, char *er
     const int E = d->n_expert;
     if (hy->cpu_ref || H->n_gpu_exp >= E)
         return 0;
+    /* The CPU engine already packed every expert of this layer in this
+     * format: share its operator rather than pack a second copy. */
+    if (H->n_gpu_exp == 0 && e->moe && e->moe[l] && hy->moe_fmt == e->params.cpu_experts) {
+        H->moe = e->moe[l];
+        H->moe_borrowed = 1;
+        return 0;
+    }
     const void **g = calloc((size_t)E, sizeof *g), **u = calloc((size_t)E, sizeof *u),
                **dn = calloc((size_t)E, sizeof *dn);
     int rc = 0;
@@ -417,7 +424,8 @@ static void hy_free(hybrid_engine *hy, int n_layer)
         return;
     if (hy->L)
         for (int l = 0; l < n_layer; l++) {
-            moe_free(hy->L[l].moe);
+            if (!hy->L[l].moe_borrowed)
+                moe_free(hy->L[l].moe);
             free(hy->L[l].slot_host);
         }
     for (int i = 0; i < hy->n_bufs; i++)

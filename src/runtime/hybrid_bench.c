@@ -247,6 +247,12 @@ static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, double
 }
 
 /* ---- the CPU engine on the same shapes --------------------------------------------------- */
+static const char *cpu_fmt_name(const tandem_engine *e)
+{
+    static const char *names[] = { "bf16", "int8", "int4", "f32" };
+    return names[e->params.cpu_experts & 3];
+}
+
 static int run_cpu(tandem_engine *e, const bench_opts *o, double bw, char *err, size_t errlen)
 {
     struct hybrid_engine *hy = e->hy;
@@ -273,9 +279,9 @@ static int run_cpu(tandem_engine *e, const bench_opts *o, double bw, char *err, 
         rc = forward(s, 0, P, tok, 0, err, errlen);
     double t = now_s() - t0;
     if (!rc && o->cpu_prompt > 0)
-        printf("bench=e2e model=%s experts=bf16 mode=cpu phase=prefill prompt=%d batch=1 tok_s=%.2f ms=%.1f "
-               "cpu_path=reference\n",
-               o->name, P, P / t, t * 1e3);
+        printf("bench=e2e model=%s experts=%s mode=cpu phase=prefill prompt=%d batch=1 tok_s=%.2f ms=%.1f "
+               "cpu_path=%s\n",
+               o->name, cpu_fmt_name(e), P, P / t, t * 1e3, e->moe ? "moe_operator" : "reference");
     double W = 0;
     int64_t C;
     if (!rc && o->cpu_decode > 0)
@@ -283,11 +289,20 @@ static int run_cpu(tandem_engine *e, const bench_opts *o, double bw, char *err, 
     if (!rc && o->cpu_decode > 0) {
         int64_t total, active;
         model_param_counts(&e->d, &total, &active);
-        /* per token the CPU reads every active weight except the embedding table (one row) */
-        double bytes = (double)(active - (int64_t)e->d.n_vocab * e->d.d_model) * 2, roof = bw * 1e9 / bytes;
-        printf("bench=e2e model=%s experts=bf16 mode=cpu phase=decode prompt=%d batch=1 tok_s=%.2f roofline_tok_s=%.2f "
-               "roofline_frac=%.3f step_ms=%.1f active_MB_per_tok=%.1f dram_GBps=%.1f cpu_path=reference\n",
-               o->name, P, 1.0 / W, roof, 1.0 / W / roof, W * 1e3, bytes / 1e6, bw);
+        /* per token the CPU reads every active weight except the embedding table (one row): the dense
+         * ones in bf16, the k routed experts per MoE layer as packed */
+        const model_desc *d = &e->d;
+        int64_t exp_params = (int64_t)d->n_layer_moe * d->n_expert_used * 3 * (int64_t)d->d_model * d->d_ff_expert;
+        double exp_bytes = (double)exp_params * 2;
+        for (int l = 0; e->moe && l < d->n_layer; l++)
+            if (e->moe[l])
+                exp_bytes = (double)moe_bytes(e->moe[l]) * d->n_expert_used * d->n_layer_moe;
+        double bytes = (double)(active - exp_params - (int64_t)d->n_vocab * d->d_model) * 2 + exp_bytes;
+        double roof = bw * 1e9 / bytes;
+        printf("bench=e2e model=%s experts=%s mode=cpu phase=decode prompt=%d batch=1 tok_s=%.2f roofline_tok_s=%.2f "
+               "roofline_frac=%.3f step_ms=%.1f active_MB_per_tok=%.1f dram_GBps=%.1f cpu_path=%s\n",
+               o->name, cpu_fmt_name(e), P, 1.0 / W, roof, 1.0 / W / roof, W * 1e3, bytes / 1e6, bw,
+               e->moe ? "moe_operator" : "reference");
     }
     fflush(stdout);
     free(tok);

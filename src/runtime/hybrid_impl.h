@@ -48,6 +48,7 @@ typedef struct {
     int n_gpu_exp;
     int32_t *slot_host;                   /* [E] place on the GPU or -1 */
     moe_op *moe;                          /* CPU-held experts (NULL with the reference loop) */
+    int moe_borrowed;                     /* moe belongs to the engine (e->moe), not freed here */
 } hy_layer;
 
 typedef struct hybrid_engine {

@@ -5,7 +5,9 @@
 #include "core/err.h"
 #include "core/mem.h"
 #include "cpu/attn.h"
+#include "cpu/moe/moe.h"
 #include "runtime/engine.h"
+#include "runtime/hybrid.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +25,8 @@ void tandem_session_free(tandem_session *s)
 {
     if (!s)
         return;
+    hybrid_session_free(s); /* first: it unpins s->logits */
+    moe_scratch_free(s->moe_s);
     if (s->kv)
         for (int l = 0; l < s->e->d.n_layer; l++) {
             free(s->kv[l].k);
@@ -119,7 +123,24 @@ int tandem_session_create(tandem_engine *e, const tandem_session_params *p, tand
               !s->rope_cs || !s->tok_seq || !s->tok_pos || !s->ids || !s->wts || !s->router_logits ||
               !s->route_scratch || !s->exp_count || !s->exp_tok || !s->exp_w || !s->gx || !s->gg || !s->gu ||
               !s->gy || !s->attn_scratch || !s->logits || !s->logits_row;
-    for (int l = 0; !oom && l < d->n_layer; l++) {
+    if (oom) {
+        tandem_session_free(s);
+        return td_err(err, errlen, TANDEM_ENOMEM, "session: out of memory for a batch of %d", p->n_batch);
+    }
+    int rc = hybrid_session_create(s, err, errlen);
+    if (rc) {
+        tandem_session_free(s);
+        return rc;
+    }
+    /* CPU runs: the MoE operator's scratch; the KV cache lives here unless on the GPU */
+    for (int l = 0; !rc && e->moe && !s->moe_s && l < d->n_layer; l++)
+        if (e->moe[l])
+            rc = moe_scratch_create(e->moe[l], p->n_batch, (int)K, &s->moe_s, err, errlen);
+    if (rc) {
+        tandem_session_free(s);
+        return rc;
+    }
+    for (int l = 0; !oom && !s->hys && l < d->n_layer; l++) {
         int64_t cells = (int64_t)s->n_seq * n_ctx;
         kv_layer *kv = &s->kv[l];
         if (d->attn == ATTN_GQA) {
@@ -175,5 +196,7 @@ int tandem_forward(tandem_session *s, const tandem_batch *b, char *err, size_t e
 {
     if (!s || !b)
         return td_err(err, errlen, TANDEM_EINVAL, "forward: no session or batch");
+    if (s->hys)
+        return hybrid_forward(s, b, err, errlen);
     return forward_batch(s, b, err, errlen);
 }
