@@ -56,6 +56,11 @@ typedef struct {
     int gpu_experts;      /* routed experts per MoE layer kept on the GPU (hot experts) */
     int cpu_experts;      /* format of CPU experts: TANDEM_FMT_* */
     int n_layer_limit;    /* > 0: build only the first N layers (benchmarks at full width) */
+    int defer_experts;    /* expert deferral d (0 = exact, the default): per token the d routed experts
+                             of lowest router weight are deferred, their output added to the residual one
+                             layer later (after the next layer's attention), so the CPU computes them while
+                             the GPU runs that attention; applies to a MoE layer followed by a MoE layer;
+                             0 <= d < experts per token (approximate: see bench/e2e.md for its cost) */
     /* Called during load with the fraction done (0..1), e.g. for a progress bar. */
     void (*progress)(float done, void *user);
     void *progress_user;

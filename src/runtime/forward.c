@@ -9,6 +9,19 @@
  * SwiGLU or a routed MoE (plus shared experts). All buffers come from the
  * session; the batch is validated completely before any state changes, so a
  * rejected batch leaves the KV cache as it was.
+ *
+ * Expert deferral (DESIGN.md section 1; engine parameter defer_experts = d,
+ * d = 0 is exact and runs the code below unchanged). A MoE layer l whose
+ * next layer is also MoE defers, per token, the d of its k routed experts
+ * with the lowest router weight (ties: the later choice is deferred): their
+ * output R_def_l(h_l) is added to the residual after layer l+1's MoE, not
+ * before layer l+1's attention, i.e. O_l = I_l + S_l(I_l) + R_imm_l(I_l) +
+ * R_def_{l-1}(I_{l-1}). The hybrid schedule computes the same thing with the
+ * deferred experts running on the CPU during the next layer's attention. Where
+ * the state lives between the two layers (no session field is spent on it):
+ * the deferred ids in router_logits (free once routing is done, E >= k), the
+ * deferred output in gx (the gather buffer of the reference expert loop,
+ * which then runs token by token instead).
  */
 #include "core/err.h"
 #include "cpu/attn.h"
@@ -57,6 +70,10 @@ static int validate(tandem_session *s, const tandem_batch *b, int *n_want, char 
     if (want > s->n_outputs)
         return td_err(err, errlen, TANDEM_EFULL, "batch: logits wanted for %d tokens, the session keeps at most %d",
                       want, s->n_outputs);
+    int dfr = s->e->params.defer_experts;
+    if (dfr < 0 || (d->n_layer_moe > 0 && dfr >= d->n_expert_used))
+        return td_err(err, errlen, TANDEM_EINVAL, "defer_experts %d: expected 0 to %d (experts per token - 1)", dfr,
+                      d->n_layer_moe > 0 ? d->n_expert_used - 1 : 0);
     *n_want = want;
     return 0;
 }
@@ -161,8 +178,39 @@ static void mlp(tandem_session *s, int T, int64_t F, const mat *g, const mat *u,
 }
 
 static void reference_experts(tandem_session *s, int l, int T);
+static void reference_experts_rows(tandem_session *s, int l, int T, const int32_t *ids, float *out);
 static void shared_experts(tandem_session *s, int l, int T);
 
+/* Layer l defers experts (see the top of the file). */
+static int defers(const tandem_engine *e, int l)
+{
+    const model_desc *d = &e->d;
+    return e->params.defer_experts > 0 && d->layer_moe[l] && l + 1 < d->n_layer && d->layer_moe[l + 1];
+}
+
+/* Per token, move the d experts of lowest weight from ids[t] to def[t]
+ * (ties: the later of equal weights is deferred); -1 fills the gaps. */
+static void defer_split(int T, int K, int dfr, int32_t *ids, const float *w, int32_t *def)
+{
+    for (int t = 0; t < T; t++) {
+        const float *wt = w + (int64_t)t * K;
+        int32_t *it = ids + (int64_t)t * K, *dt = def + (int64_t)t * K;
+        for (int k = 0; k < K; k++) {
+            int rank = 0;
+            for (int j = 0; j < K; j++)
+                rank += wt[j] > wt[k] || (wt[j] == wt[k] && j < k);
+            dt[k] = -1;
+            if (rank >= K - dfr) {
+                dt[k] = it[k];
+                it[k] = -1;
+            }
+        }
+    }
+}
+
+/* y = the layer's routed experts (the immediate ones when it defers) and
+ * shared experts of h. A deferring layer leaves its deferred ids in
+ * router_logits for moe_deferred(). */
 static void moe(tandem_session *s, int l, int T)
 {
     tandem_engine *e = s->e;
@@ -174,13 +222,32 @@ static void moe(tandem_session *s, int l, int T)
     route_params rp = { d->route, E, K, d->norm_topk, d->route_scale, d->n_group, d->topk_group, L->router_bias };
     for (int t = 0; t < T; t++)
         route_select(&rp, s->router_logits + (int64_t)t * E, s->ids + t * K, s->wts + t * K, s->route_scratch);
+    const int dfr = defers(e, l);
+    if (dfr)
+        defer_split(T, K, e->params.defer_experts, s->ids, s->wts, (int32_t *)s->router_logits);
     if (e->moe && e->moe[l]) {
         int rc = moe_forward(e->moe[l], s->moe_s, e->pool, T, K, s->h, s->ids, s->wts, s->y);
         TD_ASSERT(rc == 0); /* ids come from the router: always in range and held */
+    } else if (e->params.defer_experts > 0) {
+        reference_experts_rows(s, l, T, s->ids, s->y); /* gx may hold a deferred output */
     } else {
         reference_experts(s, l, T);
     }
     shared_experts(s, l, T);
+}
+
+/* gx = the deferred experts of layer l (ids left in router_logits by moe()). */
+static void moe_deferred(tandem_session *s, int l, int T)
+{
+    tandem_engine *e = s->e;
+    const int K = e->d.n_expert_used;
+    const int32_t *def = (const int32_t *)s->router_logits;
+    if (e->moe && e->moe[l]) {
+        int rc = moe_forward(e->moe[l], s->moe_s, e->pool, T, K, s->h, def, s->wts, s->gx);
+        TD_ASSERT(rc == 0);
+    } else {
+        reference_experts_rows(s, l, T, def, s->gx);
+    }
 }
 
 /* The exact path (TANDEM_FMT_F32): experts one by one over the checkpoint's
@@ -219,6 +286,32 @@ static void reference_experts(tandem_session *s, int l, int T)
                 yt[j] += w[i] * gy[j];
         }
     }
+}
+
+/* The same maths token by token, for any id list (ids < 0 skipped), without
+ * the gather buffer gx: out[t] = sum_k w[t][k] * expert_ids[t][k](h[t]). */
+static void reference_experts_rows(tandem_session *s, int l, int T, const int32_t *ids, float *out)
+{
+    tandem_engine *e = s->e;
+    const model_desc *d = &e->d;
+    const layer_weights *L = &e->layers[l];
+    const int K = d->n_expert_used;
+    const int64_t D = d->d_model, F = d->d_ff_expert;
+    memset(out, 0, (size_t)(T * D) * 4);
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < K; k++) {
+            int ex = ids[t * K + k];
+            if (ex < 0)
+                continue;
+            const float *h = s->h + t * D, w = s->wts[t * K + k];
+            op_matmul(e->pool, s->gg, F, h, D, 1, &L->exp_gate[ex], NULL);
+            op_matmul(e->pool, s->gu, F, h, D, 1, &L->exp_up[ex], NULL);
+            op_silu_mul(s->gg, s->gu, F);
+            op_matmul(e->pool, s->gy, D, s->gg, F, 1, &L->exp_down[ex], NULL);
+            float *yt = out + t * D;
+            for (int64_t j = 0; j < D; j++)
+                yt[j] += w * s->gy[j];
+        }
 }
 
 static void shared_experts(tandem_session *s, int l, int T)
@@ -281,6 +374,10 @@ int forward_batch(tandem_session *s, const tandem_batch *b, char *err, size_t er
             mlp(s, T, d->d_ff, &L->ffn_gate, &L->ffn_up, &L->ffn_down, L->ffn_gate_bias, L->ffn_up_bias,
                 L->ffn_down_bias, s->y);
         add_rows(s->x, s->y, T * D);
+        if (l > 0 && defers(e, l - 1))
+            add_rows(s->x, s->gx, T * D); /* R_def_{l-1}(I_{l-1}) */
+        if (defers(e, l))
+            moe_deferred(s, l, T);
     }
 
     /* final norm of the wanted rows, gathered, then one lm_head matmul */
