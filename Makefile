@@ -70,7 +70,7 @@ $(BUILD)/libtandem.a: $(LIB_OBJ) $(BUILD)/.cuda-$(CUDA)
 	ar rcs $@ $(LIB_OBJ)
 
 $(BUILD)/tandem: $(CLI_OBJ) $(BUILD)/libtandem.a
-	$(CC) $(CFLAGS_BASE) -o $@ $(CLI_OBJ) $(BUILD)/libtandem.a $(LDLIBS) -ledit
+	$(CC) $(CFLAGS_BASE) -o $@ $(CLI_OBJ) $(BUILD)/libtandem.a $(LDLIBS) -ledit -lmicrohttpd
 
 $(BUILD)/run_tests: $(TEST_OBJ) $(BUILD)/libtandem.a
 	$(CC) $(CFLAGS_BASE) -o $@ $(TEST_OBJ) $(BUILD)/libtandem.a $(LDLIBS)

@@ -40,5 +40,7 @@ int cmd_info(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_ppl(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
+/* `tandem serve`: the OpenAI-compatible server (server/serve.c) */
+int cmd_serve(int argc, char **argv);
 
 #endif

@@ -19,6 +19,7 @@ static const char *usage_main =
     "  bench  benchmarks (moe)                   tandem bench moe --help\n"
     "  perplexity  NLL of token windows          tandem perplexity -m MODEL\n"
     "  convert  pack CPU experts once, to disk   tandem convert -m MODEL --cpu-experts int4\n"
+    "  serve  OpenAI-compatible HTTP server      tandem serve -m MODEL --port 8080\n"
     "\n"
     "`tandem COMMAND --help` lists a command's options. Without -m, the demo model\n"
     "models/demo is used.\n";
@@ -246,8 +247,10 @@ int main(int argc, char **argv)
         return cmd_bench(argc, argv);
     if (!strcmp(cmd, "convert"))
         return cmd_convert(argc, argv);
+    if (!strcmp(cmd, "serve"))
+        return cmd_serve(argc, argv);
     if (!strcmp(cmd, "perplexity") || !strcmp(cmd, "ppl"))
         return cmd_ppl(argc, argv);
-    fprintf(stderr, "tandem: unknown command '%s' (run, chat, info, bench, perplexity, convert; see tandem --help)\n", cmd);
+    fprintf(stderr, "tandem: unknown command '%s' (run, chat, info, bench, perplexity, convert, serve; see tandem --help)\n", cmd);
     return 2;
 }

@@ -1,0 +1,428 @@
+/*
+ * http.c - the HTTP side of `tandem serve` on libmicrohttpd: routes, request
+ * bodies, OpenAI error responses, and the waiting for results.
+ *
+ * libmicrohttpd runs one thread per connection, so a handler may block: a
+ * non-streaming completion waits in its handler for the request to finish;
+ * a streaming one returns a response whose reader callback blocks until the
+ * engine publishes more text, then formats it as server-sent events.
+ * While either waits it looks at its socket every 200 ms: a client that hung
+ * up (POLLRDHUP / POLLHUP) is cancelled at once, which frees its KV slot at
+ * the next step (or drops it from the queue), even if no byte was to be sent.
+ *
+ * Limits: bodies over max_body get 413 after being read and discarded, so
+ * that a client still sending sees the answer; past 16 x max_body (by
+ * Content-Length, or while reading) the answer comes at once or the
+ * connection closes. Connections beyond max_conns are refused by
+ * libmicrohttpd; idle keep-alive connections close after 120 s.
+ */
+#include "server.h"
+
+#include <jansson.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+struct srv_http {
+    struct MHD_Daemon *d;
+    srv_sched *sc;
+    srv_parse_ctx pc;
+    srv_http_params p;
+    long long started; /* unix time, for /v1/models */
+    atomic_int draining;
+};
+
+enum { R_NONE, R_HEALTH, R_MODELS, R_MODEL, R_CHAT, R_COMPLETION };
+
+typedef struct {
+    int route;
+    srv_buf body;
+    size_t seen;   /* body bytes received */
+    int too_large; /* over max_body: discarding */
+} srv_conn;
+
+typedef struct {
+    srv_http *h;
+    srv_req *r; /* one reference, dropped in stream_free */
+    int fd;
+    srv_buf sse; /* formatted events not yet handed to libmicrohttpd */
+    size_t off;
+    srv_out local;
+    srv_stream_pos pos;
+    int ended;
+} srv_stream;
+
+/* ---- responses ------------------------------------------------------------- */
+
+static const char OOM_JSON[] =
+    "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\",\"param\":null,\"code\":null}}";
+
+/* Send json (malloc'd, taken; NULL = out of memory) with status. */
+static enum MHD_Result send_json(struct MHD_Connection *c, int status, char *json, const char *allow)
+{
+    struct MHD_Response *resp;
+    if (json) {
+        resp = MHD_create_response_from_buffer(strlen(json), json, MHD_RESPMEM_MUST_FREE);
+        if (!resp)
+            free(json);
+    } else {
+        status = 500;
+        resp = MHD_create_response_from_buffer(sizeof OOM_JSON - 1, (void *)OOM_JSON, MHD_RESPMEM_PERSISTENT);
+    }
+    if (!resp)
+        return MHD_NO;
+    MHD_add_response_header(resp, "Content-Type", "application/json");
+    if (allow)
+        MHD_add_response_header(resp, "Allow", allow);
+    enum MHD_Result rc = MHD_queue_response(c, (unsigned)status, resp);
+    MHD_destroy_response(resp);
+    return rc;
+}
+
+static enum MHD_Result send_error(struct MHD_Connection *c, int status, const char *param, const char *code,
+                                  const char *allow, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+
+static enum MHD_Result send_error(struct MHD_Connection *c, int status, const char *param, const char *code,
+                                  const char *allow, const char *fmt, ...)
+{
+    char msg[600];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    srv_buf clean = { 0 };
+    srv_utf8_clean(msg, strlen(msg), &clean); /* the URL in a message may be any bytes */
+    char *j = srv_error_json(status, clean.p ? clean.p : "error", param, code);
+    srv_buf_free(&clean);
+    return send_json(c, status, j, allow);
+}
+
+/* ---- routes ---------------------------------------------------------------- */
+
+static int match_route(const char *url, const char **model)
+{
+    size_t n = strlen(url);
+    while (n > 1 && url[n - 1] == '/')
+        n--;
+#define IS(s) (n == sizeof(s) - 1 && !memcmp(url, s, n))
+    if (IS("/health"))
+        return R_HEALTH;
+    if (IS("/v1/models"))
+        return R_MODELS;
+    if (IS("/v1/chat/completions"))
+        return R_CHAT;
+    if (IS("/v1/completions"))
+        return R_COMPLETION;
+#undef IS
+    if (n > 11 && !memcmp(url, "/v1/models/", 11)) {
+        *model = url + 11;
+        return R_MODEL;
+    }
+    return R_NONE;
+}
+
+
+static json_t *model_obj(const srv_http *h)
+{
+    return json_pack("{s:s,s:s,s:I,s:s,s:i}", "id", h->pc.model_id, "object", "model", "created",
+                     (json_int_t)h->started, "owned_by", "tandem", "max_model_len", h->pc.n_ctx);
+}
+
+static enum MHD_Result get_route(srv_http *h, struct MHD_Connection *c, int route, const char *model)
+{
+    json_t *v = NULL;
+    int status = 200;
+    if (route == R_HEALTH) {
+        srv_stats st;
+        srv_sched_stats(h->sc, &st);
+        int draining = atomic_load(&h->draining) || st.closed;
+        status = draining ? 503 : 200;
+        v = json_pack("{s:s,s:i,s:i,s:i,s:i,s:i,s:I,s:I,s:I}", "status", draining ? "draining" : "ok", "running",
+                      st.running, "queued", st.queued, "max_seqs", st.n_seq, "queue_max", st.queue_max, "ctx",
+                      st.n_ctx, "requests", (json_int_t)st.requests, "tokens_generated",
+                      (json_int_t)st.tokens_generated, "steps", (json_int_t)st.steps);
+    } else if (route == R_MODELS) {
+        v = json_pack("{s:s,s:[o]}", "object", "list", "data", model_obj(h));
+    } else {
+        if (strcmp(model, h->pc.model_id) && strcmp(model, h->pc.model_dir))
+            return send_error(c, 404, "model", "model_not_found", NULL, "the model '%.200s' does not exist", model);
+        v = model_obj(h);
+    }
+    char *s = v ? json_dumps(v, JSON_COMPACT) : NULL;
+    json_decref(v);
+    return send_json(c, status, s, NULL);
+}
+
+/* ---- waiting for the engine -------------------------------------------------- */
+
+/* Has the peer closed its end? (A request is complete before we wait, so
+ * a readable end-of-file or a hang-up means the client is gone.) */
+static int client_gone(int fd)
+{
+    if (fd < 0)
+        return 0;
+    struct pollfd p = { .fd = fd, .events = POLLRDHUP };
+    if (poll(&p, 1, 0) <= 0)
+        return 0;
+    return (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0;
+}
+
+static int conn_fd(struct MHD_Connection *c)
+{
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    return ci ? ci->connect_fd : -1;
+}
+
+#define WAIT_MS 200
+
+static ssize_t stream_read(void *cls, uint64_t at, char *buf, size_t max)
+{
+    srv_stream *st = cls;
+    (void)at;
+    for (;;) {
+        if (st->off < st->sse.n) {
+            size_t k = st->sse.n - st->off < max ? st->sse.n - st->off : max;
+            memcpy(buf, st->sse.p + st->off, k);
+            st->off += k;
+            return (ssize_t)k;
+        }
+        if (st->ended)
+            return MHD_CONTENT_READER_END_OF_STREAM;
+        st->sse.n = st->off = 0;
+        int fin = 0, n_comp = 0;
+        char msg[256] = "";
+        int state = srv_sched_wait(st->h->sc, st->r, WAIT_MS, &st->local, &fin, msg, sizeof msg, &n_comp);
+        int rc = srv_stream_chunks(st->r, st->h->pc.model_id, &st->pos, &st->local, &st->sse);
+        srv_out_clear(&st->local);
+        if (!rc && state == SRV_DONE) {
+            rc = srv_stream_end(st->r, st->h->pc.model_id, &st->pos, fin, msg, n_comp, &st->sse);
+            st->ended = 1;
+            if (st->h->p.verbose)
+                fprintf(stderr, "tandem serve: %s stream prompt=%d generated=%d finish=%s %.0f ms\n", st->r->id,
+                        st->r->n_prompt, n_comp, srv_finish_str(fin) ? srv_finish_str(fin) : "error",
+                        (srv_now() - st->r->t_submit) * 1e3);
+        }
+        if (rc || (st->sse.n == 0 && client_gone(st->fd))) {
+            srv_sched_cancel(st->h->sc, st->r);
+            return MHD_CONTENT_READER_END_WITH_ERROR;
+        }
+    }
+}
+
+static void stream_free(void *cls)
+{
+    srv_stream *st = cls;
+    srv_sched_cancel(st->h->sc, st->r); /* no-op when it finished */
+    srv_sched_release(st->h->sc, st->r);
+    srv_buf_free(&st->sse);
+    srv_out_free(&st->local);
+    free(st);
+}
+
+static enum MHD_Result start_stream(srv_http *h, struct MHD_Connection *c, srv_req *r)
+{
+    srv_stream *st = calloc(1, sizeof *st);
+    if (!st) {
+        srv_sched_cancel(h->sc, r);
+        srv_sched_release(h->sc, r);
+        return send_json(c, 500, NULL, NULL);
+    }
+    st->h = h;
+    st->r = r;
+    st->fd = conn_fd(c);
+    struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, stream_read, st,
+                                                                  stream_free);
+    if (!resp) {
+        stream_free(st);
+        return send_json(c, 500, NULL, NULL);
+    }
+    MHD_add_response_header(resp, "Content-Type", "text/event-stream");
+    MHD_add_response_header(resp, "Cache-Control", "no-cache");
+    MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+    enum MHD_Result rc = MHD_queue_response(c, 200, resp);
+    MHD_destroy_response(resp);
+    return rc;
+}
+
+/* Non-streaming: block this connection's thread until r is done. */
+static enum MHD_Result finish_blocking(srv_http *h, struct MHD_Connection *c, srv_req *r)
+{
+    int fd = conn_fd(c), fin = 0, n_comp = 0;
+    char msg[256] = "";
+    srv_out o = { 0 };
+    while (srv_sched_wait(h->sc, r, WAIT_MS, &o, &fin, msg, sizeof msg, &n_comp) != SRV_DONE) {
+        if (client_gone(fd)) {
+            srv_sched_cancel(h->sc, r);
+            srv_sched_release(h->sc, r);
+            srv_out_free(&o);
+            return MHD_NO; /* nobody to answer: close */
+        }
+    }
+    enum MHD_Result rc;
+    if (srv_finish_str(fin))
+        rc = send_json(c, 200, srv_response_json(r, h->pc.model_id, &o, fin, n_comp), NULL);
+    else if (fin == SRV_FIN_CANCELLED)
+        rc = send_error(c, 503, NULL, "shutting_down", NULL, "%s", *msg ? msg : "the request was cancelled");
+    else
+        rc = send_error(c, 500, NULL, NULL, NULL, "%s", *msg ? msg : "the generation failed");
+    if (h->p.verbose)
+        fprintf(stderr, "tandem serve: %s prompt=%d generated=%d finish=%s %.0f ms\n", r->id, r->n_prompt, n_comp,
+                srv_finish_str(fin) ? srv_finish_str(fin) : "error", (srv_now() - r->t_submit) * 1e3);
+    srv_sched_release(h->sc, r);
+    srv_out_free(&o);
+    return rc;
+}
+
+static enum MHD_Result handle_completion(srv_http *h, struct MHD_Connection *c, srv_conn *cc)
+{
+    if (atomic_load(&h->draining))
+        return send_error(c, 503, NULL, "shutting_down", NULL, "the server is shutting down");
+    srv_error e;
+    srv_req *r = srv_parse_request(&h->pc, cc->route == R_CHAT ? SRV_CHAT : SRV_COMPLETION,
+                                   cc->body.p ? cc->body.p : "", cc->body.n, &e);
+    srv_buf_free(&cc->body);
+    if (!r)
+        return send_error(c, e.status, e.param, e.code, NULL, "%s", e.message);
+    r->refs = 1; /* this connection's */
+    int rc = srv_sched_submit(h->sc, r);
+    if (rc == SRV_SUBMIT_FULL) {
+        srv_req_free(r);
+        return send_error(c, 429, NULL, "queue_full", NULL,
+                          "the server is busy: every sequence slot is taken and the queue is full; retry later");
+    }
+    if (rc == SRV_SUBMIT_CLOSED) {
+        srv_req_free(r);
+        return send_error(c, 503, NULL, "shutting_down", NULL, "the server is shutting down");
+    }
+    return r->stream ? start_stream(h, c, r) : finish_blocking(h, c, r);
+}
+
+/* ---- libmicrohttpd callbacks --------------------------------------------------- */
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
+                                  const char *version, const char *upload, size_t *upload_size, void **con_cls)
+{
+    srv_http *h = cls;
+    srv_conn *cc = *con_cls;
+    (void)version;
+    if (!cc) {
+        const char *model = NULL;
+        int route = match_route(url, &model);
+        if (route == R_NONE)
+            return send_error(c, 404, NULL, "not_found", NULL, "Invalid URL (%.20s %.200s)", method, url);
+        int post = route == R_CHAT || route == R_COMPLETION;
+        int get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+        if (post ? strcmp(method, "POST") != 0 : !get)
+            return send_error(c, 405, NULL, "method_not_allowed", post ? "POST" : "GET, HEAD",
+                              "%.20s is not allowed on %.200s (use %s)", method, url, post ? "POST" : "GET");
+        if (!post)
+            return get_route(h, c, route, model);
+        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+        /* far too large: answer now (the client may see the connection close
+         * while it still sends); else read and discard, then answer 413 */
+        if (cl && strtoull(cl, NULL, 10) / 16 > h->p.max_body)
+            return send_error(c, 413, NULL, "request_too_large", NULL, "the body has %.30s bytes, the limit is %zu",
+                              cl, h->p.max_body);
+        if (!(cc = calloc(1, sizeof *cc)))
+            return MHD_NO;
+        cc->route = route;
+        *con_cls = cc;
+        return MHD_YES;
+    }
+    if (*upload_size) {
+        cc->seen += *upload_size;
+        if (!cc->too_large && cc->body.n + *upload_size > h->p.max_body) {
+            cc->too_large = 1;
+            srv_buf_free(&cc->body);
+        }
+        if (!cc->too_large && srv_buf_put(&cc->body, upload, *upload_size))
+            return MHD_NO;
+        *upload_size = 0;
+        /* stop reading a body that will not end (it is discarded anyway) */
+        return cc->seen / 16 > h->p.max_body ? MHD_NO : MHD_YES;
+    }
+    if (cc->too_large)
+        return send_error(c, 413, NULL, "request_too_large", NULL, "the body has more than %zu bytes", h->p.max_body);
+    return handle_completion(h, c, cc);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe)
+{
+    (void)cls;
+    (void)c;
+    (void)toe;
+    srv_conn *cc = *con_cls;
+    if (!cc)
+        return;
+    srv_buf_free(&cc->body);
+    free(cc);
+    *con_cls = NULL;
+}
+
+static void on_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    const srv_http *h = cls;
+    if (!h->p.verbose)
+        return;
+    fputs("tandem serve: libmicrohttpd: ", stderr);
+    vfprintf(stderr, fmt, ap);
+}
+
+int srv_http_start(const srv_http_params *p, srv_sched *sc, const srv_parse_ctx *pc, srv_http **out, int *port,
+                   char *err, size_t errlen)
+{
+    *out = NULL;
+    char ps[16];
+    snprintf(ps, sizeof ps, "%d", p->port);
+    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE }, *ai;
+    int gai = getaddrinfo(p->host, ps, &hints, &ai);
+    if (gai) {
+        snprintf(err, errlen, "--host %s: %s", p->host, gai_strerror(gai));
+        return TANDEM_EINVAL;
+    }
+    srv_http *h = calloc(1, sizeof *h);
+    if (!h) {
+        freeaddrinfo(ai);
+        snprintf(err, errlen, "out of memory");
+        return TANDEM_ENOMEM;
+    }
+    h->sc = sc;
+    h->pc = *pc;
+    h->p = *p;
+    h->started = (long long)time(NULL);
+    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL |
+                     MHD_USE_ERROR_LOG | (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0);
+    h->d = MHD_start_daemon(flags, (uint16_t)p->port, NULL, NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER,
+                            on_mhd_log, h, MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_NOTIFY_COMPLETED,
+                            on_completed, h, MHD_OPTION_CONNECTION_LIMIT, (unsigned)p->max_conns,
+                            MHD_OPTION_CONNECTION_TIMEOUT, 120u, MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
+                            MHD_OPTION_END);
+    freeaddrinfo(ai);
+    if (!h->d) {
+        snprintf(err, errlen, "cannot listen on %s port %d (in use, or not an address of this machine?)", p->host,
+                 p->port);
+        free(h);
+        return TANDEM_EIO;
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
+    *port = di ? di->port : p->port;
+    *out = h;
+    return 0;
+}
+
+void srv_http_set_draining(srv_http *h) { atomic_store(&h->draining, 1); }
+
+void srv_http_stop(srv_http *h)
+{
+    if (!h)
+        return;
+    MHD_stop_daemon(h->d);
+    free(h);
+}
