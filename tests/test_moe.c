@@ -519,6 +519,70 @@ static void test_kernels(pool *p1, pool *p2)
                vs[i].cases, vs[i].worst[0], vs[i].worst[1], vs[i].worst[2]);
 }
 
+/* The tile kernels (on the emulator) with tunings that force every path:
+ * several accumulator chunks per K (BF16 and INT8 spills), several INT4
+ * unpack chunks, odd pair counts per item, narrow and wide phase-2 column
+ * groups; and the schedule on pools of more threads than the two above
+ * (3 threads in one partition, 4 in two: items of one partition wait for
+ * the other's). INT formats stay bit-identical to the reference. */
+static void test_tuned(pool *p1, pool *p2)
+{
+    if (isa_detect() < ISA_AVX512) {
+        SKIP("moe tuned tile kernels", "the tile emulator needs AVX-512");
+        return;
+    }
+    static const char *tunes[] = { "kc_bf16=64,kc_int8=128,g4=3,np_up=3,cg=2",
+                                   "kc_bf16=96,kc_int8=192,g4=7,np_up=1,cg=16",
+                                   "kc_bf16=512,kc_int8=1024,g4=128,np_up=8,cg=0" };
+    moe_tune keep = moe_tuning;
+    char err[256];
+    pool *p3 = NULL, *p4 = NULL;
+    CHECKF(pool_create(&p3, 3, 1, err, sizeof err) == 0, "%s", err);
+    CHECKF(pool_create(&p4, 4, 2, err, sizeof err) == 0, "%s", err);
+    weights w = make_weights(6, 400, 264, MOE_SRC_BF16, ~0ull);
+    variant v = { "amx-emu", ISA_AVX512, 1, 0, { 0, 0, 0 } };
+    for (int ti = 0; ti < 3; ti++) {
+        CHECKF(moe_tune_parse(tunes[ti], err, sizeof err) == 0, "%s: %s", tunes[ti], err);
+        for (int fmt = 0; fmt < 3; fmt++)
+            for (int pi = 0; pi < 4; pi++) {
+                pool *p = pi == 0 ? p1 : pi == 1 ? p2 : pi == 2 ? p3 : p4;
+                if (!p)
+                    continue;
+                run_opts o = { .p = p, .fmt = fmt, .amx_min = 5, .n = 40, .top_k = 3,
+                               .route = pi % 2 ? ROUTE_NEG : ROUTE_RANDOM, .act_bf16 = pi % 2 };
+                char what[200];
+                snprintf(what, sizeof what, "tuned %s %s pool %d", tunes[ti], fmt_name(fmt), pi);
+                compare_case(&w, &o, &v, 1, fmt == MOE_BF16 ? 2e-3 : 1e-6, what);
+                if (fmt == MOE_INT8 && pi == 3) { /* scale groups with several chunks per group */
+                    o.group = 128;
+                    compare_case(&w, &o, &v, 1, 1e-6, what);
+                }
+            }
+    }
+    /* decode-like (small experts only) on the bigger pools */
+    moe_tuning = keep;
+    for (int fmt = 0; fmt < 3; fmt++)
+        for (int pi = 2; pi < 4; pi++) {
+            pool *p = pi == 2 ? p3 : p4;
+            if (!p)
+                continue;
+            run_opts o = { .p = p, .fmt = fmt, .n = 2, .top_k = 4, .route = ROUTE_RANDOM };
+            variant va = { "avx512", ISA_AVX512, 0, 0, { 0, 0, 0 } };
+            compare_case(&w, &o, &va, 1, 1e-6, "decode on 3-4 threads");
+        }
+    printf("  moe amx-emu tuned vs ref: %d cases, worst bf16 %.2e, int8 %.2e, int4 %.2e\n", v.cases, v.worst[0],
+           v.worst[1], v.worst[2]);
+    CHECK(moe_tune_parse("kc_bf16=48", err, sizeof err) == TANDEM_EINVAL && strstr(err, "kc_bf16") != NULL);
+    CHECK(moe_tune_parse("np_up=9", err, sizeof err) == TANDEM_EINVAL);
+    CHECK(moe_tune_parse("cg=3", err, sizeof err) == TANDEM_EINVAL);
+    CHECK(moe_tune_parse("bogus=1", err, sizeof err) == TANDEM_EINVAL && strstr(err, "bogus") != NULL);
+    CHECK(moe_tune_parse("g4", err, sizeof err) == TANDEM_EINVAL);
+    CHECK(memcmp(&moe_tuning, &keep, sizeof keep) == 0); /* a refused spec changes nothing */
+    free_weights(&w);
+    pool_free(p3);
+    pool_free(p4);
+}
+
 /* ---- partitions: the split does not change the result ------------------ */
 
 static void test_split(pool *p1, pool *p2)
@@ -700,6 +764,7 @@ TEST_GROUP(moe)
     test_file(p1, p2);
     test_errors(p1);
     test_kernels(p1, p2);
+    test_tuned(p1, p2);
     pool_free(p1);
     pool_free(p2);
 }

@@ -2,22 +2,23 @@
  * moe.c - the MoE operator: create (validate, lay out, pack in parallel),
  * scratch, and the forward schedule shared by every kernel set.
  *
- * One forward is a few pool jobs, none allocating:
+ * One forward is one pool job (two with NUMA partitions), none allocating:
  *   route    (caller thread) count tokens per expert, order the token-expert
  *            pairs by expert (rows of an expert contiguous, padded to 16 for
- *            the tile kernels), split experts into small (< amx_min tokens:
- *            vector kernel) and big (tile kernel);
- *   gather   per token: x -> bf16 or int8 row, copied to each of its rows;
- *   phase 1  items (expert, block of gate/up rows) per partition: g, u,
- *            h = silu(g)*u into h rows (each partition its d_ff slice);
- *   quant    INT8/INT4: h rows -> int8 + scale + sums (whole row, so the
- *            quantisation does not depend on the partition split);
- *   phase 2  items = blocks of output columns, each owned by one item, so
- *            outputs need no atomics: first all small experts in one job
- *            (items = column blocks, each over every small expert), then
- *            the big experts in one job of (expert, column pair) items,
- *            ordered per column by a ticket (down_big_job), so an expert's
- *            h rows are read from the LLC by all threads at once;
+ *            the tile kernels), and the order of the experts: small (<
+ *            amx_min tokens: vector kernel) ascending, then big (tile kernel)
+ *            ascending;
+ *   the job  (fwd_job) a sequence of items with dependencies instead of one
+ *            job and barrier per phase: gather (x -> bf16 or int8 rows, tiled
+ *            for tile-kernel experts), phase 1 (expert, block of gate/up rows:
+ *            h = silu(g) * u, each partition its d_ff slice), quant (INT8/
+ *            INT4: h rows -> int8 + scale + sums, whole rows), phase 2
+ *            (expert, group of output columns; each column group sees the
+ *            experts in order, so outputs need no atomics and the sum order
+ *            is fixed). A thread that runs out of phase-1 items goes on with
+ *            the down products of experts already done, so the only idle
+ *            time is the tail of the last items (decode: ~100 us a call
+ *            went to barriers and per-phase tails before);
  *   reduce   partitions > 1: out += partial of each partition, in order.
  * The accumulation order into out is therefore fixed: small experts in
  * ascending id, then big experts in ascending id, for every kernel set.
@@ -29,7 +30,9 @@
 #include "core/mem.h"
 
 #include <numa.h>
+#include <sched.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -233,7 +236,7 @@ int moe_check_desc(const moe_desc *d, pool *p, int isa, struct moe_op *op, char 
     op->fmt = d->fmt;
     op->group = d->group;
     op->isa = isa;
-    op->amx_min = d->amx_min ? d->amx_min : MOE_AMX_MIN_DEFAULT;
+    op->amx_min = d->amx_min ? d->amx_min : MOE_AMX_MIN_DEFAULT(d->fmt);
     op->nparts = pool_nparts(p);
     op->nthreads = pool_size(p);
     return 0;
@@ -313,17 +316,67 @@ size_t moe_bytes(const moe_op *op)
 int moe_isa(const moe_op *op) { return op->isa; }
 int moe_n_held(const moe_op *op) { return op->n_held; }
 
+/* ---- tuning -------------------------------------------------------------- */
+
+moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 64, .np_up = 8, .cg = 0 };
+
+int moe_tune_parse(const char *spec, char *err, size_t errlen)
+{
+    moe_tune t = moe_tuning;
+    char buf[256];
+    if (!spec || strlen(spec) >= sizeof buf)
+        return td_err(err, errlen, TANDEM_EINVAL, "moe tune: spec missing or too long");
+    strcpy(buf, spec);
+    char *save = NULL;
+    for (char *kv = strtok_r(buf, ",", &save); kv; kv = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(kv, '=');
+        char *end = NULL;
+        long v = eq ? strtol(eq + 1, &end, 10) : 0;
+        if (!eq || end == eq + 1 || *end)
+            return td_err(err, errlen, TANDEM_EINVAL, "moe tune: '%s' is not key=integer", kv);
+        *eq = 0;
+        int ok;
+        if (!strcmp(kv, "kc_bf16"))
+            ok = v >= 32 && v <= MOE_MAX_K && v % 32 == 0, t.kc_bf16 = (int)v;
+        else if (!strcmp(kv, "kc_int8"))
+            ok = v >= 64 && v <= MOE_MAX_K && v % 64 == 0, t.kc_int8 = (int)v;
+        else if (!strcmp(kv, "g4"))
+            ok = v >= 1 && v <= MOE_G4_MAX, t.g4 = (int)v;
+        else if (!strcmp(kv, "np_up"))
+            ok = v >= 1 && v <= MOE_MAXPAIR, t.np_up = (int)v;
+        else if (!strcmp(kv, "cg"))
+            ok = v == 0 || (v >= 2 && v <= 2 * MOE_MAXPAIR && v % 2 == 0), t.cg = (int)v;
+        else
+            return td_err(err, errlen, TANDEM_EINVAL,
+                          "moe tune: unknown key '%s' (kc_bf16, kc_int8, g4, np_up, cg)", kv);
+        if (!ok)
+            return td_err(err, errlen, TANDEM_EINVAL, "moe tune: %s=%ld is out of range", kv, v);
+    }
+    moe_tuning = t;
+    return 0;
+}
+
+void moe_tune_str(char *buf, size_t n)
+{
+    snprintf(buf, n, "kc_bf16=%d kc_int8=%d g4=%d np_up=%d cg=%d", moe_tuning.kc_bf16, moe_tuning.kc_int8,
+             moe_tuning.g4, moe_tuning.np_up, moe_tuning.cg);
+}
+
 /* ---- scratch ----------------------------------------------------------- */
 
 struct moe_scratch {
     int max_tokens, top_k, rows_max, n_expert, nparts;
     /* routing */
-    int32_t *cnt, *off, *fill, *touched, *small, *big;
-    int n_touched, n_small, n_big, rows_used;
+    int32_t *cnt, *off, *fill, *order, *nq, *p1tot;
+    int n_ord, n_small, rows_used;
     int32_t *tok, *rowof;
     float *wt;
-    int64_t *prefix;       /* [nparts][n_expert + 1] phase-1 item starts */
+    int64_t *pre1;         /* [nparts][n_expert + 1] phase-1 item starts, in order[] */
+    int64_t *preq;         /* [n_expert + 1] quantisation item starts */
     int c_up[MOE_MAX_PARTS];
+    /* the item sequence of one forward (see forward()) */
+    int gtok, n_tg, n_g, n_q, cg, n_cg;
+    int64_t n_items[MOE_MAX_PARTS];
     /* activations */
     void *xg;              /* [rows_max][kp] bf16 or int8 */
     float *xsx;
@@ -333,9 +386,15 @@ struct moe_scratch {
     float *hsx;
     int32_t *hs32;
     float *part;           /* [nparts-1][max_tokens][d_model] */
-    uint8_t *tbuf;         /* [nthreads][MOE_TSCRATCH] */
-    atomic_int *prog;      /* [nparts][prog_stride] phase-2b progress per column pair */
-    int prog_stride;
+    uint8_t *tbuf;         /* [nthreads][MOE_TSCRATCH] tile-kernel scratch */
+    uint8_t *rowbuf;       /* [nthreads][rowbuf_bytes] one converted row */
+    size_t rowbuf_bytes;
+    /* progress of the current forward */
+    atomic_int *gdone;     /* [1] gather items done */
+    atomic_int *p1done;    /* [n_expert] phase-1 items done (all partitions) */
+    atomic_int *qdone;     /* [n_expert] quantisation items done */
+    atomic_int *ticket;    /* [nparts][ticket_stride] phase 2: next expert (index in order[]) per column group */
+    int ticket_stride;
     void *region;          /* everything above, one mapping */
     size_t region_bytes;
     char err[256];
@@ -367,13 +426,14 @@ static void scratch_carve(moe_scratch *s, const moe_op *op, uint8_t *base, size_
     s->cnt = carve(base, &at, E * 4);
     s->off = carve(base, &at, E * 4);
     s->fill = carve(base, &at, E * 4);
-    s->touched = carve(base, &at, E * 4);
-    s->small = carve(base, &at, E * 4);
-    s->big = carve(base, &at, E * 4);
+    s->order = carve(base, &at, E * 4);
+    s->nq = carve(base, &at, E * 4);
+    s->p1tot = carve(base, &at, E * 4);
     s->tok = carve(base, &at, rows * 4);
     s->wt = carve(base, &at, rows * 4);
     s->rowof = carve(base, &at, pairs * 4);
-    s->prefix = carve(base, &at, (size_t)op->nparts * (E + 1) * 8);
+    s->pre1 = carve(base, &at, (size_t)op->nparts * (E + 1) * 8);
+    s->preq = carve(base, &at, (E + 1) * 8);
     s->xg = carve(base, &at, rows * kp * (q ? 1 : 2));
     s->xsx = carve(base, &at, rows * 4);
     s->xs32 = carve(base, &at, rows * kp / 32 * 4);
@@ -383,9 +443,14 @@ static void scratch_carve(moe_scratch *s, const moe_op *op, uint8_t *base, size_
     s->hs32 = q ? carve(base, &at, rows * ff / 32 * 4) : NULL;
     s->part = op->nparts > 1 ? carve(base, &at, (size_t)(op->nparts - 1) * (size_t)s->max_tokens * (size_t)op->d_model * 4)
                              : NULL;
-    s->tbuf = op->big != op->small ? carve(base, &at, (size_t)op->nthreads * MOE_TSCRATCH) : NULL;
-    s->prog_stride = (op->np / 32 + 15) / 16 * 16; /* pairs of row blocks, padded to a cache line */
-    s->prog = carve(base, &at, (size_t)op->nparts * (size_t)s->prog_stride * sizeof(atomic_int));
+    s->tbuf = op->big->tiled ? carve(base, &at, (size_t)op->nthreads * MOE_TSCRATCH) : NULL;
+    s->rowbuf_bytes = ((kp * 2 > ff ? kp * 2 : ff) + 63) / 64 * 64;
+    s->rowbuf = carve(base, &at, (size_t)op->nthreads * s->rowbuf_bytes);
+    s->gdone = carve(base, &at, sizeof(atomic_int));
+    s->p1done = carve(base, &at, E * sizeof(atomic_int));
+    s->qdone = carve(base, &at, E * sizeof(atomic_int));
+    s->ticket_stride = (op->np / 32 + 15) / 16 * 16; /* column groups of >= 2 row blocks, padded to a line */
+    s->ticket = carve(base, &at, (size_t)op->nparts * (size_t)s->ticket_stride * sizeof(atomic_int));
     *total = at;
 }
 
@@ -428,10 +493,21 @@ typedef struct {
     int n, top_k;
     const void *x;
     int x_bf16;
+    const int32_t *ids;
     float *out;
-    int c_down;            /* phase 2: row blocks per item */
 } fwd_ctx;
 
+static int clampi(int x, int lo, int hi) { return x < lo ? lo : x > hi ? hi : x; }
+
+static int is_big(const struct moe_op *op, const moe_scratch *s, int e) { return s->cnt[e] >= op->amx_min; }
+
+/* rows of e are tiled (read by a tile kernel) */
+static int is_tiled(const struct moe_op *op, const moe_scratch *s, int e) { return op->big->tiled && is_big(op, s, e); }
+
+/* Count tokens per expert, lay the token-expert pairs out by expert (rows
+ * of an expert contiguous, from a multiple of 16), and fix the order in
+ * which experts are computed and added: fewer than amx_min tokens first,
+ * then the others, each in ascending id. */
 static int route(struct moe_op *op, moe_scratch *s, int n, int top_k, const int32_t *ids, const float *w)
 {
     memset(s->cnt, 0, (size_t)op->n_expert * 4);
@@ -449,18 +525,16 @@ static int route(struct moe_op *op, moe_scratch *s, int n, int top_k, const int3
             s->cnt[id]++;
         }
     int rows = 0;
-    s->n_touched = s->n_small = s->n_big = 0;
-    for (int e = 0; e < op->n_expert; e++) {
-        if (!s->cnt[e])
-            continue;
-        s->touched[s->n_touched++] = e;
-        if (s->cnt[e] >= op->amx_min)
-            s->big[s->n_big++] = e;
-        else
-            s->small[s->n_small++] = e;
-        s->off[e] = s->fill[e] = rows;
-        rows += round_up(s->cnt[e], 16);
-    }
+    s->n_ord = s->n_small = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (int e = 0; e < op->n_expert; e++) {
+            if (!s->cnt[e] || is_big(op, s, e) != pass)
+                continue;
+            s->order[s->n_ord++] = e;
+            s->n_small += !pass;
+            s->off[e] = s->fill[e] = rows;
+            rows += round_up(s->cnt[e], 16);
+        }
     s->rows_used = rows;
     for (int t = 0; t < n; t++)
         for (int k = 0; k < top_k; k++) {
@@ -475,8 +549,8 @@ static int route(struct moe_op *op, moe_scratch *s, int n, int top_k, const int3
             s->wt[r] = w[i];
             s->rowof[i] = r;
         }
-    for (int i = 0; i < s->n_touched; i++) {
-        int e = s->touched[i];
+    for (int i = 0; i < s->n_ord; i++) {
+        int e = s->order[i];
         for (int r = s->off[e] + s->cnt[e]; r < s->off[e] + round_up(s->cnt[e], 16); r++) {
             s->tok[r] = -1;
             s->wt[r] = 0.0f;
@@ -485,67 +559,93 @@ static int route(struct moe_op *op, moe_scratch *s, int n, int top_k, const int3
     return 0;
 }
 
-/* items [0, n): tokens; [n, n + n_big): zero the pad rows of a big expert */
-static void gather_job(void *arg, int64_t b, int64_t e)
+/* copy one row (rowbytes, a multiple of 64) from src into row r of base */
+static void put_row(uint8_t *base, size_t rowbytes, int r, int tiled, const uint8_t *src)
 {
-    fwd_ctx *c = arg;
+    if (!tiled) {
+        memcpy(base + (size_t)r * rowbytes, src, rowbytes);
+        return;
+    }
+    for (size_t c = 0; c < rowbytes / 64; c++)
+        memcpy(moe_act_chunk(base, rowbytes, r, (int)c, 1), src + c * 64, 64);
+}
+
+static void zero_row(uint8_t *base, size_t rowbytes, int r, int tiled)
+{
+    if (!tiled) {
+        memset(base + (size_t)r * rowbytes, 0, rowbytes);
+        return;
+    }
+    for (size_t c = 0; c < rowbytes / 64; c++)
+        memset(moe_act_chunk(base, rowbytes, r, (int)c, 1), 0, 64);
+}
+
+static uint8_t *rowbuf(const moe_scratch *s) { return s->rowbuf + (size_t)pool_tid() * s->rowbuf_bytes; }
+
+static void *tscratch(const moe_scratch *s) { return s->tbuf ? s->tbuf + (size_t)pool_tid() * MOE_TSCRATCH : NULL; }
+
+/* gather item g: tokens of group g (x -> bf16 or int8, into each of their
+ * rows), or, past the token groups, the padding rows of a tiled expert */
+static void gather_item(const fwd_ctx *c, int g)
+{
     const struct moe_op *op = c->op;
     moe_scratch *s = c->s;
-    size_t kp = (size_t)op->kp, esz = op->fmt == MOE_BF16 ? 2 : 1;
-    uint8_t *xg = s->xg;
-    for (int64_t it = b; it < e; it++) {
-        if (it >= c->n) {
-            int ex = s->big[it - c->n];
-            int r0 = s->off[ex] + s->cnt[ex], r1 = s->off[ex] + round_up(s->cnt[ex], 16);
-            if (r1 > r0) {
-                memset(xg + (size_t)r0 * kp * esz, 0, (size_t)(r1 - r0) * kp * esz);
-                memset(s->xs32 + (size_t)r0 * (kp / 32), 0, (size_t)(r1 - r0) * (kp / 32) * 4);
-                for (int r = r0; r < r1; r++)
-                    s->xsx[r] = 0.0f;
+    size_t kp = (size_t)op->kp, esz = op->fmt == MOE_BF16 ? 2 : 1, rb = kp * esz;
+    uint8_t *xg = s->xg, *buf = rowbuf(s);
+    if (g >= s->n_tg) { /* padding rows of the (g - n_tg)-th tiled expert */
+        int k = g - s->n_tg;
+        for (int i = 0; i < s->n_ord; i++) {
+            int e = s->order[i];
+            if (!is_tiled(op, s, e) || k--)
+                continue;
+            for (int r = s->off[e] + s->cnt[e]; r < s->off[e] + round_up(s->cnt[e], 16); r++) {
+                zero_row(xg, rb, r, 1);
+                memset(s->xs32 + (size_t)r * (kp / 32), 0, kp / 32 * 4);
+                s->xsx[r] = 0.0f;
             }
-            continue;
+            return;
         }
-        int t = (int)it, first = -1;
+        return;
+    }
+    int t1 = (g + 1) * s->gtok < c->n ? (g + 1) * s->gtok : c->n;
+    for (int t = g * s->gtok; t < t1; t++) {
+        int first = -1;
         for (int k = 0; k < c->top_k; k++) {
-            int r = s->rowof[(size_t)t * c->top_k + k];
+            size_t pi = (size_t)t * c->top_k + k;
+            int r = s->rowof[pi];
             if (r < 0)
                 continue;
-            uint8_t *row = xg + (size_t)r * kp * esz;
-            if (first >= 0) {
-                memcpy(row, xg + (size_t)first * kp * esz, kp * esz);
-                if (esz == 1) {
-                    s->xsx[r] = s->xsx[first];
-                    memcpy(s->xs32 + (size_t)r * (kp / 32), s->xs32 + (size_t)first * (kp / 32), kp / 32 * 4);
-                }
-                continue;
-            }
-            first = r;
-            size_t xo = (size_t)t * (size_t)op->d_model;
-            if (esz == 2) {
-                if (c->x_bf16) {
-                    memcpy(row, (const uint16_t *)c->x + xo, (size_t)op->d_model * 2);
-                    memset(row + (size_t)op->d_model * 2, 0, (kp - (size_t)op->d_model) * 2);
+            if (first < 0) {
+                size_t xo = (size_t)t * (size_t)op->d_model;
+                if (esz == 2) {
+                    if (c->x_bf16) {
+                        memcpy(buf, (const uint16_t *)c->x + xo, (size_t)op->d_model * 2);
+                        memset(buf + (size_t)op->d_model * 2, 0, (kp - (size_t)op->d_model) * 2);
+                    } else {
+                        moe_bf16_row_f32((const float *)c->x + xo, op->d_model, op->kp, (uint16_t *)buf);
+                    }
+                } else if (c->x_bf16) {
+                    moe_quant_row_bf16((const uint16_t *)c->x + xo, op->d_model, op->kp, (int8_t *)buf, &s->xsx[r],
+                                       s->xs32 + (size_t)r * (kp / 32));
                 } else {
-                    moe_bf16_row_f32((const float *)c->x + xo, op->d_model, op->kp, (uint16_t *)row);
+                    moe_quant_row_f32((const float *)c->x + xo, op->d_model, op->kp, (int8_t *)buf, &s->xsx[r],
+                                      s->xs32 + (size_t)r * (kp / 32));
                 }
-            } else if (c->x_bf16) {
-                moe_quant_row_bf16((const uint16_t *)c->x + xo, op->d_model, op->kp, (int8_t *)row, &s->xsx[r],
-                                   s->xs32 + (size_t)r * (kp / 32));
-            } else {
-                moe_quant_row_f32((const float *)c->x + xo, op->d_model, op->kp, (int8_t *)row, &s->xsx[r],
-                                  s->xs32 + (size_t)r * (kp / 32));
+                first = r;
+            } else if (esz == 1) {
+                s->xsx[r] = s->xsx[first];
+                memcpy(s->xs32 + (size_t)r * (kp / 32), s->xs32 + (size_t)first * (kp / 32), kp / 32 * 4);
             }
+            put_row(xg, rb, r, is_tiled(op, s, c->ids[pi]), buf);
         }
     }
 }
-
-static void *tscratch(const moe_scratch *s) { return s->tbuf ? s->tbuf + (size_t)pool_tid() * MOE_TSCRATCH : NULL; }
 
 static moe_act x_rows(const struct moe_op *op, const moe_scratch *s, int e)
 {
     moe_act a;
     size_t r = (size_t)s->off[e], kp = (size_t)op->kp;
-    a.x = (const uint8_t *)s->xg + r * kp * (op->fmt == MOE_BF16 ? 2 : 1);
+    a.x = (const uint8_t *)s->xg + r * kp * (op->fmt == MOE_BF16 ? 2 : 1); /* r is a multiple of 16 */
     a.sx = s->xsx + r;
     a.s32 = s->xs32 + r * (kp / 32);
     a.ld = kp;
@@ -554,16 +654,19 @@ static moe_act x_rows(const struct moe_op *op, const moe_scratch *s, int e)
     return a;
 }
 
+/* h of expert e in partition p: the slice's first column (row-major) or
+ * first tile (tiled); bf16 for BF16, int8 (quantised) for the others */
 static moe_act h_rows(const struct moe_op *op, const moe_scratch *s, int p, int e)
 {
     moe_act a;
     size_t r = (size_t)s->off[e], ff = (size_t)op->ffpad, col = (size_t)op->sl[p].off;
+    int tiled = is_tiled(op, s, e);
     if (op->fmt == MOE_BF16) {
-        a.x = (const uint16_t *)s->h + r * ff + col;
+        a.x = tiled ? (const uint8_t *)s->h + r * ff * 2 + col / 32 * 1024 : (const uint8_t *)s->h + (r * ff + col) * 2;
         a.sx = NULL;
         a.s32 = NULL;
     } else {
-        a.x = s->hq + r * ff + col;
+        a.x = tiled ? (const uint8_t *)s->hq + r * ff + col / 64 * 1024 : (const uint8_t *)s->hq + r * ff + col;
         a.sx = s->hsx + r;
         a.s32 = s->hs32 + r * (ff / 32) + col / 32;
     }
@@ -573,55 +676,73 @@ static moe_act h_rows(const struct moe_op *op, const moe_scratch *s, int p, int 
     return a;
 }
 
-static void up_job(void *arg, int64_t b, int64_t e)
+/* phase-1 item it (local to partition p's phase-1 items) */
+static void up_item(const fwd_ctx *c, int p, int64_t it)
 {
-    fwd_ctx *c = arg;
     const struct moe_op *op = c->op;
     moe_scratch *s = c->s;
-    int p = pool_part();
-    const int64_t *pre = s->prefix + (size_t)p * (size_t)(op->n_expert + 1);
-    int nrb = op->sl[p].pad / MOE_RB;
-    for (int64_t it = b; it < e; it++) {
-        if (it >= pre[s->n_touched])
-            break;
-        int lo = 0, hi = s->n_touched; /* last i with pre[i] <= it */
-        while (hi - lo > 1) {
-            int mid = (lo + hi) / 2;
-            if (pre[mid] <= it)
-                lo = mid;
-            else
-                hi = mid;
-        }
-        int ex = s->touched[lo];
-        int isbig = s->cnt[ex] >= op->amx_min;
-        int chunk = isbig ? MOE_UP_BIG_RB : s->c_up[p];
-        int rb0 = (int)(it - pre[lo]) * chunk, rb1 = rb0 + chunk < nrb ? rb0 + chunk : nrb;
-        moe_mat g = moe_mat_of(op, p, ex, 0), u = moe_mat_of(op, p, ex, 1);
-        moe_act a = x_rows(op, s, ex);
-        size_t hoff = (size_t)s->off[ex] * (size_t)op->ffpad + (size_t)op->sl[p].off;
-        void *h = op->fmt == MOE_BF16 ? (void *)((uint16_t *)s->h + hoff) : (void *)((float *)s->h + hoff);
-        const moe_kernel *k = isbig ? op->big : op->small;
-        k->up(op->fmt, &g, &u, rb0, rb1, &a, h, (size_t)op->ffpad, tscratch(s));
+    const int64_t *pre = s->pre1 + (size_t)p * (size_t)(op->n_expert + 1);
+    int lo = 0, hi = s->n_ord; /* last i with pre[i] <= it */
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (pre[mid] <= it)
+            lo = mid;
+        else
+            hi = mid;
     }
+    int ex = s->order[lo], nrb = op->sl[p].pad / MOE_RB;
+    int isbig = is_big(op, s, ex);
+    int chunk = isbig ? moe_tuning.np_up : s->c_up[p];
+    int rb0 = (int)(it - pre[lo]) * chunk, rb1 = rb0 + chunk < nrb ? rb0 + chunk : nrb;
+    moe_mat g = moe_mat_of(op, p, ex, 0), u = moe_mat_of(op, p, ex, 1);
+    moe_act a = x_rows(op, s, ex);
+    size_t r = (size_t)s->off[ex], ff = (size_t)op->ffpad, col = (size_t)op->sl[p].off;
+    void *h;
+    if (op->fmt != MOE_BF16)
+        h = (float *)s->h + r * ff + col;
+    else if (is_tiled(op, s, ex))
+        h = (uint8_t *)s->h + r * ff * 2 + col / 32 * 1024;
+    else
+        h = (uint16_t *)s->h + r * ff + col;
+    const moe_kernel *k = isbig ? op->big : op->small;
+    k->up(op->fmt, &g, &u, rb0, rb1, &a, h, ff, tscratch(s));
+    atomic_fetch_add_explicit(&s->p1done[ex], 1, memory_order_release);
 }
 
-static void quant_job(void *arg, int64_t b, int64_t e)
+/* quantisation item q: 16 rows of one expert's h (whole rows, so the
+ * quantisation does not depend on the partition split) */
+static void quant_item(const fwd_ctx *c, int64_t q)
 {
-    fwd_ctx *c = arg;
     const struct moe_op *op = c->op;
     moe_scratch *s = c->s;
+    int lo = 0, hi = s->n_ord;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (s->preq[mid] <= q)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    int e = s->order[lo], tiled = is_tiled(op, s, e);
+    int r0 = s->off[e] + 16 * (int)(q - s->preq[lo]);
+    int rend = s->off[e] + (tiled ? round_up(s->cnt[e], 16) : s->cnt[e]);
+    int r1 = r0 + 16 < rend ? r0 + 16 : rend;
     size_t ff = (size_t)op->ffpad;
-    for (int64_t r = b; r < e; r++) {
-        int8_t *q = s->hq + (size_t)r * ff;
+    uint8_t *hq = (uint8_t *)s->hq;
+    for (int r = r0; r < r1; r++) {
         int32_t *s32 = s->hs32 + (size_t)r * (ff / 32);
         if (s->tok[r] < 0) {
-            memset(q, 0, ff);
+            zero_row(hq, ff, r, tiled);
             memset(s32, 0, ff / 32 * 4);
             s->hsx[r] = 0.0f;
-        } else {
-            moe_quant_row_f32((const float *)s->h + (size_t)r * ff, op->ffpad, op->ffpad, q, &s->hsx[r], s32);
+            continue;
         }
+        int8_t *dst = tiled ? (int8_t *)rowbuf(s) : (int8_t *)hq + (size_t)r * ff;
+        moe_quant_row_f32((const float *)s->h + (size_t)r * ff, op->ffpad, op->ffpad, dst, &s->hsx[r], s32);
+        if (tiled)
+            put_row(hq, ff, r, 1, (const uint8_t *)dst);
     }
+    atomic_fetch_add_explicit(&s->qdone[e], 1, memory_order_release);
 }
 
 static float *dest_of(const fwd_ctx *c, int p)
@@ -629,53 +750,110 @@ static float *dest_of(const fwd_ctx *c, int p)
     return p == 0 ? c->out : c->s->part + (size_t)(p - 1) * (size_t)c->s->max_tokens * (size_t)c->op->d_model;
 }
 
-static void down_rows(const fwd_ctx *c, const moe_kernel *k, int p, int ex, int rb0, int rb1, float *dst)
+/* Wait until *a >= v. Spins (the awaited item is running on another
+ * thread, see forward()); yields now and then in case that thread was
+ * descheduled (more threads than cores). */
+static void wait_for(atomic_int *a, int v)
 {
-    const struct moe_op *op = c->op;
-    moe_mat d = moe_mat_of(op, p, ex, 2);
-    if (!d.kp)
-        return;
-    moe_act a = h_rows(op, c->s, p, ex);
-    k->down(op->fmt, &d, rb0, rb1, &a, c->s->tok + c->s->off[ex], c->s->wt + c->s->off[ex], dst,
-            (size_t)op->d_model, op->d_model, tscratch(c->s));
-}
-
-/* phase 2a: zero the item's columns, then add every small expert */
-static void down_small_job(void *arg, int64_t b, int64_t e)
-{
-    fwd_ctx *c = arg;
-    const struct moe_op *op = c->op;
-    int p = pool_part(), nrb = (op->d_model + 15) / 16;
-    float *dst = dest_of(c, p);
-    for (int64_t it = b; it < e; it++) {
-        int rb0 = (int)it * c->c_down, rb1 = rb0 + c->c_down < nrb ? rb0 + c->c_down : nrb;
-        int c0 = rb0 * 16, c1 = rb1 * 16 < op->d_model ? rb1 * 16 : op->d_model;
-        for (int t = 0; t < c->n; t++)
-            memset(dst + (size_t)t * op->d_model + c0, 0, (size_t)(c1 - c0) * 4);
-        for (int i = 0; i < c->s->n_small; i++)
-            down_rows(c, op->small, p, c->s->small[i], rb0, rb1, dst);
+    int spins = 0;
+    while (atomic_load_explicit(a, memory_order_acquire) < v) {
+        __builtin_ia32_pause();
+        if (++spins == 2048) {
+            sched_yield();
+            spins = 0;
+        }
     }
 }
 
-/* phase 2b: items (big expert i, column pair c), expert-major. Column pair c
- * must see the experts in ascending order (determinism; and one writer per
- * output column at a time): an item waits until prog[c] says expert i - 1
- * is done there. Items are claimed in increasing order, so the one waited
- * for is already running on another thread: no deadlock, and the wait is at
- * most one item long. One job for all big experts: no per-expert barrier. */
-static void down_big_job(void *arg, int64_t b, int64_t e)
+/* phase-2 item it: expert order[i] (i = it / n_cg), column group it % n_cg
+ * of partition p's partial sum. The first expert zeroes the columns; later
+ * ones wait for the previous expert's item of the same columns, so every
+ * output column sees the experts in order[] (determinism, one writer). */
+static void down_item(const fwd_ctx *c, int p, int64_t it)
+{
+    const struct moe_op *op = c->op;
+    moe_scratch *s = c->s;
+    int i = (int)(it / s->n_cg), cgi = (int)(it % s->n_cg), e = s->order[i];
+    int nrb = (op->d_model + 15) / 16, rb0 = cgi * s->cg, rb1 = rb0 + s->cg < nrb ? rb0 + s->cg : nrb;
+    int c0 = rb0 * 16, c1 = rb1 * 16 < op->d_model ? rb1 * 16 : op->d_model;
+    float *dst = dest_of(c, p);
+    if (op->fmt == MOE_BF16)
+        wait_for(&s->p1done[e], s->p1tot[e]);
+    else
+        wait_for(&s->qdone[e], s->nq[e]);
+    atomic_int *tk = s->ticket + (size_t)p * (size_t)s->ticket_stride + (size_t)cgi;
+    if (i == 0) {
+        for (int t = 0; t < c->n; t++)
+            memset(dst + (size_t)t * op->d_model + c0, 0, (size_t)(c1 - c0) * 4);
+    } else {
+        wait_for(tk, i);
+    }
+    moe_mat d = moe_mat_of(op, p, e, 2);
+    if (d.kp) {
+        moe_act a = h_rows(op, s, p, e);
+        const moe_kernel *k = is_big(op, s, e) ? op->big : op->small;
+        k->down(op->fmt, &d, rb0, rb1, &a, s->tok + s->off[e], s->wt + s->off[e], dst, (size_t)op->d_model,
+                op->d_model, tscratch(s));
+    }
+    atomic_store_explicit(tk, i + 1, memory_order_release);
+}
+
+/* The one job of a forward, run per partition (pool_run_parts, chunks of
+ * one item claimed in increasing order). Partition p's items, in order:
+ *   gather   global items p, p + nparts, ... of n_g (token groups, then the
+ *            padding rows of tiled experts);
+ *   phase 1  (expert, block of gate/up rows of p's slice), experts in
+ *            order[]; waits until every gather item is done;
+ *   quant    INT formats: global items p, p + nparts, ... of n_q (16 rows of
+ *            one expert's h); waits for that expert's phase 1 (all
+ *            partitions);
+ *   phase 2  (expert, column group), expert-major in order[]; waits for the
+ *            expert's h (quant, or phase 1 for BF16) and the previous
+ *            expert's item of the same columns.
+ * No deadlock: an item only waits for items of an earlier section, or of
+ * the same section and partition with a smaller index; within a partition
+ * items are claimed in increasing order, so whatever an item waits for has
+ * been claimed by a running thread, or belongs to an earlier section of
+ * another partition whose threads cannot all be blocked before claiming it.
+ * One job instead of one per phase: no barrier, so a thread done with its
+ * phase-1 items goes on to the down products of the experts already done. */
+static void fwd_job(void *arg, int64_t b, int64_t e)
 {
     fwd_ctx *c = arg;
-    const struct moe_op *op = c->op;
-    int p = pool_part(), nrb = (op->d_model + 15) / 16, npair = (nrb + 1) / 2;
-    atomic_int *prog = c->s->prog + (size_t)p * (size_t)c->s->prog_stride;
-    for (int64_t it = b; it < e; it++) {
-        int i = (int)(it / npair), cp = (int)(it % npair);
-        while (atomic_load_explicit(&prog[cp], memory_order_acquire) != i)
-            __builtin_ia32_pause();
-        int rb0 = cp * 2, rb1 = rb0 + 2 < nrb ? rb0 + 2 : nrb;
-        down_rows(c, op->big, p, c->s->big[i], rb0, rb1, dest_of(c, p));
-        atomic_store_explicit(&prog[cp], i + 1, memory_order_release);
+    moe_scratch *s = c->s;
+    int p = pool_part(), np = c->op->nparts;
+    int64_t ng = s->n_g > p ? (s->n_g - p + np - 1) / np : 0, nq = s->n_q > p ? (s->n_q - p + np - 1) / np : 0;
+    int64_t n1 = s->pre1[(size_t)p * (size_t)(c->op->n_expert + 1) + (size_t)s->n_ord];
+    for (int64_t it = b; it < e && it < s->n_items[p]; it++) {
+        int64_t k = it;
+        if (k < ng) {
+            gather_item(c, (int)(k * np + p));
+            atomic_fetch_add_explicit(s->gdone, 1, memory_order_release);
+            continue;
+        }
+        k -= ng;
+        if (k < n1) {
+            wait_for(s->gdone, s->n_g);
+            up_item(c, p, k);
+            continue;
+        }
+        k -= n1;
+        if (k < nq) {
+            int64_t gq = k * np + p;
+            int lo = 0, hi = s->n_ord;
+            while (hi - lo > 1) {
+                int mid = (lo + hi) / 2;
+                if (s->preq[mid] <= gq)
+                    lo = mid;
+                else
+                    hi = mid;
+            }
+            wait_for(&s->p1done[s->order[lo]], s->p1tot[s->order[lo]]);
+            quant_item(c, gq);
+            continue;
+        }
+        k -= nq;
+        down_item(c, p, k);
     }
 }
 
@@ -693,7 +871,59 @@ static void reduce_job(void *arg, int64_t b, int64_t e)
     }
 }
 
-static int clampi(int x, int lo, int hi) { return x < lo ? lo : x > hi ? hi : x; }
+/* size the sections of the job (see fwd_job) and reset the progress */
+static void plan(struct moe_op *op, moe_scratch *s, pool *p, int n)
+{
+    int nth = pool_size(p), ntiled = 0;
+    s->gtok = clampi(n / (4 * nth), 1, 16);
+    s->n_tg = (n + s->gtok - 1) / s->gtok;
+    s->preq[0] = 0;
+    for (int i = 0; i < s->n_ord; i++) {
+        int e = s->order[i];
+        ntiled += is_tiled(op, s, e) && s->cnt[e] % 16;
+        s->nq[e] = op->fmt == MOE_BF16 ? 0 : (s->cnt[e] + 15) / 16;
+        s->preq[i + 1] = s->preq[i] + s->nq[e];
+        s->p1tot[e] = 0;
+        atomic_store_explicit(&s->p1done[e], 0, memory_order_relaxed);
+        atomic_store_explicit(&s->qdone[e], 0, memory_order_relaxed);
+    }
+    s->n_g = s->n_tg + ntiled;
+    s->n_q = (int)s->preq[s->n_ord];
+    atomic_store_explicit(s->gdone, 0, memory_order_relaxed);
+
+    /* phase 2: column groups of cg row blocks. A column group takes the
+     * experts one after the other, so the groups are the parallelism of
+     * the phase: at least two per thread where the width allows. */
+    int nrb = (op->d_model + 15) / 16, tpp = pool_part_size(p, 0);
+    if (moe_tuning.cg)
+        s->cg = moe_tuning.cg;
+    else
+        s->cg = clampi(nrb / (2 * tpp) / 2 * 2, 2, 2 * MOE_MAXPAIR);
+    s->n_cg = (nrb + s->cg - 1) / s->cg;
+
+    /* phase 1 per partition: small experts get blocks of 1..4 row blocks
+     * so that there are ~8 items per thread; tile experts np_up pairs */
+    for (int q = 0; q < op->nparts; q++) {
+        int rbq = op->sl[q].pad / MOE_RB;
+        tpp = pool_part_size(p, q);
+        s->c_up[q] = clampi((int)((int64_t)s->n_small * rbq / (8 * tpp)), 1, 4);
+        int64_t *pre = s->pre1 + (size_t)q * (size_t)(op->n_expert + 1);
+        pre[0] = 0;
+        for (int i = 0; i < s->n_ord; i++) {
+            int e = s->order[i];
+            int chunk = is_big(op, s, e) ? moe_tuning.np_up : s->c_up[q];
+            int items = (rbq + chunk - 1) / chunk;
+            pre[i + 1] = pre[i] + items;
+            s->p1tot[e] += items;
+        }
+        int64_t ng = s->n_g > q ? (s->n_g - q + op->nparts - 1) / op->nparts : 0;
+        int64_t nq = s->n_q > q ? (s->n_q - q + op->nparts - 1) / op->nparts : 0;
+        s->n_items[q] = ng + pre[s->n_ord] + nq + (int64_t)s->n_ord * s->n_cg;
+        for (int g = 0; g < s->n_cg; g++)
+            atomic_store_explicit(&s->ticket[(size_t)q * (size_t)s->ticket_stride + (size_t)g], 0,
+                                  memory_order_relaxed);
+    }
+}
 
 static int forward(struct moe_op *op, moe_scratch *s, pool *p, int n, int top_k, const void *x, int x_bf16,
                    const int32_t *ids, const float *w, float *out)
@@ -710,44 +940,25 @@ static int forward(struct moe_op *op, moe_scratch *s, pool *p, int n, int top_k,
         return td_err(s->err, sizeof s->err, TANDEM_EINVAL,
                       "moe: pool of %d threads in %d partitions, but the op was packed for %d threads in %d",
                       pool_size(p), pool_nparts(p), op->nthreads, op->nparts);
+    if (op->big->tiled && !s->tbuf)
+        return td_err(s->err, sizeof s->err, TANDEM_EINVAL,
+                      "moe: this scratch was made before the op's tile kernel was chosen");
     if (n == 0)
         return 0;
     int rc = route(op, s, n, top_k, ids, w);
     if (rc)
         return rc;
-    if (s->n_touched == 0) {
+    if (s->n_ord == 0) {
         memset(out, 0, (size_t)n * (size_t)op->d_model * 4);
         return 0;
     }
-    fwd_ctx c = { .op = op, .s = s, .n = n, .top_k = top_k, .x = x, .x_bf16 = x_bf16, .out = out };
-    pool_run(p, (int64_t)n + s->n_big, 0, gather_job, &c);
-
-    /* phase 1 items per partition; small experts get blocks of 1..4 row
-     * blocks so that there are ~8 items per thread */
-    int64_t n_up = 0;
-    for (int q = 0; q < op->nparts; q++) {
-        int nrb = op->sl[q].pad / MOE_RB, tpp = pool_part_size(p, q);
-        s->c_up[q] = clampi((int)((int64_t)s->n_small * nrb / (8 * tpp)), 1, 4);
-        int64_t *pre = s->prefix + (size_t)q * (size_t)(op->n_expert + 1);
-        pre[0] = 0;
-        for (int i = 0; i < s->n_touched; i++) {
-            int chunk = s->cnt[s->touched[i]] >= op->amx_min ? MOE_UP_BIG_RB : s->c_up[q];
-            pre[i + 1] = pre[i] + (nrb + chunk - 1) / chunk;
-        }
-        n_up = pre[s->n_touched] > n_up ? pre[s->n_touched] : n_up;
-    }
-    if (n_up)
-        pool_run_parts(p, n_up, 1, up_job, &c);
-    if (op->fmt != MOE_BF16)
-        pool_run(p, s->rows_used, 0, quant_job, &c);
-
-    int nrb = (op->d_model + 15) / 16, tpp = pool_part_size(p, 0);
-    c.c_down = clampi(nrb / (8 * tpp), 1, 8);
-    pool_run_parts(p, (nrb + c.c_down - 1) / c.c_down, 1, down_small_job, &c);
-    if (s->n_big) {
-        memset(s->prog, 0, (size_t)op->nparts * (size_t)s->prog_stride * sizeof *s->prog);
-        pool_run_parts(p, (int64_t)s->n_big * ((nrb + 1) / 2), 1, down_big_job, &c);
-    }
+    fwd_ctx c = { .op = op, .s = s, .n = n, .top_k = top_k, .x = x, .x_bf16 = x_bf16, .ids = ids, .out = out };
+    plan(op, s, p, n);
+    int64_t items = 0;
+    for (int q = 0; q < op->nparts; q++)
+        items = s->n_items[q] > items ? s->n_items[q] : items;
+    /* every partition runs [0, items); one with fewer items skips the rest */
+    pool_run_parts(p, items, 1, fwd_job, &c);
     if (op->nparts > 1)
         pool_run(p, n, 0, reduce_job, &c);
     return 0;

@@ -70,14 +70,22 @@ typedef struct {
     const void *const *down;     /* [n_expert] -> [d_model][d_ff] */
     int group;                   /* INT8 only: scale group along K, a multiple of 64; 0 = whole row */
     int amx_min;                 /* tokens per expert from which the tile (AMX) kernel runs;
-                                    0 = MOE_AMX_MIN_DEFAULT */
+                                    0 = MOE_AMX_MIN_DEFAULT(fmt) */
 } moe_desc;
 
-/* Below this many tokens an expert's rows are too few to fill 16-row AMX
- * tiles and the layer is bandwidth-bound anyway (BF16 turns compute-bound
- * near 140 tokens per expert); the vector kernels read the weights once per
- * 12 tokens. To be replaced by the value measured on the H200 machine. */
-#define MOE_AMX_MIN_DEFAULT 16
+/* Tokens per expert from which the tile kernel runs, per format. The H200
+ * sweep (bench/results/2026-11-28-h200-moe.txt, switch.log; Qwen3 shape,
+ * 16 tokens per expert per 256 tokens) had the old tile kernel ahead from
+ * 8 tokens per expert for BF16 and INT8 (equal or behind at 4); the vector
+ * kernels, compute-bound past ~8 tokens, lose ground from there. INT4's
+ * tile path folds every 32-group of every 16-row tile on the vector units,
+ * so it needs fuller tiles to win: 32 until the sweep of the new kernel says
+ * otherwise (dev/h200_moe.sh prints it). */
+#define MOE_AMX_MIN_BF16 8
+#define MOE_AMX_MIN_INT8 8
+#define MOE_AMX_MIN_INT4 32
+#define MOE_AMX_MIN_DEFAULT(fmt) \
+    ((fmt) == MOE_INT4 ? MOE_AMX_MIN_INT4 : (fmt) == MOE_INT8 ? MOE_AMX_MIN_INT8 : MOE_AMX_MIN_BF16)
 
 typedef struct moe_op moe_op;           /* packed weights, immutable after create */
 typedef struct moe_scratch moe_scratch; /* per session: sized once, no allocation per call */

@@ -11,22 +11,31 @@
  * (TDPBSUD: a signed, b unsigned), AMX_RELEASE(), AMX_KERNEL (the symbol of
  * the moe_kernel to define) and AMX_KNAME (its name string).
  *
- * Tiles: 0..3 accumulators, C[mt][n] = tile 2*mt + n (mt: which of two
- * 16-row token tiles, n: which of two 16-column weight blocks), 4/5 the two
- * A (token) tiles, 6/7 the two B (weight) tiles. Weight tiles are loaded
- * straight from the packed layout, which is already the VNNI B layout
- * (BF16: 16 K-pair rows x 16 columns; INT8: 16 K-quad rows). INT4 uses K
- * steps of 32 (A 32 bytes wide, B 8 quad rows) and unpacks each step's
- * nibbles into a 1 KB staging buffer.
+ * Register blocking 2 x 2: tiles 0..3 accumulate C[mt][n] = tile 2*mt + n
+ * (mt: which of two 16-row token tiles, n: which of two 16-column weight
+ * blocks), 4/5 hold the two A (token) tiles, 6/7 the two B (weight) tiles,
+ * so every tile loaded feeds two TDPs. A tiles come from the tiled
+ * activation rows (moe_impl.h): 1 KB contiguous, no L1 set conflicts. B
+ * tiles come straight from the packed layout, which is already the VNNI B
+ * layout (BF16: 16 K-pair rows x 16 columns; INT8: 16 K-quad rows).
  *
  * One pass = up to MOE_MC token rows x npair column-block pairs (gate/up of
- * the same rows in phase 1, two neighbouring down blocks in phase 2). BF16
- * accumulates in the tiles over K chunks of AMX_KC (the chunk's B, 2 x 16 KB,
- * stays in L1 across the token tiles), spilling fp32 C to the pass buffer
- * between chunks. INT8/INT4 accumulate int32 per scale group, then fold it
- * into the fp32 buffer exactly as moe.h states (fma(s, D, acc) per group, in
- * order; INT8 removes the 128 offset with the activation sums), so the
- * result is bit-identical to the reference.
+ * the same rows in phase 1, neighbouring down blocks in phase 2). Loop
+ * order: K chunk, pair, token-tile pair, K step. The chunk's A (MOE_MC rows
+ * x chunk) stays in L2 while the pairs run over it; a pair's B chunk is
+ * read from DRAM once per pass (prefetched while the previous pair runs)
+ * and re-read from L2 by every token-tile pair. The accumulators stay in
+ * the tiles for a whole chunk (moe_tuning.kc_bf16 / kc_int8 of K) and are
+ * spilled between chunks to a per-block 4 KB buffer.
+ *
+ * BF16 accumulates in fp32 tiles. INT8 accumulates int32 over each scale
+ * group (the whole row by default), then folds into the fp32 result exactly
+ * as moe.h states (fma(s, D, acc) per group in order; the u8 offset of 128
+ * removed with the activation sums). INT4 unpacks a pair's nibbles once per
+ * pass and chunk of moe_tuning.g4 groups into int8 B tiles of 8 quad rows
+ * (K = 32, one group), reused by every token tile; each group's int32 tile
+ * is folded with fma(m, S, fma(s, D, acc)) into an accumulator block that
+ * stays in L1. INT8/INT4 results are bit-identical to the reference.
  */
 #ifndef AMX_KERNEL
 #error "define the tile-operation macros and AMX_KERNEL before including moe_amx_body.h"
@@ -36,8 +45,8 @@
 #include "core/err.h"
 #include "core/isa.h"
 
-#define AMX_KC 512                 /* K per chunk (elements) for BF16 */
-#define AMX_MAXPAIR MOE_UP_BIG_RB  /* column-block pairs per pass */
+#define AMX_CF_BYTES ((size_t)MOE_MC * MOE_MAXPAIR * 32 * 4) /* result of one pass */
+#define AMX_G4_BYTES 1280 /* one unpacked INT4 group of a pair: 2 B tiles of 512 B, 2 x 16 scales, 2 x 16 mins */
 
 typedef struct {
     uint8_t palette, start_row, rsv[14];
@@ -46,8 +55,9 @@ typedef struct {
 } amx_tilecfg;
 
 _Static_assert(sizeof(amx_tilecfg) == 64, "the tile configuration is 64 bytes");
-_Static_assert((size_t)MOE_MC * AMX_MAXPAIR * 32 * 4 * 2 + 4096 + 1024 <= MOE_TSCRATCH,
-               "per-thread scratch too small for a pass");
+_Static_assert(2 * AMX_CF_BYTES + 4096 <= MOE_TSCRATCH, "per-thread scratch too small for a pass");
+_Static_assert((size_t)MOE_G4_MAX * AMX_G4_BYTES + 32 * MOE_G4_MAX * 4 <= AMX_CF_BYTES,
+               "INT4 staging must fit the spill buffer it reuses");
 
 static void amx_config(int int4)
 {
@@ -71,21 +81,22 @@ static void amx_config(int int4)
 
 typedef struct {
     const moe_mat *W;                    /* layout of the weight blocks */
-    const uint8_t *b[2 * AMX_MAXPAIR];   /* pair j: row-block bases b[2j], b[2j+1] */
+    const uint8_t *b[2 * MOE_MAXPAIR];   /* pair j: row-block bases b[2j], b[2j+1] */
     int npair;
-    const uint8_t *x;                    /* activation row 0 of the pass */
-    size_t ldx;                          /* bytes between activation rows */
+    const uint8_t *x;                    /* A: first tile of the pass's first 16-row block */
+    size_t mstride;                      /* bytes from one 16-row block to the next */
     const int32_t *s32;                  /* INT: sums of 32 of row 0, stride lds */
     size_t lds;
     int nmt;                             /* 16-row token tiles (1..MOE_MC/16) */
-    float *cf;                           /* [nmt*16][npair*32] fp32 result */
-    int32_t *ci;                         /* INT8: int32 spill, same shape */
+    float *cf;                           /* [nmt*16][npair*32] fp32 result, row-major */
+    uint8_t *cbuf;                       /* accumulator spill: 4 KB per (token-tile pair, pair) */
     uint8_t *tmp;                        /* 4 tiles of int32 (4 KB) */
-    uint8_t *stage;                      /* INT4: two unpacked B tiles (1 KB) */
+    uint8_t *stage;                      /* INT4: unpacked groups of one pair (in cbuf) */
+    float *sf;                           /* INT4: sums of 32 as floats, [32][MOE_G4_MAX] (in cbuf) */
 } amx_pass;
 
 /* ask for the 1 KB tile at p (16 lines) in L2 ahead of use: weight tiles
- * come from DRAM once per chunk, the tile loads should not wait for them */
+ * come from DRAM once per pass, the tile loads should not wait for them */
 static inline void prefetch_tile(const uint8_t *p)
 {
     for (int l = 0; l < 16; l++)
@@ -102,119 +113,131 @@ static void zero_tiles(int two)
     }
 }
 
-static void load_c(int two, const void *c, size_t ncol)
+/* the 2x2 accumulators from / to a 4 KB block (tile after tile, rows of 64 B) */
+static void load_blk(int two, const uint8_t *b)
 {
-    const float *p = c;
-    AMX_LOAD(0, p, ncol * 4);
-    AMX_LOAD(1, p + 16, ncol * 4);
+    AMX_LOAD(0, b, 64);
+    AMX_LOAD(1, b + 1024, 64);
     if (two) {
-        AMX_LOAD(2, p + 16 * ncol, ncol * 4);
-        AMX_LOAD(3, p + 16 * ncol + 16, ncol * 4);
+        AMX_LOAD(2, b + 2048, 64);
+        AMX_LOAD(3, b + 3072, 64);
     }
 }
 
-static void store_c(int two, void *c, size_t ncol)
+static void store_blk(int two, uint8_t *b)
 {
-    float *p = c;
-    AMX_STORE(0, p, ncol * 4);
-    AMX_STORE(1, p + 16, ncol * 4);
+    AMX_STORE(0, b, 64);
+    AMX_STORE(1, b + 1024, 64);
     if (two) {
-        AMX_STORE(2, p + 16 * ncol, ncol * 4);
-        AMX_STORE(3, p + 16 * ncol + 16, ncol * 4);
+        AMX_STORE(2, b + 2048, 64);
+        AMX_STORE(3, b + 3072, 64);
     }
 }
+
+/* the 2x2 accumulators into the row-major fp32 result */
+static void store_c(int two, float *c, size_t ncol)
+{
+    AMX_STORE(0, c, ncol * 4);
+    AMX_STORE(1, c + 16, ncol * 4);
+    if (two) {
+        AMX_STORE(2, c + 16 * ncol, ncol * 4);
+        AMX_STORE(3, c + 16 * ncol + 16, ncol * 4);
+    }
+}
+
+/* The 2x2 product over nst K steps of 64 bytes: A tiles at a0 (+ mstride
+ * for the second token tile), B tiles at b0 / b1, 1 KB per step. While the
+ * first token-tile pair of a block runs, the B tiles the pass needs next
+ * (nb0 / nb1, nnext steps) are prefetched into L2. */
+#define AMX_STEPS(DP, two, a0, mstride, b0, b1, nst, nb0, nb1, nnext)      \
+    do {                                                                    \
+        for (int s_ = 0; s_ < (nst); s_++) {                                \
+            if (s_ < (nnext)) {                                             \
+                prefetch_tile((nb0) + (size_t)s_ * 1024);                   \
+                prefetch_tile((nb1) + (size_t)s_ * 1024);                   \
+            }                                                               \
+            AMX_LOAD(4, (a0) + (size_t)s_ * 1024, 64);                      \
+            AMX_LOAD(6, (b0) + (size_t)s_ * 1024, 64);                      \
+            AMX_LOAD(7, (b1) + (size_t)s_ * 1024, 64);                      \
+            DP(0, 4, 6);                                                    \
+            DP(1, 4, 7);                                                    \
+            if (two) {                                                      \
+                AMX_LOAD(5, (a0) + (mstride) + (size_t)s_ * 1024, 64);      \
+                DP(2, 5, 6);                                                \
+                DP(3, 5, 7);                                                \
+            }                                                               \
+        }                                                                   \
+    } while (0)
 
 /* ---- BF16: fp32 accumulation in the tiles, chunked along K ------------- */
 static void pass_bf16(const amx_pass *P)
 {
     size_t ncol = (size_t)P->npair * 32;
-    int kp = P->W->kp;
-    for (int kc0 = 0; kc0 < kp; kc0 += AMX_KC) {
-        int nst = (kp - kc0 < AMX_KC ? kp - kc0 : AMX_KC) / 32;
+    int kp = P->W->kp, cs = moe_tuning.kc_bf16 / 32, nsteps = kp / 32;
+    for (int st = 0; st < nsteps; st += cs) {
+        int nst = nsteps - st < cs ? nsteps - st : cs;
+        int first = st == 0, last = st + nst == nsteps;
         for (int j = 0; j < P->npair; j++) {
-            const uint8_t *b0 = P->b[2 * j] + (size_t)(kc0 / 32) * 1024;
-            const uint8_t *b1 = P->b[2 * j + 1] + (size_t)(kc0 / 32) * 1024;
+            const uint8_t *b0 = P->b[2 * j] + (size_t)st * 1024, *b1 = P->b[2 * j + 1] + (size_t)st * 1024;
+            /* the block needed after this one: next pair, or pair 0 of the next chunk */
+            int nj = j + 1 < P->npair ? j + 1 : 0, nst2 = j + 1 < P->npair ? st : st + nst;
+            int nnext = nst2 >= nsteps ? 0 : nsteps - nst2 < cs ? nsteps - nst2 : cs;
+            const uint8_t *nb0 = P->b[2 * nj] + (size_t)nst2 * 1024, *nb1 = P->b[2 * nj + 1] + (size_t)nst2 * 1024;
             for (int mt = 0; mt < P->nmt; mt += 2) {
                 int two = mt + 1 < P->nmt;
-                float *c = P->cf + (size_t)mt * 16 * ncol + (size_t)j * 32;
-                if (kc0 == 0)
+                uint8_t *blk = P->cbuf + ((size_t)(mt / 2) * (size_t)P->npair + (size_t)j) * 4096;
+                if (first)
                     zero_tiles(two);
                 else
-                    load_c(two, c, ncol);
-                const uint8_t *a = P->x + (size_t)mt * 16 * P->ldx + (size_t)kc0 * 2;
-                for (int s = 0; s < nst; s++) {
-                    if (mt == 0 && kc0 + AMX_KC < kp) { /* the next chunk's tiles */
-                        prefetch_tile(b0 + (size_t)(AMX_KC / 32 + s) * 1024);
-                        prefetch_tile(b1 + (size_t)(AMX_KC / 32 + s) * 1024);
-                    }
-                    AMX_LOAD(4, a + (size_t)s * 64, P->ldx);
-                    AMX_LOAD(6, b0 + (size_t)s * 1024, 64);
-                    AMX_LOAD(7, b1 + (size_t)s * 1024, 64);
-                    AMX_DP_BF16(0, 4, 6);
-                    AMX_DP_BF16(1, 4, 7);
-                    if (two) {
-                        AMX_LOAD(5, a + 16 * P->ldx + (size_t)s * 64, P->ldx);
-                        AMX_DP_BF16(2, 5, 6);
-                        AMX_DP_BF16(3, 5, 7);
-                    }
-                }
-                store_c(two, c, ncol);
+                    load_blk(two, blk);
+                const uint8_t *a0 = P->x + (size_t)mt * P->mstride + (size_t)st * 1024;
+                AMX_STEPS(AMX_DP_BF16, two, a0, P->mstride, b0, b1, nst, nb0, nb1, mt == 0 ? nnext : 0);
+                if (last)
+                    store_c(two, P->cf + (size_t)mt * 16 * ncol + (size_t)j * 32, ncol);
+                else
+                    store_blk(two, blk);
             }
         }
     }
 }
 
 /* fold the int32 tiles in P->tmp (C[mm][n] at tmp + (2 mm + n) KB) into cf:
- * INT8: cf = fma(s_n, (float)(D - corr[row]), cf); INT4: cf = fma(m_n, S_row,
- * fma(s_n, (float)D, cf)) */
-static void flush(const amx_pass *P, int mt, int two, int j, const __m512 *sc, const __m512 *mn, const int32_t *corr,
-                  int blk)
+ * INT8: cf = fma(s_n, (float)(D - corr[row]), cf) */
+static void fold_int8(const amx_pass *P, int mt, int two, int j, const __m512 *sc, const int32_t *corr)
 {
     size_t ncol = (size_t)P->npair * 32;
     for (int mm = 0; mm < 1 + two; mm++)
-        for (int n = 0; n < 2; n++)
-            for (int r = 0; r < 16; r++) {
-                int row = (mt + mm) * 16 + r;
+        for (int r = 0; r < 16; r++) {
+            int row = (mt + mm) * 16 + r;
+            __m512i cr = _mm512_set1_epi32(corr[row]);
+            float *c = P->cf + (size_t)row * ncol + (size_t)j * 32;
+            for (int n = 0; n < 2; n++) {
                 __m512i d = _mm512_load_si512(P->tmp + (size_t)(2 * mm + n) * 1024 + (size_t)r * 64);
-                float *c = P->cf + (size_t)row * ncol + (size_t)j * 32 + (size_t)n * 16;
-                __m512 acc = _mm512_loadu_ps(c);
-                if (mn == NULL) {
-                    d = _mm512_sub_epi32(d, _mm512_set1_epi32(corr[row]));
-                    acc = _mm512_fmadd_ps(sc[n], _mm512_cvtepi32_ps(d), acc);
-                } else {
-                    __m512 S = _mm512_set1_ps((float)P->s32[(size_t)row * P->lds + blk]);
-                    acc = _mm512_fmadd_ps(mn[n], S, _mm512_fmadd_ps(sc[n], _mm512_cvtepi32_ps(d), acc));
-                }
-                _mm512_storeu_ps(c, acc);
+                __m512 acc = _mm512_loadu_ps(c + n * 16);
+                acc = _mm512_fmadd_ps(sc[n], _mm512_cvtepi32_ps(_mm512_sub_epi32(d, cr)), acc);
+                _mm512_storeu_ps(c + n * 16, acc);
             }
+        }
 }
 
-static void store_tmp(int two, uint8_t *tmp)
-{
-    AMX_STORE(0, tmp, 64);
-    AMX_STORE(1, tmp + 1024, 64);
-    if (two) {
-        AMX_STORE(2, tmp + 2048, 64);
-        AMX_STORE(3, tmp + 3072, 64);
-    }
-}
+static void store_tmp(int two, uint8_t *tmp) { store_blk(two, tmp); }
 
 static void zero_cf(const amx_pass *P)
 {
     memset(P->cf, 0, (size_t)P->nmt * 16 * (size_t)P->npair * 32 * 4);
 }
 
-/* ---- INT8: int32 per scale group (chunks of <= 8 K-steps), then folded -- */
+/* ---- INT8: int32 per scale group, chunked along K, then folded ---------- */
 static void pass_int8(const amx_pass *P)
 {
     const moe_mat *W = P->W;
-    size_t ncol = (size_t)P->npair * 32, gb = moe_int8_group_bytes(W->group);
-    int sg = W->group / 64, cs = 8;
-    while (sg % cs)
-        cs--;
+    size_t gb = moe_int8_group_bytes(W->group);
+    int sg = W->group / 64, ng = W->kp / W->group, cs = moe_tuning.kc_int8 / 64;
+    if (cs > sg)
+        cs = sg;
     int32_t corr[MOE_MC];
     zero_cf(P);
-    for (int g = 0; g < W->kp / W->group; g++) {
+    for (int g = 0; g < ng; g++) {
         for (int r = 0; r < P->nmt * 16; r++) {
             int32_t v = 0;
             for (int i = g * W->group / 32; i < (g + 1) * W->group / 32; i++)
@@ -222,41 +245,41 @@ static void pass_int8(const amx_pass *P)
             corr[r] = 128 * v;
         }
         for (int c0 = 0; c0 < sg; c0 += cs) {
-            int first = c0 == 0, last = c0 + cs == sg;
+            int nst = sg - c0 < cs ? sg - c0 : cs;
+            int first = c0 == 0, last = c0 + nst == sg;
+            /* the chunk after this pair's: (g, c0) of the next pair, or the next chunk of pair 0 */
+            int ng2 = g, nc2 = c0 + nst;
+            if (nc2 == sg)
+                ng2++, nc2 = 0;
             for (int j = 0; j < P->npair; j++) {
-                const uint8_t *b0 = P->b[2 * j] + (size_t)g * gb + (size_t)c0 * 1024;
-                const uint8_t *b1 = P->b[2 * j + 1] + (size_t)g * gb + (size_t)c0 * 1024;
+                size_t off = (size_t)g * gb + (size_t)c0 * 1024;
+                const uint8_t *b0 = P->b[2 * j] + off, *b1 = P->b[2 * j + 1] + off;
+                int nj = j + 1 < P->npair ? j + 1 : 0, nnext;
+                size_t noff;
+                if (j + 1 < P->npair) {
+                    noff = off;
+                    nnext = nst;
+                } else {
+                    noff = (size_t)ng2 * gb + (size_t)nc2 * 1024;
+                    nnext = ng2 >= ng ? 0 : sg - nc2 < cs ? sg - nc2 : cs;
+                }
+                const uint8_t *nb0 = P->b[2 * nj] + noff, *nb1 = P->b[2 * nj + 1] + noff;
                 __m512 sc[2] = { _mm512_load_ps(P->b[2 * j] + (size_t)g * gb + (size_t)sg * 1024),
                                  _mm512_load_ps(P->b[2 * j + 1] + (size_t)g * gb + (size_t)sg * 1024) };
                 for (int mt = 0; mt < P->nmt; mt += 2) {
                     int two = mt + 1 < P->nmt;
-                    int32_t *ci = P->ci + (size_t)mt * 16 * ncol + (size_t)j * 32;
+                    uint8_t *blk = P->cbuf + ((size_t)(mt / 2) * (size_t)P->npair + (size_t)j) * 4096;
                     if (first)
                         zero_tiles(two);
                     else
-                        load_c(two, ci, ncol);
-                    const uint8_t *a = P->x + (size_t)mt * 16 * P->ldx + (size_t)g * W->group + (size_t)c0 * 64;
-                    for (int s = 0; s < cs; s++) {
-                        if (mt == 0) { /* the next chunk's tiles (across a group end: 64 B early) */
-                            prefetch_tile(b0 + (size_t)(cs + s) * 1024);
-                            prefetch_tile(b1 + (size_t)(cs + s) * 1024);
-                        }
-                        AMX_LOAD(4, a + (size_t)s * 64, P->ldx);
-                        AMX_LOAD(6, b0 + (size_t)s * 1024, 64);
-                        AMX_LOAD(7, b1 + (size_t)s * 1024, 64);
-                        AMX_DP_SU8(0, 4, 6);
-                        AMX_DP_SU8(1, 4, 7);
-                        if (two) {
-                            AMX_LOAD(5, a + 16 * P->ldx + (size_t)s * 64, P->ldx);
-                            AMX_DP_SU8(2, 5, 6);
-                            AMX_DP_SU8(3, 5, 7);
-                        }
-                    }
+                        load_blk(two, blk);
+                    const uint8_t *a0 = P->x + (size_t)mt * P->mstride + (size_t)(g * sg + c0) * 1024;
+                    AMX_STEPS(AMX_DP_SU8, two, a0, P->mstride, b0, b1, nst, nb0, nb1, mt == 0 ? nnext : 0);
                     if (last) {
                         store_tmp(two, P->tmp);
-                        flush(P, mt, two, j, sc, NULL, corr, g);
+                        fold_int8(P, mt, two, j, sc, corr);
                     } else {
-                        store_c(two, ci, ncol);
+                        store_blk(two, blk);
                     }
                 }
             }
@@ -264,42 +287,83 @@ static void pass_int8(const amx_pass *P)
     }
 }
 
-/* ---- INT4: one 32-K group per step, unpacked to u8 B tiles, folded ----- */
-static void pass_int4(const amx_pass *P)
+/* ---- INT4: unpacked once per pair and chunk, one 32-K group per step ---- */
+
+/* groups [g0, g0 + ng) of pair j as int8 B tiles of 8 quad rows (nibble
+ * byte c*64 + n*4 + j holds quad row c low, c + 4 high: see moe_impl.h),
+ * with the fp16 scales and mins widened to fp32 */
+static void unpack_int4(const amx_pass *P, int j, int g0, int ng)
 {
     const __m512i low = _mm512_set1_epi8(0x0f);
+    for (int gi = 0; gi < ng; gi++)
+        for (int n = 0; n < 2; n++) {
+            const uint8_t *src = P->b[2 * j + n] + (size_t)(g0 + gi) * 320;
+            uint8_t *dst = P->stage + (size_t)gi * AMX_G4_BYTES + (size_t)n * 512;
+            for (int l = 0; l < 5; l++)
+                _mm_prefetch((const char *)(src + 8 * 320 + l * 64), _MM_HINT_T0);
+            for (int c = 0; c < 4; c++) {
+                __m512i v = _mm512_load_si512(src + c * 64);
+                _mm512_store_si512(dst + c * 64, _mm512_and_si512(v, low));
+                _mm512_store_si512(dst + (c + 4) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+            }
+            float *f = (float *)(P->stage + (size_t)gi * AMX_G4_BYTES + 1024);
+            _mm512_store_ps(f + n * 16, _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(src + 256))));
+            _mm512_store_ps(f + 32 + n * 16, _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(src + 288))));
+        }
+}
+
+/* cf += the product of pair j over groups [g0, g0 + ng) for token tiles
+ * mt, mt + 1: per group, fresh int32 tiles, then for each row
+ * acc = fma(m, S, fma(s, (float)D, acc)) (moe.h order) */
+static void int4_block(const amx_pass *P, int mt, int two, int j, int g0, int ng)
+{
+    size_t ncol = (size_t)P->npair * 32;
+    for (int r = 0; r < 16 * (1 + two); r++)
+        for (int gi = 0; gi < ng; gi++)
+            P->sf[(size_t)r * MOE_G4_MAX + gi] = (float)P->s32[(size_t)(mt * 16 + r) * P->lds + g0 + gi];
+    for (int gi = 0; gi < ng; gi++) {
+        int g = g0 + gi;
+        const uint8_t *st = P->stage + (size_t)gi * AMX_G4_BYTES;
+        const uint8_t *a = P->x + (size_t)mt * P->mstride + (size_t)(g / 2) * 1024 + (size_t)(g % 2) * 32;
+        zero_tiles(two);
+        AMX_LOAD(4, a, 64);
+        AMX_LOAD(6, st, 64);
+        AMX_LOAD(7, st + 512, 64);
+        AMX_DP_SU8(0, 4, 6);
+        AMX_DP_SU8(1, 4, 7);
+        if (two) {
+            AMX_LOAD(5, a + P->mstride, 64);
+            AMX_DP_SU8(2, 5, 6);
+            AMX_DP_SU8(3, 5, 7);
+        }
+        store_tmp(two, P->tmp);
+        const float *f = (const float *)(st + 1024);
+        __m512 sc[2] = { _mm512_load_ps(f), _mm512_load_ps(f + 16) };
+        __m512 mn[2] = { _mm512_load_ps(f + 32), _mm512_load_ps(f + 48) };
+        for (int mm = 0; mm < 1 + two; mm++)
+            for (int r = 0; r < 16; r++) {
+                __m512 S = _mm512_set1_ps(P->sf[(size_t)(mm * 16 + r) * MOE_G4_MAX + gi]);
+                float *c = P->cf + (size_t)((mt + mm) * 16 + r) * ncol + (size_t)j * 32;
+                for (int n = 0; n < 2; n++) {
+                    __m512i d = _mm512_load_si512(P->tmp + (size_t)(2 * mm + n) * 1024 + (size_t)r * 64);
+                    __m512 acc = _mm512_loadu_ps(c + n * 16);
+                    acc = _mm512_fmadd_ps(mn[n], S, _mm512_fmadd_ps(sc[n], _mm512_cvtepi32_ps(d), acc));
+                    _mm512_storeu_ps(c + n * 16, acc);
+                }
+            }
+    }
+}
+
+static void pass_int4(const amx_pass *P)
+{
+    int ngr = P->W->kp / 32, gc = moe_tuning.g4;
     zero_cf(P);
-    for (int blk = 0; blk < P->W->kp / 32; blk++)
-        for (int j = 0; j < P->npair; j++) {
-            __m512 sc[2], mn[2];
-            for (int n = 0; n < 2; n++) {
-                const uint8_t *src = P->b[2 * j + n] + (size_t)blk * 320;
-                uint8_t *dst = P->stage + n * 512;
-                for (int c = 0; c < 4; c++) {
-                    __m512i v = _mm512_load_si512(src + c * 64);
-                    _mm512_store_si512(dst + c * 64, _mm512_and_si512(v, low));
-                    _mm512_store_si512(dst + (c + 4) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
-                }
-                sc[n] = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(src + 256)));
-                mn[n] = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(src + 288)));
-            }
-            AMX_LOAD(6, P->stage, 64);
-            AMX_LOAD(7, P->stage + 512, 64);
-            for (int mt = 0; mt < P->nmt; mt += 2) {
-                int two = mt + 1 < P->nmt;
-                const uint8_t *a = P->x + (size_t)mt * 16 * P->ldx + (size_t)blk * 32;
-                zero_tiles(two);
-                AMX_LOAD(4, a, P->ldx);
-                AMX_DP_SU8(0, 4, 6);
-                AMX_DP_SU8(1, 4, 7);
-                if (two) {
-                    AMX_LOAD(5, a + 16 * P->ldx, P->ldx);
-                    AMX_DP_SU8(2, 5, 6);
-                    AMX_DP_SU8(3, 5, 7);
-                }
-                store_tmp(two, P->tmp);
-                flush(P, mt, two, j, sc, mn, NULL, blk);
-            }
+    for (int j = 0; j < P->npair; j++)
+        for (int g0 = 0; g0 < ngr; g0 += gc) {
+            int ng = ngr - g0 < gc ? ngr - g0 : gc;
+            unpack_int4(P, j, g0, ng);
+            for (int mt = 0; mt < P->nmt; mt += 2)
+                int4_block(P, mt, mt + 1 < P->nmt, j, g0, ng);
         }
 }
 
@@ -313,34 +377,35 @@ static void run_pass(int fmt, const amx_pass *P)
         pass_int4(P);
 }
 
-/* carve the thread's scratch */
+/* carve the thread's scratch: result | spill (INT4: staging, sums) | tmp */
 static void pass_bufs(amx_pass *P, void *ts)
 {
     uint8_t *t = ts;
-    size_t cbytes = (size_t)MOE_MC * AMX_MAXPAIR * 32 * 4;
     P->cf = (float *)t;
-    P->ci = (int32_t *)(t + cbytes);
-    P->tmp = t + 2 * cbytes;
-    P->stage = t + 2 * cbytes + 4096;
+    P->cbuf = t + AMX_CF_BYTES;
+    P->stage = P->cbuf;
+    P->sf = (float *)(P->cbuf + (size_t)MOE_G4_MAX * AMX_G4_BYTES);
+    P->tmp = t + 2 * AMX_CF_BYTES;
 }
 
-/* activation rows [mt0*16, ...) of a as a pass's A operand */
+/* tiled activation rows [mt0*16, ...) of a as a pass's A operand */
 static void pass_rows(amx_pass *P, int fmt, const moe_act *a, int mt0, int nmt)
 {
     size_t esz = fmt == MOE_BF16 ? 2 : 1;
     P->nmt = nmt;
-    P->ldx = a->ld * esz;
-    P->x = (const uint8_t *)a->x + (size_t)mt0 * 16 * P->ldx;
+    P->mstride = 16 * a->ld * esz;
+    P->x = (const uint8_t *)a->x + (size_t)mt0 * P->mstride;
     P->lds = a->lds;
     P->s32 = fmt == MOE_BF16 ? NULL : a->s32 + (size_t)mt0 * 16 * a->lds;
 }
 
 /* Phase 1. Writes h for every row of the 16-row tiles, padding rows included
- * (their activations are zero, so h is 0): phase 2 tiles read them. */
+ * (their activations are zero, so h is 0): phase 2 tiles read them. BF16 h
+ * is written tiled (h = the slice's first tile), fp32 h row-major. */
 static void amx_up(int fmt, const moe_mat *g, const moe_mat *u, int rb0, int rb1, const moe_act *a, void *h,
                    size_t ldh, void *ts)
 {
-    TD_ASSERT(ts != NULL && rb1 - rb0 <= AMX_MAXPAIR && rb1 > rb0);
+    TD_ASSERT(ts != NULL && rb1 - rb0 <= MOE_MAXPAIR && rb1 > rb0);
     amx_pass P;
     pass_bufs(&P, ts);
     P.W = g;
@@ -349,7 +414,7 @@ static void amx_up(int fmt, const moe_mat *g, const moe_mat *u, int rb0, int rb1
         P.b[2 * j] = g->w + (size_t)(rb0 + j) * g->rb_bytes;
         P.b[2 * j + 1] = u->w + (size_t)(rb0 + j) * u->rb_bytes;
     }
-    size_t ncol = (size_t)P.npair * 32, hsz = fmt == MOE_BF16 ? 2 : 4;
+    size_t ncol = (size_t)P.npair * 32;
     int mtiles = (a->m + 15) / 16;
     amx_config(fmt == MOE_INT4);
     for (int mt0 = 0; mt0 < mtiles; mt0 += MOE_MC / 16) {
@@ -362,11 +427,17 @@ static void amx_up(int fmt, const moe_mat *g, const moe_mat *u, int rb0, int rb1
             for (int j = 0; j < P.npair; j++) {
                 __m512 gv = _mm512_loadu_ps(P.cf + (size_t)r * ncol + (size_t)j * 32);
                 __m512 uv = _mm512_loadu_ps(P.cf + (size_t)r * ncol + (size_t)j * 32 + 16);
-                if (fmt != MOE_BF16) {
+                uint8_t *dst;
+                if (fmt == MOE_BF16) {
+                    int c = (rb0 + j) * 16;
+                    dst = (uint8_t *)h + (size_t)(row / 16) * 16 * ldh * 2 + (size_t)(c / 32) * 1024 +
+                          (size_t)(row % 16) * 64 + (size_t)(c % 32) * 2;
+                } else {
                     gv = _mm512_mul_ps(sx, gv);
                     uv = _mm512_mul_ps(sx, uv);
+                    dst = (uint8_t *)h + ((size_t)row * ldh + (size_t)(rb0 + j) * 16) * 4;
                 }
-                moe_store_h512(fmt, (uint8_t *)h + ((size_t)row * ldh + (size_t)(rb0 + j) * 16) * hsz, gv, uv);
+                moe_store_h512(fmt, dst, gv, uv);
             }
         }
     }
@@ -380,7 +451,7 @@ static void amx_down(int fmt, const moe_mat *d, int rb0, int rb1, const moe_act 
     TD_ASSERT(ts != NULL && rb0 % 2 == 0 && d->nrb % 2 == 0 && rb1 > rb0);
     if (rb1 % 2)
         rb1++;
-    TD_ASSERT(rb1 <= d->nrb && (rb1 - rb0) / 2 <= AMX_MAXPAIR);
+    TD_ASSERT(rb1 <= d->nrb && (rb1 - rb0) / 2 <= MOE_MAXPAIR);
     amx_pass P;
     pass_bufs(&P, ts);
     P.W = d;
@@ -419,4 +490,4 @@ static int amx_accepts(int fmt, int group)
     return 1;
 }
 
-const moe_kernel AMX_KERNEL = { AMX_KNAME, ISA_AMX, amx_accepts, amx_up, amx_down };
+const moe_kernel AMX_KERNEL = { AMX_KNAME, ISA_AMX, amx_accepts, amx_up, amx_down, 1 };

@@ -285,4 +285,4 @@ static int avx2_accepts(int fmt, int group)
     return 1;
 }
 
-const moe_kernel moe_kernel_avx2 = { "avx2", ISA_AVX2, avx2_accepts, avx2_up, avx2_down };
+const moe_kernel moe_kernel_avx2 = { "avx2", ISA_AVX2, avx2_accepts, avx2_up, avx2_down, 0 };

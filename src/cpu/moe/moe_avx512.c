@@ -321,4 +321,4 @@ static int avx512_accepts(int fmt, int group)
     return 1;
 }
 
-const moe_kernel moe_kernel_avx512 = { "avx512", ISA_AVX512, avx512_accepts, avx512_up, avx512_down };
+const moe_kernel moe_kernel_avx512 = { "avx512", ISA_AVX512, avx512_accepts, avx512_up, avx512_down, 0 };

@@ -22,6 +22,15 @@
  *         and a shift.
  *
  * Every block and tile starts on a 64-byte boundary.
+ *
+ * Activation rows (gathered x, h, quantised h) of an expert run by a tile
+ * kernel (moe_kernel.tiled) are "tiled": its rows start at a multiple of 16
+ * and each block of 16 rows is stored as K/W tiles of 16 x 64 bytes (W = 32
+ * bf16 or 64 int8 per tile row), so an AMX A tile is 1 KB of contiguous
+ * memory (stride 64) instead of 16 rows a row-length apart (with a row of
+ * 4 KB, e.g. Qwen3's bf16 x, all 16 rows fall into one L1 set). The byte
+ * of (row r, 64-byte chunk c) is moe_act_chunk(); the row scale and sums of
+ * 32 stay per row. Other experts' rows are plain row-major.
  */
 #ifndef TD_MOE_IMPL_H
 #define TD_MOE_IMPL_H
@@ -38,9 +47,10 @@
 #define MOE_KALIGN 64       /* K padding and partition-slice granularity */
 #define MOE_MAX_PARTS 16
 #define MOE_MAX_K 65536     /* int32 sums stay exact: 255 * 127 * 65536 < 2^31 */
-#define MOE_UP_BIG_RB 8     /* row blocks per phase-1 item of a tile-kernel expert */
+#define MOE_MAXPAIR 8       /* column-block pairs per tile-kernel call */
 #define MOE_MC 256          /* token rows per pass of the tile kernels */
 #define MOE_TSCRATCH (640u * 1024u) /* per-thread scratch of the tile kernels */
+#define MOE_G4_MAX 128      /* INT4 tile pass: most 32-groups unpacked at once */
 #define MOE_TB_BF16 12      /* tokens per pass of the vector kernels */
 #define MOE_TB_INT 6        /* INT8 */
 #define MOE_TB_INT4 4
@@ -82,6 +92,34 @@ static inline size_t moe_off_int4(int n, int k, int *shift)
     return (size_t)(k / 32) * 320 + (size_t)(r % 4) * 64 + (size_t)n * 4 + (size_t)(k % 4);
 }
 
+/* byte address of 64-byte chunk c of activation row r in an array of rows
+ * of rowbytes bytes starting at base (row 0), plain or tiled (see above) */
+static inline uint8_t *moe_act_chunk(uint8_t *base, size_t rowbytes, int r, int c, int tiled)
+{
+    if (!tiled)
+        return base + (size_t)r * rowbytes + (size_t)c * 64;
+    return base + (size_t)(r / 16) * 16 * rowbytes + (size_t)c * 1024 + (size_t)(r % 16) * 64;
+}
+
+/* ---- tuning of the tile kernels and the schedule ------------------------
+ * Defaults are compiled in; `tandem bench moe --tune k=v,...` changes them
+ * (before ops are created) so that one run on the AMX machine can sweep
+ * them. Read by the kernels and the schedule; never written while a
+ * forward runs. */
+typedef struct {
+    int kc_bf16;  /* K per accumulator chunk of the BF16 tile pass (multiple of 32) */
+    int kc_int8;  /* INT8, whole-row scales (multiple of 64) */
+    int g4;       /* INT4 tile pass: 32-groups unpacked to int8 per chunk (1..MOE_G4_MAX) */
+    int np_up;    /* column-block pairs per phase-1 item of a tile-kernel expert (1..MOE_MAXPAIR) */
+    int cg;       /* phase-2 item width in row blocks (even, 2..2*MOE_MAXPAIR); 0 = by size */
+} moe_tune;
+extern moe_tune moe_tuning;
+/* "kc_bf16=512,np_up=4": set fields of moe_tuning; TANDEM_EINVAL naming the
+ * bad key or value (nothing changed then) */
+int moe_tune_parse(const char *spec, char *err, size_t errlen);
+/* the current values as "kc_bf16=... np_up=..." */
+void moe_tune_str(char *buf, size_t n);
+
 /* ---- one packed matrix as a kernel sees it ----------------------------- */
 typedef struct {
     const uint8_t *w;   /* row block 0 */
@@ -91,7 +129,9 @@ typedef struct {
     int group;          /* INT8: K per scale group (divides kp); INT4: 32; BF16: kp */
 } moe_mat;
 
-/* activation rows of one product (an expert's rows: gathered x, or h) */
+/* activation rows of one product (an expert's rows: gathered x, or h);
+ * tiled for the tile kernels: x points at the first tile of the K range,
+ * and 16-row block i starts 16 * ld elements after block i - 1 */
 typedef struct {
     const void *x;       /* [m][ld] bf16 (BF16) or int8 */
     const float *sx;     /* [m] int formats: row scale */
@@ -101,7 +141,8 @@ typedef struct {
 } moe_act;
 
 /* Phase 1: rows [rb0, rb1) of gate and up for the m rows of a; writes
- * h[i][rb*16 + j] (bf16 for BF16, fp32 otherwise; row stride ldh elements).
+ * h[i][rb*16 + j] (bf16 for BF16, fp32 otherwise; row stride ldh elements;
+ * a tiled kernel writes BF16 h tiled, with h at the slice's first tile).
  * Phase 2: rows [rb0, rb1) of down for the rows of a (h quantised / bf16);
  * out[tok[i]][c] = fma(wt[i], y[i][c], out[tok[i]][c]) for c < ncols; rows
  * i with tok[i] < 0 are padding and skipped. ts: the thread's scratch. */
@@ -118,6 +159,7 @@ typedef struct {
     int (*accepts)(int fmt, int group);
     moe_up_fn up;
     moe_down_fn down;
+    int tiled;      /* reads tiled activation rows (and writes BF16 h tiled) */
 } moe_kernel;
 
 extern const moe_kernel moe_kernel_ref, moe_kernel_avx2, moe_kernel_avx512, moe_kernel_amx;

@@ -114,4 +114,4 @@ static int ref_accepts(int fmt, int group)
     return 1;
 }
 
-const moe_kernel moe_kernel_ref = { "ref", ISA_REF, ref_accepts, ref_up, ref_down };
+const moe_kernel moe_kernel_ref = { "ref", ISA_REF, ref_accepts, ref_up, ref_down, 0 };
