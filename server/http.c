@@ -37,6 +37,7 @@ struct srv_http {
     srv_http_params p;
     long long started; /* unix time, for /v1/models */
     atomic_int draining;
+    atomic_int active; /* completion requests accepted and not yet fully answered */
 };
 
 enum { R_NONE, R_HEALTH, R_MODELS, R_MODEL, R_CHAT, R_COMPLETION };
@@ -46,6 +47,7 @@ typedef struct {
     srv_buf body;
     size_t seen;   /* body bytes received */
     int too_large; /* over max_body: discarding */
+    int active;    /* counted in srv_http.active until libmicrohttpd is done with it */
 } srv_conn;
 
 typedef struct {
@@ -292,6 +294,10 @@ static enum MHD_Result handle_completion(srv_http *h, struct MHD_Connection *c, 
         return send_error(c, e.status, e.param, e.code, NULL, "%s", e.message);
     r->refs = 1; /* this connection's */
     int rc = srv_sched_submit(h->sc, r);
+    if (rc == SRV_SUBMIT_OK) {
+        cc->active = 1;
+        atomic_fetch_add(&h->active, 1);
+    }
     if (rc == SRV_SUBMIT_FULL) {
         srv_req_free(r);
         return send_error(c, 429, NULL, "queue_full", NULL,
@@ -355,12 +361,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe)
 {
-    (void)cls;
+    srv_http *h = cls;
     (void)c;
     (void)toe;
     srv_conn *cc = *con_cls;
     if (!cc)
         return;
+    if (cc->active)
+        atomic_fetch_sub(&h->active, 1);
     srv_buf_free(&cc->body);
     free(cc);
     *con_cls = NULL;
@@ -418,6 +426,8 @@ int srv_http_start(const srv_http_params *p, srv_sched *sc, const srv_parse_ctx 
 }
 
 void srv_http_set_draining(srv_http *h) { atomic_store(&h->draining, 1); }
+
+int srv_http_active(srv_http *h) { return atomic_load(&h->active); }
 
 void srv_http_stop(srv_http *h)
 {

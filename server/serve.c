@@ -9,8 +9,8 @@
  * main thread with sigtimedwait. The first one drains: new requests get 503,
  * running and queued ones finish (up to --drain-timeout seconds); a second
  * signal, or the timeout, cancels what is left (streams end with an error
- * event, waiting clients get 503). Then the daemon stops (its connection
- * threads return once their requests are done) and everything is freed.
+ * event, waiting clients get 503). The answers get up to 5 s to be sent,
+ * then the daemon stops and everything is freed.
  */
 #include "server.h"
 
@@ -295,6 +295,10 @@ int cmd_serve(int argc, char **argv)
             strchr(o.host, ':') ? "[" : "", o.host, strchr(o.host, ':') ? "]" : "", port);
     fflush(stderr);
     wait_for_shutdown(&set, h, sc, o.drain_timeout);
+    /* end what is left, then give the answers up to 5 s to reach their clients */
+    srv_sched_stop(sc);
+    for (double until = srv_now() + 5; srv_http_active(h) > 0 && srv_now() < until;)
+        usleep(10000);
     rc = 0;
 done:
     /* end every request first, so that the connection threads waiting on

@@ -238,6 +238,8 @@ typedef struct {
 int srv_http_start(const srv_http_params *p, srv_sched *sc, const srv_parse_ctx *pc, srv_http **out, int *port,
                    char *err, size_t errlen);
 void srv_http_set_draining(srv_http *h);
+/* Completion requests whose answer is not fully sent yet. */
+int srv_http_active(srv_http *h);
 void srv_http_stop(srv_http *h);
 
 double srv_now(void);

@@ -58,7 +58,7 @@ start_server() {
     PID=$!
     PIDS+=("$PID")
     for _ in $(seq 1 600); do
-        if grep -q "listening on" "$TMP/$name.log"; then
+        if grep -qs "listening on" "$TMP/$name.log"; then
             BASE=$(grep -o 'http://[^ ]*' "$TMP/$name.log" | tail -n 1)
             return 0
         fi
@@ -187,8 +187,8 @@ stream() {
     CURL=$!
     for _ in $(seq 1 200); do grep -q '"text"' "$TMP/$1" 2>/dev/null && break; sleep 0.05; done
 }
-if start_server E -m $MODEL --max-seqs 2 --ctx 16384; then
-    stream drain 3000
+if start_server E -m $MODEL --max-seqs 2 --ctx 2048 --drain-timeout 300; then
+    stream drain 1000
     kill -TERM "$PID"
     sleep 0.3
     late=$(code -H 'Content-Type: application/json' "$BASE/v1/completions" -d '{"prompt":"x","max_tokens":2}')
@@ -203,7 +203,7 @@ if start_server E -m $MODEL --max-seqs 2 --ctx 16384; then
 else
     result 1 "server E starts"
 fi
-if start_server F -m $MODEL --max-seqs 2 --ctx 16384; then
+if start_server F -m $MODEL --max-seqs 2 --ctx 4096; then
     stream cancel 100000
     kill -INT "$PID"
     sleep 0.3
