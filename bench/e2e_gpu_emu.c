@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 struct gpu_ctx {
     int exact_max_T, rc;
@@ -233,7 +234,7 @@ int gpu_moe_experts(gpu_ctx *c, const gpu_experts *ex, int T, int K, const float
         float acc[8192] = { 0 };
         int any = 0;
         for (int k = 0; k < K; k++) {
-            int s = ex->slot[ids[t * K + k]];
+            int s = ids[t * K + k] >= 0 ? ex->slot[ids[t * K + k]] : -1;
             if (s < 0)
                 continue;
             gpu_mat gu = { (const char *)ex->gate_up + (size_t)s * 2 * F * D * (ex->dt == GPU_F32 ? 4 : 2), ex->dt, 2 * F, D };
@@ -251,20 +252,92 @@ int gpu_moe_experts(gpu_ctx *c, const gpu_experts *ex, int T, int K, const float
     }
     return c->rc;
 }
-int gpu_handoff_pack(gpu_ctx *c, void *x_host, int bf16, const float *h, int64_t n_x, int32_t *ids_host,
-                     const int32_t *ids, const int32_t *slot, float *w_host, const float *w, int n_ids)
+int gpu_handoff_pack(gpu_ctx *c, const gpu_handoff *ho, const float *h, int T, int D, int K, const int32_t *ids,
+                     const float *w)
 {
-    for (int64_t i = 0; i < n_x; i++) {
-        if (bf16)
-            ((uint16_t *)x_host)[i] = f32_to_bf16(h[i]);
+    for (int64_t i = 0; ho->host_x && i < (int64_t)T * D; i++) {
+        if (ho->x_bf16)
+            ((uint16_t *)ho->host_x)[i] = f32_to_bf16(h[i]);
         else
-            ((float *)x_host)[i] = h[i];
+            ((float *)ho->host_x)[i] = h[i];
     }
-    for (int j = 0; j < n_ids; j++) {
-        ids_host[j] = slot && slot[ids[j]] >= 0 ? -1 : ids[j];
-        w_host[j] = w[j];
-    }
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < K; k++) {
+            const int i = t * K + k, e = ids[i];
+            int rank = 0;
+            for (int j = 0; j < K; j++)
+                rank += w[t * K + j] > w[i] || (w[t * K + j] == w[i] && j < k);
+            const int def = rank >= K - ho->defer, on_gpu = ho->slot && e >= 0 && ho->slot[e] >= 0;
+            if (ho->host_ids)
+                ho->host_ids[i] = def || on_gpu ? -1 : e;
+            if (ho->host_ids_def)
+                ho->host_ids_def[i] = def && !on_gpu ? e : -1;
+            if (ho->host_w)
+                ho->host_w[i] = w[i];
+            if (ho->gpu_ids)
+                ho->gpu_ids[i] = def ? -1 : e;
+            if (ho->gpu_ids_def)
+                ho->gpu_ids_def[i] = def ? e : -1;
+        }
     return c->rc;
+}
+int gpu_moe_gate(gpu_ctx *c, int T, int D, const float *x, const float *norm_w, float eps, float *h,
+                 const gpu_mat *router, const gpu_route_params *r, float *logits, int32_t *ids, float *w,
+                 const gpu_handoff *ho)
+{
+    gpu_rmsnorm(c, h, x, T, D, 1, 0, norm_w, D, eps);
+    gpu_matmul_exact(c, logits, r->n_expert, h, D, T, router, NULL, 0);
+    gpu_route(c, r, T, logits, ids, w);
+    return ho ? gpu_handoff_pack(c, ho, h, T, D, r->k, ids, w) : c->rc;
+}
+int gpu_qkv_prep(gpu_ctx *c, const gpu_qkv_prep_args *a, int T, float *qkv, int64_t ld, const int32_t *seq,
+                 const int32_t *pos)
+{
+    const int H = a->n_head, KH = a->n_kv_head, hd = a->head_dim;
+    const int64_t qd = (int64_t)H * hd, kd = (int64_t)KH * hd;
+    if (a->q_norm)
+        gpu_rmsnorm(c, qkv, qkv, T, ld, H, hd, a->q_norm, hd, a->eps);
+    if (a->k_norm)
+        gpu_rmsnorm(c, qkv + qd, qkv + qd, T, ld, KH, hd, a->k_norm, hd, a->eps);
+    gpu_rope(c, qkv, T, ld, H, hd, 0, a->rope_dim, a->pairs, a->inv_freq, a->rope_scale, pos);
+    gpu_rope(c, qkv + qd, T, ld, KH, hd, 0, a->rope_dim, a->pairs, a->inv_freq, a->rope_scale, pos);
+    gpu_kv_store(c, a->k_cache, a->seq_stride, a->row_stride, qkv + qd, ld, (int)kd, T, seq, pos);
+    return gpu_kv_store(c, a->v_cache, a->seq_stride, a->row_stride, qkv + qd + kd, ld, (int)kd, T, seq, pos);
+}
+int gpu_add_norm(gpu_ctx *c, float *x, int T, int D, const float *a, const float *b, const float *y, int64_t ld,
+                 const float *w, float eps, float *h)
+{
+    const float *adds[3] = { a, b, y };
+    for (int j = 0; j < 3; j++)
+        if (adds[j])
+            gpu_add_rows(c, x, D, adds[j], ld, T, D, NULL);
+    return h ? gpu_rmsnorm(c, h, x, T, D, 1, 0, w, D, eps) : c->rc;
+}
+void gpu_ctx_set_fast(gpu_ctx *c, int fast) { (void)c, (void)fast; }
+struct gpu_timer {
+    double a, b;
+};
+static double emu_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+int gpu_timer_create(gpu_timer **out, char *err, size_t errlen)
+{
+    (void)err, (void)errlen;
+    *out = calloc(1, sizeof **out);
+    return *out ? 0 : TANDEM_ENOMEM;
+}
+void gpu_timer_free(gpu_timer *t) { free(t); }
+int gpu_timer_start(gpu_ctx *c, gpu_timer *t) { t->a = emu_now(); return c->rc; }
+int gpu_timer_stop(gpu_ctx *c, gpu_timer *t) { t->b = emu_now(); return c->rc; }
+int gpu_timer_ms(gpu_ctx *c, gpu_timer *t, double *ms) { *ms = t->b - t->a; return c->rc; }
+int gpu_graph_count(const gpu_graph *g, gpu_graph_counts *out)
+{
+    (void)g;
+    memset(out, 0, sizeof *out);
+    return TANDEM_EGPU;
 }
 int gpu_add_rows_host(gpu_ctx *c, float *x, int64_t ldx, const float *y, int64_t ldy, int T, int n)
 {

@@ -502,7 +502,8 @@ static void test_experts(gpu_ctx *c)
         CHECKF(0, "%s", err);
     } else {
         float *dh = dev_dup(h, sizeof h), *dw = dev_dup(w, sizeof w), *dx2 = dev_dup(x, sizeof x);
-        gpu_handoff_pack(c, hx, 1, dh, T * D, hid, dids, dslot, hw, dw, T * K);
+        gpu_handoff ho = { hx, 1, hid, NULL, hw, dslot, NULL, NULL, 0 };
+        gpu_handoff_pack(c, &ho, dh, T, D, K, dids, dw);
         if (synced(c, "hand-off pack")) {
             int ok = 1;
             for (int i = 0; i < T * K; i++)
@@ -512,7 +513,8 @@ static void test_experts(gpu_ctx *c)
             CHECKF(ok, "hand-off pack: slot differs (bf16 h, ids with GPU experts -1, w)");
         }
         float *hf = (float *)hx; /* fp32 flavour, then the add from host memory */
-        gpu_handoff_pack(c, hf, 0, dh, T * D, hid, dids, NULL, hw, dw, T * K);
+        gpu_handoff ho32 = { hf, 0, hid, NULL, hw, NULL, NULL, NULL, 0 };
+        gpu_handoff_pack(c, &ho32, dh, T, D, K, dids, dw);
         if (synced(c, "hand-off pack fp32")) {
             CHECK(!memcmp(hf, h, sizeof h) && !memcmp(hid, ids, sizeof ids));
             for (int i = 0; i < T * D; i++)

@@ -26,7 +26,8 @@
  *   - weights live on the GPU in their checkpoint dtype (BF16, or F32);
  *   - gpu_matmul with T <= exact_max_T (default 16, the decode sizes) runs
  *     our own kernel: fp32 activations x BF16/F32 weights, fp32 sums, so it
- *     differs from the CPU only by summation order; above that it is cuBLAS
+ *     differs from the CPU only by summation order (the decode GEMV of
+ *     gpu_gemv.cuh for T <= 16, the first per-row kernel above); above that it is cuBLAS
  *     with activations rounded to BF16 (round to nearest even) and fp32
  *     accumulation for BF16 weights (relative error ~2^-9 per product), and
  *     plain fp32 GEMM for F32 weights. gpu_ctx_set_exact() moves the limit.
@@ -97,6 +98,20 @@ void gpu_ctx_clear(gpu_ctx *c);
 int gpu_sync(gpu_ctx *c, char *err, size_t errlen);
 /* gpu_matmul uses its own fp32-activation kernel for T <= max_T. */
 void gpu_ctx_set_exact(gpu_ctx *c, int max_T);
+/* fast = 1 (default): the decode kernels (split-K GEMV, split-KV attention,
+ * one-warp router, fused gate / add+norm / q,k prep); 0: the first kernels
+ * of each op and the fused ops as their separate kernels, for A/B timing.
+ * Both compute the same function (tests/test_gpu_fast.c checks both). */
+void gpu_ctx_set_fast(gpu_ctx *c, int fast);
+
+/* Timing with device events on the main stream (benchmarks). */
+typedef struct gpu_timer gpu_timer;
+int gpu_timer_create(gpu_timer **out, char *err, size_t errlen);
+void gpu_timer_free(gpu_timer *t);                        /* NULL ok */
+int gpu_timer_start(gpu_ctx *c, gpu_timer *t);
+int gpu_timer_stop(gpu_ctx *c, gpu_timer *t);
+/* Milliseconds between start and stop (waits for stop). */
+int gpu_timer_ms(gpu_ctx *c, gpu_timer *t, double *ms);
 
 /* Asynchronous copy on a stream; host memory must be pinned. */
 int gpu_copy(gpu_ctx *c, int stream, void *dst, const void *src, size_t bytes);
@@ -120,6 +135,12 @@ int gpu_capture_begin(gpu_ctx *c);
 int gpu_capture_end(gpu_ctx *c, gpu_graph **out);
 int gpu_graph_launch(gpu_ctx *c, gpu_graph *g);
 void gpu_graph_free(gpu_graph *g);                        /* NULL ok */
+/* Nodes of a captured graph: kernels, memory operations (copies, memsets,
+ * stream memory ops), host functions, and all nodes. */
+typedef struct {
+    int kernels, mem, host, total;
+} gpu_graph_counts;
+int gpu_graph_count(const gpu_graph *g, gpu_graph_counts *out);
 
 /* ---- ops (enqueued on the main stream) --------------------------------------- */
 typedef enum { GPU_BF16 = 0, GPU_F32 = 1 } gpu_dtype;
@@ -201,6 +222,34 @@ typedef struct {
 } gpu_route_params;
 int gpu_route(gpu_ctx *c, const gpu_route_params *r, int T, const float *logits, int32_t *ids, float *w);
 
+/* Fused decode helpers (any T; each falls back to the separate ops where
+ * its kernel does not apply, so callers need not check shapes):
+ *
+ * gpu_qkv_prep: per token t of a fused q|k|v row (ld floats apart): RMSNorm
+ * of each q head with q_norm and each k head with k_norm (when non-NULL,
+ * eps), rope on the first rope_dim dims of each q and k head (as gpu_rope,
+ * offset 0), then k and v rows stored into the caches (as gpu_kv_store).
+ * Replaces 2 rmsnorm + 2 rope + 2 kv_store launches by one. */
+typedef struct {
+    int n_head, n_kv_head, head_dim;
+    const float *q_norm, *k_norm; /* [head_dim] or NULL */
+    float eps;
+    int rope_dim, pairs;
+    const float *inv_freq;        /* [rope_dim / 2] */
+    float rope_scale;
+    float *k_cache, *v_cache;     /* [n_seq][n_ctx][n_kv_head * head_dim] */
+    int64_t seq_stride, row_stride;
+} gpu_qkv_prep_args;
+int gpu_qkv_prep(gpu_ctx *c, const gpu_qkv_prep_args *a, int T, float *qkv, int64_t ld, const int32_t *seq,
+                 const int32_t *pos);
+
+/* gpu_add_norm: x[t] += a[t] + b[t] + y[t] (in that order; each may be
+ * NULL; a and b are pinned host memory read uncached, as
+ * gpu_add_rows_host; y device), rows ld_add apart; then, when h is not
+ * NULL, h[t] = RMSNorm(x[t]) * w (as gpu_rmsnorm). x, h: [T][D] packed. */
+int gpu_add_norm(gpu_ctx *c, float *x, int T, int D, const float *a_host, const float *b_host, const float *y,
+                 int64_t ld_add, const float *w, float eps, float *h);
+
 /* out[t][i] = silu(gu[t][i]) * gu[t][F + i], i < F (gate and up fused). */
 int gpu_silu_mul(gpu_ctx *c, float *out, int64_t ldo, const float *gu, int64_t ldgu, int T, int F);
 /* x[t][i] += g_t * y[t][i], i < n; g_t = sigmoid(gate[t]) or 1 when gate is NULL. */
@@ -216,18 +265,48 @@ typedef struct {
     const int32_t *slot;         /* device [n_expert] */
     int n_expert, d_model, d_ff;
 } gpu_experts;
-/* x[t] += sum over k with slot[ids[t][k]] >= 0 of w[t][k] * expert(h[t]).
- * scratch: T * K * (3F + D) floats. */
+/* x[t] += sum over k with ids[t][k] >= 0 and slot[ids[t][k]] >= 0 of
+ * w[t][k] * expert(h[t]). scratch: T * K * (3F + D) floats. */
 int gpu_moe_experts(gpu_ctx *c, const gpu_experts *ex, int T, int K, const float *h, int64_t ldh,
                     const int32_t *ids, const float *w, float *x, int64_t ldx, float *scratch);
 
-/* The GPU side of a CPU hand-off, written by one kernel straight into pinned
- * host memory (zero-copy, no copy-engine operations):
- *   x_host[i] = h[i] as bf16 (bf16 != 0) or fp32, i < n_x;
- *   ids_host[j] = ids[j], or -1 where slot (may be NULL) puts that expert on
- *   the GPU; w_host[j] = w[j], j < n_ids. */
-int gpu_handoff_pack(gpu_ctx *c, void *x_host, int bf16, const float *h, int64_t n_x, int32_t *ids_host,
-                     const int32_t *ids, const int32_t *slot, float *w_host, const float *w, int n_ids);
+/* Where a MoE layer's routed experts go once routed: the GPU side of the CPU
+ * hand-off (the slot, pinned host memory written by a kernel: zero-copy, no
+ * copy-engine operations) and the id lists of the GPU-held experts.
+ * Deferral (DESIGN.md section 1): per token the `defer` experts of lowest
+ * weight (ties: the later of equal weights) are deferred, the others
+ * immediate. For k < K of token t, with e = ids[t][k]:
+ *   host_ids[t][k]     = e if immediate and not on the GPU, else -1
+ *   host_ids_def[t][k] = e if deferred and not on the GPU, else -1
+ *   host_w[t][k]       = w[t][k]
+ *   gpu_ids[t][k]      = e if immediate, else -1 (gpu_moe_experts skips
+ *   gpu_ids_def[t][k]  = e if deferred, else -1   experts not on the GPU)
+ *   host_x[t][i]       = h[t][i], i < D (bf16 when x_bf16, else fp32)
+ * Any pointer may be NULL (not written); "on the GPU" means slot (device
+ * [E], NULL = none) >= 0. */
+typedef struct {
+    void *host_x;
+    int x_bf16;
+    int32_t *host_ids, *host_ids_def;
+    float *host_w;
+    const int32_t *slot;
+    int32_t *gpu_ids, *gpu_ids_def;
+    int defer;
+} gpu_handoff;
+/* The lists and the slot from ids, w [T][K] and h [T][D] (device). */
+int gpu_handoff_pack(gpu_ctx *c, const gpu_handoff *ho, const float *h, int T, int D, int K, const int32_t *ids,
+                     const float *w);
+
+/* The MoE gate of one layer for T tokens, fused for decode: h = RMSNorm(x)
+ * * norm_w (eps), logits = router . h (fp32, as gpu_matmul_exact), ids, w =
+ * route(logits) (as gpu_route), then gpu_handoff_pack(ho) when ho is not
+ * NULL. x, h [T][D]; logits [T][E] scratch; ids, w [T][K]. One launch when
+ * T <= 16, E <= 512, k <= 32, groups <= 32 (the last block to finish its
+ * router rows routes and packs); otherwise the separate ops. */
+int gpu_moe_gate(gpu_ctx *c, int T, int D, const float *x, const float *norm_w, float eps, float *h,
+                 const gpu_mat *router, const gpu_route_params *r, float *logits, int32_t *ids, float *w,
+                 const gpu_handoff *ho);
+
 /* x[t][i] += y_host[t][i], i < n: the CPU's result read from pinned memory
  * (uncached loads, so a value written after an earlier pass is seen). */
 int gpu_add_rows_host(gpu_ctx *c, float *x, int64_t ldx, const float *y_host, int64_t ldy, int T, int n);

@@ -13,6 +13,11 @@
  * Positions and sequence ids are read on the device, so a captured graph
  * serves every decode step.
  *
+ * That kernel is latency-bound at decode: a warp walks its keys one after
+ * another, each a dependent chain of load, shuffle-reduce and exp, and only
+ * T * n_head blocks run (32 for Qwen3 at batch 1). For T <= 16 the decode
+ * kernel below splits the keys instead (see its comment).
+ *
  * MLA: (1) q_lat[t][h] = q_nope[t][h] . W_uk[h] (kv_b's key rows),
  * (2) attention of [q_lat | q_pe] against [ckv | kpe] with ckv as values,
  * giving o_lat[t][h] (both in the caller's scratch), (3) out[t][h] =
@@ -121,6 +126,238 @@ static void gqa_launch(gpu_ctx *c, const gpu_gqa *a, int T, const float *q, int6
     gqa_kernel<VPL><<<dim3(T, a->n_head), 32 * ATT_WARPS, smem, c->s[GPU_MAIN]>>>(*a, q, ldq, seq, pos, out, ldo);
 }
 
+/* ---- GQA, decode: the keys split across blocks ------------------------------------
+ * Grid (splits, n_kv_head, T), AD_THREADS threads. A block takes the G =
+ * n_head / n_kv_head query heads that share one kv head, so each key and
+ * value row is read once per group, over its share of the token's keys. In
+ * tiles of AD_TILE keys:
+ *   (1) thread i forms the G scores of key i from its own K row (16-byte
+ *       loads; the queries broadcast from shared memory): no shuffles, all
+ *       keys of the tile in parallel;
+ *   (2) per head (a warp each) the tile's max and exponentials, folded into
+ *       the running max m and sum l (online softmax);
+ *   (3) warp w adds p * v over keys w, w + 8, ... with lanes over the head's
+ *       dims (coalesced V rows), its sums rescaled when m moves.
+ * The warps' sums meet in shared memory. The grid's split count is fixed
+ * when the kernel is launched (a captured graph serves every later step),
+ * so each block derives the split count its token needs on the device
+ * (AD_MIN_KEYS keys per split at least) and surplus blocks leave at once.
+ * With more than one split, each writes (m, l, o) per head to the context's
+ * scratch, and the last one to finish (an atomic counter per (token, kv
+ * head), which that block resets) merges them in split order, so the
+ * result does not depend on timing. Numerics as the first kernel: scores
+ * dot * scale in fp32, expf, fp32 sums (order differs). */
+enum { AD_THREADS = 256, AD_WARPS = AD_THREADS / 32, AD_TILE = AD_THREADS, AD_MIN_KEYS = 64, AD_MAX_SPLIT = 32 };
+
+template <int VPL4, int GMAX>
+static __global__ void __launch_bounds__(AD_THREADS, 1)
+    gqa_dec_kernel(gpu_gqa a, const float *q, int64_t ldq, const int32_t *seq, const int32_t *pos, float *out,
+                   int64_t ldo, float *part, int *cnt, int nsg)
+{
+    extern __shared__ float4 sm4[]; /* float4: 16-byte aligned for the vector reads below */
+    float *sm = (float *)sm4;
+    __shared__ int is_last;
+    const int split = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
+    const int hd = a.head_dim, hd4 = hd >> 2, G = a.n_head / a.n_kv_head, KH = a.n_kv_head;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int p = pos[t];
+    const int lo = a.window > 0 && p - a.window + 1 > 0 ? p - a.window + 1 : 0;
+    const int n = p - lo + 1;
+    int ns = (n + AD_MIN_KEYS - 1) / AD_MIN_KEYS;
+    ns = ns < nsg ? ns : nsg;
+    if (split >= ns)
+        return;
+    const int per = (n + ns - 1) / ns, j0 = lo + split * per, j1 = j0 + per < p + 1 ? j0 + per : p + 1;
+    float *qs = sm;                   /* [G][hd] */
+    float *sc = qs + G * hd;          /* [G][AD_TILE] scores, then exponentials */
+    float *mrow = sc + G * AD_TILE;   /* [G] running max */
+    float *lrow = mrow + GMAX;        /* [G] running sum */
+    float *crow = lrow + GMAX;        /* [G] rescale of the current tile */
+    float *red = crow + GMAX;         /* [AD_WARPS][hd] */
+    const int64_t h0 = (int64_t)kvh * G;
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x)
+        qs[i] = q[(int64_t)t * ldq + h0 * hd + i];
+    if (threadIdx.x < G) {
+        mrow[threadIdx.x] = -INFINITY;
+        lrow[threadIdx.x] = 0.0f;
+    }
+    __syncthreads();
+    const float *Kb = a.k + (int64_t)seq[t] * a.seq_stride + (int64_t)kvh * hd;
+    const float *Vb = a.v + (int64_t)seq[t] * a.seq_stride + (int64_t)kvh * hd;
+    float4 acc[GMAX][VPL4];
+#pragma unroll
+    for (int g = 0; g < GMAX; g++)
+#pragma unroll
+        for (int v = 0; v < VPL4; v++)
+            acc[g][v] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int jt = j0; jt < j1; jt += AD_TILE) {
+        const int nk = j1 - jt < AD_TILE ? j1 - jt : AD_TILE;
+        /* (1) scores of key jt + threadIdx.x */
+        if ((int)threadIdx.x < nk) {
+            const float4 *kr = (const float4 *)(Kb + (int64_t)(jt + threadIdx.x) * a.row_stride);
+            float s[GMAX];
+#pragma unroll
+            for (int g = 0; g < GMAX; g++)
+                s[g] = 0.0f;
+#pragma unroll 4
+            for (int c4 = 0; c4 < hd4; c4++) {
+                const float4 kv = __ldg(kr + c4);
+#pragma unroll
+                for (int g = 0; g < GMAX; g++) {
+                    if (g < G) {
+                        const float4 qv = ((const float4 *)(qs + g * hd))[c4];
+                        s[g] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+                    }
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < GMAX; g++)
+                if (g < G)
+                    sc[g * AD_TILE + threadIdx.x] = s[g] * a.scale;
+        }
+        __syncthreads();
+        /* (2) the tile's softmax terms, one warp per head */
+        for (int g = warp; g < G; g += AD_WARPS) {
+            float *sg = sc + g * AD_TILE;
+            float mx = -INFINITY;
+            for (int i = lane; i < nk; i += 32)
+                mx = fmaxf(mx, sg[i]);
+            mx = warp_max(mx);
+            const float m_old = mrow[g], m_new = fmaxf(m_old, mx);
+            float sum = 0.0f;
+            for (int i = lane; i < nk; i += 32) {
+                const float e = expf(sg[i] - m_new);
+                sg[i] = e;
+                sum += e;
+            }
+            sum = warp_sum(sum);
+            if (lane == 0) {
+                const float corr = expf(m_old - m_new); /* 0 on the first tile: m_old is -inf */
+                crow[g] = corr;
+                lrow[g] = lrow[g] * corr + sum;
+                mrow[g] = m_new;
+            }
+        }
+        __syncthreads();
+        /* (3) values */
+#pragma unroll
+        for (int g = 0; g < GMAX; g++) {
+            if (g < G) {
+                const float cr = crow[g];
+#pragma unroll
+                for (int v = 0; v < VPL4; v++) {
+                    acc[g][v].x *= cr, acc[g][v].y *= cr, acc[g][v].z *= cr, acc[g][v].w *= cr;
+                }
+            }
+        }
+        for (int i = warp; i < nk; i += AD_WARPS) {
+            const float4 *vr = (const float4 *)(Vb + (int64_t)(jt + i) * a.row_stride);
+#pragma unroll
+            for (int v = 0; v < VPL4; v++) {
+                const int c4 = lane + 32 * v;
+                if (c4 < hd4) {
+                    const float4 vv = __ldg(vr + c4);
+#pragma unroll
+                    for (int g = 0; g < GMAX; g++) {
+                        if (g < G) {
+                            const float pg = sc[g * AD_TILE + i];
+                            acc[g][v].x += pg * vv.x, acc[g][v].y += pg * vv.y;
+                            acc[g][v].z += pg * vv.z, acc[g][v].w += pg * vv.w;
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads(); /* sc is rewritten by the next tile */
+    }
+    /* the warps' sums, head by head; then the result (one split) or the partial */
+    const int64_t pbase = (((int64_t)t * KH + kvh) * nsg + split) * G * (hd + 2);
+#pragma unroll
+    for (int g = 0; g < GMAX; g++) {
+        if (g < G) {
+#pragma unroll
+            for (int v = 0; v < VPL4; v++) {
+                const int c4 = lane + 32 * v;
+                if (c4 < hd4)
+                    ((float4 *)(red + warp * hd))[c4] = acc[g][v];
+            }
+            __syncthreads();
+            for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+                float o = 0.0f;
+                for (int w = 0; w < AD_WARPS; w++)
+                    o += red[w * hd + d];
+                if (ns == 1)
+                    out[(int64_t)t * ldo + (h0 + g) * hd + d] = o / lrow[g];
+                else
+                    part[pbase + (int64_t)g * (hd + 2) + d] = o;
+            }
+            if (ns > 1 && threadIdx.x == 0) {
+                part[pbase + (int64_t)g * (hd + 2) + hd] = mrow[g];
+                part[pbase + (int64_t)g * (hd + 2) + hd + 1] = lrow[g];
+            }
+            __syncthreads(); /* red is rewritten for the next head */
+        }
+    }
+    if (ns == 1)
+        return;
+    /* the last split of (t, kv head) to finish merges all of them */
+    __threadfence();
+    __syncthreads();
+    int *counter = cnt + (int64_t)t * KH + kvh;
+    if (threadIdx.x == 0)
+        is_last = atomicAdd(counter, 1) == ns - 1;
+    __syncthreads();
+    if (!is_last)
+        return;
+    const int64_t base0 = ((int64_t)t * KH + kvh) * nsg * G * (hd + 2), sstride = (int64_t)G * (hd + 2);
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+        const int g = i / hd, d = i % hd;
+        const float *pg = part + base0 + (int64_t)g * (hd + 2);
+        float M = -INFINITY;
+        for (int sp = 0; sp < ns; sp++)
+            if (__ldcg(pg + sp * sstride + hd + 1) > 0.0f)
+                M = fmaxf(M, __ldcg(pg + sp * sstride + hd));
+        float L = 0.0f, O = 0.0f;
+        for (int sp = 0; sp < ns; sp++) {
+            const float l = __ldcg(pg + sp * sstride + hd + 1);
+            if (l > 0.0f) {
+                const float f = expf(__ldcg(pg + sp * sstride + hd) - M);
+                L += l * f;
+                O += __ldcg(pg + sp * sstride + d) * f;
+            }
+        }
+        out[(int64_t)t * ldo + (h0 + g) * hd + d] = O / L;
+    }
+    if (threadIdx.x == 0)
+        *counter = 0; /* for the next launch (or graph replay) */
+}
+
+template <int VPL4, int GMAX>
+static void gqa_dec_launch(gpu_ctx *c, const gpu_gqa *a, int T, const float *q, int64_t ldq, const int32_t *seq,
+                           const int32_t *pos, float *out, int64_t ldo, int nsg)
+{
+    const int G = a->n_head / a->n_kv_head, hd = a->head_dim;
+    size_t smem = (size_t)(G * hd + G * AD_TILE + 3 * GMAX + AD_WARPS * hd) * sizeof(float);
+    gqa_dec_kernel<VPL4, GMAX><<<dim3(nsg, a->n_kv_head, T), AD_THREADS, smem, c->s[GPU_MAIN]>>>(
+        *a, q, ldq, seq, pos, out, ldo, c->att_part, c->counters + GPU_CNT_ATT, nsg);
+}
+
+/* Whether the decode kernel applies; *nsg: the grid's split count. */
+static int gqa_dec_plan(const gpu_ctx *c, const gpu_gqa *a, int T, const float *q, int64_t ldq, int *nsg)
+{
+    const int hd = a->head_dim, G = a->n_head / a->n_kv_head, KH = a->n_kv_head;
+    if (!c->fast || T > 16 || hd % 4 || hd > 256 || G > (hd <= 128 ? 16 : 8) || ldq % 4 || a->row_stride % 4 ||
+        a->seq_stride % 4 || !gpu_aligned16(q) || !gpu_aligned16(a->k) || !gpu_aligned16(a->v) ||
+        (int64_t)T * KH > GPU_CNT_ATT_N)
+        return 0;
+    int n = 2 * c->n_sm / (T * KH);
+    n = n < 1 ? 1 : n > AD_MAX_SPLIT ? AD_MAX_SPLIT : n;
+    while (n > 1 && (int64_t)T * KH * n * G * (hd + 2) > GPU_ATT_PART_FLOATS)
+        n /= 2;
+    *nsg = n;
+    return 1;
+}
+
 extern "C" int gpu_attn_gqa(gpu_ctx *c, const gpu_gqa *a, int T, const float *q, int64_t ldq, const int32_t *seq,
                             const int32_t *pos, float *out, int64_t ldo)
 {
@@ -128,6 +365,24 @@ extern "C" int gpu_attn_gqa(gpu_ctx *c, const gpu_gqa *a, int T, const float *q,
         return c->rc;
     if (a->n_kv_head <= 0 || a->n_head % a->n_kv_head != 0)
         return gpu_fail(c, "attention", "n_head is not a multiple of n_kv_head");
+    int nsg = 0;
+    if (gqa_dec_plan(c, a, T, q, ldq, &nsg)) {
+        const int G = a->n_head / a->n_kv_head;
+        if (a->head_dim <= 128) {
+            if (G <= 4)
+                gqa_dec_launch<1, 4>(c, a, T, q, ldq, seq, pos, out, ldo, nsg);
+            else if (G <= 8)
+                gqa_dec_launch<1, 8>(c, a, T, q, ldq, seq, pos, out, ldo, nsg);
+            else
+                gqa_dec_launch<1, 16>(c, a, T, q, ldq, seq, pos, out, ldo, nsg);
+        } else {
+            if (G <= 4)
+                gqa_dec_launch<2, 4>(c, a, T, q, ldq, seq, pos, out, ldo, nsg);
+            else
+                gqa_dec_launch<2, 8>(c, a, T, q, ldq, seq, pos, out, ldo, nsg);
+        }
+        return gpu_launched(c, "attention (GQA, decode kernel)");
+    }
     int vpl = (a->head_dim + 31) / 32;
     if (vpl <= 1)
         gqa_launch<1>(c, a, T, q, ldq, seq, pos, out, ldo);

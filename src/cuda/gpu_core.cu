@@ -258,6 +258,8 @@ extern "C" void gpu_ctx_free(gpu_ctx *c)
         gpu_blas()->destroy(c->blas);
     cudaFree(c->blas_ws);
     cudaFree(c->xbf);
+    cudaFree(c->att_part);
+    cudaFree(c->counters);
     if (c->ev_fork)
         cudaEventDestroy(c->ev_fork);
     if (c->ev_join)
@@ -279,6 +281,24 @@ extern "C" int gpu_ctx_create(gpu_ctx **out, size_t scratch_elems, char *err, si
         return TANDEM_ENOMEM;
     }
     c->exact_max_T = 16;
+    c->fast = 1;
+    int dev = 0;
+    gpu_check(c, cudaGetDevice(&dev), "cudaGetDevice");
+    if (!c->rc)
+        gpu_check(c, cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+    if (c->n_sm < 1)
+        c->n_sm = 1;
+    /* split kernels' scratch; counters start at zero and every kernel that
+     * counts leaves them at zero */
+    if (!c->rc)
+        gpu_check(c, cudaMalloc((void **)&c->att_part, GPU_ATT_PART_FLOATS * sizeof(float)),
+                  "allocating attention scratch");
+    if (!c->rc)
+        gpu_check(c, cudaMalloc((void **)&c->counters, GPU_COUNTERS * sizeof(int)), "allocating counters");
+    if (!c->rc)
+        gpu_check(c, cudaMemset(c->counters, 0, GPU_COUNTERS * sizeof(int)), "zeroing counters");
+    if (!c->rc)
+        gpu_check(c, cudaDeviceSynchronize(), "zeroing counters");
     /* non-blocking streams (as graph capture expects): they never wait for the
      * legacy stream, so the synchronous uploads below finish before returning */
     for (int i = 0; i < 2; i++)
@@ -337,6 +357,71 @@ extern "C" int gpu_sync(gpu_ctx *c, char *err, size_t errlen)
 }
 
 extern "C" void gpu_ctx_set_exact(gpu_ctx *c, int max_T) { c->exact_max_T = max_T; }
+extern "C" void gpu_ctx_set_fast(gpu_ctx *c, int fast) { c->fast = fast != 0; }
+
+/* ---- timers ------------------------------------------------------------------------ */
+struct gpu_timer {
+    cudaEvent_t a, b;
+};
+
+extern "C" int gpu_timer_create(gpu_timer **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    gpu_timer *t = (gpu_timer *)calloc(1, sizeof *t);
+    if (!t) {
+        if (err && errlen)
+            snprintf(err, errlen, "out of memory");
+        return TANDEM_ENOMEM;
+    }
+    int rc = plain_err(cudaEventCreate(&t->a), "creating an event", err, errlen);
+    if (!rc)
+        rc = plain_err(cudaEventCreate(&t->b), "creating an event", err, errlen);
+    if (rc) {
+        gpu_timer_free(t);
+        return rc;
+    }
+    *out = t;
+    return 0;
+}
+
+extern "C" void gpu_timer_free(gpu_timer *t)
+{
+    if (!t)
+        return;
+    if (t->a)
+        cudaEventDestroy(t->a);
+    if (t->b)
+        cudaEventDestroy(t->b);
+    cudaGetLastError();
+    free(t);
+}
+
+extern "C" int gpu_timer_start(gpu_ctx *c, gpu_timer *t)
+{
+    if (c->rc)
+        return c->rc;
+    return gpu_check(c, cudaEventRecord(t->a, c->s[GPU_MAIN]), "timer: cudaEventRecord");
+}
+
+extern "C" int gpu_timer_stop(gpu_ctx *c, gpu_timer *t)
+{
+    if (c->rc)
+        return c->rc;
+    return gpu_check(c, cudaEventRecord(t->b, c->s[GPU_MAIN]), "timer: cudaEventRecord");
+}
+
+extern "C" int gpu_timer_ms(gpu_ctx *c, gpu_timer *t, double *ms)
+{
+    *ms = 0;
+    if (c->rc)
+        return c->rc;
+    float f = 0;
+    if (gpu_check(c, cudaEventSynchronize(t->b), "timer: cudaEventSynchronize") ||
+        gpu_check(c, cudaEventElapsedTime(&f, t->a, t->b), "timer: cudaEventElapsedTime"))
+        return c->rc;
+    *ms = f;
+    return 0;
+}
 
 /* ---- streams and hand-off --------------------------------------------------------- */
 extern "C" int gpu_copy(gpu_ctx *c, int stream, void *dst, const void *src, size_t bytes)
@@ -455,6 +540,35 @@ extern "C" int gpu_graph_launch(gpu_ctx *c, gpu_graph *g)
     if (c->rc)
         return c->rc;
     return gpu_check(c, cudaGraphLaunch(g->x, c->s[GPU_MAIN]), "cudaGraphLaunch");
+}
+
+extern "C" int gpu_graph_count(const gpu_graph *g, gpu_graph_counts *out)
+{
+    memset(out, 0, sizeof *out);
+    size_t n = 0;
+    if (cudaGraphGetNodes(g->g, NULL, &n) != cudaSuccess)
+        return plain_err(cudaGetLastError(), "cudaGraphGetNodes", NULL, 0);
+    cudaGraphNode_t *nodes = (cudaGraphNode_t *)calloc(n ? n : 1, sizeof *nodes);
+    if (!nodes)
+        return TANDEM_ENOMEM;
+    int rc = plain_err(cudaGraphGetNodes(g->g, nodes, &n), "cudaGraphGetNodes", NULL, 0);
+    for (size_t i = 0; !rc && i < n; i++) {
+        cudaGraphNodeType ty;
+        if (cudaGraphNodeGetType(nodes[i], &ty) != cudaSuccess) {
+            rc = plain_err(cudaGetLastError(), "cudaGraphNodeGetType", NULL, 0);
+            break;
+        }
+        out->total++;
+        if (ty == cudaGraphNodeTypeKernel)
+            out->kernels++;
+        else if (ty == cudaGraphNodeTypeHost)
+            out->host++;
+        else if (ty == cudaGraphNodeTypeMemcpy || ty == cudaGraphNodeTypeMemset ||
+                 (int)ty == (int)CU_GRAPH_NODE_TYPE_BATCH_MEM_OP)
+            out->mem++;
+    }
+    free(nodes);
+    return rc;
 }
 
 extern "C" void gpu_graph_free(gpu_graph *g)

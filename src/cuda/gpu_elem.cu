@@ -180,3 +180,167 @@ extern "C" int gpu_add_rows(gpu_ctx *c, float *x, int64_t ldx, const float *y, i
     add_rows_kernel<<<dim3(gpu_cdiv(n, 256), T), 256, 0, c->s[GPU_MAIN]>>>(x, ldx, y, ldy, n, gate);
     return gpu_launched(c, "add rows");
 }
+
+/* ---- fused decode helpers -------------------------------------------------------------- */
+/* q/k prep: grid (T, H + 2 KH), one block per head row of one token with at
+ * least head_dim threads (a dim each). q and k heads: RMSNorm (double sum of
+ * squares, fp32 result, as rmsnorm_kernel) into shared memory, then rope
+ * over the first rope_dim dims (as rope_kernel); k heads also go to the k
+ * cache; v heads are only copied to the v cache. */
+static __global__ void qkv_prep_kernel(gpu_qkv_prep_args a, float *qkv, int64_t ld, const int32_t *seq,
+                                       const int32_t *pos)
+{
+    __shared__ float v[256];
+    __shared__ double part[32];
+    const int t = blockIdx.x, slot = blockIdx.y, hd = a.head_dim, i = threadIdx.x;
+    const int H = a.n_head, KH = a.n_kv_head;
+    const int is_q = slot < H, is_k = !is_q && slot < H + KH;
+    float *row = qkv + (int64_t)t * ld + (int64_t)slot * hd; /* q | k | v heads are consecutive rows of hd */
+    const int64_t cell = (int64_t)seq[t] * a.seq_stride + (int64_t)pos[t] * a.row_stride;
+    if (!is_q && !is_k) {
+        if (i < hd)
+            a.v_cache[cell + (int64_t)(slot - H - KH) * hd + i] = row[i];
+        return;
+    }
+    const float *nw = is_q ? a.q_norm : a.k_norm;
+    float xi = i < hd ? row[i] : 0.0f;
+    if (nw) {
+        const double ss = block_sum_d(i < hd ? (double)xi * xi : 0.0, part);
+        const float r = gpu_rms_inv(ss, hd, a.eps);
+        if (i < hd)
+            xi = nw[i] * (xi * r);
+    }
+    if (i < hd)
+        v[i] = xi;
+    __syncthreads();
+    const int half = a.rope_dim / 2;
+    float *kc = is_k ? a.k_cache + cell + (int64_t)(slot - H) * hd : nullptr;
+    if (i < half) {
+        const float ang = __fmul_rn((float)pos[t], a.inv_freq[i]); /* fp32, as transformers forms it */
+        const float cs = (float)cos((double)ang) * a.rope_scale, sn = (float)sin((double)ang) * a.rope_scale;
+        const int ia = a.pairs ? 2 * i : i, ib = a.pairs ? 2 * i + 1 : i + half;
+        const float x0 = v[ia], x1 = v[ib], y0 = x0 * cs - x1 * sn, y1 = x1 * cs + x0 * sn;
+        row[ia] = y0;
+        row[ib] = y1;
+        if (kc) {
+            kc[ia] = y0;
+            kc[ib] = y1;
+        }
+    } else if (i >= 2 * half && i < hd) {
+        row[i] = v[i];
+        if (kc)
+            kc[i] = v[i];
+    }
+}
+
+extern "C" int gpu_qkv_prep(gpu_ctx *c, const gpu_qkv_prep_args *a, int T, float *qkv, int64_t ld,
+                            const int32_t *seq, const int32_t *pos)
+{
+    if (c->rc || T <= 0)
+        return c->rc;
+    const int H = a->n_head, KH = a->n_kv_head, hd = a->head_dim;
+    const int64_t qd = (int64_t)H * hd, kd = (int64_t)KH * hd;
+    if (!c->fast || hd > 256 || a->rope_dim > hd || a->rope_dim < 0) {
+        if (a->q_norm)
+            gpu_rmsnorm(c, qkv, qkv, T, ld, H, hd, a->q_norm, hd, a->eps);
+        if (a->k_norm)
+            gpu_rmsnorm(c, qkv + qd, qkv + qd, T, ld, KH, hd, a->k_norm, hd, a->eps);
+        gpu_rope(c, qkv, T, ld, H, hd, 0, a->rope_dim, a->pairs, a->inv_freq, a->rope_scale, pos);
+        gpu_rope(c, qkv + qd, T, ld, KH, hd, 0, a->rope_dim, a->pairs, a->inv_freq, a->rope_scale, pos);
+        gpu_kv_store(c, a->k_cache, a->seq_stride, a->row_stride, qkv + qd, ld, (int)kd, T, seq, pos);
+        gpu_kv_store(c, a->v_cache, a->seq_stride, a->row_stride, qkv + qd + kd, ld, (int)kd, T, seq, pos);
+        return c->rc;
+    }
+    const int threads = hd <= 32 ? 32 : (hd + 31) / 32 * 32;
+    qkv_prep_kernel<<<dim3(T, H + 2 * KH), threads, 0, c->s[GPU_MAIN]>>>(*a, qkv, ld, seq, pos);
+    return gpu_launched(c, "q/k norm, rope and KV store");
+}
+
+/* add + norm: one block of AN_THREADS per token; each thread holds up to
+ * AN_PER dims, so the loads from pinned host memory (PCIe round trips) of a
+ * row are all issued before the first is used. */
+enum { AN_THREADS = 1024, AN_PER = 8 };
+
+static __global__ void __launch_bounds__(AN_THREADS)
+    add_norm_kernel(float *x, int D, const float *a, const float *b, const float *y, int64_t ld, const float *w,
+                    float eps, float *h)
+{
+    __shared__ double part[32];
+    const int t = blockIdx.x;
+    float *xr = x + (int64_t)t * D;
+    float v[AN_PER];
+    double ss = 0;
+#pragma unroll
+    for (int j = 0; j < AN_PER; j++) {
+        const int i = threadIdx.x + j * AN_THREADS;
+        v[j] = i < D ? xr[i] : 0.0f;
+    }
+    if (a) {
+        float u[AN_PER];
+#pragma unroll
+        for (int j = 0; j < AN_PER; j++) {
+            const int i = threadIdx.x + j * AN_THREADS;
+            u[j] = i < D ? __ldcv(a + (int64_t)t * ld + i) : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < AN_PER; j++)
+            v[j] += u[j];
+    }
+    if (b) {
+        float u[AN_PER];
+#pragma unroll
+        for (int j = 0; j < AN_PER; j++) {
+            const int i = threadIdx.x + j * AN_THREADS;
+            u[j] = i < D ? __ldcv(b + (int64_t)t * ld + i) : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < AN_PER; j++)
+            v[j] += u[j];
+    }
+    if (y) {
+#pragma unroll
+        for (int j = 0; j < AN_PER; j++) {
+            const int i = threadIdx.x + j * AN_THREADS;
+            if (i < D)
+                v[j] += y[(int64_t)t * ld + i];
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < AN_PER; j++) {
+        const int i = threadIdx.x + j * AN_THREADS;
+        if (i < D) {
+            xr[i] = v[j];
+            ss += (double)v[j] * v[j];
+        }
+    }
+    if (!h)
+        return;
+    ss = block_sum_d(ss, part);
+    const float r = gpu_rms_inv(ss, D, eps);
+#pragma unroll
+    for (int j = 0; j < AN_PER; j++) {
+        const int i = threadIdx.x + j * AN_THREADS;
+        if (i < D)
+            h[(int64_t)t * D + i] = w ? w[i] * (v[j] * r) : v[j] * r;
+    }
+}
+
+extern "C" int gpu_add_norm(gpu_ctx *c, float *x, int T, int D, const float *a_host, const float *b_host,
+                            const float *y, int64_t ld_add, const float *w, float eps, float *h)
+{
+    if (c->rc || T <= 0 || D <= 0)
+        return c->rc;
+    if (!c->fast || D > AN_THREADS * AN_PER) {
+        if (a_host)
+            gpu_add_rows_host(c, x, D, a_host, ld_add, T, D);
+        if (b_host)
+            gpu_add_rows_host(c, x, D, b_host, ld_add, T, D);
+        if (y)
+            gpu_add_rows(c, x, D, y, ld_add, T, D, NULL);
+        if (h)
+            gpu_rmsnorm(c, h, x, T, D, 1, 0, w, D, eps);
+        return c->rc;
+    }
+    add_norm_kernel<<<T, AN_THREADS, 0, c->s[GPU_MAIN]>>>(x, D, a_host, b_host, y, ld_add, w, eps, h);
+    return gpu_launched(c, "residual add and RMSNorm");
+}

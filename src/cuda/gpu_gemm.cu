@@ -1,12 +1,15 @@
 /*
  * gpu_gemm.cu - y (+)= x . W^T for the dense projections, two paths.
  *
- *   exact (T <= ctx->exact_max_T, the decode sizes): our kernel. One warp
- *     per weight row and up to 8 tokens per pass, so each weight byte is read
- *     once per 8 tokens, in 16-byte loads (8 BF16 or 4 F32 per lane) when
- *     the row length allows; fp32 activations, fp32 sums. This is the
- *     bandwidth-bound regime, where a GEMV near the HBM roofline is what
- *     matters and tensor cores do not help.
+ *   exact (T <= ctx->exact_max_T, the decode sizes): our kernels, fp32
+ *     activations and fp32 sums. For T <= 16 with 16-byte aligned rows, the
+ *     decode GEMV of gpu_gemv.cuh (split-K across the warps of a block,
+ *     2 rows per warp, 8 loads of 16 bytes in flight per lane); otherwise
+ *     (and with gpu_ctx_set_fast(0)) the first kernel: one warp per weight
+ *     row and up to 8 tokens per pass, one 16-byte load in flight per lane,
+ *     which measured ~1.5 TB/s for the Qwen3 o projection (bench/e2e.md).
+ *     This is the bandwidth-bound regime, where a GEMV near the HBM roofline
+ *     is what matters and tensor cores do not help.
  *   cuBLAS (larger T, prefill; loaded at run time, and when it is missing
  *     the exact kernel serves every T): BF16 weights take the activations rounded
  *     to BF16 (into the context's scratch) and accumulate in fp32 on tensor
@@ -15,7 +18,7 @@
  * Row-major y[T][N] = x[T][K] . W[N][K]^T is, in cuBLAS's column-major
  * terms, Y(NxT) = op_T(W as KxN) . X(KxT): transa = T, lda = K, ldb = ldx.
  */
-#include "cuda/gpu_internal.cuh"
+#include "cuda/gpu_gemv.cuh"
 
 enum { MM_WARPS = 8, MM_TT = 8 };
 
@@ -71,6 +74,54 @@ static __global__ void mm_exact_kernel(float *y, int64_t ldy, const float *x, in
     }
 }
 
+/* The decode GEMV: grid (row blocks, ceil(T / TT)), GV_THREADS threads. */
+template <typename WT, int TT>
+static __global__ void __launch_bounds__(GV_THREADS, 2)
+    mm_dec_kernel(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const WT *W, int64_t N, int64_t K,
+                  const float *bias, int accumulate, int KS)
+{
+    __shared__ float red[GV_WARPS * GV_RPW * TT], res[GV_WARPS * GV_RPW * TT];
+    const int t0 = blockIdx.y * TT, nt = T - t0 < TT ? T - t0 : TT;
+    const int rows = (GV_WARPS / KS) * GV_RPW;
+    const int64_t row0 = (int64_t)blockIdx.x * rows;
+    gv_block<WT, TT, false>(W, N, K, row0, KS, x + (int64_t)t0 * ldx, ldx, nt, nullptr, nullptr, red, res);
+    for (int i = threadIdx.x; i < rows * TT; i += blockDim.x) {
+        const int64_t n = row0 + i / TT;
+        const int t = i % TT;
+        if (n < N && t < nt) {
+            float s = res[i];
+            if (bias)
+                s += bias[n];
+            float *yt = y + (int64_t)(t0 + t) * ldy + n;
+            *yt = accumulate ? *yt + s : s;
+        }
+    }
+}
+
+template <typename WT, int TT>
+static void mm_dec_launch(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const gpu_mat *W,
+                          const float *bias, int accumulate)
+{
+    int bx;
+    const int KS = gv_plan(W->rows, W->cols, gv_chunk<WT>::N, gpu_cdiv(T, TT), c->n_sm, &bx);
+    mm_dec_kernel<WT, TT><<<dim3(bx, gpu_cdiv(T, TT)), GV_THREADS, 0, c->s[GPU_MAIN]>>>(
+        y, ldy, x, ldx, T, (const WT *)W->data, W->rows, W->cols, bias, accumulate, KS);
+}
+
+template <typename WT>
+static void mm_dec(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const gpu_mat *W,
+                   const float *bias, int accumulate)
+{
+    if (T <= 1)
+        mm_dec_launch<WT, 1>(c, y, ldy, x, ldx, T, W, bias, accumulate);
+    else if (T <= 2)
+        mm_dec_launch<WT, 2>(c, y, ldy, x, ldx, T, W, bias, accumulate);
+    else if (T <= 4)
+        mm_dec_launch<WT, 4>(c, y, ldy, x, ldx, T, W, bias, accumulate);
+    else
+        mm_dec_launch<WT, 8>(c, y, ldy, x, ldx, T, W, bias, accumulate);
+}
+
 /* dst[t][k] = bf16(x[t][k]), packed rows of K */
 static __global__ void to_bf16_rows_kernel(__nv_bfloat16 *dst, const float *x, int64_t ldx, int T, int64_t K)
 {
@@ -89,13 +140,19 @@ static __global__ void add_bias_kernel(float *y, int64_t ldy, int T, int64_t N, 
     y[(i / N) * ldy + i % N] += bias[i % N];
 }
 
-static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
 static int mm_exact(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const gpu_mat *W,
                     const float *bias, int accumulate)
 {
     int esz = W->dt == GPU_BF16 ? 2 : 4;
-    int vec = W->cols % 8 == 0 && ldx % 4 == 0 && aligned16(x) && aligned16(W->data) && (W->cols * esz) % 16 == 0;
+    int vec = W->cols % 8 == 0 && ldx % 4 == 0 && gpu_aligned16(x) && gpu_aligned16(W->data) &&
+              (W->cols * esz) % 16 == 0;
+    if (vec && c->fast && T <= 16) {
+        if (W->dt == GPU_BF16)
+            mm_dec<__nv_bfloat16>(c, y, ldy, x, ldx, T, W, bias, accumulate);
+        else
+            mm_dec<float>(c, y, ldy, x, ldx, T, W, bias, accumulate);
+        return gpu_launched(c, "matmul (decode kernel)");
+    }
     dim3 grid(gpu_cdiv(W->rows, MM_WARPS), gpu_cdiv(T, MM_TT));
     if (W->dt == GPU_BF16)
         mm_exact_kernel<__nv_bfloat16><<<grid, 32 * MM_WARPS, 0, c->s[GPU_MAIN]>>>(

@@ -44,8 +44,22 @@ struct gpu_ctx {
     size_t xbf_elems;
     int exact_max_T;
     int capturing;
+    int fast;                    /* decode kernels (gpu_ctx_set_fast) */
+    int n_sm;                    /* multiprocessors of the device: sizes split grids */
+    float *att_part;             /* [GPU_ATT_PART_FLOATS] split-KV attention partials */
+    int *counters;               /* [GPU_COUNTERS] zeroed; "last block" counters, reset by that block */
     int rc;                      /* sticky status */
     char msg[512];
+};
+
+/* Scratch of the context's split kernels (ops on the main stream only, so
+ * one set serves every op in turn). */
+enum {
+    GPU_ATT_PART_FLOATS = 1 << 20,   /* split-KV attention: (m, l, o[hd]) per split and head */
+    GPU_CNT_ATT = 0,                 /* [T * n_kv_head] attention counters */
+    GPU_CNT_ATT_N = 4096,
+    GPU_CNT_GATE = GPU_CNT_ATT_N,    /* the fused MoE gate */
+    GPU_COUNTERS = GPU_CNT_ATT_N + 32
 };
 
 /* Record the first failure; returns the sticky code. */
@@ -83,6 +97,7 @@ static inline int gpu_launched(gpu_ctx *c, const char *what)
 }
 
 static inline int gpu_cdiv(int64_t a, int64_t b) { return (int)((a + b - 1) / b); }
+static inline int gpu_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
 /* ---- device helpers ---------------------------------------------------------- */
 static __device__ __forceinline__ float gpu_ld(const float *p, int64_t i) { return p[i]; }
@@ -100,6 +115,27 @@ static __device__ __forceinline__ double warp_sum_d(double v)
     for (int o = 16; o > 0; o >>= 1)
         v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
+}
+
+/* Block-wide sum of a double (blockDim.x a multiple of 32, <= 1024); every
+ * thread gets it. part: shared [32]. Sums the warps in order: deterministic. */
+static __device__ __forceinline__ double block_sum_d(double v, double *part)
+{
+    v = warp_sum_d(v);
+    __syncthreads(); /* part may still be read from a previous call */
+    if ((threadIdx.x & 31) == 0)
+        part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    double s = 0;
+    for (int i = 0; i < (int)(blockDim.x >> 5); i++)
+        s += part[i];
+    return s;
+}
+
+/* 1 / RMS as gpu_rmsnorm forms it: double sum of squares, fp32 result. */
+static __device__ __forceinline__ float gpu_rms_inv(double ss, int n, float eps)
+{
+    return (float)(1.0 / sqrt(ss / n + (double)eps));
 }
 
 static __device__ __forceinline__ float warp_max(float v)

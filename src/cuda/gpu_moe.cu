@@ -1,11 +1,12 @@
 /*
  * gpu_moe.cu - routed experts that live on the GPU ("hot" experts of the
- * placement plan), and the GPU side of the hand-off to the CPU experts: the
- * slot (hidden states, ids with GPU experts masked, weights) written into
- * pinned host memory by a kernel, and the CPU's result added from there.
+ * placement plan), and the CPU's result of a hand-off added from pinned
+ * memory (the slot itself is written in gpu_router.cu, beside the router).
  *
  * Work is one (token, k) slot per grid row: slot i = t*K + k names expert
- * ids[i]; if that expert has no GPU place the whole row of blocks returns.
+ * ids[i]; if that id is -1 (not in this list: deferred, or immediate when
+ * the deferred ones run) or the expert has no GPU place, the whole row of
+ * blocks returns.
  *   (1) gu[i] = W_gate_up[place] . h[t]        one warp per output row
  *   (2) act[i] = silu(gate) * up
  *   (3) out[i] = W_down[place] . act[i]         one warp per output row
@@ -25,7 +26,7 @@ static __global__ void ex_gemv_kernel(float *y, int64_t ldy, const float *x, int
                                       int64_t N, int64_t Kd, const int32_t *ids, const int32_t *slot, int vec)
 {
     const int i = blockIdx.y;
-    const int place = slot[ids[i]];
+    const int e = ids[i], place = e >= 0 ? slot[e] : -1;
     if (place < 0)
         return;
     const int lane = threadIdx.x & 31;
@@ -55,7 +56,7 @@ static __global__ void ex_gemv_kernel(float *y, int64_t ldy, const float *x, int
 static __global__ void ex_act_kernel(float *act, const float *gu, int F, const int32_t *ids, const int32_t *slot)
 {
     const int i = blockIdx.y;
-    if (slot[ids[i]] < 0)
+    if (ids[i] < 0 || slot[ids[i]] < 0)
         return;
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j < F) {
@@ -75,7 +76,7 @@ static __global__ void ex_combine_kernel(float *x, int64_t ldx, const float *out
     int any = 0;
     for (int k = 0; k < K; k++) {
         int i = t * K + k;
-        if (slot[ids[i]] >= 0) {
+        if (ids[i] >= 0 && slot[ids[i]] >= 0) {
             acc += w[i] * out[(int64_t)i * D + d];
             any = 1;
         }
@@ -84,16 +85,14 @@ static __global__ void ex_combine_kernel(float *x, int64_t ldx, const float *out
         x[(int64_t)t * ldx + d] += acc;
 }
 
-static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
 template <typename WT>
 static void ex_launch(gpu_ctx *c, const gpu_experts *ex, int TK, int K, const float *h, int64_t ldh,
                       const int32_t *ids, float *gu, float *act, float *out)
 {
     const int D = ex->d_model, F = ex->d_ff;
     cudaStream_t s = c->s[GPU_MAIN];
-    int vec_up = D % 8 == 0 && ldh % 4 == 0 && aligned16(h) && aligned16(ex->gate_up);
-    int vec_dn = F % 8 == 0 && aligned16(act) && aligned16(ex->down);
+    int vec_up = D % 8 == 0 && ldh % 4 == 0 && gpu_aligned16(h) && gpu_aligned16(ex->gate_up);
+    int vec_dn = F % 8 == 0 && gpu_aligned16(act) && gpu_aligned16(ex->down);
     ex_gemv_kernel<WT><<<dim3(gpu_cdiv(2 * F, EX_WARPS), TK), 32 * EX_WARPS, 0, s>>>(
         gu, 2 * F, h, ldh, K, (const WT *)ex->gate_up, 2 * F, D, ids, ex->slot, vec_up);
     ex_act_kernel<<<dim3(gpu_cdiv(F, 256), TK), 256, 0, s>>>(act, gu, F, ids, ex->slot);
@@ -120,37 +119,7 @@ extern "C" int gpu_moe_experts(gpu_ctx *c, const gpu_experts *ex, int T, int K, 
     return gpu_launched(c, "GPU experts: combine");
 }
 
-/* ---- the hand-off slot ------------------------------------------------------------- */
-static __global__ void handoff_pack_kernel(void *x_host, int bf16, const float *h, int64_t n_x, int32_t *ids_host,
-                                           const int32_t *ids, const int32_t *slot, float *w_host, const float *w,
-                                           int n_ids)
-{
-    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_x; i += stride) {
-        if (bf16)
-            ((__nv_bfloat16 *)x_host)[i] = __float2bfloat16_rn(h[i]);
-        else
-            ((float *)x_host)[i] = h[i];
-    }
-    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n_ids; j += stride) {
-        int e = ids[j];
-        ids_host[j] = slot && slot[e] >= 0 ? -1 : e;
-        w_host[j] = w[j];
-    }
-}
-
-extern "C" int gpu_handoff_pack(gpu_ctx *c, void *x_host, int bf16, const float *h, int64_t n_x, int32_t *ids_host,
-                                const int32_t *ids, const int32_t *slot, float *w_host, const float *w, int n_ids)
-{
-    if (c->rc)
-        return c->rc;
-    int64_t n = n_x > n_ids ? n_x : n_ids;
-    int blocks = gpu_cdiv(n, 256) < 1024 ? gpu_cdiv(n, 256) : 1024;
-    handoff_pack_kernel<<<blocks > 0 ? blocks : 1, 256, 0, c->s[GPU_MAIN]>>>(x_host, bf16, h, n_x, ids_host, ids, slot,
-                                                                             w_host, w, n_ids);
-    return gpu_launched(c, "hand-off pack");
-}
-
+/* ---- the CPU's result, read from pinned memory ------------------------------------- */
 static __global__ void add_host_kernel(float *x, int64_t ldx, const float *y, int64_t ldy, int n)
 {
     const int t = blockIdx.y;

@@ -25,10 +25,21 @@
  *
  * Knobs for development and measurement, read when a session is created
  * (environment): TANDEM_GPU_GRAPH=0 disables graphs; TANDEM_GPU_HANDOFF=
- * host|memop picks the hand-off (default host); TANDEM_GPU_CHUNK=N caps
+ * host|memop picks the hand-off (default memop where the driver has stream
+ * memory operations: sync 0.030 of a step against 0.109 for host functions,
+ * bench/results/2026-11-28-h200-e2e.txt); TANDEM_GPU_CHUNK=N caps
  * tokens per GPU pass (default 1024); TANDEM_GPU_EXACT=1 keeps every
- * activation fp32 (no BF16 GEMM inputs). At engine open: TANDEM_HYBRID_CPU=ref
- * computes CPU experts with the plain fp32 loop instead of the MoE operator.
+ * activation fp32 (no BF16 GEMM inputs); TANDEM_GPU_FAST=0 runs the first
+ * kernels instead of the decode ones (A/B timing). At engine open:
+ * TANDEM_HYBRID_CPU=ref computes CPU experts with the plain fp32 loop
+ * instead of the MoE operator.
+ *
+ * Expert deferral (engine parameter defer_experts, DESIGN.md section 1) is
+ * the maths of forward.c: per token the d lowest-weight experts of a MoE
+ * layer followed by a MoE layer are added after the next layer. Here the CPU
+ * computes layer l's deferred experts right after signalling its immediate
+ * ones, while the GPU runs layer l + 1's attention and gate; the GPU adds
+ * them with layer l + 1's immediate result.
  */
 #ifndef TD_RUNTIME_HYBRID_H
 #define TD_RUNTIME_HYBRID_H
@@ -75,6 +86,8 @@ typedef struct {
     int handoff;                /* HY_HANDOFF_* */
     int chunk;                  /* most tokens per GPU pass */
     int exact;                  /* fp32 GEMM inputs everywhere */
+    int fast;                   /* decode kernels (gpu_ctx_set_fast); 0 = the first kernels, for A/B */
+    int defer;                  /* expert deferral d; -1 = the engine's defer_experts */
     int cpu_skip;               /* measurement: hand off, but the CPU computes nothing */
     int no_handoff;             /* measurement: skip CPU experts entirely (GPU time alone) */
 } hybrid_opts;

@@ -4,22 +4,28 @@
  *
  * The work (cpu_layer): x = the layer's normed hidden states (bf16 for the
  * MoE operator, fp32 for the reference loop), ids (GPU-held experts already
- * -1), w -> y[t] = sum_k w[t][k] * expert_ids[t][k](x[t]), written to the
- * pinned slot. It runs the engine's thread pool; the caller of the pool is
- * whichever thread runs cpu_layer (a CUDA host-function thread, or the
- * watcher below), which is safe because nothing else uses the pool while a
- * hybrid pass is in flight.
+ * -1; the immediate or the deferred list), w -> y[t] = sum_k w[t][k] *
+ * expert_ids[t][k](x[t]), written to the pinned slot (y for the immediate
+ * experts, ydef[l & 1] for the deferred ones). It runs the engine's thread
+ * pool; the caller of the pool is whichever thread runs cpu_layer (a CUDA
+ * host-function thread, or the watcher below), which is safe because nothing
+ * else uses the pool while a hybrid pass is in flight, and the jobs of a pass
+ * run one after another (one side stream, or the one watcher).
  *
  * Hand-off (a), host functions: the side stream runs hy_cpu_layer() as a
- * host node; the node blocks that stream until the experts are done.
- * Hand-off (b), stream memory operations: per layer l the side stream
- * writes go[l] = 1, waits for done[l] == 1 and resets it to 0. The watcher
- * thread, armed once per pass, walks the CPU layers in order: it spins on
- * go[l] (the GPU reaches it within microseconds of the layer's attention),
- * clears it, computes, and publishes done[l] = 1 with a release store after
- * the results (x86 stores reach the GPU in order). The fixed flag values make
- * the sequence replayable inside a CUDA graph. If the GPU fails mid-pass the
- * main thread sets abort_step and the watcher stops spinning.
+ * host node; the node blocks that stream until the experts are done. A
+ * deferring layer adds a second node after the join (its deferred experts),
+ * which the next layer's node queues behind.
+ * Hand-off (b), stream memory operations: per layer l the main stream
+ * writes go[l] = 1 and, after the GPU's own work of the layer, waits for
+ * done[l] == 1 and resets it to 0. The watcher thread, armed once per pass,
+ * walks the CPU layers in order: it spins on go[l] (the GPU reaches it
+ * within microseconds of the layer's attention), clears it, computes the
+ * immediate experts, publishes done[l] = 1 with a release store after the
+ * results (x86 stores reach the GPU in order), then computes the layer's
+ * deferred experts while the GPU runs the next layer. The fixed flag values
+ * make the sequence replayable inside a CUDA graph. If the GPU fails
+ * mid-pass the main thread sets abort_step and the watcher stops spinning.
  *
  * A failure of the CPU experts (an id the operator does not hold) cannot be
  * returned from a host node: it is kept in hs->cpu_rc / cpu_msg, the result
@@ -36,24 +42,23 @@
 #include <string.h>
 
 /* ---- the reference loop (fp32, as forward.c computes routed experts) -------------- */
-static void ref_layer(hybrid_session *hs, int l, int T)
+static void ref_layer(hybrid_session *hs, int l, int T, const float *x, const int32_t *ids, const float *wts,
+                      float *y)
 {
     tandem_engine *e = hs->e;
     const model_desc *d = &e->d;
     const layer_weights *L = &e->layers[l];
     const int E = d->n_expert, K = d->n_expert_used, C = hs->chunk;
     const int64_t D = d->d_model, F = d->d_ff_expert;
-    const float *x = hs->slot_x;
-    float *y = hs->slot_y;
     memset(hs->r_cnt, 0, (size_t)E * 4);
     for (int t = 0; t < T; t++)
         for (int k = 0; k < K; k++) {
-            int ex = hs->slot_ids[t * K + k];
+            int ex = ids[t * K + k];
             if (ex < 0)
                 continue;
             int n = hs->r_cnt[ex]++;
             hs->r_tok[(int64_t)ex * C + n] = t;
-            hs->r_w[(int64_t)ex * C + n] = hs->slot_w[t * K + k];
+            hs->r_w[(int64_t)ex * C + n] = wts[t * K + k];
         }
     memset(y, 0, (size_t)(T * D) * 4);
     for (int ex = 0; ex < E; ex++) {
@@ -77,28 +82,30 @@ static void ref_layer(hybrid_session *hs, int l, int T)
     }
 }
 
-static void cpu_layer(hybrid_session *hs, int l)
+/* The immediate (deferred = 0) or deferred experts of layer l. */
+static void cpu_layer(hybrid_session *hs, int l, int deferred)
 {
     const int64_t t0 = hy_now_ns();
     const model_desc *d = &hs->e->d;
-    const int T = hs->cur_T, K = d->n_expert_used;
+    const int T = hs->cur_T, K = d->n_expert_used, p = l & 1;
     const size_t ybytes = (size_t)T * (size_t)d->d_model * 4;
+    const int32_t *ids = deferred ? hs->slot_ids_def[p] : hs->slot_ids[p];
+    float *y = deferred ? hs->slot_ydef[p] : hs->slot_y;
     hy_layer *H = &hs->hy->L[l];
     if (hs->o.cpu_skip) {
-        memset(hs->slot_y, 0, ybytes);
+        memset(y, 0, ybytes);
     } else if (H->moe) {
-        int rc = moe_forward_bf16(H->moe, hs->ms, hs->e->pool, T, K, hs->slot_x, hs->slot_ids, hs->slot_w,
-                                  hs->slot_y);
+        int rc = moe_forward_bf16(H->moe, hs->ms, hs->e->pool, T, K, hs->slot_x[p], ids, hs->slot_w[p], y);
         if (rc) {
             if (!hs->cpu_rc) {
                 hs->cpu_rc = rc;
                 snprintf(hs->cpu_msg, sizeof hs->cpu_msg, "layer %d: CPU experts: %s", l,
                          moe_scratch_error(hs->ms));
             }
-            memset(hs->slot_y, 0, ybytes);
+            memset(y, 0, ybytes);
         }
     } else {
-        ref_layer(hs, l, T);
+        ref_layer(hs, l, T, hs->slot_x[p], ids, hs->slot_w[p], y);
     }
     atomic_fetch_add(&hs->cpu_ns, hy_now_ns() - t0);
 }
@@ -106,7 +113,7 @@ static void cpu_layer(hybrid_session *hs, int l)
 void hy_cpu_layer(void *job)
 {
     const hy_job *j = job;
-    cpu_layer(j->hs, j->layer);
+    cpu_layer(j->hs, j->layer, j->deferred);
 }
 
 /* ---- hand-off (b): the watcher ---------------------------------------------------- */
@@ -136,8 +143,10 @@ static void *watch_main(void *arg)
             if (aborted)
                 break;
             __atomic_store_n(go, 0, __ATOMIC_RELAXED);
-            cpu_layer(hs, l);
+            cpu_layer(hs, l, 0);
             __atomic_store_n(done, 1, __ATOMIC_RELEASE);
+            if (hs->defers[l] && !hs->o.no_handoff)
+                cpu_layer(hs, l, 1); /* while the GPU runs layer l + 1 */
         }
         pthread_mutex_lock(&hs->mu);
         hs->armed = 0;
@@ -181,11 +190,13 @@ int hy_cpu_init(hybrid_session *hs, char *err, size_t errlen)
     const model_desc *d = &hs->e->d;
     const hybrid_engine *hy = hs->hy;
     const int C = hs->chunk;
-    hs->jobs = calloc((size_t)d->n_layer, sizeof *hs->jobs);
+    hs->jobs = calloc((size_t)d->n_layer * 2, sizeof *hs->jobs);
     if (!hs->jobs)
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
-    for (int l = 0; l < d->n_layer; l++)
-        hs->jobs[l] = (hy_job){ hs, l };
+    for (int l = 0; l < d->n_layer; l++) {
+        hs->jobs[2 * l] = (hy_job){ hs, l, 0 };
+        hs->jobs[2 * l + 1] = (hy_job){ hs, l, 1 };
+    }
     pthread_mutex_init(&hs->mu, NULL);
     pthread_cond_init(&hs->cv, NULL);
     const moe_op *big = NULL;

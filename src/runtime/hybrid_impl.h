@@ -5,10 +5,15 @@
  *
  * Invariants: every device pointer below was made by hybrid.c / the session
  * and is freed by them; shapes are in the comments; activations on the GPU
- * are fp32 rows of [chunk][...]; the pinned hand-off slot is written by the
- * GPU before a layer's hand-off and its result read only after the CPU
- * signalled, and the main stream waits for that before the next layer, so
- * one slot serves every layer.
+ * are fp32 rows of [chunk][...]. The pinned hand-off slot of layer l is
+ * slot parity p = l & 1: the GPU writes it before the layer's hand-off and
+ * reads the immediate result only after the CPU signalled. With deferral the
+ * CPU still reads layer l's slot (and writes its deferred result ydef[p])
+ * while the GPU runs layer l + 1 and writes slot 1 - p; the GPU reads
+ * ydef[p] only after the CPU signalled layer l + 1 (which it does after
+ * finishing layer l's deferred experts), and writes slot p again only after
+ * that, so two slots serve every layer. The immediate result y has one
+ * buffer: the CPU writes it only between a layer's go and done.
  */
 #ifndef TD_RUNTIME_HYBRID_IMPL_H
 #define TD_RUNTIME_HYBRID_IMPL_H
@@ -74,6 +79,7 @@ typedef struct hybrid_session hybrid_session;
 typedef struct {
     hybrid_session *hs;
     int layer;
+    int deferred;                         /* the layer's deferred experts, not its immediate ones */
 } hy_job;
 
 struct hybrid_session {
@@ -102,21 +108,27 @@ struct hybrid_session {
     float *logits;                        /* [n_out][V] */
     float *scratch;                       /* MLA: 2*chunk*H*R; GPU experts: chunk*K*(3Fe+D) */
     int32_t *ids;                         /* [chunk][K] */
+    int32_t *gids, *gids_def;             /* [chunk][K] immediate / deferred ids for the GPU-held experts */
+    float *ydg[2];                        /* [chunk][D] deferred output of the GPU-held experts, by parity */
     int32_t *tok_d, *pos_d, *seq_d, *rows_d;
     /* pinned host memory (mapped: kernels read and write the slot directly) */
     int32_t *tok_h, *pos_h, *seq_h, *rows_h;   /* [chunk] inputs of one pass */
-    void *slot_x;                         /* [chunk][D] fp32 (or bf16) hidden states to the CPU */
-    int32_t *slot_ids;                    /* [chunk][K] */
-    float *slot_w;                        /* [chunk][K] */
-    float *slot_y;                        /* [chunk][D] CPU result */
+    void *slot_x[2];                      /* [chunk][D] fp32 (or bf16) hidden states to the CPU, by parity */
+    int32_t *slot_ids[2];                 /* [chunk][K] immediate CPU experts (-1 elsewhere) */
+    int32_t *slot_ids_def[2];             /* [chunk][K] deferred CPU experts (-1 elsewhere) */
+    float *slot_w[2];                     /* [chunk][K] */
+    float *slot_y;                        /* [chunk][D] CPU result, immediate experts */
+    float *slot_ydef[2];                  /* [chunk][D] CPU result, deferred experts, by parity */
     uint32_t *flags;                      /* [n_layer][2]: go, done (hand-off b) */
+    int defer;                            /* d of expert deferral (0 = exact) */
+    unsigned char *defers;                /* [n_layer] layer l defers d experts to layer l + 1 */
     int logits_pinned;                    /* s->logits is registered with CUDA */
     /* CPU side */
     moe_scratch *ms;                      /* MoE operator scratch */
     float *rx, *rg, *ru, *ry;             /* reference loop: [chunk][D], [chunk][F] x2, [chunk][D] */
     int32_t *r_cnt, *r_tok;               /* [E], [E][chunk] */
     float *r_w;                           /* [E][chunk] */
-    hy_job *jobs;                         /* [n_layer] */
+    hy_job *jobs;                         /* [n_layer][2]: immediate, deferred */
     int cur_T;                            /* tokens of the pass in flight */
     _Atomic int64_t cpu_ns;
     int cpu_rc;
@@ -143,7 +155,7 @@ struct hybrid_session {
 /* hybrid_cpu.c */
 int hy_cpu_init(hybrid_session *hs, char *err, size_t errlen);
 void hy_cpu_free(hybrid_session *hs);
-void hy_cpu_layer(void *job);             /* host function: the CPU experts of one layer */
+void hy_cpu_layer(void *job);             /* host function: the CPU experts of one hy_job */
 int hy_cpu_arm(hybrid_session *hs);       /* hand-off (b): watch the flags of one pass */
 void hy_cpu_disarm(hybrid_session *hs, int aborted);
 int hy_layer_has_cpu(const hybrid_engine *hy, const model_desc *d, int l);

@@ -7,15 +7,27 @@
  * prompt is prefilled in chunks: each pass stores its keys before attending,
  * so later tokens (of this pass or a later one) see earlier ones through the
  * cache. One pass (enqueue()):
- *   copy tok/pos/seq/wanted-rows from pinned memory; x = embed(tok)
- *   per layer: h = norm(x); x += o(attn(h)); h = norm2(x);
- *     dense:  x += down(silu(gate h) * up h)
- *     MoE:    ids, w = route(router h)                  (router GEMM in fp32)
- *             a kernel writes h, ids (GPU experts -1), w into the pinned slot
- *             fork -> side stream: CPU experts (hand-off a or b) -> y in the slot
+ *   copy tok/pos/seq/wanted-rows from pinned memory; x = embed(tok);
+ *   h = norm(x)
+ *   per layer: x += o(attn(h))       (q|k|v GEMV, one q/k norm+rope+KV store
+ *                                      kernel, attention, o GEMV adding to x)
+ *     dense:  h = norm2(x); x += down(silu(gate h) * up h); h = next norm(x)
+ *     MoE:    one gate kernel: h = norm2(x), ids, w = route(router h), and
+ *             the slot in pinned memory (h, immediate and deferred CPU ids,
+ *             w) plus the GPU-held experts' id lists
+ *             hand-off: memop: the main stream writes go[l] and goes on;
+ *                       host:  fork -> side stream: host function
  *             main stream: x += shared(h); x += GPU-held experts(h)
- *             join; x += y (read from pinned memory by the add kernel)
+ *             memop: wait done[l]; host: join
+ *             x += y (+ the previous layer's deferred y); h = next norm(x):
+ *             one add+norm kernel reading the CPU's results from pinned memory
  *   logits = lm_head(norm(x[wanted rows])) -> the session's logits (pinned)
+ * With stream memory operations nothing needs a second stream: the CPU works
+ * while the main stream runs the shared and GPU-held experts, then the main
+ * stream waits. With deferral (hybrid.h) the CPU computes layer l's deferred
+ * experts after signalling done[l], during layer l + 1's attention; the
+ * host-function hand-off puts them in a second host function on the side
+ * stream after the join, so the same overlap happens there.
  * Small passes (T <= HY_GRAPH_MAX_T, one chunk) are captured once per
  * (T, wanted rows) as a CUDA graph and replayed: every input is read on the
  * device from fixed buffers, so a graph serves every later step of that
@@ -51,17 +63,21 @@ void hybrid_opts_default(hybrid_opts *o)
 {
     memset(o, 0, sizeof *o);
     o->graphs = 1;
-    o->handoff = HY_HANDOFF_HOST;
+    o->handoff = HY_HANDOFF_MEMOP; /* host functions where the driver lacks memory operations */
     o->chunk = HY_CHUNK_DEFAULT;
+    o->fast = 1;
+    o->defer = -1;
     const char *v;
     if ((v = getenv("TANDEM_GPU_GRAPH")))
         o->graphs = atoi(v) != 0;
     if ((v = getenv("TANDEM_GPU_HANDOFF")))
-        o->handoff = !strcmp(v, "memop") ? HY_HANDOFF_MEMOP : HY_HANDOFF_HOST;
+        o->handoff = !strcmp(v, "host") ? HY_HANDOFF_HOST : HY_HANDOFF_MEMOP;
     if ((v = getenv("TANDEM_GPU_CHUNK")) && atoi(v) > 0)
         o->chunk = atoi(v);
     if ((v = getenv("TANDEM_GPU_EXACT")))
         o->exact = atoi(v) != 0;
+    if ((v = getenv("TANDEM_GPU_FAST")))
+        o->fast = atoi(v) != 0;
 }
 
 /* ---- allocation ------------------------------------------------------------------- */
@@ -104,8 +120,11 @@ void hybrid_session_free(tandem_session *s)
     free(hs->v);
     free(hs->ckv);
     free(hs->kpe);
-    void *pinned[] = { hs->tok_h, hs->pos_h, hs->seq_h, hs->rows_h, hs->slot_x, hs->slot_ids,
-                       hs->slot_w, hs->slot_y, hs->flags, hs->logits_h };
+    free(hs->defers);
+    void *pinned[] = { hs->tok_h,           hs->pos_h,           hs->seq_h,       hs->rows_h,      hs->slot_x[0],
+                       hs->slot_x[1],       hs->slot_ids[0],     hs->slot_ids[1], hs->slot_ids_def[0],
+                       hs->slot_ids_def[1], hs->slot_w[0],       hs->slot_w[1],   hs->slot_y,      hs->slot_ydef[0],
+                       hs->slot_ydef[1],    hs->flags,           hs->logits_h };
     for (size_t i = 0; i < sizeof pinned / sizeof pinned[0]; i++)
         gpu_host_free(pinned[i]);
     if (hs->logits_pinned)
@@ -134,6 +153,14 @@ int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *er
     int rc = gpu_use_device(e->hy->device, err, errlen);
     if (rc)
         return rc;
+    const int defer = o->defer >= 0 ? o->defer : e->params.defer_experts;
+    if (defer < 0 || (d->n_layer_moe > 0 && defer >= d->n_expert_used))
+        return td_err(err, errlen, TANDEM_EINVAL, "defer_experts %d: expected 0 to %d (experts per token - 1)", defer,
+                      d->n_layer_moe > 0 ? d->n_expert_used - 1 : 0);
+    if (d->n_layer_moe > 0 && d->n_expert_used > 32)
+        return td_err(err, errlen, TANDEM_EUNSUPPORTED,
+                      "GPU session: %d experts per token; the hand-off supports at most 32 (not supported yet)",
+                      d->n_expert_used);
     hybrid_session *hs = calloc(1, sizeof *hs);
     if (!hs)
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
@@ -142,6 +169,27 @@ int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *er
     hs->e = e;
     hs->hy = e->hy;
     hs->o = *o;
+    if (hs->o.handoff == HY_HANDOFF_MEMOP && !e->hy->info.mem_ops)
+        hs->o.handoff = HY_HANDOFF_HOST; /* the driver has no stream memory operations */
+    hs->defer = defer;
+    hs->defers = calloc((size_t)d->n_layer, 1);
+    if (!hs->defers) {
+        free(hs);
+        s->hys = NULL;
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    }
+    for (int l = 0; l + 1 < d->n_layer; l++) {
+        hs->defers[l] = defer > 0 && d->layer_moe[l] && d->layer_moe[l + 1];
+        /* the next layer's hand-off is where the GPU waits for deferred CPU work */
+        if (hs->defers[l] && hy_layer_has_cpu(e->hy, d, l) != hy_layer_has_cpu(e->hy, d, l + 1)) {
+            free(hs->defers);
+            free(hs);
+            s->hys = NULL;
+            return td_err(err, errlen, TANDEM_EUNSUPPORTED,
+                          "expert deferral with CPU experts in layer %d but not in layer %d is not supported yet", l,
+                          l + 1);
+        }
+    }
     hs->chunk = o->chunk > 0 && o->chunk < s->n_batch ? o->chunk : s->n_batch;
     hs->n_out = s->n_outputs < hs->chunk ? s->n_outputs : hs->chunk;
     const int64_t C = hs->chunk, D = d->d_model, E = d->n_expert, K = d->n_expert_used, V = d->n_vocab;
@@ -165,6 +213,8 @@ int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *er
     rc = gpu_ctx_create(&hs->c, (size_t)(C * kmax), err, errlen);
     if (!rc && o->exact)
         gpu_ctx_set_exact(hs->c, INT_MAX);
+    if (!rc)
+        gpu_ctx_set_fast(hs->c, o->fast);
     /* the KV cache: one block, per layer k|v (GQA) or ckv|kpe (MLA) */
     int64_t per_layer = d->attn == ATTN_GQA ? 2 * cells * d->n_kv_head * d->head_dim
                                             : cells * (d->kv_lora_rank + d->qk_rope_dim);
@@ -186,6 +236,7 @@ int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *er
             hs->kpe[l] = base + cells * d->kv_lora_rank;
         }
     }
+    const int gpu_def = defer > 0 && e->hy->plan.gpu_experts > 0;
     struct {
         void **p;
         int64_t bytes;
@@ -198,6 +249,8 @@ int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *er
         { (void **)&hs->wts, C * K * 4 + 4 },   { (void **)&hs->shg, C * 4 },
         { (void **)&hs->xw, hs->n_out * D * 4 }, { (void **)&hs->logits, hs->n_out * V * 4 },
         { (void **)&hs->scratch, scratch * 4 + 4 }, { (void **)&hs->ids, C * K * 4 + 4 },
+        { (void **)&hs->gids, C * K * 4 + 4 },  { (void **)&hs->gids_def, C * K * 4 + 4 },
+        { (void **)&hs->ydg[0], gpu_def ? C * D * 4 : 4 }, { (void **)&hs->ydg[1], gpu_def ? C * D * 4 : 4 },
         { (void **)&hs->tok_d, C * 4 },         { (void **)&hs->pos_d, C * 4 },
         { (void **)&hs->seq_d, C * 4 },         { (void **)&hs->rows_d, C * 4 },
     };
@@ -209,8 +262,12 @@ int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *er
         int64_t bytes;
     } pin[] = {
         { (void **)&hs->tok_h, C * 4 },     { (void **)&hs->pos_h, C * 4 },     { (void **)&hs->seq_h, C * 4 },
-        { (void **)&hs->rows_h, C * 4 },    { &hs->slot_x, C * D * 4 },         { (void **)&hs->slot_ids, C * K * 4 + 4 },
-        { (void **)&hs->slot_w, C * K * 4 + 4 }, { (void **)&hs->slot_y, C * D * 4 },
+        { (void **)&hs->rows_h, C * 4 },    { &hs->slot_x[0], C * D * 4 },      { &hs->slot_x[1], C * D * 4 },
+        { (void **)&hs->slot_ids[0], C * K * 4 + 4 },     { (void **)&hs->slot_ids[1], C * K * 4 + 4 },
+        { (void **)&hs->slot_ids_def[0], C * K * 4 + 4 }, { (void **)&hs->slot_ids_def[1], C * K * 4 + 4 },
+        { (void **)&hs->slot_w[0], C * K * 4 + 4 },       { (void **)&hs->slot_w[1], C * K * 4 + 4 },
+        { (void **)&hs->slot_y, C * D * 4 },
+        { (void **)&hs->slot_ydef[0], defer > 0 ? C * D * 4 : 4 }, { (void **)&hs->slot_ydef[1], defer > 0 ? C * D * 4 : 4 },
         { (void **)&hs->flags, (int64_t)d->n_layer * 2 * 4 },
     };
     for (size_t i = 0; !rc && i < sizeof pin / sizeof pin[0]; i++)
@@ -228,9 +285,12 @@ int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *er
         hybrid_session_free(s);
         return rc;
     }
-    td_log(TD_LOG_INFO, "GPU session: KV cache %.2f GB for %d x %d tokens, passes of %d tokens, %s hand-off, graphs %s",
+    td_log(TD_LOG_INFO,
+           "GPU session: KV cache %.2f GB for %d x %d tokens, passes of %d tokens, %s hand-off, graphs %s, "
+           "%s kernels, expert deferral %d",
            per_layer * d->n_layer * 4 / 1e9, s->n_seq, s->n_ctx, hs->chunk,
-           o->handoff == HY_HANDOFF_MEMOP ? "stream-memory-op" : "host-function", o->graphs ? "on" : "off");
+           hs->o.handoff == HY_HANDOFF_MEMOP ? "stream-memory-op" : "host-function", o->graphs ? "on" : "off",
+           o->fast ? "decode" : "first", defer);
     return 0;
 }
 
@@ -244,12 +304,15 @@ void hybrid_session_set_opts(tandem_session *s, const hybrid_opts *o)
     hs->n_graphs = 0;
     hs->o.graphs = o->graphs;
     hs->o.exact = o->exact;
+    hs->o.fast = o->fast;
     hs->o.cpu_skip = o->cpu_skip;
     hs->o.no_handoff = o->no_handoff;
     gpu_ctx_set_exact(hs->c, o->exact ? INT_MAX : 16);
+    gpu_ctx_set_fast(hs->c, o->fast);
 }
 
 /* ---- the schedule of one pass ---------------------------------------------------------- */
+/* x += o(attention(h)) */
 static void attn_gqa(hybrid_session *hs, int l, int T)
 {
     gpu_ctx *c = hs->c;
@@ -259,17 +322,11 @@ static void attn_gqa(hybrid_session *hs, int l, int T)
     const hy_layer *L = &hy->L[l];
     const int H = d->n_head, KH = d->n_kv_head, hd = d->head_dim, D = d->d_model;
     const int64_t qd = (int64_t)H * hd, kd = (int64_t)KH * hd, W = qd + 2 * kd;
-    const int pairs = d->rope == ROPE_PAIRS;
-    gpu_matmul(c, hs->qkv, W, hs->h, D, T, &L->qkv, L->qkv_bias, 0);
-    if (L->q_norm)
-        gpu_rmsnorm(c, hs->qkv, hs->qkv, T, W, H, hd, L->q_norm, hd, d->rms_eps);
-    if (L->k_norm)
-        gpu_rmsnorm(c, hs->qkv + qd, hs->qkv + qd, T, W, KH, hd, L->k_norm, hd, d->rms_eps);
-    gpu_rope(c, hs->qkv, T, W, H, hd, 0, d->rope_dim, pairs, hy->inv_freq, d->rope_scale, hs->pos_d);
-    gpu_rope(c, hs->qkv + qd, T, W, KH, hd, 0, d->rope_dim, pairs, hy->inv_freq, d->rope_scale, hs->pos_d);
     const int64_t seq_stride = (int64_t)s->n_ctx * kd;
-    gpu_kv_store(c, hs->k[l], seq_stride, kd, hs->qkv + qd, W, (int)kd, T, hs->seq_d, hs->pos_d);
-    gpu_kv_store(c, hs->v[l], seq_stride, kd, hs->qkv + qd + kd, W, (int)kd, T, hs->seq_d, hs->pos_d);
+    gpu_matmul(c, hs->qkv, W, hs->h, D, T, &L->qkv, L->qkv_bias, 0);
+    gpu_qkv_prep_args pa = { H,         KH,       hd,        L->q_norm,   L->k_norm, d->rms_eps, d->rope_dim,
+                             d->rope == ROPE_PAIRS, hy->inv_freq, d->rope_scale, hs->k[l], hs->v[l], seq_stride, kd };
+    gpu_qkv_prep(c, &pa, T, hs->qkv, W, hs->seq_d, hs->pos_d);
     gpu_gqa a = { H, KH, hd, d->attn_scale, d->sliding_window, hs->k[l], hs->v[l], seq_stride, kd };
     gpu_attn_gqa(c, &a, T, hs->qkv, W, hs->seq_d, hs->pos_d, hs->att, qd);
     gpu_matmul(c, hs->x, D, hs->att, qd, T, &L->o, L->o_bias, 1);
@@ -323,42 +380,76 @@ static void mlp(hybrid_session *hs, int T, int F, const gpu_mat *gu, const float
     gpu_add_rows(c, hs->x, D, hs->ysh, D, T, D, hs->shg);
 }
 
+/* The norm weights of what follows layer l: the next attention norm, or
+ * none after the last layer (the output norm runs on the wanted rows). */
+static const float *next_norm(const hybrid_session *hs, int l)
+{
+    return l + 1 < hs->e->d.n_layer ? hs->hy->L[l + 1].attn_norm : NULL;
+}
+
+/* The MoE half of layer l, ending with x complete and h = the next norm of x. */
 static void moe_layer(hybrid_session *hs, int l, int T)
 {
     gpu_ctx *c = hs->c;
     const model_desc *d = &hs->e->d;
     const hybrid_engine *hy = hs->hy;
     const hy_layer *L = &hy->L[l];
-    const int D = d->d_model, E = d->n_expert, K = d->n_expert_used;
-    gpu_matmul_exact(c, hs->rlog, E, hs->h, D, T, &L->router, NULL, 0);
+    const int D = d->d_model, E = d->n_expert, K = d->n_expert_used, p = l & 1;
+    const int cpu = hy_layer_has_cpu(hy, d, l) && !hs->o.no_handoff;
+    const int dfr = hs->defers[l], prev = l > 0 && hs->defers[l - 1];
+    const int prev_cpu = prev && hy_layer_has_cpu(hy, d, l - 1) && !hs->o.no_handoff;
+    gpu_handoff ho;
+    memset(&ho, 0, sizeof ho);
+    ho.defer = dfr ? hs->defer : 0;
+    if (cpu) {
+        /* h as bf16 for the MoE operator, fp32 for the reference loop */
+        ho.host_x = hs->slot_x[p];
+        ho.x_bf16 = !hy->cpu_ref;
+        ho.host_ids = hs->slot_ids[p];
+        ho.host_ids_def = dfr ? hs->slot_ids_def[p] : NULL;
+        ho.host_w = hs->slot_w[p];
+    }
+    if (L->n_gpu_exp) {
+        ho.slot = L->ex.slot;
+        ho.gpu_ids = hs->gids;
+        ho.gpu_ids_def = dfr ? hs->gids_def : NULL;
+    }
     gpu_route_params rp = { (int)d->route, E, K, d->norm_topk, d->route_scale, d->n_group, d->topk_group,
                             L->router_bias };
-    gpu_route(c, &rp, T, hs->rlog, hs->ids, hs->wts);
-    const int cpu = hy_layer_has_cpu(hy, d, l) && !hs->o.no_handoff;
+    gpu_moe_gate(c, T, D, hs->x, L->ffn_norm, d->rms_eps, hs->h, &L->router, &rp, hs->rlog, hs->ids, hs->wts, &ho);
     if (cpu) {
-        /* the slot, written by a kernel into pinned memory: h (bf16 for the MoE
-         * operator, fp32 for the reference loop), ids with GPU experts -1, w */
-        gpu_handoff_pack(c, hs->slot_x, !hy->cpu_ref, hs->h, (int64_t)T * D, hs->slot_ids, hs->ids,
-                         L->n_gpu_exp ? L->ex.slot : NULL, hs->slot_w, hs->wts, T * K);
-        gpu_fork(c);
         if (hs->o.handoff == HY_HANDOFF_HOST) {
-            gpu_host_fn(c, GPU_SIDE, hy_cpu_layer, &hs->jobs[l]);
+            gpu_fork(c);
+            gpu_host_fn(c, GPU_SIDE, hy_cpu_layer, &hs->jobs[2 * l]);
         } else {
-            gpu_flag_write(c, GPU_SIDE, &hs->flags[2 * l], 1);
-            gpu_flag_wait(c, GPU_SIDE, &hs->flags[2 * l + 1], 1);
-            gpu_flag_write(c, GPU_SIDE, &hs->flags[2 * l + 1], 0);
+            gpu_flag_write(c, GPU_MAIN, &hs->flags[2 * l], 1);
         }
     }
     /* meanwhile on the main stream: shared experts, then the GPU-held experts */
     if (d->d_ff_shared)
         mlp(hs, T, d->d_ff_shared, &L->sh_gu, L->sh_gu_bias, &L->sh_down, L->sh_down_bias,
             d->shared_gate ? &L->sh_gate_inp : NULL);
-    if (L->n_gpu_exp)
-        gpu_moe_experts(c, &L->ex, T, K, hs->h, D, hs->ids, hs->wts, hs->x, D, hs->scratch);
-    if (cpu) {
-        gpu_join(c);
-        gpu_add_rows_host(c, hs->x, D, hs->slot_y, D, T, D);
+    if (L->n_gpu_exp) {
+        gpu_moe_experts(c, &L->ex, T, K, hs->h, D, hs->gids, hs->wts, hs->x, D, hs->scratch);
+        if (dfr) {
+            gpu_zero(c, GPU_MAIN, hs->ydg[p], (size_t)T * D * 4);
+            gpu_moe_experts(c, &L->ex, T, K, hs->h, D, hs->gids_def, hs->wts, hs->ydg[p], D, hs->scratch);
+        }
     }
+    if (cpu) {
+        if (hs->o.handoff == HY_HANDOFF_HOST) {
+            gpu_join(c);
+            if (dfr) /* after the join: the CPU's deferred work overlaps the next layer */
+                gpu_host_fn(c, GPU_SIDE, hy_cpu_layer, &hs->jobs[2 * l + 1]);
+        } else {
+            gpu_flag_wait(c, GPU_MAIN, &hs->flags[2 * l + 1], 1);
+            gpu_flag_write(c, GPU_MAIN, &hs->flags[2 * l + 1], 0);
+        }
+    }
+    const int prev_gpu = prev && hy->L[l - 1].n_gpu_exp;
+    const float *nw = next_norm(hs, l);
+    gpu_add_norm(c, hs->x, T, D, cpu ? hs->slot_y : NULL, prev_cpu ? hs->slot_ydef[p ^ 1] : NULL,
+                 prev_gpu ? hs->ydg[p ^ 1] : NULL, D, nw, d->rms_eps, nw ? hs->h : NULL);
 }
 
 /* The whole pass, enqueued (or captured). dst: where the logits rows go. */
@@ -374,18 +465,21 @@ static void enqueue(hybrid_session *hs, int T, int n_want, float *dst)
     if (n_want)
         gpu_copy(c, GPU_MAIN, hs->rows_d, hs->rows_h, (size_t)n_want * 4);
     gpu_embed(c, hs->x, &hy->embed, hs->tok_d, T);
+    gpu_rmsnorm(c, hs->h, hs->x, T, D, 1, 0, hy->L[0].attn_norm, D, d->rms_eps);
     for (int l = 0; l < d->n_layer; l++) {
         const hy_layer *L = &hy->L[l];
-        gpu_rmsnorm(c, hs->h, hs->x, T, D, 1, 0, L->attn_norm, D, d->rms_eps);
         if (d->attn == ATTN_GQA)
             attn_gqa(hs, l, T);
         else
             attn_mla(hs, l, T);
-        gpu_rmsnorm(c, hs->h, hs->x, T, D, 1, 0, L->ffn_norm, D, d->rms_eps);
-        if (d->layer_moe[l])
+        if (d->layer_moe[l]) {
             moe_layer(hs, l, T);
-        else
+        } else {
+            gpu_rmsnorm(c, hs->h, hs->x, T, D, 1, 0, L->ffn_norm, D, d->rms_eps);
             mlp(hs, T, d->d_ff, &L->ffn_gu, L->ffn_gu_bias, &L->ffn_down, L->ffn_down_bias, NULL);
+            if (next_norm(hs, l))
+                gpu_rmsnorm(c, hs->h, hs->x, T, D, 1, 0, next_norm(hs, l), D, d->rms_eps);
+        }
     }
     if (!n_want)
         return;
