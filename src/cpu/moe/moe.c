@@ -318,7 +318,7 @@ int moe_n_held(const moe_op *op) { return op->n_held; }
 
 /* ---- tuning -------------------------------------------------------------- */
 
-moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 64, .np_up = 8, .cg = 0 };
+moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 64, .np_up = 8, .cg = 0, .up_rb = 0 };
 
 int moe_tune_parse(const char *spec, char *err, size_t errlen)
 {
@@ -346,9 +346,11 @@ int moe_tune_parse(const char *spec, char *err, size_t errlen)
             ok = v >= 1 && v <= MOE_MAXPAIR, t.np_up = (int)v;
         else if (!strcmp(kv, "cg"))
             ok = v == 0 || (v >= 2 && v <= 2 * MOE_MAXPAIR && v % 2 == 0), t.cg = (int)v;
+        else if (!strcmp(kv, "up_rb"))
+            ok = v >= 0 && v <= 64, t.up_rb = (int)v;
         else
             return td_err(err, errlen, TANDEM_EINVAL,
-                          "moe tune: unknown key '%s' (kc_bf16, kc_int8, g4, np_up, cg)", kv);
+                          "moe tune: unknown key '%s' (kc_bf16, kc_int8, g4, np_up, cg, up_rb)", kv);
         if (!ok)
             return td_err(err, errlen, TANDEM_EINVAL, "moe tune: %s=%ld is out of range", kv, v);
     }
@@ -358,8 +360,8 @@ int moe_tune_parse(const char *spec, char *err, size_t errlen)
 
 void moe_tune_str(char *buf, size_t n)
 {
-    snprintf(buf, n, "kc_bf16=%d kc_int8=%d g4=%d np_up=%d cg=%d", moe_tuning.kc_bf16, moe_tuning.kc_int8,
-             moe_tuning.g4, moe_tuning.np_up, moe_tuning.cg);
+    snprintf(buf, n, "kc_bf16=%d,kc_int8=%d,g4=%d,np_up=%d,cg=%d,up_rb=%d", moe_tuning.kc_bf16, moe_tuning.kc_int8,
+             moe_tuning.g4, moe_tuning.np_up, moe_tuning.cg, moe_tuning.up_rb);
 }
 
 /* ---- scratch ----------------------------------------------------------- */
@@ -893,20 +895,23 @@ static void plan(struct moe_op *op, moe_scratch *s, pool *p, int n)
 
     /* phase 2: column groups of cg row blocks. A column group takes the
      * experts one after the other, so the groups are the parallelism of
-     * the phase: at least two per thread where the width allows. */
+     * the phase: one per thread at least (where the width allows), and no
+     * narrower, since a decode item is then only tens of KB. */
     int nrb = (op->d_model + 15) / 16, tpp = pool_part_size(p, 0);
     if (moe_tuning.cg)
         s->cg = moe_tuning.cg;
     else
-        s->cg = clampi(nrb / (2 * tpp) / 2 * 2, 2, 2 * MOE_MAXPAIR);
+        s->cg = clampi(nrb / tpp / 2 * 2, 2, 2 * MOE_MAXPAIR);
     s->n_cg = (nrb + s->cg - 1) / s->cg;
 
     /* phase 1 per partition: small experts get blocks of 1..4 row blocks
-     * so that there are ~8 items per thread; tile experts np_up pairs */
+     * so that there are ~8 items per thread (or up_rb); tile experts
+     * np_up pairs */
     for (int q = 0; q < op->nparts; q++) {
         int rbq = op->sl[q].pad / MOE_RB;
         tpp = pool_part_size(p, q);
-        s->c_up[q] = clampi((int)((int64_t)s->n_small * rbq / (8 * tpp)), 1, 4);
+        s->c_up[q] = moe_tuning.up_rb ? moe_tuning.up_rb
+                                      : clampi((int)((int64_t)s->n_small * rbq / (8 * tpp)), 1, 4);
         int64_t *pre = s->pre1 + (size_t)q * (size_t)(op->n_expert + 1);
         pre[0] = 0;
         for (int i = 0; i < s->n_ord; i++) {

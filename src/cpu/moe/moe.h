@@ -78,12 +78,13 @@ typedef struct {
  * 16 tokens per expert per 256 tokens) had the old tile kernel ahead from
  * 8 tokens per expert for BF16 and INT8 (equal or behind at 4); the vector
  * kernels, compute-bound past ~8 tokens, lose ground from there. INT4's
- * tile path folds every 32-group of every 16-row tile on the vector units,
- * so it needs fuller tiles to win: 32 until the sweep of the new kernel says
- * otherwise (dev/h200_moe.sh prints it). */
+ * tile path folds every 32-group of every 16-row tile on the vector units
+ * (a cost per tile, however few of its rows are tokens), so it needs fuller
+ * tiles to win: 16 until the sweep of the new kernel says otherwise
+ * (dev/h200_moe.sh prints it). */
 #define MOE_AMX_MIN_BF16 8
 #define MOE_AMX_MIN_INT8 8
-#define MOE_AMX_MIN_INT4 32
+#define MOE_AMX_MIN_INT4 16
 #define MOE_AMX_MIN_DEFAULT(fmt) \
     ((fmt) == MOE_INT4 ? MOE_AMX_MIN_INT4 : (fmt) == MOE_INT8 ? MOE_AMX_MIN_INT8 : MOE_AMX_MIN_BF16)
 

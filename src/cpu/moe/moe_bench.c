@@ -21,7 +21,8 @@
  * at least 3; the median is reported. Bytes = packed bytes of the distinct
  * experts a call touches; FLOPs = 2 * 3 * d_model * d_ff * tokens * top_k;
  * roofline time = max(FLOPs / peak of the format, bytes / DRAM bandwidth).
- * INT8/INT4 use the INT8 peak.
+ * INT8/INT4 use the INT8 peak. Lines carry the op's amx_min; with --tune
+ * each case runs once per tile-kernel setting and says which (tune=).
  */
 #include "tandem.h"
 #include "cpu/moe/moe_impl.h"
@@ -41,6 +42,7 @@
 #define MAX_SHAPES 4
 #define MAX_TOKENS 16
 #define N_SRC 16
+#define MAX_TUNES 12
 
 typedef struct {
     const char *name;
@@ -61,6 +63,8 @@ typedef struct {
     int threads, isa, amx_min, group, reps, layers;
     double mem_gb, min_s;
     const char *torch_file;
+    char tunes[MAX_TUNES][256];  /* --tune: tile-kernel settings to sweep (moe_tune_parse specs) */
+    int n_tunes;
 } bench_opts;
 
 static double now_s(void)
@@ -102,7 +106,9 @@ static void usage(void)
 {
     printf("usage: tandem bench moe [--shape deepseek-v3,qwen3-30b-a3b|custom:DM,FF,E,K] [--fmt bf16,int8,int4]\n"
            "         [--tokens 1,4,32,128,512,2048,8192] [--threads N] [--isa ref|avx2|avx512|amx]\n"
-           "         [--amx-min N] [--group N] [--reps N] [--layers N] [--mem-gb G] [--torch FILE]\n");
+           "         [--amx-min N] [--group N] [--reps N] [--layers N] [--mem-gb G] [--torch FILE]\n"
+           "         [--tune 'kc_bf16=512,np_up=8;kc_bf16=1024' (each case once per setting; keys kc_bf16,\n"
+           "          kc_int8, g4, np_up, cg, up_rb: see moe_impl.h)]\n");
 }
 
 static int parse_shape(bench_opts *o, const char *name)
@@ -189,6 +195,23 @@ static int parse_opts(bench_opts *o, int argc, char **argv)
             o->mem_gb = atof(v);
         } else if (!strcmp(a, "--torch")) {
             o->torch_file = v;
+        } else if (!strcmp(a, "--tune")) {
+            char buf[2048], err[256];
+            moe_tune keep = moe_tuning;
+            snprintf(buf, sizeof buf, "%s", v);
+            char *save = NULL;
+            for (char *t = strtok_r(buf, ";", &save); t; t = strtok_r(NULL, ";", &save)) {
+                if (o->n_tunes >= MAX_TUNES || strlen(t) >= sizeof o->tunes[0]) {
+                    fprintf(stderr, "bench moe: --tune: at most %d settings of < 256 characters\n", MAX_TUNES);
+                    return -1;
+                }
+                if (moe_tune_parse(t, err, sizeof err)) {
+                    fprintf(stderr, "bench moe: --tune: %s\n", err);
+                    return -1;
+                }
+                moe_tuning = keep;
+                snprintf(o->tunes[o->n_tunes++], sizeof o->tunes[0], "%s", t);
+            }
         } else {
             fprintf(stderr, "bench moe: unknown option %s\n", a);
             usage();
@@ -472,9 +495,20 @@ static void bench_fmt(pool *p, const bench_opts *o, const shape_def *s, int fmt,
     double worst = 1e30;
     int worst_tok = 0;
     uint64_t st = 12345;
-    for (int ti = 0; ti < o->n_tokens; ti++) {
-        int n = o->tokens[ti], reps = 0, touched = 0;
+    moe_tune keep = moe_tuning;
+    int n_set = o->n_tunes ? o->n_tunes : 1;
+    for (int cs = 0; cs < o->n_tokens * n_set; cs++) {
+        int ti = cs / n_set, n = o->tokens[ti], reps = 0, touched = 0;
         double times[512], bsum = 0, tsum = 0, bytes;
+        char tune_kv[300] = "";
+        if (o->n_tunes) {
+            char terr[256];
+            moe_tuning = keep;
+            moe_tune_parse(o->tunes[cs % n_set], terr, sizeof terr); /* checked when parsed */
+            char cur[256];
+            moe_tune_str(cur, sizeof cur);
+            snprintf(tune_kv, sizeof tune_kv, " tune=%s", cur);
+        }
         /* warm-up: first touch of scratch pages, kernel choice, clocks */
         route_random(&st, n, s->n_expert, s->top_k, ids, w, ops[0], &bytes, &touched);
         moe_forward_bf16(ops[0], sc, p, n, s->top_k, x, ids, w, out);
@@ -510,13 +544,14 @@ static void bench_fmt(pool *p, const bench_opts *o, const shape_def *s, int fmt,
         else
             snprintf(vs, sizeof vs, "na");
         printf("bench=moe shape=%s fmt=%s isa=%s tokens=%d ms=%.3f GBps=%.1f bw_frac=%.3f TFLOPs=%.3f "
-               "roofline_frac=%.3f vs_torch=%s experts=%.1f layers=%d reps=%d\n",
+               "roofline_frac=%.3f vs_torch=%s experts=%.1f layers=%d reps=%d amx_min=%d%s\n",
                s->name, fmt_name(fmt), isa_name(isa), n, t * 1e3, b / t / 1e9, ce->dram > 0 ? b / t / 1e9 / ce->dram : 0,
-               flops / t / 1e12, roof / t, vs, tsum / reps, L, reps);
+               flops / t / 1e12, roof / t, vs, tsum / reps, L, reps, ops[0]->amx_min, tune_kv);
         fflush(stdout);
         if (roof / t < worst)
             worst = roof / t, worst_tok = n;
     }
+    moe_tuning = keep;
     if (worst_tok)
         printf("bench=moe_worst shape=%s fmt=%s isa=%s worst_roofline_frac=%.3f at_tokens=%d\n", s->name,
                fmt_name(fmt), isa_name(isa), worst, worst_tok);

@@ -112,12 +112,13 @@ typedef struct {
     int g4;       /* INT4 tile pass: 32-groups unpacked to int8 per chunk (1..MOE_G4_MAX) */
     int np_up;    /* column-block pairs per phase-1 item of a tile-kernel expert (1..MOE_MAXPAIR) */
     int cg;       /* phase-2 item width in row blocks (even, 2..2*MOE_MAXPAIR); 0 = by size */
+    int up_rb;    /* row blocks per phase-1 item of a vector-kernel expert (1..64); 0 = by size */
 } moe_tune;
 extern moe_tune moe_tuning;
 /* "kc_bf16=512,np_up=4": set fields of moe_tuning; TANDEM_EINVAL naming the
  * bad key or value (nothing changed then) */
 int moe_tune_parse(const char *spec, char *err, size_t errlen);
-/* the current values as "kc_bf16=... np_up=..." */
+/* the current values as "kc_bf16=...,np_up=..." (a spec moe_tune_parse takes) */
 void moe_tune_str(char *buf, size_t n);
 
 /* ---- one packed matrix as a kernel sees it ----------------------------- */
