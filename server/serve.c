@@ -260,7 +260,8 @@ int cmd_serve(int argc, char **argv)
     srv_http *h = NULL;
     const char *tdir = o.tokenizer ? o.tokenizer : o.model;
     if (tandem_tokenizer_open(tdir, &tok, err, sizeof err)) {
-        fprintf(stderr, "tandem: %s\n", err);
+        fprintf(stderr, "tandem: %s%s\n", err,
+                o.tokenizer ? "" : " (--tokenizer DIR takes the tokenizer of another model directory)");
         goto done;
     }
     if (tandem_engine_open(o.model, &o.ep, &e, err, sizeof err)) {

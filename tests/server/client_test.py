@@ -410,12 +410,11 @@ def sec_queue(base, args):
     res = []
 
     def one():
-        res.append(base.post("/v1/completions", {"prompt": "Package: vim\n", "max_tokens": 150, "ignore_eos": True}))
+        res.append(base.post("/v1/completions", {"prompt": "Package: vim\n", "max_tokens": 400, "ignore_eos": True}))
 
     ts = [threading.Thread(target=one) for _ in range(6)]
     for t in ts:
         t.start()
-        time.sleep(0.02)
     for t in ts:
         t.join()
     codes = sorted(st for st, _ in res)
