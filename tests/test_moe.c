@@ -531,9 +531,9 @@ static void test_tuned(pool *p1, pool *p2)
         SKIP("moe tuned tile kernels", "the tile emulator needs AVX-512");
         return;
     }
-    static const char *tunes[] = { "kc_bf16=64,kc_int8=128,g4=3,np_up=3,cg=2",
-                                   "kc_bf16=96,kc_int8=192,g4=7,np_up=1,cg=16",
-                                   "kc_bf16=512,kc_int8=1024,g4=128,np_up=8,cg=0" };
+    static const char *tunes[] = { "kc_bf16=64,kc_int8=128,g4=3,np_up=3,cg=2,ord=1,pf=3",
+                                   "kc_bf16=96,kc_int8=192,g4=7,np_up=1,cg=16,up_rb=5,pf=1",
+                                   "kc_bf16=512,kc_int8=1024,g4=128,np_up=8,cg=0,ord=0,pf=2" };
     moe_tune keep = moe_tuning;
     char err[256];
     pool *p3 = NULL, *p4 = NULL;

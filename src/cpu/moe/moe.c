@@ -318,7 +318,7 @@ int moe_n_held(const moe_op *op) { return op->n_held; }
 
 /* ---- tuning -------------------------------------------------------------- */
 
-moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 64, .np_up = 8, .cg = 0, .up_rb = 0 };
+moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 64, .np_up = 8, .cg = 0, .up_rb = 0, .ord = 0, .pf = 0 };
 
 int moe_tune_parse(const char *spec, char *err, size_t errlen)
 {
@@ -348,9 +348,13 @@ int moe_tune_parse(const char *spec, char *err, size_t errlen)
             ok = v == 0 || (v >= 2 && v <= 2 * MOE_MAXPAIR && v % 2 == 0), t.cg = (int)v;
         else if (!strcmp(kv, "up_rb"))
             ok = v >= 0 && v <= 64, t.up_rb = (int)v;
+        else if (!strcmp(kv, "ord"))
+            ok = v == 0 || v == 1, t.ord = (int)v;
+        else if (!strcmp(kv, "pf"))
+            ok = v >= 0 && v <= 3, t.pf = (int)v;
         else
             return td_err(err, errlen, TANDEM_EINVAL,
-                          "moe tune: unknown key '%s' (kc_bf16, kc_int8, g4, np_up, cg, up_rb)", kv);
+                          "moe tune: unknown key '%s' (kc_bf16, kc_int8, g4, np_up, cg, up_rb, ord, pf)", kv);
         if (!ok)
             return td_err(err, errlen, TANDEM_EINVAL, "moe tune: %s=%ld is out of range", kv, v);
     }
@@ -360,8 +364,9 @@ int moe_tune_parse(const char *spec, char *err, size_t errlen)
 
 void moe_tune_str(char *buf, size_t n)
 {
-    snprintf(buf, n, "kc_bf16=%d,kc_int8=%d,g4=%d,np_up=%d,cg=%d,up_rb=%d", moe_tuning.kc_bf16, moe_tuning.kc_int8,
-             moe_tuning.g4, moe_tuning.np_up, moe_tuning.cg, moe_tuning.up_rb);
+    snprintf(buf, n, "kc_bf16=%d,kc_int8=%d,g4=%d,np_up=%d,cg=%d,up_rb=%d,ord=%d,pf=%d", moe_tuning.kc_bf16,
+             moe_tuning.kc_int8, moe_tuning.g4, moe_tuning.np_up, moe_tuning.cg, moe_tuning.up_rb, moe_tuning.ord,
+             moe_tuning.pf);
 }
 
 /* ---- scratch ----------------------------------------------------------- */

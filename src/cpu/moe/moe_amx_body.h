@@ -21,12 +21,14 @@
  *
  * One pass = up to MOE_MC token rows x npair column-block pairs (gate/up of
  * the same rows in phase 1, neighbouring down blocks in phase 2). Loop
- * order: K chunk, pair, token-tile pair, K step. The chunk's A (MOE_MC rows
- * x chunk) stays in L2 while the pairs run over it; a pair's B chunk is
- * read from DRAM once per pass (prefetched while the previous pair runs)
- * and re-read from L2 by every token-tile pair. The accumulators stay in
- * the tiles for a whole chunk (moe_tuning.kc_bf16 / kc_int8 of K) and are
- * spilled between chunks to a per-block 4 KB buffer.
+ * order: K chunk, then pair and token-tile pair (moe_tuning.ord picks which
+ * is outer), then K step. The chunk's A (MOE_MC rows x chunk) stays in L2
+ * while the pairs run over it; a pair's B chunk is read from DRAM once per
+ * pass (prefetched while the previous block runs) and re-read from L2 by
+ * every token-tile pair. The accumulators stay in the tiles for a whole
+ * chunk (moe_tuning.kc_bf16 / kc_int8 of K) and are spilled between chunks
+ * to a per-block 4 KB buffer. The tunables exist because this machine has
+ * no AMX: `tandem bench moe --tune` sweeps them on one that has.
  *
  * BF16 accumulates in fp32 tiles. INT8 accumulates int32 over each scale
  * group (the whole row by default), then folds into the fp32 result exactly
@@ -145,16 +147,32 @@ static void store_c(int two, float *c, size_t ncol)
     }
 }
 
+/* ask for the 1 KB tile at p in L1 (the tile load one step later hits it) */
+static inline void prefetch_tile_l1(const uint8_t *p)
+{
+    for (int l = 0; l < 16; l++)
+        _mm_prefetch((const char *)(p + l * 64), _MM_HINT_T0);
+}
+
 /* The 2x2 product over nst K steps of 64 bytes: A tiles at a0 (+ mstride
- * for the second token tile), B tiles at b0 / b1, 1 KB per step. While the
- * first token-tile pair of a block runs, the B tiles the pass needs next
- * (nb0 / nb1, nnext steps) are prefetched into L2. */
-#define AMX_STEPS(DP, two, a0, mstride, b0, b1, nst, nb0, nb1, nnext)      \
+ * for the second token tile), B tiles at b0 / b1, 1 KB per step. Prefetch:
+ * the first nnext tiles of the B blocks needed next (nb0 / nb1) into L2,
+ * and with moe_tuning.pf bit 1 / 2 the next step's A / B tiles into L1. */
+#define AMX_STEPS(DP, two, a0, mstride, b0, b1, nst, nb0, nb1, nnext, pf)  \
     do {                                                                    \
         for (int s_ = 0; s_ < (nst); s_++) {                                \
             if (s_ < (nnext)) {                                             \
                 prefetch_tile((nb0) + (size_t)s_ * 1024);                   \
                 prefetch_tile((nb1) + (size_t)s_ * 1024);                   \
+            }                                                               \
+            if ((pf) & 1) {                                                 \
+                prefetch_tile_l1((a0) + (size_t)(s_ + 1) * 1024);           \
+                if (two)                                                    \
+                    prefetch_tile_l1((a0) + (mstride) + (size_t)(s_ + 1) * 1024); \
+            }                                                               \
+            if ((pf) & 2) {                                                 \
+                prefetch_tile_l1((b0) + (size_t)(s_ + 1) * 1024);           \
+                prefetch_tile_l1((b1) + (size_t)(s_ + 1) * 1024);           \
             }                                                               \
             AMX_LOAD(4, (a0) + (size_t)s_ * 1024, 64);                      \
             AMX_LOAD(6, (b0) + (size_t)s_ * 1024, 64);                      \
@@ -168,38 +186,6 @@ static void store_c(int two, float *c, size_t ncol)
             }                                                               \
         }                                                                   \
     } while (0)
-
-/* ---- BF16: fp32 accumulation in the tiles, chunked along K ------------- */
-static void pass_bf16(const amx_pass *P)
-{
-    size_t ncol = (size_t)P->npair * 32;
-    int kp = P->W->kp, cs = moe_tuning.kc_bf16 / 32, nsteps = kp / 32;
-    for (int st = 0; st < nsteps; st += cs) {
-        int nst = nsteps - st < cs ? nsteps - st : cs;
-        int first = st == 0, last = st + nst == nsteps;
-        for (int j = 0; j < P->npair; j++) {
-            const uint8_t *b0 = P->b[2 * j] + (size_t)st * 1024, *b1 = P->b[2 * j + 1] + (size_t)st * 1024;
-            /* the block needed after this one: next pair, or pair 0 of the next chunk */
-            int nj = j + 1 < P->npair ? j + 1 : 0, nst2 = j + 1 < P->npair ? st : st + nst;
-            int nnext = nst2 >= nsteps ? 0 : nsteps - nst2 < cs ? nsteps - nst2 : cs;
-            const uint8_t *nb0 = P->b[2 * nj] + (size_t)nst2 * 1024, *nb1 = P->b[2 * nj + 1] + (size_t)nst2 * 1024;
-            for (int mt = 0; mt < P->nmt; mt += 2) {
-                int two = mt + 1 < P->nmt;
-                uint8_t *blk = P->cbuf + ((size_t)(mt / 2) * (size_t)P->npair + (size_t)j) * 4096;
-                if (first)
-                    zero_tiles(two);
-                else
-                    load_blk(two, blk);
-                const uint8_t *a0 = P->x + (size_t)mt * P->mstride + (size_t)st * 1024;
-                AMX_STEPS(AMX_DP_BF16, two, a0, P->mstride, b0, b1, nst, nb0, nb1, mt == 0 ? nnext : 0);
-                if (last)
-                    store_c(two, P->cf + (size_t)mt * 16 * ncol + (size_t)j * 32, ncol);
-                else
-                    store_blk(two, blk);
-            }
-        }
-    }
-}
 
 /* fold the int32 tiles in P->tmp (C[mm][n] at tmp + (2 mm + n) KB) into cf:
  * INT8: cf = fma(s_n, (float)(D - corr[row]), cf) */
@@ -227,6 +213,74 @@ static void zero_cf(const amx_pass *P)
     memset(P->cf, 0, (size_t)P->nmt * 16 * (size_t)P->npair * 32 * 4);
 }
 
+/* One K chunk of a BF16 or INT8 pass: nst steps of every pair's B from
+ * byte boff of its row block, A from byte aoff of each 16-row block; the
+ * accumulators start at zero (first) or from the spill, and end in the
+ * spill, or (last) in cf: BF16 stored, INT8 folded with the scales at
+ * soff and corr. nboff / nnext: the next chunk (B offset, steps; 0 = none).
+ * moe_tuning.ord 0: pair-major (a pair's B chunk is re-read from L1/L2 by
+ * every token-tile pair while A streams); 1: token-major (the A chunk of a
+ * token-tile pair is reused by every pair while B streams from L2). */
+static void run_chunk(const amx_pass *P, int int8, size_t boff, size_t aoff, int nst, int first, int last,
+                      size_t nboff, int nnext, size_t soff, const int32_t *corr)
+{
+    int ord = moe_tuning.ord, pf = moe_tuning.pf, nmt2 = (P->nmt + 1) / 2;
+    int nouter = ord ? nmt2 : P->npair, ninner = ord ? P->npair : nmt2;
+    size_t ncol = (size_t)P->npair * 32;
+    for (int o = 0; o < nouter; o++)
+        for (int i = 0; i < ninner; i++) {
+            int j = ord ? i : o, m2 = ord ? o : i, mt = 2 * m2, two = mt + 1 < P->nmt;
+            const uint8_t *b0 = P->b[2 * j] + boff, *b1 = P->b[2 * j + 1] + boff;
+            /* the B needed next, into L2 while the first token-tile pair runs:
+             * ord 0: the next pair's chunk (or pair 0's next chunk); ord 1:
+             * this pair's next chunk */
+            const uint8_t *nb0 = b0, *nb1 = b1;
+            int nn = 0;
+            if (m2 == 0) {
+                if (!ord && j + 1 < P->npair) {
+                    nb0 = P->b[2 * j + 2] + boff;
+                    nb1 = P->b[2 * j + 3] + boff;
+                    nn = nst;
+                } else {
+                    nb0 = P->b[ord ? 2 * j : 0] + nboff;
+                    nb1 = P->b[ord ? 2 * j + 1 : 1] + nboff;
+                    nn = nnext;
+                }
+            }
+            uint8_t *blk = P->cbuf + ((size_t)m2 * (size_t)P->npair + (size_t)j) * 4096;
+            if (first)
+                zero_tiles(two);
+            else
+                load_blk(two, blk);
+            const uint8_t *a0 = P->x + (size_t)mt * P->mstride + aoff;
+            if (int8)
+                AMX_STEPS(AMX_DP_SU8, two, a0, P->mstride, b0, b1, nst, nb0, nb1, nn, pf);
+            else
+                AMX_STEPS(AMX_DP_BF16, two, a0, P->mstride, b0, b1, nst, nb0, nb1, nn, pf);
+            if (!last) {
+                store_blk(two, blk);
+            } else if (int8) {
+                __m512 sc[2] = { _mm512_load_ps(P->b[2 * j] + soff), _mm512_load_ps(P->b[2 * j + 1] + soff) };
+                store_tmp(two, P->tmp);
+                fold_int8(P, mt, two, j, sc, corr);
+            } else {
+                store_c(two, P->cf + (size_t)mt * 16 * ncol + (size_t)j * 32, ncol);
+            }
+        }
+}
+
+/* ---- BF16: fp32 accumulation in the tiles, chunked along K ------------- */
+static void pass_bf16(const amx_pass *P)
+{
+    int cs = moe_tuning.kc_bf16 / 32, nsteps = P->W->kp / 32;
+    for (int st = 0; st < nsteps; st += cs) {
+        int nst = nsteps - st < cs ? nsteps - st : cs, st2 = st + nst;
+        int nnext = nsteps - st2 < cs ? nsteps - st2 : cs;
+        run_chunk(P, 0, (size_t)st * 1024, (size_t)st * 1024, nst, st == 0, st2 == nsteps, (size_t)st2 * 1024,
+                  nnext, 0, NULL);
+    }
+}
+
 /* ---- INT8: int32 per scale group, chunked along K, then folded ---------- */
 static void pass_int8(const amx_pass *P)
 {
@@ -246,43 +300,13 @@ static void pass_int8(const amx_pass *P)
         }
         for (int c0 = 0; c0 < sg; c0 += cs) {
             int nst = sg - c0 < cs ? sg - c0 : cs;
-            int first = c0 == 0, last = c0 + nst == sg;
-            /* the chunk after this pair's: (g, c0) of the next pair, or the next chunk of pair 0 */
-            int ng2 = g, nc2 = c0 + nst;
-            if (nc2 == sg)
-                ng2++, nc2 = 0;
-            for (int j = 0; j < P->npair; j++) {
-                size_t off = (size_t)g * gb + (size_t)c0 * 1024;
-                const uint8_t *b0 = P->b[2 * j] + off, *b1 = P->b[2 * j + 1] + off;
-                int nj = j + 1 < P->npair ? j + 1 : 0, nnext;
-                size_t noff;
-                if (j + 1 < P->npair) {
-                    noff = off;
-                    nnext = nst;
-                } else {
-                    noff = (size_t)ng2 * gb + (size_t)nc2 * 1024;
-                    nnext = ng2 >= ng ? 0 : sg - nc2 < cs ? sg - nc2 : cs;
-                }
-                const uint8_t *nb0 = P->b[2 * nj] + noff, *nb1 = P->b[2 * nj + 1] + noff;
-                __m512 sc[2] = { _mm512_load_ps(P->b[2 * j] + (size_t)g * gb + (size_t)sg * 1024),
-                                 _mm512_load_ps(P->b[2 * j + 1] + (size_t)g * gb + (size_t)sg * 1024) };
-                for (int mt = 0; mt < P->nmt; mt += 2) {
-                    int two = mt + 1 < P->nmt;
-                    uint8_t *blk = P->cbuf + ((size_t)(mt / 2) * (size_t)P->npair + (size_t)j) * 4096;
-                    if (first)
-                        zero_tiles(two);
-                    else
-                        load_blk(two, blk);
-                    const uint8_t *a0 = P->x + (size_t)mt * P->mstride + (size_t)(g * sg + c0) * 1024;
-                    AMX_STEPS(AMX_DP_SU8, two, a0, P->mstride, b0, b1, nst, nb0, nb1, mt == 0 ? nnext : 0);
-                    if (last) {
-                        store_tmp(two, P->tmp);
-                        fold_int8(P, mt, two, j, sc, corr);
-                    } else {
-                        store_blk(two, blk);
-                    }
-                }
-            }
+            int g2 = g, c2 = c0 + nst; /* the next chunk */
+            if (c2 == sg)
+                g2++, c2 = 0;
+            int nnext = g2 >= ng ? 0 : sg - c2 < cs ? sg - c2 : cs;
+            run_chunk(P, 1, (size_t)g * gb + (size_t)c0 * 1024, (size_t)(g * sg + c0) * 1024, nst, c0 == 0,
+                      c0 + nst == sg, (size_t)g2 * gb + (size_t)c2 * 1024, nnext, (size_t)g * gb + (size_t)sg * 1024,
+                      corr);
         }
     }
 }
