@@ -17,7 +17,7 @@ typedef struct {
     const char *prompt;
     const char *system;
     int threads, ctx, n_predict, verbose, layers, dummy;
-    int gpu, gpu_experts, cpu_experts;
+    int gpu, gpu_experts, cpu_experts, defer; /* defer: expert deferral d (tandem.h defer_experts) */
     double gpu_mem;
     tandem_sampling samp;
     const char *stops[CLI_MAX_STOPS];

@@ -123,6 +123,8 @@ int cli_parse(int argc, char **argv, int first, cli_opts *o, const char *allowed
             rc = parse_int(name, v, 0, 4096, &o->layers);
         else if (!strcmp(name, "--gpu-experts"))
             rc = parse_int(name, v, 0, 1 << 16, &o->gpu_experts);
+        else if (!strcmp(name, "--defer"))
+            rc = parse_int(name, v, 0, 1 << 16, &o->defer);
         else if (!strcmp(name, "--gpu-mem"))
             rc = parse_num(name, v, 0, 1e6, &o->gpu_mem);
         else if (!strcmp(name, "--temp")) {
@@ -216,6 +218,7 @@ int cli_open_engine(const cli_opts *o, tandem_engine **e)
     p.gpu = o->gpu;
     p.gpu_mem_gb = o->gpu_mem;
     p.gpu_experts = o->gpu_experts;
+    p.defer_experts = o->defer;
     p.cpu_experts = o->cpu_experts;
     p.n_layer_limit = o->layers;
     if (isatty(2)) {

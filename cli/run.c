@@ -225,11 +225,13 @@ static const char *run_usage =
     "                           (the exact reference loop, for checking)\n"
     "  --cpu-only               do not use a GPU\n"
     "  --gpu-mem GB, --gpu-experts N\n"
-    "                           GPU memory budget; routed experts per layer on the GPU\n";
+    "                           GPU memory budget; routed experts per layer on the GPU\n"
+    "  --defer N                expert deferral: each token's N lowest-weight experts run one\n"
+    "                           layer late, overlapping the GPU (default 0 = exact)\n";
 
 #define RUN_OPTS                                                                                             \
     "-m --model -n --max-tokens --temp --greedy --top-k --top-p --min-p --repeat-penalty --presence-penalty " \
-    "--frequency-penalty --seed --stop -t --threads -c --ctx --cpu-experts --cpu-only --gpu-mem --gpu-experts -v"
+    "--frequency-penalty --seed --stop -t --threads -c --ctx --cpu-experts --cpu-only --gpu-mem --gpu-experts --defer -v"
 
 int cmd_run(int argc, char **argv)
 {

@@ -18,7 +18,12 @@
  *     the work on either side (copies, host wake-ups, flag polling);
  *   - roofline_tok_s = bandwidth / routed-expert bytes read per token on the
  *     CPU (the packed size of the top-k experts of every MoE layer); for
- *     mode=cpu, bandwidth / all weight bytes read per token.
+ *     mode=cpu, bandwidth / all weight bytes read per token;
+ *   - per --defer value d, the decode line again with expert deferral (one
+ *     session each; prefill lines only for the first value); gpu_ms_first:
+ *     G with the first kernels (gpu_ctx_set_fast(0)) when --kernels both;
+ *     kernels / nodes: what the decode graph holds;
+ *   - --ops: hybrid_ops.c's per-op table of one layer.
  * Decode step timings exclude the first steps of each configuration, which
  * capture the CUDA graph.
  */
@@ -46,12 +51,16 @@ static const char *usage =
     "  --cpu-decode N      decode steps in CPU mode (default 8)\n"
     "  --gpu-experts N     routed experts per layer on the GPU (default 0)\n"
     "  --gpu-mem GB        GPU memory budget for weights\n"
-    "  --threads N         CPU threads (default: all cores)\n";
+    "  --threads N         CPU threads (default: all cores)\n"
+    "  --defer LIST        expert deferral values to measure, comma-separated (default 0)\n"
+    "  --kernels K         decode (default), or both: also G with the first GPU kernels\n"
+    "  --ops               per-op GPU timings of one layer (decode and first kernels)\n";
 
 typedef struct {
     const char *model, *name;
     int dummy, layers, fmt, mode_hybrid, mode_cpu, ho_host, ho_memop;
     int prompts[8], n_prompts, decode, cpu_prompt, cpu_decode, gpu_experts, threads;
+    int defers[4], n_defers, kernels_both, ops;
     double gpu_mem;
 } bench_opts;
 
@@ -167,7 +176,10 @@ static double cpu_expert_bytes_per_token(const tandem_engine *e)
 }
 
 /* ---- one hybrid configuration ----------------------------------------------------------- */
-static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, double bw, char *err, size_t errlen)
+/* One session with hand-off `handoff` and deferral `defer`; prefill lines
+ * only when `prefill` (decode then follows the first prompt either way). */
+static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, int defer, int prefill, double bw, char *err,
+                      size_t errlen)
 {
     int maxp = 0;
     for (int i = 0; i < o->n_prompts; i++)
@@ -185,6 +197,7 @@ static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, double
     hybrid_opts ho;
     hybrid_opts_default(&ho);
     ho.handoff = handoff;
+    ho.defer = defer;
     if (!getenv("TANDEM_GPU_CHUNK"))
         ho.chunk = maxp < 4096 ? maxp : 4096;
     rc = hybrid_session_create_opts(s, &ho, err, errlen);
@@ -198,7 +211,7 @@ static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, double
     /* warm-up: cuBLAS handles, kernels' first launches */
     if (!rc)
         rc = forward(s, 1, 16, tok, 0, err, errlen);
-    for (int i = 0; !rc && i < o->n_prompts; i++) {
+    for (int i = 0; !rc && prefill && i < o->n_prompts; i++) {
         tandem_kv_clear(s, 0);
         double t0 = now_s();
         rc = forward(s, 1, o->prompts[i], tok, 0, err, errlen);
@@ -214,30 +227,49 @@ static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, double
     if (!rc && o->decode > 0) {
         tandem_kv_clear(s, 0);
         rc = forward(s, 1, o->prompts[0], tok, 0, err, errlen);
-        double W = 0, G = 0, W0 = 0;
+        double W = 0, G = 0, W0 = 0, Gf = 0;
         int64_t C = 0, c0;
         hybrid_opts m = s->hys->o;
+        const int short_steps = o->decode / 2 > 4 ? o->decode / 2 : 4;
         if (!rc)
             rc = decode_steps(s, 1, 2, o->decode, &W, &C, err, errlen);
+        gpu_graph_counts gc;
+        if (hybrid_graph_counts(s, &gc) != 0)
+            memset(&gc, 0, sizeof gc);
         m.no_handoff = 1;
         hybrid_session_set_opts(s, &m);
         if (!rc)
-            rc = decode_steps(s, 1, 2, o->decode / 2 > 4 ? o->decode / 2 : 4, &G, &c0, err, errlen);
+            rc = decode_steps(s, 1, 2, short_steps, &G, &c0, err, errlen);
+        if (!rc && o->kernels_both) {
+            m.fast = 0;
+            hybrid_session_set_opts(s, &m);
+            rc = decode_steps(s, 1, 2, short_steps, &Gf, &c0, err, errlen);
+            m.fast = 1;
+        }
         m.no_handoff = 0;
         m.cpu_skip = 1;
         hybrid_session_set_opts(s, &m);
         if (!rc)
-            rc = decode_steps(s, 1, 2, o->decode / 2 > 4 ? o->decode / 2 : 4, &W0, &c0, err, errlen);
+            rc = decode_steps(s, 1, 2, short_steps, &W0, &c0, err, errlen);
         if (!rc) {
             double bytes = cpu_expert_bytes_per_token(e), roof = bytes > 0 ? bw * 1e9 / bytes : 0;
             double sync = W0 - G > 0 ? W0 - G : 0;
-            printf("bench=e2e model=%s experts=%s mode=hybrid handoff=%s phase=decode prompt=%d batch=1 tok_s=%.2f "
-                   "roofline_tok_s=%.2f roofline_frac=%.3f gpu_busy=%.3f cpu_busy=%.3f sync_frac=%.3f step_ms=%.3f "
-                   "gpu_ms=%.3f cpu_ms=%.3f handoff_empty_ms=%.3f expert_MB_per_tok=%.1f dram_GBps=%.1f graphs=%s\n",
-                   o->name, fmt_name(o->fmt), hname, o->prompts[0], 1.0 / W, roof, roof > 0 ? 1.0 / W / roof : 0,
-                   G / W, C * 1e-9 / W, sync / W, W * 1e3, G * 1e3, C * 1e-6, W0 * 1e3, bytes / 1e6, bw,
-                   s->hys->o.graphs ? "on" : "off");
+            printf("bench=e2e model=%s experts=%s mode=hybrid handoff=%s defer=%d phase=decode prompt=%d batch=1 "
+                   "tok_s=%.2f roofline_tok_s=%.2f roofline_frac=%.3f gpu_busy=%.3f cpu_busy=%.3f sync_frac=%.3f "
+                   "step_ms=%.3f gpu_ms=%.3f cpu_ms=%.3f handoff_empty_ms=%.3f expert_MB_per_tok=%.1f dram_GBps=%.1f "
+                   "graphs=%s kernels=%d nodes=%d",
+                   o->name, fmt_name(o->fmt), hname, s->hys->defer, o->prompts[0], 1.0 / W, roof,
+                   roof > 0 ? 1.0 / W / roof : 0, G / W, C * 1e-9 / W, sync / W, W * 1e3, G * 1e3, C * 1e-6,
+                   W0 * 1e3, bytes / 1e6, bw, s->hys->o.graphs ? "on" : "off", gc.kernels, gc.total);
+            if (o->kernels_both)
+                printf(" gpu_ms_first=%.3f", Gf * 1e3);
+            printf("\n");
             fflush(stdout);
+        }
+        if (!rc && o->ops && prefill) {
+            m.cpu_skip = 0;
+            hybrid_session_set_opts(s, &m);
+            rc = hybrid_bench_ops(s, o->name, 1, err, errlen);
         }
     }
     free(tok);
@@ -321,6 +353,7 @@ static int parse(int argc, char **argv, bench_opts *o)
     o->decode = 32;
     o->cpu_prompt = 512;
     o->cpu_decode = 8;
+    o->n_defers = 1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -329,6 +362,10 @@ static int parse(int argc, char **argv, bench_opts *o)
         }
         if (!strcmp(a, "--dummy-weights")) {
             o->dummy = 1;
+            continue;
+        }
+        if (!strcmp(a, "--ops")) {
+            o->ops = 1;
             continue;
         }
         if (!v) {
@@ -378,6 +415,24 @@ static int parse(int argc, char **argv, bench_opts *o)
             o->gpu_mem = atof(v);
         else if (!strcmp(a, "--threads"))
             o->threads = atoi(v);
+        else if (!strcmp(a, "--kernels"))
+            o->kernels_both = !strcmp(v, "both");
+        else if (!strcmp(a, "--defer")) {
+            o->n_defers = 0;
+            for (char *p = (char *)v; *p && o->n_defers < 4;) {
+                int n = (int)strtol(p, &p, 10);
+                if (n >= 0)
+                    o->defers[o->n_defers++] = n;
+                if (*p == ',')
+                    p++;
+                else if (*p)
+                    break;
+            }
+            if (o->n_defers == 0) {
+                fprintf(stderr, "bench e2e: --defer %s: expected a list like 0,1,2\n", v);
+                return -1;
+            }
+        }
         else {
             fprintf(stderr, "bench e2e: unknown option %s\n%s", a, usage);
             return -1;
@@ -439,10 +494,14 @@ int tandem_bench_e2e(int argc, char **argv)
                     printf("# handoff=memop skipped: stream memory operations are not available\n");
                     continue;
                 }
-                int r = run_hybrid(e, &o, h ? HY_HANDOFF_MEMOP : HY_HANDOFF_HOST, bw, err, sizeof err);
-                if (r) {
-                    fprintf(stderr, "bench e2e: hybrid (%s): %s\n", h ? "memop" : "host", err);
-                    rc = r;
+                for (int di = 0; di < o.n_defers; di++) {
+                    int r = run_hybrid(e, &o, h ? HY_HANDOFF_MEMOP : HY_HANDOFF_HOST, o.defers[di], di == 0, bw, err,
+                                       sizeof err);
+                    if (r) {
+                        fprintf(stderr, "bench e2e: hybrid (%s, defer %d): %s\n", h ? "memop" : "host", o.defers[di],
+                                err);
+                        rc = r;
+                    }
                 }
             }
         }

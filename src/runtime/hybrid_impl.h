@@ -160,6 +160,11 @@ int hy_cpu_arm(hybrid_session *hs);       /* hand-off (b): watch the flags of on
 void hy_cpu_disarm(hybrid_session *hs, int aborted);
 int hy_layer_has_cpu(const hybrid_engine *hy, const model_desc *d, int l);
 
+/* hybrid_ops.c: per-op GPU timings of one layer (bench e2e --ops), and the
+ * node counts of the session's first decode graph. */
+int hybrid_bench_ops(tandem_session *s, const char *model, int T, char *err, size_t errlen);
+int hybrid_graph_counts(const tandem_session *s, gpu_graph_counts *out);
+
 static inline int64_t hy_now_ns(void)
 {
     struct timespec ts;
