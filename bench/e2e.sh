@@ -8,7 +8,10 @@
 #   env: OUT (default .), E2E_MODELS="qwen3 deepseek", E2E_DECODE (32),
 #        E2E_PROMPTS (512,4096), E2E_DS_LAYERS (5: 3 dense + 2 MoE layers,
 #        ~70 GB of host memory with INT4 experts), E2E_EXPERTS (int4),
-#        E2E_TIMEOUT (seconds per model, 240)
+#        E2E_TIMEOUT (seconds per model, 240), E2E_HANDOFF (both, host or
+#        memop), E2E_DEFER (deferral values, 0), E2E_KERNELS (decode, or both:
+#        also the first kernels' GPU time), E2E_OPS=1 (per-op table),
+#        E2E_QWEN_MODE (both: also the CPU engine; or hybrid)
 # Uses `$BUILD/tandem bench e2e` when the command has it, else links
 # bench/e2e_main.c against $BUILD/libtandem.a with the Makefile's libraries.
 set -u
@@ -38,10 +41,12 @@ fi
 rc=0
 for m in $models; do
     case $m in
-    qwen3) args=(--model bench/configs/qwen3-30b-a3b --name qwen3-30b-a3b --mode both --cpu-prompt 512 --cpu-decode 8) ;;
+    qwen3) args=(--model bench/configs/qwen3-30b-a3b --name qwen3-30b-a3b --mode "${E2E_QWEN_MODE:-both}" --cpu-prompt 512 --cpu-decode 8) ;;
     deepseek) args=(--model bench/configs/deepseek-v3 --name deepseek-v3 --layers "${E2E_DS_LAYERS:-5}" --mode hybrid) ;;
     *) echo "e2e: unknown model $m (qwen3, deepseek)" >&2; rc=1; continue ;;
     esac
+    args+=(--handoff "${E2E_HANDOFF:-both}" --defer "${E2E_DEFER:-0}" --kernels "${E2E_KERNELS:-decode}")
+    [ "${E2E_OPS:-0}" = 1 ] && args+=(--ops)
     log="$OUT/e2e-$m.txt"
     echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), $(nproc) cores: ${runner[*]} ${args[*]} --dummy-weights --experts $experts --prompt $prompts --decode $decode" | tee "$log"
     TANDEM_LOG=${TANDEM_LOG:-info} timeout "$tmo" "${runner[@]}" "${args[@]}" --dummy-weights --experts "$experts" \
