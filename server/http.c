@@ -2,6 +2,11 @@
  * http.c - the HTTP side of `tandem serve` on libmicrohttpd: routes, request
  * bodies, OpenAI error responses, and the waiting for results.
  *
+ * Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
+ * GET /v1/models/ID, GET /health ({"status", "running", "queued", ...};
+ * 503 with "draining" once shutdown began). Anything else is 404, a known
+ * route with the wrong method 405 (with Allow).
+ *
  * libmicrohttpd runs one thread per connection, so a handler may block: a
  * non-streaming completion waits in its handler for the request to finish;
  * a streaming one returns a response whose reader callback blocks until the
