@@ -346,7 +346,7 @@ static void test_gqa_dec(gpu_ctx *c, pool *p)
         for (int rep = 0; rep < 3; rep++) {
             for (int t = 0; t < T; t++) {
                 seq[t] = (t + rep) % nseq;
-                pos[t] = rep == 0 ? nctx - 1 - 7 * t : rep == 1 ? 60 + 13 * t : (nctx / 2) + 97 * t % (nctx / 2);
+                pos[t] = rep == 0 ? nctx - 1 - 7 * t : rep == 1 ? (60 + 13 * t) % nctx : (nctx / 2) + 97 * t % (nctx / 2);
             }
             char err[256];
             gpu_upload(dseq, seq, sizeof seq, err, sizeof err);

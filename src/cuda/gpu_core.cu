@@ -295,14 +295,13 @@ extern "C" int gpu_ctx_create(gpu_ctx **out, size_t scratch_elems, char *err, si
                   "allocating attention scratch");
     if (!c->rc)
         gpu_check(c, cudaMalloc((void **)&c->counters, GPU_COUNTERS * sizeof(int)), "allocating counters");
-    if (!c->rc)
-        gpu_check(c, cudaMemset(c->counters, 0, GPU_COUNTERS * sizeof(int)), "zeroing counters");
-    if (!c->rc)
-        gpu_check(c, cudaDeviceSynchronize(), "zeroing counters");
     /* non-blocking streams (as graph capture expects): they never wait for the
      * legacy stream, so the synchronous uploads below finish before returning */
     for (int i = 0; i < 2; i++)
         gpu_check(c, cudaStreamCreateWithFlags(&c->s[i], cudaStreamNonBlocking), "creating a stream");
+    /* on the main stream, so every op that counts comes after it */
+    if (!c->rc)
+        gpu_check(c, cudaMemsetAsync(c->counters, 0, GPU_COUNTERS * sizeof(int), c->s[GPU_MAIN]), "zeroing counters");
     gpu_check(c, cudaEventCreateWithFlags(&c->ev_fork, cudaEventDisableTiming), "creating an event");
     gpu_check(c, cudaEventCreateWithFlags(&c->ev_join, cudaEventDisableTiming), "creating an event");
     const gpu_blas_api *b = gpu_blas();
