@@ -725,6 +725,46 @@ static void test_errors(pool *p)
     free_weights(&w);
 }
 
+/* moe_quant_row_*: round-half-even by nearbyintf, clamped, sums of 32, the
+ * zero tail; odd lengths; halves (x * 127 / amax = k + 0.5 exactly) */
+static void test_quant(void)
+{
+    int bad = 0, bad_s = 0;
+    float x[301];
+    uint16_t xb[301];
+    int8_t q[320], qb[320];
+    int32_t s32[10], sb[10];
+    for (int rep = 0; rep < 300; rep++) {
+        int k = rep % 2 ? 301 : 256, kp = 320;
+        for (int i = 0; i < k; i++) {
+            x[i] = rep % 3 == 0 ? (float)((int)(rng_next() % 253) - 126) + 0.5f : (float)rng_gauss() * 3.0f;
+            if (rep % 3 == 0 && i == 7)
+                x[i] = rep % 2 ? 127.0f : -127.0f; /* amax 127: x * 127 / amax = x, halves stay halves */
+            xb[i] = f32_to_bf16(x[i]);
+        }
+        float sx, sxb, amax = 0, amaxb = 0;
+        moe_quant_row_f32(x, k, kp, q, &sx, s32);
+        moe_quant_row_bf16(xb, k, kp, qb, &sxb, sb);
+        for (int i = 0; i < k; i++) {
+            amax = fmaxf(amax, fabsf(x[i]));
+            amaxb = fmaxf(amaxb, fabsf(bf16_to_f32(xb[i])));
+        }
+        for (int i = 0; i < kp; i++) {
+            float v = i < k ? fminf(fmaxf(nearbyintf(x[i] * (127.0f / amax)), -127.0f), 127.0f) : 0.0f;
+            float vb = i < k ? fminf(fmaxf(nearbyintf(bf16_to_f32(xb[i]) * (127.0f / amaxb)), -127.0f), 127.0f) : 0.0f;
+            bad += q[i] != (int8_t)v || qb[i] != (int8_t)vb;
+        }
+        for (int g = 0; g < kp / 32; g++) {
+            int32_t a = 0, b = 0;
+            for (int i = 0; i < 32; i++)
+                a += q[g * 32 + i], b += qb[g * 32 + i];
+            bad_s += a != s32[g] || b != sb[g];
+        }
+        bad += sx != amax / 127.0f || sxb != amaxb / 127.0f;
+    }
+    CHECKF(bad == 0 && bad_s == 0, "activation quantisation: %d values, %d sums differ from nearbyintf", bad, bad_s);
+}
+
 TEST_GROUP(moe)
 {
     pool *p1 = NULL, *p2 = NULL;
@@ -741,6 +781,7 @@ TEST_GROUP(moe)
         CHECKF(fabsf(moe_exp(t) - expf(t)) <= 4e-7f * expf(t), "moe_exp(%g) = %g vs %g", t, moe_exp(t), expf(t));
     }
     CHECK(fabsf(moe_silu(-200.0f)) < 1e-30f && moe_silu(200.0f) == 200.0f && moe_silu(0.0f) == 0.0f);
+    test_quant();
 
     for (int parts = 1; parts <= 2; parts++) {
         pool *p = parts == 1 ? p1 : p2;
