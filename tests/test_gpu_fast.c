@@ -107,7 +107,7 @@ static double rel_err(const float *a, const float *b, int64_t n) /* max |a-b| / 
 /* ---- part 1: hybrid deferral against the CPU engine ------------------------------------ */
 typedef struct {
     const char *name;
-    int handoff, half;
+    int handoff, half, first; /* first: the first kernels (gpu_ctx_set_fast(0)) */
 } defer_mode;
 
 static int open_engine(const char *dir, int defer, int hybrid, int half, tandem_engine **e, char *err, size_t errlen)
@@ -130,7 +130,8 @@ static int open_engine(const char *dir, int defer, int hybrid, int half, tandem_
     return rc;
 }
 
-static int open_session(tandem_engine *e, int hybrid, int handoff, tandem_session **s, char *err, size_t errlen)
+static int open_session(tandem_engine *e, int hybrid, int handoff, int first, tandem_session **s, char *err,
+                        size_t errlen)
 {
     tandem_session_params sp;
     tandem_session_params_default(&sp);
@@ -144,6 +145,7 @@ static int open_session(tandem_engine *e, int hybrid, int handoff, tandem_sessio
     hybrid_opts_default(&o);
     o.exact = 1;
     o.handoff = handoff;
+    o.fast = !first;
     return hybrid_session_create_opts(*s, &o, err, errlen);
 }
 
@@ -163,13 +165,14 @@ static void defer_fixture(const char *dir, const char *name, const defer_mode *m
     if (!rc) /* the exact run, to see that deferral changed something */
         CHECKF((rc = open_engine(dir, 0, 0, 0, &e0, err, sizeof err)) == 0, "%s cpu d=0: %s", name, err);
     if (!rc)
-        CHECKF((rc = open_session(e0, 0, 0, &s0, err, sizeof err)) == 0, "%s: %s", name, err);
+        CHECKF((rc = open_session(e0, 0, 0, 0, &s0, err, sizeof err)) == 0, "%s: %s", name, err);
     if (!rc)
         CHECKF((rc = open_engine(dir, 1, 1, m->half, &eh, err, sizeof err)) == 0, "%s hybrid: %s", name, err);
     if (!rc)
-        CHECKF((rc = open_session(ec, 0, 0, &sc, err, sizeof err)) == 0, "%s: %s", name, err);
+        CHECKF((rc = open_session(ec, 0, 0, 0, &sc, err, sizeof err)) == 0, "%s: %s", name, err);
     if (!rc)
-        CHECKF((rc = open_session(eh, 1, m->handoff, &sh, err, sizeof err)) == 0, "%s [%s]: %s", name, m->name, err);
+        CHECKF((rc = open_session(eh, 1, m->handoff, m->first, &sh, err, sizeof err)) == 0, "%s [%s]: %s", name,
+               m->name, err);
     const st_tensor *pt = st_find(ref, "prefill_tokens"), *dt = st_find(ref, "decode_tokens");
     if (!rc && pt && dt) {
         const int V = ec->d.n_vocab, T = (int)pt->shape[0], ND = (int)dt->shape[0];
@@ -228,9 +231,10 @@ static void defer_fixture(const char *dir, const char *name, const defer_mode *m
 static void test_defer_hybrid(const gpu_info *info)
 {
     static const defer_mode modes[] = {
-        { "host fn", HY_HANDOFF_HOST, 0 },
-        { "memop", HY_HANDOFF_MEMOP, 0 },
-        { "memop, half on GPU", HY_HANDOFF_MEMOP, 1 },
+        { "host fn", HY_HANDOFF_HOST, 0, 0 },
+        { "memop", HY_HANDOFF_MEMOP, 0, 0 },
+        { "memop, half on GPU", HY_HANDOFF_MEMOP, 1, 0 },
+        { "memop, first kernels", HY_HANDOFF_MEMOP, 0, 1 },
     };
     const char *root = getenv("TANDEM_FIXTURES") ? getenv("TANDEM_FIXTURES") : "tests/fixtures";
     DIR *dir = opendir(root);
@@ -397,17 +401,23 @@ static void test_route_warp(gpu_ctx *c)
             route_select(&rp, lg + (int64_t)t * E, idr + t * K, wr + t * K, scr);
         gpu_route_params gp = { (int)cases[ci].kind, E, K, cases[ci].norm, cases[ci].scale, cases[ci].G, cases[ci].tg,
                                 cases[ci].bias ? ddup(bias, (size_t)E * 4) : NULL };
-        int32_t *dids = ddup(NULL, (size_t)T * K * 4);
-        float *dw = ddup(NULL, (size_t)T * K * 4);
-        gpu_route(c, &gp, T, ddup(lg, (size_t)T * E * 4), dids, dw);
-        if (sync_ok(c, "route")) {
+        float *dlg = ddup(lg, (size_t)T * E * 4);
+        for (int fast = 1; fast >= 0; fast--) {
+            int32_t *dids = ddup(NULL, (size_t)T * K * 4);
+            float *dw = ddup(NULL, (size_t)T * K * 4);
+            gpu_ctx_set_fast(c, fast);
+            gpu_route(c, &gp, T, dlg, dids, dw);
+            gpu_ctx_set_fast(c, 1);
+            if (!sync_ok(c, "route"))
+                break;
             dget(ids, dids, (size_t)T * K * 4);
             dget(w, dw, (size_t)T * K * 4);
-            CHECKF(!memcmp(ids, idr, (size_t)T * K * 4), "route (warp) case %zu: expert ids differ", ci);
+            const char *kn = fast ? "warp" : "block";
+            CHECKF(!memcmp(ids, idr, (size_t)T * K * 4), "route (%s) case %zu: expert ids differ", kn, ci);
             double e = 0;
             for (int i = 0; i < T * K; i++)
                 e = fmax(e, fabs((double)w[i] - wr[i]) / fmax(1e-6, fabs((double)wr[i])));
-            CHECKF(e <= 1e-5, "route (warp) case %zu: weights differ by %.3g relative", ci, e);
+            CHECKF(e <= 1e-5, "route (%s) case %zu: weights differ by %.3g relative", kn, ci, e);
         }
         dfree_all();
         free(lg), free(bias), free(w), free(wr), free(scr), free(ids), free(idr);
