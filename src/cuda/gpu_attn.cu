@@ -131,9 +131,10 @@ static void gqa_launch(gpu_ctx *c, const gpu_gqa *a, int T, const float *q, int6
  * n_head / n_kv_head query heads that share one kv head, so each key and
  * value row is read once per group, over its share of the token's keys. In
  * tiles of AD_TILE keys:
- *   (1) thread i forms the G scores of key i from its own K row (16-byte
- *       loads; the queries broadcast from shared memory): no shuffles, all
- *       keys of the tile in parallel;
+ *   (1) four adjacent threads form the G scores of one key: each reads every
+ *       fourth 16-byte piece of the K row (all its loads issued together;
+ *       the four cover 64 contiguous bytes per step), the queries broadcast
+ *       from shared memory, two shuffles add the four parts;
  *   (2) per head (a warp each) the tile's max and exponentials, folded into
  *       the running max m and sum l (online softmax);
  *   (3) warp w adds p * v over keys w, w + 8, ... with lanes over the head's
@@ -147,7 +148,13 @@ static void gqa_launch(gpu_ctx *c, const gpu_gqa *a, int T, const float *q, int6
  * head), which that block resets) merges them in split order, so the
  * result does not depend on timing. Numerics as the first kernel: scores
  * dot * scale in fp32, expf, fp32 sums (order differs). */
-enum { AD_THREADS = 256, AD_WARPS = AD_THREADS / 32, AD_TILE = AD_THREADS, AD_MIN_KEYS = 64, AD_MAX_SPLIT = 32 };
+enum {
+    AD_THREADS = 256,
+    AD_WARPS = AD_THREADS / 32,
+    AD_TILE = AD_THREADS / 4, /* keys per tile: four threads per key in (1) */
+    AD_MIN_KEYS = 64,
+    AD_MAX_SPLIT = 32
+};
 
 template <int VPL4, int GMAX>
 static __global__ void __launch_bounds__(AD_THREADS, 1)
@@ -159,7 +166,7 @@ static __global__ void __launch_bounds__(AD_THREADS, 1)
     __shared__ int is_last;
     const int split = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
     const int hd = a.head_dim, hd4 = hd >> 2, G = a.n_head / a.n_kv_head, KH = a.n_kv_head;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kq = threadIdx.x & 3, kl = threadIdx.x >> 2;
     const int p = pos[t];
     const int lo = a.window > 0 && p - a.window + 1 > 0 ? p - a.window + 1 : 0;
     const int n = p - lo + 1;
@@ -184,6 +191,7 @@ static __global__ void __launch_bounds__(AD_THREADS, 1)
     __syncthreads();
     const float *Kb = a.k + (int64_t)seq[t] * a.seq_stride + (int64_t)kvh * hd;
     const float *Vb = a.v + (int64_t)seq[t] * a.seq_stride + (int64_t)kvh * hd;
+    const float4 *qs4 = (const float4 *)qs;
     float4 acc[GMAX][VPL4];
 #pragma unroll
     for (int g = 0; g < GMAX; g++)
@@ -192,28 +200,35 @@ static __global__ void __launch_bounds__(AD_THREADS, 1)
             acc[g][v] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     for (int jt = j0; jt < j1; jt += AD_TILE) {
         const int nk = j1 - jt < AD_TILE ? j1 - jt : AD_TILE;
-        /* (1) scores of key jt + threadIdx.x */
-        if ((int)threadIdx.x < nk) {
-            const float4 *kr = (const float4 *)(Kb + (int64_t)(jt + threadIdx.x) * a.row_stride);
+        /* (1) scores of key jt + kl, a quarter of its dims per thread */
+        {
             float s[GMAX];
 #pragma unroll
             for (int g = 0; g < GMAX; g++)
                 s[g] = 0.0f;
-#pragma unroll 4
-            for (int c4 = 0; c4 < hd4; c4++) {
-                const float4 kv = __ldg(kr + c4);
+            if (kl < nk) {
+                const float4 *kr = (const float4 *)(Kb + (int64_t)(jt + kl) * a.row_stride);
+#pragma unroll 8
+                for (int c4 = kq; c4 < hd4; c4 += 4) {
+                    const float4 kv = __ldg(kr + c4);
 #pragma unroll
-                for (int g = 0; g < GMAX; g++) {
-                    if (g < G) {
-                        const float4 qv = ((const float4 *)(qs + g * hd))[c4];
-                        s[g] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+                    for (int g = 0; g < GMAX; g++) {
+                        if (g < G) {
+                            const float4 qv = qs4[g * hd4 + c4];
+                            s[g] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+                        }
                     }
                 }
             }
 #pragma unroll
-            for (int g = 0; g < GMAX; g++)
-                if (g < G)
-                    sc[g * AD_TILE + threadIdx.x] = s[g] * a.scale;
+            for (int g = 0; g < GMAX; g++) {
+                if (g < G) {
+                    s[g] += __shfl_xor_sync(0xffffffffu, s[g], 1);
+                    s[g] += __shfl_xor_sync(0xffffffffu, s[g], 2);
+                    if (kl < nk && kq == 0)
+                        sc[g * AD_TILE + kl] = s[g] * a.scale;
+                }
+            }
         }
         __syncthreads();
         /* (2) the tile's softmax terms, one warp per head */
@@ -250,6 +265,7 @@ static __global__ void __launch_bounds__(AD_THREADS, 1)
                 }
             }
         }
+#pragma unroll 4
         for (int i = warp; i < nk; i += AD_WARPS) {
             const float4 *vr = (const float4 *)(Vb + (int64_t)(jt + i) * a.row_stride);
 #pragma unroll
@@ -310,23 +326,38 @@ static __global__ void __launch_bounds__(AD_THREADS, 1)
     if (!is_last)
         return;
     const int64_t base0 = ((int64_t)t * KH + kvh) * nsg * G * (hd + 2), sstride = (int64_t)G * (hd + 2);
+    /* every split's (m, l) into shared memory (sc is free: G * AD_TILE >= 2 * G * AD_MAX_SPLIT) */
+    float *mf = sc, *lf = sc + G * AD_MAX_SPLIT;
+    for (int i = threadIdx.x; i < G * ns; i += blockDim.x) {
+        const int g = i / ns, sp = i % ns;
+        const float *pg = part + base0 + sp * sstride + (int64_t)g * (hd + 2);
+        mf[g * AD_MAX_SPLIT + sp] = __ldcg(pg + hd);
+        lf[g * AD_MAX_SPLIT + sp] = __ldcg(pg + hd + 1);
+    }
+    __syncthreads();
+    if (threadIdx.x < G) { /* per head: the common max, the weight of each split, the sum */
+        const int g = threadIdx.x;
+        float M = -INFINITY, L = 0.0f;
+        for (int sp = 0; sp < ns; sp++)
+            if (lf[g * AD_MAX_SPLIT + sp] > 0.0f)
+                M = fmaxf(M, mf[g * AD_MAX_SPLIT + sp]);
+        for (int sp = 0; sp < ns; sp++) {
+            const float l = lf[g * AD_MAX_SPLIT + sp];
+            const float f = l > 0.0f ? expf(mf[g * AD_MAX_SPLIT + sp] - M) : 0.0f;
+            mf[g * AD_MAX_SPLIT + sp] = f;
+            L += l * f;
+        }
+        lrow[g] = L;
+    }
+    __syncthreads();
     for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
         const int g = i / hd, d = i % hd;
-        const float *pg = part + base0 + (int64_t)g * (hd + 2);
-        float M = -INFINITY;
+        const float *pg = part + base0 + (int64_t)g * (hd + 2) + d;
+        float O = 0.0f;
+#pragma unroll 8
         for (int sp = 0; sp < ns; sp++)
-            if (__ldcg(pg + sp * sstride + hd + 1) > 0.0f)
-                M = fmaxf(M, __ldcg(pg + sp * sstride + hd));
-        float L = 0.0f, O = 0.0f;
-        for (int sp = 0; sp < ns; sp++) {
-            const float l = __ldcg(pg + sp * sstride + hd + 1);
-            if (l > 0.0f) {
-                const float f = expf(__ldcg(pg + sp * sstride + hd) - M);
-                L += l * f;
-                O += __ldcg(pg + sp * sstride + d) * f;
-            }
-        }
-        out[(int64_t)t * ldo + (h0 + g) * hd + d] = O / L;
+            O += __ldcg(pg + sp * sstride) * mf[g * AD_MAX_SPLIT + sp];
+        out[(int64_t)t * ldo + (h0 + g) * hd + d] = O / lrow[g];
     }
     if (threadIdx.x == 0)
         *counter = 0; /* for the next launch (or graph replay) */

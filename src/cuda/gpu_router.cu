@@ -421,21 +421,41 @@ template <typename WT, int TT>
 static __global__ void __launch_bounds__(GV_THREADS, 2) gate_kernel(gate_args a)
 {
     __shared__ float red[GV_WARPS * GV_RPW * TT], res[GV_WARPS * GV_RPW * TT], rs[TT];
+    __shared__ double rpart[GV_WARPS][TT];
     __shared__ int is_last;
     extern __shared__ float4 gate_sm4[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, D = a.D, E = a.E, K = a.r.k;
     const int t0 = blockIdx.y * TT, nt = a.T - t0 < TT ? a.T - t0 : TT;
     const float *x = a.x + (int64_t)t0 * D;
-    /* 1/RMS of the tile's tokens, a warp each (every block computes the same) */
-    for (int t = warp; t < nt; t += GV_WARPS) {
-        double ss = 0;
-        for (int i = lane; i < D; i += 32)
-            ss += (double)x[(int64_t)t * D + i] * x[(int64_t)t * D + i];
-        ss = warp_sum_d(ss);
-        if (lane == 0)
-            rs[t] = gpu_rms_inv(ss, D, a.eps);
+    /* 1/RMS of the tile's tokens with the whole block (every block computes the
+     * same values in the same order); 16-byte loads, D % 8 == 0 */
+    {
+        double ss[TT];
+#pragma unroll
+        for (int t = 0; t < TT; t++)
+            ss[t] = 0;
+        for (int i = threadIdx.x; i < D / 4; i += blockDim.x)
+#pragma unroll
+            for (int t = 0; t < TT; t++)
+                if (t < nt) {
+                    const float4 u = __ldg((const float4 *)(x + (int64_t)t * D) + i);
+                    ss[t] += (double)u.x * u.x + (double)u.y * u.y + (double)u.z * u.z + (double)u.w * u.w;
+                }
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            const double v = warp_sum_d(ss[t]);
+            if (lane == 0)
+                rpart[warp][t] = v;
+        }
+        __syncthreads();
+        if ((int)threadIdx.x < nt) {
+            double v = 0;
+            for (int w = 0; w < GV_WARPS; w++)
+                v += rpart[w][threadIdx.x];
+            rs[threadIdx.x] = gpu_rms_inv(v, D, a.eps);
+        }
+        __syncthreads();
     }
-    __syncthreads();
     const int rows = (GV_WARPS / a.KS) * GV_RPW;
     const int64_t row0 = (int64_t)blockIdx.x * rows;
     gv_block<WT, TT, true>((const WT *)a.W, E, D, row0, a.KS, x, D, nt, a.nw, rs, red, res);
