@@ -12,6 +12,8 @@
  *   cc -o /tmp/emu_tests build-cpu/tests/run.o build-cpu/tests/test_gpu.o /tmp/emu.o \
  *      build-cpu/libtandem.a -ljansson -lnuma -lpcre2-8 -lutf8proc -lm -lpthread
  *   /tmp/emu_tests --gpu      (expected: only "graph" / "no graphs" failures)
+ *   /tmp/emu_tests --gpu_fast (all pass: hybrid deferral against the CPU engine;
+ *                              the kernel parts only check the tests' own logic here)
  * The objects of this file define every gpu.h symbol, so the linker never
  * takes gpu_none.o from the archive.
  */

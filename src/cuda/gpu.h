@@ -26,8 +26,9 @@
  *   - weights live on the GPU in their checkpoint dtype (BF16, or F32);
  *   - gpu_matmul with T <= exact_max_T (default 16, the decode sizes) runs
  *     our own kernel: fp32 activations x BF16/F32 weights, fp32 sums, so it
- *     differs from the CPU only by summation order (the decode GEMV of
- *     gpu_gemv.cuh for T <= 16, the first per-row kernel above); above that it is cuBLAS
+ *     differs from the CPU only by summation order (T <= 16: the split-K
+ *     decode GEMV of gpu_gemv.cuh; more tokens: one warp per row); above
+ *     exact_max_T it is cuBLAS
  *     with activations rounded to BF16 (round to nearest even) and fp32
  *     accumulation for BF16 weights (relative error ~2^-9 per product), and
  *     plain fp32 GEMM for F32 weights. gpu_ctx_set_exact() moves the limit.

@@ -234,7 +234,7 @@ static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, int de
         if (!rc)
             rc = decode_steps(s, 1, 2, o->decode, &W, &C, err, errlen);
         gpu_graph_counts gc;
-        if (hybrid_graph_counts(s, &gc) != 0)
+        if (hybrid_graph_counts(s, 1, &gc) != 0)
             memset(&gc, 0, sizeof gc);
         m.no_handoff = 1;
         hybrid_session_set_opts(s, &m);

@@ -161,9 +161,9 @@ void hy_cpu_disarm(hybrid_session *hs, int aborted);
 int hy_layer_has_cpu(const hybrid_engine *hy, const model_desc *d, int l);
 
 /* hybrid_ops.c: per-op GPU timings of one layer (bench e2e --ops), and the
- * node counts of the session's first decode graph. */
+ * node counts of the session's graph for passes of T tokens. */
 int hybrid_bench_ops(tandem_session *s, const char *model, int T, char *err, size_t errlen);
-int hybrid_graph_counts(const tandem_session *s, gpu_graph_counts *out);
+int hybrid_graph_counts(const tandem_session *s, int T, gpu_graph_counts *out);
 
 static inline int64_t hy_now_ns(void)
 {

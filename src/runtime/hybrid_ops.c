@@ -234,11 +234,12 @@ int hybrid_bench_ops(tandem_session *s, const char *model, int T, char *err, siz
     return rc;
 }
 
-int hybrid_graph_counts(const tandem_session *s, gpu_graph_counts *out)
+int hybrid_graph_counts(const tandem_session *s, int T, gpu_graph_counts *out)
 {
     memset(out, 0, sizeof *out);
     const hybrid_session *hs = s->hys;
-    if (!hs || hs->n_graphs == 0)
-        return TANDEM_EINVAL;
-    return gpu_graph_count(hs->graphs[0].g, out);
+    for (int i = 0; hs && i < hs->n_graphs; i++)
+        if (hs->graphs[i].T == T)
+            return gpu_graph_count(hs->graphs[i].g, out);
+    return TANDEM_EINVAL;
 }
