@@ -19,9 +19,10 @@
 #   env: MODEL (models/demo), STREAMS ("1 4 16"), TOKENS (128), PROMPT_WORDS
 #        (48: the prompt is that many words), REPS (3), OUT (a file the lines
 #        are appended to)
-# On the H200 machine, a full-size model with random weights:
-#   MODEL=bench/configs/qwen3-30b-a3b bench/serve.sh build -- --dummy-weights \
-#       --tokenizer models/demo --cpu-experts int4
+# On the H200 machine, a full-size model with random weights (the model is
+# loaded twice: once for the engine reference, once for the server):
+#   MODEL=bench/configs/qwen3-30b-a3b TOKENS=64 REPS=1 bench/serve.sh build -- \
+#       --dummy-weights --tokenizer models/demo --cpu-experts int4
 set -u
 cd "$(dirname "$0")/.."
 BUILD=build
@@ -45,20 +46,56 @@ trap '[ -n "$PID" ] && kill $PID 2>/dev/null && wait $PID 2>/dev/null; rm -rf "$
 
 # ---- the ceiling: the engine alone -------------------------------------------
 cat >"$TMP/ref.c" <<'CSRC'
-/* ref MODEL N PROMPT TOKENS [serve options]: N sequences prefilled with
- * PROMPT tokens, then TOKENS greedy steps of one batch of N; prints tok/s. */
+/* ref MODEL PROMPT TOKENS REPS "N1 N2 ..." [serve options]: for each N, N
+ * sequences prefilled with PROMPT tokens, then TOKENS greedy steps of one
+ * batch of N; prints the best tok/s of REPS runs per N on one line. The
+ * model is loaded once (full-size models take a while). */
 #include "tandem.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+static double decode(tandem_engine *e, int n, int P, int T)
+{
+    char err[512];
+    tandem_session *s;
+    tandem_session_params sp;
+    tandem_session_params_default(&sp);
+    sp.n_seq = n; sp.n_ctx = P + T + 1; sp.n_batch = P > n ? P : n; sp.n_outputs = n;
+    if (tandem_session_create(e, &sp, &s, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 0; }
+    int V = tandem_n_vocab(e), ok = 1;
+    int32_t *tok = malloc(sizeof(int32_t) * sp.n_batch * 3), *pos = tok + sp.n_batch, *seq = pos + sp.n_batch;
+    int8_t *want = malloc(sp.n_batch);
+    for (int q = 0; q < n && ok; q++) {
+        for (int i = 0; i < P; i++) { tok[i] = (i * 7 + 3) % (V < 4096 ? V : 4096); pos[i] = i; seq[i] = q; }
+        tandem_batch b = { P, tok, pos, seq, NULL };
+        ok = !tandem_forward(s, &b, err, sizeof err);
+    }
+    double t0 = now();
+    for (int step = 0; step < T && ok; step++) {
+        for (int q = 0; q < n; q++) {
+            const float *l = step ? tandem_logits(s, q) : NULL;
+            int best = 0;
+            for (int v = 1; l && v < V; v++) best = l[v] > l[best] ? v : best;
+            tok[q] = best; pos[q] = P + step; seq[q] = q; want[q] = 1;
+        }
+        tandem_batch b = { n, tok, pos, seq, want };
+        ok = !tandem_forward(s, &b, err, sizeof err);
+    }
+    double r = ok ? (double)n * T / (now() - t0) : 0;
+    if (!ok) fprintf(stderr, "%s\n", err);
+    free(tok);
+    free(want);
+    tandem_session_free(s);
+    return r;
+}
 int main(int argc, char **argv)
 {
     tandem_engine_params ep;
     tandem_engine_params_default(&ep);
-    int n = atoi(argv[2]), P = atoi(argv[3]), T = atoi(argv[4]);
-    for (int i = 5; i < argc; i++) {
+    int P = atoi(argv[2]), T = atoi(argv[3]), reps = atoi(argv[4]);
+    for (int i = 6; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : "";
         if (!strcmp(a, "--dummy-weights")) ep.dummy_weights = 1;
         else if (!strcmp(a, "--cpu-only")) ep.gpu = 0;
@@ -75,52 +112,28 @@ int main(int argc, char **argv)
     }
     char err[512];
     tandem_engine *e;
-    tandem_session *s;
     if (tandem_engine_open(argv[1], &ep, &e, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
-    tandem_session_params sp;
-    tandem_session_params_default(&sp);
-    sp.n_seq = n; sp.n_ctx = P + T + 1; sp.n_batch = P > n ? P : n; sp.n_outputs = n;
-    if (tandem_session_create(e, &sp, &s, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
-    int V = tandem_n_vocab(e);
-    int32_t *tok = malloc(sizeof(int32_t) * sp.n_batch * 3), *pos = tok + sp.n_batch, *seq = pos + sp.n_batch;
-    int8_t *want = malloc(sp.n_batch);
-    for (int q = 0; q < n; q++) {
-        for (int i = 0; i < P; i++) { tok[i] = (i * 7 + 3) % (V < 4096 ? V : 4096); pos[i] = i; seq[i] = q; }
-        tandem_batch b = { P, tok, pos, seq, NULL };
-        if (tandem_forward(s, &b, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
+    for (char *p = argv[5], *end; *p; p = end) {
+        int n = (int)strtol(p, &end, 10);
+        if (end == p) break;
+        double best = 0;
+        for (int r = 0; r < reps; r++) { double x = decode(e, n, P, T); best = x > best ? x : best; }
+        printf("%.1f ", best);
     }
-    double t0 = now();
-    for (int step = 0; step < T; step++) {
-        for (int q = 0; q < n; q++) {
-            const float *l = step ? tandem_logits(s, q) : NULL;
-            int best = 0;
-            for (int v = 1; l && v < V; v++) best = l[v] > l[best] ? v : best;
-            tok[q] = best; pos[q] = P + step; seq[q] = q; want[q] = 1;
-        }
-        tandem_batch b = { n, tok, pos, seq, want };
-        if (tandem_forward(s, &b, err, sizeof err)) { fprintf(stderr, "%s\n", err); return 1; }
-    }
-    printf("%.1f\n", (double)n * T / (now() - t0));
-    free(tok);
-    free(want);
-    tandem_session_free(s);
+    printf("\n");
     tandem_engine_close(e);
     return 0;
 }
 CSRC
 libs=$(make --no-print-directory -s -f Makefile -f <(printf 'print-%%:\n\t@echo $($*)\n') BUILD="$BUILD" print-LDLIBS)
 REF=$TMP/ref
-cc -std=c11 -O2 -D_GNU_SOURCE -Iinclude "$TMP/ref.c" "$BUILD/libtandem.a" $libs -o "$REF" 2>"$TMP/cc.log" ||
-    { echo "serve bench: no engine reference ($(head -n 3 "$TMP/cc.log"))" >&2; REF=; }
 engine=""
-for n in $STREAMS; do
-    best=0
-    for _ in $(seq 1 "$REPS"); do
-        x=$([ -n "$REF" ] && "$REF" "$MODEL" "$n" "$PROMPT_WORDS" "$TOKENS" "$@" 2>/dev/null || echo 0)
-        best=$(python3 -c "print(max($best, ${x:-0}))")
-    done
-    engine="$engine $best"
-done
+if cc -std=c11 -O2 -D_GNU_SOURCE -Iinclude "$TMP/ref.c" "$BUILD/libtandem.a" $libs -o "$REF" 2>"$TMP/cc.log"; then
+    engine=$("$REF" "$MODEL" "$PROMPT_WORDS" "$TOKENS" "$REPS" "$STREAMS" "$@" 2>"$TMP/ref.log") ||
+        { echo "serve bench: the engine reference failed: $(tail -n 2 "$TMP/ref.log")" >&2; engine=""; }
+else
+    echo "serve bench: no engine reference ($(head -n 3 "$TMP/cc.log"))" >&2
+fi
 
 # ---- the server ---------------------------------------------------------------
 "$BIN" serve -m "$MODEL" --port 0 --max-seqs "$max" --queue "$max" "$@" 2>"$TMP/log" &
