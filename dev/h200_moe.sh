@@ -10,7 +10,10 @@
 #   4. tile-kernel settings (moe_tuning, see src/cpu/moe/moe_impl.h) at
 #      2048 tokens, both shapes: K chunk, loop order, L1 prefetch, pairs per
 #      item; INT4 unpack chunk. The best line per shape x format says what
-#      the defaults in src/cpu/moe/moe.c should be             -> tune.log
+#      the defaults in src/cpu/moe/moe_fwd.c should be. The custom shape
+#      (Qwen3 experts, 16 of them, 1024 tokens each) is compute-bound: its
+#      roofline_frac is the tile kernels' fraction of the AMX peak with
+#      DRAM out of the way                                      -> tune.log
 #   5. the decode/prefill switch: qwen3 shape at 2..64 tokens per expert
 #      (32..1024 tokens) with the tile kernels always (--amx-min 1) and
 #      never (--amx-min 1000000): MOE_AMX_MIN_* in moe.h is the first
@@ -50,8 +53,8 @@ echo "== tile-kernel settings (2048 tokens)"
 TUNES="kc_bf16=512,kc_int8=1024;kc_bf16=256,kc_int8=512;kc_bf16=1024,kc_int8=2048;kc_bf16=2048,kc_int8=4096"
 TUNES="$TUNES;ord=1;pf=1;pf=3;ord=1,pf=1;np_up=4;np_up=4,pf=1"
 {
-    timeout 75 build/dev/moe_bench --shape qwen3-30b-a3b --fmt bf16,int8 --tokens 2048 --reps 5 --layers 2 \
-        --tune "$TUNES"
+    timeout 75 build/dev/moe_bench --shape "qwen3-30b-a3b;custom:2048,768,16,8" --fmt bf16,int8 --tokens 2048 \
+        --reps 5 --layers 2 --tune "$TUNES"
     timeout 75 build/dev/moe_bench --shape deepseek-v3 --fmt bf16,int8 --tokens 2048 --reps 3 --layers 1 \
         --tune "$TUNES"
     timeout 40 build/dev/moe_bench --shape qwen3-30b-a3b --fmt int4 --tokens 2048,8192 --reps 3 --layers 2 \
