@@ -48,6 +48,7 @@ echo "== benchmark (PyTorch loop first, then tandem)"
 TORCH_OUT="$OUT/torch_times.txt" timeout 300 bench/moe.sh >"$OUT/bench.log" 2>"$OUT/bench.err"
 echo "bench rc=$?"
 grep -E "moe_ceiling|moe_worst|tokens=1 |tokens=2048 |tokens=8192 |error" "$OUT/bench.log" | grep "bench=moe" | head -40
+grep "bench=moe_pack" "$OUT/bench.log" | awk '{print $2, $3, $8, $9}' # thp_GB < packed_GB: weights on 4 KB pages
 
 echo "== tile-kernel settings (2048 tokens)"
 TUNES="kc_bf16=512,kc_int8=1024;kc_bf16=256,kc_int8=512;kc_bf16=1024,kc_int8=2048;kc_bf16=2048,kc_int8=4096"

@@ -255,6 +255,23 @@ static double torch_ms(const char *file, const char *shape, int tokens)
     return ms;
 }
 
+/* GB of this process's anonymous memory on transparent huge pages (-1 if
+ * unknown): the packed experts ask for them (moe_huge_alloc); streaming
+ * weights on 4 KB pages costs a page walk every 64 lines */
+static double thp_gb(void)
+{
+    FILE *f = fopen("/proc/self/smaps_rollup", "r");
+    if (!f)
+        return -1;
+    char line[256];
+    double kb = -1;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "AnonHugePages:", 14))
+            kb = atof(line + 14);
+    fclose(f);
+    return kb < 0 ? -1 : kb / 1e6;
+}
+
 /* ---- ceilings ----------------------------------------------------------- */
 
 typedef struct {
@@ -477,9 +494,11 @@ static void bench_fmt(pool *p, const bench_opts *o, const shape_def *s, int fmt,
         printf("bench=moe shape=%s fmt=%s isa=%s error=\"%s\"\n", s->name, fmt_name(fmt), isa_name(isa), err);
         goto done;
     }
-    printf("bench=moe_pack shape=%s fmt=%s isa=%s layers=%d expert_MB=%.2f pack_s=%.2f pack_GBps=%.2f\n", s->name,
-           fmt_name(fmt), isa_name(isa), L, moe_bytes(ops[0]) / 1e6, pack_s,
-           L * (double)s->n_expert * moe_bytes(ops[0]) / pack_s / 1e9);
+    printf("bench=moe_pack shape=%s fmt=%s isa=%s layers=%d expert_MB=%.2f pack_s=%.2f pack_GBps=%.2f "
+           "packed_GB=%.2f thp_GB=%.2f\n",
+           s->name, fmt_name(fmt), isa_name(isa), L, moe_bytes(ops[0]) / 1e6, pack_s,
+           L * (double)s->n_expert * moe_bytes(ops[0]) / pack_s / 1e9, L * (double)s->n_expert * moe_bytes(ops[0]) / 1e9,
+           thp_gb());
     fflush(stdout);
 
     uint16_t *x = td_alloc((size_t)max_tok * s->d_model * 2);
