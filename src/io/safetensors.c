@@ -256,14 +256,26 @@ static int open_file(st_set *s, const char *path, char *err, size_t errlen)
         }
         t.data = data + ob;
         t.nbytes = (size_t)(oe - ob);
+        if ((uintptr_t)t.data % esz != 0) {
+            /* unpadded header: keep kernels' loads aligned by copying this tensor */
+            t.copy = aligned_alloc(64, (t.nbytes + 63) / 64 * 64 + 64);
+            if (!t.copy) {
+                rc = td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+                goto done;
+            }
+            memcpy(t.copy, t.data, t.nbytes);
+            t.data = t.copy;
+        }
         t.file = file_idx;
         t.name = strdup(name);
         if (!t.name) {
+            free(t.copy);
             rc = td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
             goto done;
         }
         if ((rc = add_tensor(s, &t, err, errlen, path)) != 0) {
             free((char *)t.name);
+            free(t.copy);
             goto done;
         }
     }
@@ -374,8 +386,10 @@ void st_close(st_set *s)
 {
     if (!s)
         return;
-    for (int i = 0; i < s->n; i++)
+    for (int i = 0; i < s->n; i++) {
         free((char *)s->t[i].name);
+        free(s->t[i].copy);
+    }
     for (int i = 0; i < s->n_files; i++) {
         if (s->files[i].map)
             munmap(s->files[i].map, s->files[i].size);

@@ -4,7 +4,9 @@
  * A set is one file, or the shards listed by model.safetensors.index.json
  * ("weight_map": tensor name -> shard file). Tensor data is never copied: a
  * tensor's `data` points into the file mapping and stays valid until
- * st_close(). Every header is validated at open: JSON well-formed, known
+ * st_close(). A writer that does not pad its header can leave a tensor off
+ * its element alignment; such a tensor is copied once into aligned memory
+ * (kernels read it as uint16/float arrays). Every header is validated at open: JSON well-formed, known
  * dtypes, offsets inside the file, sizes consistent with shapes, no overlap
  * with the header, and every index entry present in its shard.
  */
@@ -23,9 +25,10 @@ typedef struct {
     td_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
-    const void *data;   /* into the mapping */
+    const void *data;   /* into the mapping, or into `copy` */
     size_t nbytes;
     int file;           /* index of the shard holding it */
+    void *copy;         /* aligned copy when the file put the data off its element alignment */
 } st_tensor;
 
 typedef struct st_set st_set;
