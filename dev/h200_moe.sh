@@ -3,7 +3,7 @@
 # (AMX there; none on the developer machines). Run from anywhere with OUT set
 # to a folder for the logs:   OUT=/some/dir dev/h200_moe.sh
 # Steps (each bounded by a timeout; expected ~5 minutes, worst case < 10):
-#   1. build: make cpu + build/dev/moe_bench                    -> build.log
+#   1. build: make cpu + build/run_tests + build/dev/moe_bench                   -> build.log
 #   2. build/run_tests --moe (real AMX kernels vs the reference)  -> tests.log
 #   3. bench/moe.sh: PyTorch loop, then the full matrix (2 shapes x
 #      bf16/int8/int4 x tokens 1..8192) with vs_torch           -> bench.log
@@ -33,7 +33,7 @@ J=$(nproc)
 grep -E "^Model name|^Thread\(s\) per core|^Core\(s\) per socket|^L1d|^L2|^L3" "$OUT/machine.txt"
 
 echo "== build"
-if ! { make cpu -j"$J" && make CUDA=0 -j"$J" build/dev/moe_bench; } >"$OUT/build.log" 2>&1; then
+if ! { make cpu -j"$J" && make CUDA=0 -j"$J" build/run_tests build/dev/moe_bench; } >"$OUT/build.log" 2>&1; then
     tail -30 "$OUT/build.log"
     echo "build failed (see $OUT/build.log)"
     exit 1

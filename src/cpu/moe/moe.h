@@ -73,18 +73,21 @@ typedef struct {
                                     0 = MOE_AMX_MIN_DEFAULT(fmt) */
 } moe_desc;
 
-/* Tokens per expert from which the tile kernel runs, per format. The H200
- * sweep (bench/results/2026-11-28-h200-moe.txt, switch.log; Qwen3 shape,
- * 16 tokens per expert per 256 tokens) had the old tile kernel ahead from
- * 8 tokens per expert for BF16 and INT8 (equal or behind at 4); the vector
- * kernels, compute-bound past ~8 tokens, lose ground from there. INT4's
- * tile path folds every 32-group of every 16-row tile on the vector units
- * (a cost per tile, however few of its rows are tokens), so it needs fuller
- * tiles to win: 16 until the sweep of the new kernel says otherwise
- * (dev/h200_moe.sh prints it). */
+/* Tokens per expert from which the tile kernel runs, per format, from the
+ * H200 switch sweep of 2026-11-29 (bench/results/2026-11-29-h200-moe.txt;
+ * Qwen3 shape, 128 experts top-8, so tokens/16 per expert; tile kernel
+ * always vs never):
+ *   BF16: vector ahead at 4 per expert (11.4 vs 12.0 ms), tile ahead from 8
+ *         (11.6 vs 12.4), 2.4x ahead at 32.
+ *   INT8: vector ahead at 16 (7.5 vs 8.5 ms), tile ahead at 32 (9.2 vs 13.9);
+ *         the lines cross near 20.
+ *   INT4: vector ahead at every count up to 64 (21.8 vs 23.2 ms); the slopes
+ *         cross near 120. INT4's tile path folds every 32-group of every
+ *         16-row tile on the vector units, a cost per tile however few of its
+ *         rows are tokens, so it needs full tiles to pay. */
 #define MOE_AMX_MIN_BF16 8
-#define MOE_AMX_MIN_INT8 8
-#define MOE_AMX_MIN_INT4 16
+#define MOE_AMX_MIN_INT8 24
+#define MOE_AMX_MIN_INT4 128
 #define MOE_AMX_MIN_DEFAULT(fmt) \
     ((fmt) == MOE_INT4 ? MOE_AMX_MIN_INT4 : (fmt) == MOE_INT8 ? MOE_AMX_MIN_INT8 : MOE_AMX_MIN_BF16)
 

@@ -36,7 +36,7 @@ static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 /* ---- tuning -------------------------------------------------------------- */
 
-moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 64, .np_up = 8, .cg = 0, .up_rb = 0, .ord = 0, .pf = 0 };
+moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 128, .np_up = 8, .cg = 0, .up_rb = 0, .ord = 0, .pf = 1 };
 
 int moe_tune_parse(const char *spec, char *err, size_t errlen)
 {
