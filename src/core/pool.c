@@ -93,6 +93,25 @@ static void work(pool *p, int part)
     }
 }
 
+static void pin_to(int cpu)
+{
+    if (cpu < 0)
+        return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+}
+
+void pool_bind_caller(const pool *p)
+{
+    tls_tid = 0;
+    tls_part = 0;
+    tls_part_tid = 0;
+    if (p && p->size > 1)
+        pin_to(p->w[0].cpu); /* only a pool that pins its workers gives thread 0 a core */
+}
+
 static void *worker_main(void *arg)
 {
     worker *w = arg;
@@ -100,12 +119,7 @@ static void *worker_main(void *arg)
     tls_tid = w->tid;
     tls_part = w->part;
     tls_part_tid = w->part_tid;
-    if (w->cpu >= 0) {
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        CPU_SET(w->cpu, &set);
-        pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-    }
+    pin_to(w->cpu);
     unsigned seen = 0;
     for (;;) {
         unsigned g = atomic_load_explicit(&p->gen, memory_order_acquire);

@@ -40,6 +40,12 @@ void pool_run(pool *p, int64_t n, int64_t chunk, pool_fn fn, void *ctx);
 /* Run fn over [0, n) once per partition, on that partition's threads. */
 void pool_run_parts(pool *p, int64_t n, int64_t chunk, pool_fn fn, void *ctx);
 
+/* Make the calling thread the pool's thread 0 (the caller's role in
+ * pool_run): pinned to thread 0's core when the pool pins its workers. For a
+ * thread other than the one that created the pool that drives it, such as the
+ * hybrid hand-off watcher, which would otherwise float onto a worker's core. */
+void pool_bind_caller(const pool *p);
+
 int pool_tid(void);   /* calling thread's index in its pool, 0..size-1 */
 int pool_part(void);  /* calling thread's partition */
 int pool_part_tid(void); /* index inside the partition */

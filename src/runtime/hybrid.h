@@ -101,6 +101,7 @@ void hybrid_session_set_opts(tandem_session *s, const hybrid_opts *o);
 typedef struct {
     int64_t steps, graph_launches, captures;
     int64_t cpu_ns;             /* inside the CPU experts */
+    int64_t cpu_def_ns;         /* of which deferred experts (overlapping the next layer's GPU work) */
     int64_t wall_ns;            /* inside hybrid_forward */
 } hybrid_stats;
 void hybrid_stats_get(const tandem_session *s, hybrid_stats *out);

@@ -134,8 +134,8 @@ static int32_t rand_tok(int V)
 }
 
 /* Average seconds per decode step over `steps` steps (after `warm` unmeasured). */
-static int decode_steps(tandem_session *s, int hybrid, int warm, int steps, double *sec, int64_t *cpu_ns, char *err,
-                        size_t errlen)
+static int decode_steps(tandem_session *s, int hybrid, int warm, int steps, double *sec, int64_t *cpu_ns,
+                        int64_t *cpu_def_ns, char *err, size_t errlen)
 {
     const int V = s->e->d.n_vocab;
     hybrid_stats a, b;
@@ -153,6 +153,8 @@ static int decode_steps(tandem_session *s, int hybrid, int warm, int steps, doub
     *sec = (now_s() - t0) / steps;
     hybrid_stats_get(s, &b);
     *cpu_ns = (b.cpu_ns - a.cpu_ns) / steps;
+    if (cpu_def_ns)
+        *cpu_def_ns = (b.cpu_def_ns - a.cpu_def_ns) / steps;
     return 0;
 }
 
@@ -228,39 +230,39 @@ static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, int de
         tandem_kv_clear(s, 0);
         rc = forward(s, 1, o->prompts[0], tok, 0, err, errlen);
         double W = 0, G = 0, W0 = 0, Gf = 0;
-        int64_t C = 0, c0;
+        int64_t C = 0, Cd = 0, c0;
         hybrid_opts m = s->hys->o;
         const int short_steps = o->decode / 2 > 4 ? o->decode / 2 : 4;
         if (!rc)
-            rc = decode_steps(s, 1, 2, o->decode, &W, &C, err, errlen);
+            rc = decode_steps(s, 1, 2, o->decode, &W, &C, &Cd, err, errlen);
         gpu_graph_counts gc;
         if (hybrid_graph_counts(s, 1, &gc) != 0)
             memset(&gc, 0, sizeof gc);
         m.no_handoff = 1;
         hybrid_session_set_opts(s, &m);
         if (!rc)
-            rc = decode_steps(s, 1, 2, short_steps, &G, &c0, err, errlen);
+            rc = decode_steps(s, 1, 2, short_steps, &G, &c0, NULL, err, errlen);
         if (!rc && o->kernels_both) {
             m.fast = 0;
             hybrid_session_set_opts(s, &m);
-            rc = decode_steps(s, 1, 2, short_steps, &Gf, &c0, err, errlen);
+            rc = decode_steps(s, 1, 2, short_steps, &Gf, &c0, NULL, err, errlen);
             m.fast = 1;
         }
         m.no_handoff = 0;
         m.cpu_skip = 1;
         hybrid_session_set_opts(s, &m);
         if (!rc)
-            rc = decode_steps(s, 1, 2, short_steps, &W0, &c0, err, errlen);
+            rc = decode_steps(s, 1, 2, short_steps, &W0, &c0, NULL, err, errlen);
         if (!rc) {
             double bytes = cpu_expert_bytes_per_token(e), roof = bytes > 0 ? bw * 1e9 / bytes : 0;
             double sync = W0 - G > 0 ? W0 - G : 0;
             printf("bench=e2e model=%s experts=%s mode=hybrid handoff=%s defer=%d phase=decode prompt=%d batch=1 "
                    "tok_s=%.2f roofline_tok_s=%.2f roofline_frac=%.3f gpu_busy=%.3f cpu_busy=%.3f sync_frac=%.3f "
-                   "step_ms=%.3f gpu_ms=%.3f cpu_ms=%.3f handoff_empty_ms=%.3f expert_MB_per_tok=%.1f dram_GBps=%.1f "
-                   "graphs=%s kernels=%d nodes=%d",
+                   "step_ms=%.3f gpu_ms=%.3f cpu_ms=%.3f cpu_def_ms=%.3f handoff_empty_ms=%.3f expert_MB_per_tok=%.1f "
+                   "dram_GBps=%.1f graphs=%s kernels=%d nodes=%d",
                    o->name, fmt_name(o->fmt), hname, s->hys->defer, o->prompts[0], 1.0 / W, roof,
                    roof > 0 ? 1.0 / W / roof : 0, G / W, C * 1e-9 / W, sync / W, W * 1e3, G * 1e3, C * 1e-6,
-                   W0 * 1e3, bytes / 1e6, bw, s->hys->o.graphs ? "on" : "off", gc.kernels, gc.total);
+                   Cd * 1e-6, W0 * 1e3, bytes / 1e6, bw, s->hys->o.graphs ? "on" : "off", gc.kernels, gc.total);
             if (o->kernels_both)
                 printf(" gpu_ms_first=%.3f", Gf * 1e3);
             printf("\n");
@@ -317,7 +319,7 @@ static int run_cpu(tandem_engine *e, const bench_opts *o, double bw, char *err, 
     double W = 0;
     int64_t C;
     if (!rc && o->cpu_decode > 0)
-        rc = decode_steps(s, 0, 1, o->cpu_decode, &W, &C, err, errlen);
+        rc = decode_steps(s, 0, 1, o->cpu_decode, &W, &C, NULL, err, errlen);
     if (!rc && o->cpu_decode > 0) {
         int64_t total, active;
         model_param_counts(&e->d, &total, &active);

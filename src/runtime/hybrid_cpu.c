@@ -107,7 +107,10 @@ static void cpu_layer(hybrid_session *hs, int l, int deferred)
     } else {
         ref_layer(hs, l, T, hs->slot_x[p], ids, hs->slot_w[p], y);
     }
-    atomic_fetch_add(&hs->cpu_ns, hy_now_ns() - t0);
+    const int64_t dt = hy_now_ns() - t0;
+    atomic_fetch_add(&hs->cpu_ns, dt);
+    if (deferred)
+        atomic_fetch_add(&hs->cpu_def_ns, dt);
 }
 
 void hy_cpu_layer(void *job)
@@ -121,6 +124,8 @@ static void *watch_main(void *arg)
 {
     hybrid_session *hs = arg;
     const model_desc *d = &hs->e->d;
+    /* the watcher drives the pool as its thread 0: give it thread 0's core, not one a worker holds */
+    pool_bind_caller(hs->e->pool);
     pthread_mutex_lock(&hs->mu);
     for (;;) {
         while (!hs->armed && !hs->quit)

@@ -131,6 +131,7 @@ struct hybrid_session {
     hy_job *jobs;                         /* [n_layer][2]: immediate, deferred */
     int cur_T;                            /* tokens of the pass in flight */
     _Atomic int64_t cpu_ns;
+    _Atomic int64_t cpu_def_ns;           /* the deferred experts' share of cpu_ns */
     int cpu_rc;
     char cpu_msg[256];
     /* hand-off (b): the thread that watches the flags */

@@ -631,6 +631,7 @@ void hybrid_stats_get(const tandem_session *s, hybrid_stats *out)
         return;
     *out = s->hys->st;
     out->cpu_ns = atomic_load(&s->hys->cpu_ns);
+    out->cpu_def_ns = atomic_load(&s->hys->cpu_def_ns);
 }
 
 void hybrid_stats_reset(tandem_session *s)
@@ -639,4 +640,5 @@ void hybrid_stats_reset(tandem_session *s)
         return;
     memset(&s->hys->st, 0, sizeof s->hys->st);
     atomic_store(&s->hys->cpu_ns, 0);
+    atomic_store(&s->hys->cpu_def_ns, 0);
 }

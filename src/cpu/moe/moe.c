@@ -177,8 +177,10 @@ void moe_pick_kernels(struct moe_op *op)
             td_log(TD_LOG_WARN, "moe: kernel 'amx' declines format %d (group %d); using '%s' for prefill", op->fmt,
                    op->group, k->name);
     }
-    td_log(TD_LOG_INFO, "moe: kernels '%s' (< %d tokens per expert) and '%s'", op->small->name, op->amx_min,
-           op->big->name);
+    /* once per process at info (one op per layer would repeat it for every layer) */
+    static atomic_int said;
+    td_log(atomic_exchange(&said, 1) ? TD_LOG_DEBUG : TD_LOG_INFO,
+           "moe: kernels '%s' (< %d tokens per expert) and '%s'", op->small->name, op->amx_min, op->big->name);
 }
 
 /* validate d and fill the fields of op that do not depend on the weights */
@@ -269,8 +271,9 @@ int moe_create_isa(moe_op **out, const moe_desc *d, pool *p, int isa, char *err,
         rc = td_err(err, errlen, TANDEM_ENOMEM, "moe: out of memory while packing");
         goto fail;
     }
-    td_log(TD_LOG_INFO, "moe: packed %d experts (%d x %d, format %d): %.1f MB each", op->n_held, op->d_model, op->d_ff,
-           op->fmt, moe_bytes(op) / 1e6);
+    static atomic_int said; /* once per process at info, like the kernels line */
+    td_log(atomic_exchange(&said, 1) ? TD_LOG_DEBUG : TD_LOG_INFO, "moe: packed %d experts (%d x %d, format %d): %.1f MB each",
+           op->n_held, op->d_model, op->d_ff, op->fmt, moe_bytes(op) / 1e6);
     *out = op;
     return 0;
 fail:
