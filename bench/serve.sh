@@ -128,7 +128,9 @@ CSRC
 libs=$(make --no-print-directory -s -f Makefile -f <(printf 'print-%%:\n\t@echo $($*)\n') BUILD="$BUILD" print-LDLIBS)
 REF=$TMP/ref
 engine=""
-if cc -std=c11 -O2 -D_GNU_SOURCE -Iinclude "$TMP/ref.c" "$BUILD/libtandem.a" $libs -o "$REF" 2>"$TMP/cc.log"; then
+# EXTRA_CFLAGS / EXTRA_LDFLAGS as for make (a sysroot of the -dev packages on the GPU machine)
+if cc -std=c11 -O2 -D_GNU_SOURCE -Iinclude ${EXTRA_CFLAGS:-} "$TMP/ref.c" "$BUILD/libtandem.a" $libs ${EXTRA_LDFLAGS:-} \
+    -o "$REF" 2>"$TMP/cc.log"; then
     engine=$("$REF" "$MODEL" "$PROMPT_WORDS" "$TOKENS" "$REPS" "$STREAMS" "$@" 2>"$TMP/ref.log") ||
         { echo "serve bench: the engine reference failed: $(tail -n 2 "$TMP/ref.log")" >&2; engine=""; }
 else

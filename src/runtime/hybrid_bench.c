@@ -4,8 +4,11 @@
  * key=value line format.
  *
  * What one run measures, all in the same process:
- *   - DRAM read bandwidth (all pool threads, 16-byte loads over 1 GiB, best
- *     of 5): the ceiling for the CPU roofline;
+ *   - DRAM read bandwidth (moe_dram_gbps: all pool threads, the widest
+ *     loads, 2.25 GiB of huge pages, best of 6): the ceiling for the CPU
+ *     roofline, the same as `bench moe` prints (a first version read 1 GiB
+ *     of small pages with 16-byte loads and measured less than the expert
+ *     kernels then reached);
  *   - prefill tokens/s for each --prompt length (one sequence; the session
  *     cuts the prompt into passes of TANDEM_GPU_CHUNK tokens, default the
  *     longest prompt up to 4096);
@@ -30,6 +33,8 @@
 #include "core/err.h"
 #include "core/log.h"
 #include "core/mem.h"
+#include "core/isa.h"
+#include "cpu/moe/moe.h"
 #include "runtime/hybrid_impl.h"
 
 #include <stdio.h>
@@ -65,50 +70,6 @@ typedef struct {
 } bench_opts;
 
 static double now_s(void) { return (double)hy_now_ns() * 1e-9; }
-
-/* ---- DRAM read bandwidth --------------------------------------------------------- */
-typedef unsigned long long v2u64 __attribute__((vector_size(16)));
-typedef struct {
-    const v2u64 *p;
-    int64_t n;        /* vectors in all */
-    v2u64 sink[256];
-} bw_ctx;
-
-static void bw_job(void *arg, int64_t b, int64_t e)
-{
-    bw_ctx *c = arg;
-    int64_t per = c->n / 256;
-    v2u64 a0 = { 0, 0 }, a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t blk = b; blk < e; blk++) {
-        const v2u64 *p = c->p + blk * per;
-        for (int64_t i = 0; i + 4 <= per; i += 4) {
-            a0 ^= p[i];
-            a1 ^= p[i + 1];
-            a2 ^= p[i + 2];
-            a3 ^= p[i + 3];
-        }
-        c->sink[blk] = a0 ^ a1 ^ a2 ^ a3;
-    }
-}
-
-static double dram_gbps(pool *p)
-{
-    const size_t bytes = 1ull << 30;
-    v2u64 *buf = td_alloc(bytes);
-    if (!buf)
-        return 0;
-    memset(buf, 1, bytes);
-    bw_ctx c = { buf, (int64_t)(bytes / 16), { { 0, 0 } } };
-    double best = 0;
-    for (int r = 0; r < 5; r++) {
-        double t0 = now_s();
-        pool_run(p, 256, 1, bw_job, &c);
-        double gb = bytes / (now_s() - t0) / 1e9;
-        best = gb > best ? gb : best;
-    }
-    free(buf);
-    return best;
-}
 
 /* ---- helpers ------------------------------------------------------------------------ */
 static int forward(tandem_session *s, int hybrid, int n, const int32_t *tok, int pos0, char *err, size_t errlen)
@@ -473,7 +434,7 @@ int tandem_bench_e2e(int argc, char **argv)
         return 1;
     }
     double t_load = now_s() - t0;
-    double bw = dram_gbps(e->pool);
+    double bw = moe_dram_gbps(e->pool, isa_current()); /* the ceiling of `bench moe` too */
     printf("# bench e2e: %s, %d layers (%d MoE), %d threads, load %.1f s, DRAM read %.1f GB/s\n", o.name,
            e->d.n_layer, e->d.n_layer_moe, pool_size(e->pool), t_load, bw);
     if (o.mode_hybrid) {

@@ -313,7 +313,7 @@ static void read_job(void *arg, int64_t b, int64_t e)
     }
 }
 
-static double dram_bw(pool *p, int isa)
+double moe_dram_gbps(pool *p, int isa)
 {
     ceil_ctx c = { .isa = isa };
     c.per = 1 << 20;
@@ -603,7 +603,7 @@ int tandem_bench_moe(int argc, char **argv)
         return 2;
     }
     ceilings ce = { 0 };
-    ce.dram = dram_bw(p, best);
+    ce.dram = moe_dram_gbps(p, best);
     if (best >= ISA_AMX) {
         ce.peak_bf16 = peak(p, ISA_AMX, 0);
         ce.peak_int8 = peak(p, ISA_AMX, 1);
