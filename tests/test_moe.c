@@ -609,6 +609,58 @@ static void test_split(pool *p1, pool *p2)
     free_weights(&w);
 }
 
+/* ---- batch invariance ---------------------------------------------------- */
+
+/* A token's output does not depend on the rest of the batch: token A alone,
+ * then at row 5 of 12 tokens whose others crowd A's experts 0 and 2 past
+ * amx_min (4), leave its expert 1 below, and touch experts A does not use,
+ * must give the same bits (an order of experts by size would sum A's as
+ * 1, 0, 2 in the batch and 0, 1, 2 alone).
+ * (The server promises greedy outputs independent of concurrency.) Every
+ * kernel set this CPU has; on the tile emulator only INT8/INT4, since a BF16
+ * expert past amx_min takes the tile kernel, whose sums round differently. */
+static void test_batch_invariance(pool *p1, pool *p2)
+{
+    weights w = make_weights(6, 100, 72, MOE_SRC_BF16, ~0ull);
+    const int n = 12, top_k = 3, at = 5;
+    float *x = malloc((size_t)n * w.dm * 4), *wt = malloc((size_t)n * top_k * 4);
+    float *alone = malloc((size_t)w.dm * 4), *all = malloc((size_t)n * w.dm * 4);
+    int32_t *ids = malloc((size_t)n * top_k * 4);
+    for (int i = 0; i < n * w.dm; i++)
+        x[i] = (float)rng_gauss();
+    for (int t = 0; t < n; t++)
+        for (int k = 0; k < top_k; k++) {
+            ids[t * top_k + k] = t == at ? (int32_t[]){ 1, 0, 2 }[k] : (int32_t[]){ 0, 2, 3 + t % 3 }[k];
+            wt[t * top_k + k] = (float)(0.2 + 0.3 * rng_unif());
+        }
+    int best = isa_detect();
+    for (int isa = ISA_REF; isa <= best + 1; isa++) {
+        int emu = isa == best + 1;
+        if (emu && best < ISA_AVX512)
+            break;
+        for (int fmt = 0; fmt < 3; fmt++) {
+            if (emu && fmt == MOE_BF16)
+                continue;
+            for (int parts = 1; parts <= 2; parts++) {
+                run_opts o = { .p = parts == 1 ? p1 : p2, .fmt = fmt, .isa = emu ? ISA_AVX512 : isa, .emu = emu,
+                               .amx_min = 4, .n = 1, .top_k = top_k, .act_bf16 = 1 };
+                char err[256] = "";
+                int rc = run_layer(&w, &o, x + (size_t)at * w.dm, ids + at * top_k, wt + at * top_k, alone, err,
+                                   sizeof err);
+                o.n = n;
+                rc = rc ? rc : run_layer(&w, &o, x, ids, wt, all, err, sizeof err);
+                CHECKF(rc == 0, "batch invariance: %s", err);
+                CHECKF(rc || memcmp(alone, all + (size_t)at * w.dm, (size_t)w.dm * 4) == 0,
+                       "%s%s %s, %d partition(s): a token alone and in a batch of %d differ (max %.3g)",
+                       isa_name(o.isa), emu ? " (tile emulator)" : "", fmt_name(fmt), parts, n,
+                       rel_diff(all + (size_t)at * w.dm, alone, (size_t)w.dm));
+            }
+        }
+    }
+    free(x), free(wt), free(alone), free(all), free(ids);
+    free_weights(&w);
+}
+
 /* ---- packed experts on disk --------------------------------------------- */
 
 static void test_file(pool *p1, pool *p2)
@@ -802,6 +854,7 @@ TEST_GROUP(moe)
     test_ref_vs_dense(p2, MOE_INT8, 128, MOE_SRC_BF16, 3.5e-2, 3.5e-2);
     test_ref_vs_dense(p2, MOE_INT4, 0, MOE_SRC_BF16, 2.2e-1, 3.5e-2);
     test_split(p1, p2);
+    test_batch_invariance(p1, p2);
     test_file(p1, p2);
     test_errors(p1);
     test_kernels(p1, p2);

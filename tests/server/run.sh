@@ -9,8 +9,10 @@
 # Servers: A (exact f32 experts, 16 slots): curl checks, the openai client,
 # greedy determinism alone vs 16 concurrent, 200 hostile requests, dropped
 # clients. B (1 slot, queue 1): 429 when full. C (a template that opens
-# <think>): reasoning_content. D (default bf16 experts): determinism
-# reported, not enforced (the MoE operator's sum order depends on the batch).
+# <think>): reasoning_content. D (packed INT8 experts, the fast kernels):
+# greedy determinism enforced too (a token's expert sum does not depend on
+# the batch; INT8 is bit-identical on every kernel set, AMX included, while
+# BF16 on AMX switches to the tile kernel's rounding as experts fill up).
 # E: SIGTERM while a stream runs drains (the stream finishes, new requests
 # get 503). F: a second SIGINT cancels a running stream (error event). Every
 # server must exit 0 (under ASan this includes LeakSanitizer).
@@ -171,8 +173,8 @@ else
 fi
 
 # ---- D: default (bf16) experts --------------------------------------------------
-if start_server D -m $MODEL; then
-    $PY "$BASE" determinism --report-only --tag=bf16-experts
+if start_server D -m $MODEL --cpu-experts int8; then
+    $PY "$BASE" determinism --tag=int8-experts
     stop_server D
 else
     result 1 "server D starts"

@@ -5,9 +5,9 @@
  * One forward is one pool job (two with NUMA partitions), none allocating:
  *   route    (caller thread) count tokens per expert, order the token-expert
  *            pairs by expert (rows of an expert contiguous, padded to 16 for
- *            the tile kernels), and the order of the experts: small (<
- *            amx_min tokens: vector kernel) ascending, then big (tile kernel)
- *            ascending;
+ *            the tile kernels), and the order of the experts in phase 1:
+ *            small (< amx_min tokens: vector kernel) ascending, then big
+ *            (tile kernel) ascending; phase 2 takes them in ascending id;
  *   the job  (fwd_job) a sequence of items with dependencies instead of one
  *            job and barrier per phase: gather (x -> bf16 or int8 rows, tiled
  *            for tile-kernel experts), phase 1 (expert, block of gate/up rows:
@@ -20,8 +20,13 @@
  *            time is the tail of the last items (decode: ~100 us a call
  *            went to barriers and per-phase tails before);
  *   reduce   partitions > 1: out += partial of each partition, in order.
- * The accumulation order into out is therefore fixed: small experts in
- * ascending id, then big experts in ascending id, for every kernel set.
+ * The accumulation order into out is therefore fixed: a token's experts in
+ * ascending id, whatever else is in the batch (an order by size would move
+ * an expert when other tokens push it past amx_min, and change the token's
+ * rounding). What still depends on the batch: on AMX machines a BF16 expert
+ * past amx_min runs the tile kernel, whose sums round differently from the
+ * vector kernel's (INT8/INT4 agree bit for bit: integer dots, same scale
+ * steps).
  */
 #include "cpu/moe/moe_impl.h"
 #include "core/err.h"
@@ -92,7 +97,7 @@ void moe_tune_str(char *buf, size_t n)
 struct moe_scratch {
     int max_tokens, top_k, rows_max, n_expert, nparts;
     /* routing */
-    int32_t *cnt, *off, *fill, *order, *nq, *p1tot;
+    int32_t *cnt, *off, *fill, *order, *dorder, *nq, *p1tot;
     int n_ord, n_small, rows_used;
     int32_t *tok, *rowof;
     float *wt;
@@ -118,7 +123,7 @@ struct moe_scratch {
     atomic_int *gdone;     /* [1] gather items done */
     atomic_int *p1done;    /* [n_expert] phase-1 items done (all partitions) */
     atomic_int *qdone;     /* [n_expert] quantisation items done */
-    atomic_int *ticket;    /* [nparts][ticket_stride] phase 2: next expert (index in order[]) per column group */
+    atomic_int *ticket;    /* [nparts][ticket_stride] phase 2: next expert (index in dorder[]) per column group */
     int ticket_stride;
     void *region;          /* everything above, one mapping */
     size_t region_bytes;
@@ -152,6 +157,7 @@ static void scratch_carve(moe_scratch *s, const moe_op *op, uint8_t *base, size_
     s->off = carve(base, &at, E * 4);
     s->fill = carve(base, &at, E * 4);
     s->order = carve(base, &at, E * 4);
+    s->dorder = carve(base, &at, E * 4);
     s->nq = carve(base, &at, E * 4);
     s->p1tot = carve(base, &at, E * 4);
     s->tok = carve(base, &at, rows * 4);
@@ -261,6 +267,9 @@ static int route(struct moe_op *op, moe_scratch *s, int n, int top_k, const int3
             rows += round_up(s->cnt[e], 16);
         }
     s->rows_used = rows;
+    for (int e = 0, i = 0; e < op->n_expert; e++)
+        if (s->cnt[e])
+            s->dorder[i++] = e;
     for (int t = 0; t < n; t++)
         for (int k = 0; k < top_k; k++) {
             size_t i = (size_t)t * top_k + k;
@@ -490,15 +499,16 @@ static void wait_for(atomic_int *a, int v)
     }
 }
 
-/* phase-2 item it: expert order[i] (i = it / n_cg), column group it % n_cg
+/* phase-2 item it: expert dorder[i] (i = it / n_cg), column group it % n_cg
  * of partition p's partial sum. The first expert zeroes the columns; later
  * ones wait for the previous expert's item of the same columns, so every
- * output column sees the experts in order[] (determinism, one writer). */
+ * output column sees the experts in ascending id (determinism, one writer;
+ * a token's sum does not depend on the other tokens of the batch). */
 static void down_item(const fwd_ctx *c, int p, int64_t it)
 {
     const struct moe_op *op = c->op;
     moe_scratch *s = c->s;
-    int i = (int)(it / s->n_cg), cgi = (int)(it % s->n_cg), e = s->order[i];
+    int i = (int)(it / s->n_cg), cgi = (int)(it % s->n_cg), e = s->dorder[i];
     int nrb = (op->d_model + 15) / 16, rb0 = cgi * s->cg, rb1 = rb0 + s->cg < nrb ? rb0 + s->cg : nrb;
     int c0 = rb0 * 16, c1 = rb1 * 16 < op->d_model ? rb1 * 16 : op->d_model;
     float *dst = dest_of(c, p);
@@ -532,7 +542,7 @@ static void down_item(const fwd_ctx *c, int p, int64_t it)
  *   quant    INT formats: global items p, p + nparts, ... of n_q (16 rows of
  *            one expert's h); waits for that expert's phase 1 (all
  *            partitions);
- *   phase 2  (expert, column group), expert-major in order[]; waits for the
+ *   phase 2  (expert, column group), expert-major in dorder[]; waits for the
  *            expert's h (quant, or phase 1 for BF16) and the previous
  *            expert's item of the same columns.
  * No deadlock: an item only waits for items of an earlier section, or of
