@@ -16,7 +16,7 @@ static const char *usage_main =
     "  run    generate text from a prompt        tandem run -m MODEL -p PROMPT\n"
     "  chat   talk to a model interactively      tandem chat -m MODEL\n"
     "  info   describe a model and its memory    tandem info -m MODEL\n"
-    "  bench  benchmarks (moe)                   tandem bench moe --help\n"
+    "  bench  benchmarks (moe, e2e)              tandem bench moe --help\n"
     "  perplexity  NLL of token windows          tandem perplexity -m MODEL\n"
     "  convert  pack CPU experts once, to disk   tandem convert -m MODEL --cpu-experts int4\n"
     "  serve  OpenAI-compatible HTTP server      tandem serve -m MODEL --port 8080\n"
