@@ -39,6 +39,7 @@ int cmd_chat(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_ppl(int argc, char **argv);
+int cmd_calibrate(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
 /* `tandem serve`: the OpenAI-compatible server (server/serve.c) */
 int cmd_serve(int argc, char **argv);

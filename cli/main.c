@@ -19,6 +19,7 @@ static const char *usage_main =
     "  bench  benchmarks (moe, e2e)              tandem bench moe --help\n"
     "  perplexity  NLL of token windows          tandem perplexity -m MODEL\n"
     "  convert  pack CPU experts once, to disk   tandem convert -m MODEL --cpu-experts int4\n"
+    "  calibrate  count routing, for --gpu-experts  tandem calibrate -m MODEL --file TEXT\n"
     "  serve  OpenAI-compatible HTTP server      tandem serve -m MODEL --port 8080\n"
     "\n"
     "`tandem COMMAND --help` lists a command's options. Without -m, the demo model\n"
@@ -254,6 +255,8 @@ int main(int argc, char **argv)
         return cmd_serve(argc, argv);
     if (!strcmp(cmd, "perplexity") || !strcmp(cmd, "ppl"))
         return cmd_ppl(argc, argv);
-    fprintf(stderr, "tandem: unknown command '%s' (run, chat, info, bench, perplexity, convert, serve; see tandem --help)\n", cmd);
+    if (!strcmp(cmd, "calibrate"))
+        return cmd_calibrate(argc, argv);
+    fprintf(stderr, "tandem: unknown command '%s' (run, chat, info, bench, perplexity, convert, calibrate, serve; see tandem --help)\n", cmd);
     return 2;
 }

@@ -61,6 +61,9 @@ typedef struct {
                              layer later (after the next layer's attention), so the CPU computes them while
                              the GPU runs that attention; applies to a MoE layer followed by a MoE layer;
                              0 <= d < experts per token (approximate: see bench/e2e.md for its cost) */
+    const char *expert_counts; /* routing counts (tandem_save_route_counts) from which gpu_experts picks each
+                                  layer's most chosen experts; NULL = MODEL/expert-counts.json when it exists,
+                                  else experts 0..gpu_experts-1 of every layer */
     /* Called during load with the fraction done (0..1), e.g. for a progress bar. */
     void (*progress)(float done, void *user);
     void *progress_user;
@@ -141,6 +144,17 @@ int tandem_n_vocab(const tandem_engine *e);
  * n must fit the session's batch, context and outputs. */
 int tandem_eval_nll(tandem_session *s, int seq, const int32_t *tokens, int n, double *nll, char *err,
                     size_t errlen);
+
+/* Routing counts, for choosing the experts the GPU keeps (--gpu-experts).
+ * With counting on, every forward adds, per MoE layer, how often the router
+ * chose each expert (its top-k, deferred ones included). CPU sessions only:
+ * a session on the GPU routes there (TANDEM_EUNSUPPORTED). Off frees them. */
+int tandem_count_routes(tandem_session *s, int on, char *err, size_t errlen);
+/* [n_layer][n_expert] counts (dense layers' rows zero), or NULL when off;
+ * *tokens (if not NULL) gets the tokens counted. */
+const int64_t *tandem_route_counts(const tandem_session *s, int64_t *tokens);
+/* Write them as JSON, the file engine parameter expert_counts reads. */
+int tandem_save_route_counts(const tandem_session *s, const char *path, char *err, size_t errlen);
 
 /* ---- KV cache per sequence ---------------------------------------------- */
 int tandem_kv_len(const tandem_session *s, int seq);

@@ -25,8 +25,10 @@
 #include "cpu/router.h"
 #include "cuda/gpu.h"
 #include "io/safetensors.h"
+#include "runtime/calib.h"
 #include "runtime/engine.h"
 #include "runtime/hybrid.h"
+#include "runtime/hybrid_impl.h" /* the slot map of the hot experts */
 
 #include <dirent.h>
 #include <limits.h>
@@ -34,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 /* ---- helpers --------------------------------------------------------------------- */
 static uint64_t rng_state = 88172645463325252ull;
@@ -689,7 +692,7 @@ static void cmp_row(cmp_t *st, const float *got, const float *ref, int V)
 
 typedef struct {
     const char *name;
-    int exact, cpu_ref, gpu_experts_half, handoff, graphs, chunk;
+    int exact, cpu_ref, gpu_experts_half, handoff, graphs, chunk; /* half: 1 = experts 0..E/2-1, 2 = by counts */
     double tol;
 } e2e_mode;
 
@@ -717,15 +720,35 @@ static void e2e_fixture(const char *dir, const char *name, const e2e_mode *m)
     tandem_session *s = NULL;
     int rc = tandem_engine_open(dir, &ep, &e, err, sizeof err);
     CHECKF(rc == 0, "%s: %s", name, err);
+    char counts_path[64] = "";
     if (!rc) {
         hybrid_engine_close(e);
         e->params.gpu = 1;
         e->params.gpu_experts = m->gpu_experts_half ? e->d.n_expert / 2 : 0;
+        if (m->gpu_experts_half == 2) {
+            /* routing counts that favour the odd experts: the GPU must keep those, not 0..E/2-1 */
+            const int E = e->d.n_expert;
+            int64_t *c = calloc((size_t)e->d.n_layer * (size_t)E, sizeof *c);
+            for (int64_t i = 0; c && i < (int64_t)e->d.n_layer * E; i++)
+                c[i] = i % E % 2 ? 1000 + i % E : i % E;
+            snprintf(counts_path, sizeof counts_path, "/tmp/tandem-test-counts-%d.json", (int)getpid());
+            CHECK(c && calib_save(e, c, 1, counts_path, err, sizeof err) == 0);
+            e->params.expert_counts = counts_path;
+            free(c);
+        }
         if (m->cpu_ref)
             setenv("TANDEM_HYBRID_CPU", "ref", 1);
         rc = hybrid_engine_open(e, err, sizeof err);
         unsetenv("TANDEM_HYBRID_CPU");
         CHECKF(rc == 0 && e->hy, "%s [%s]: hybrid_engine_open: %s", name, m->name, err);
+        if (counts_path[0]) {
+            unlink(counts_path);
+            e->params.expert_counts = NULL;
+            for (int l = 0; !rc && e->hy && l < e->d.n_layer; l++)
+                if (e->d.layer_moe[l])
+                    CHECKF(e->hy->L[l].slot_host[1] >= 0 && e->hy->L[l].slot_host[0] < 0,
+                           "%s layer %d: the routing counts did not choose the GPU's experts", name, l);
+        }
     }
     if (!rc && e->hy) {
         tandem_session_params sp;
@@ -823,6 +846,7 @@ static void test_e2e(const gpu_info *info)
         { "fp32, memop, half on GPU", 1, 1, 1, HY_HANDOFF_MEMOP, 1, 0, 1e-3 },
         { "default (bf16), host fn", 0, 0, 0, HY_HANDOFF_HOST, 1, 0, 3e-2 },
         { "default (bf16), memop", 0, 0, 1, HY_HANDOFF_MEMOP, 1, 0, 3e-2 },
+        { "fp32, memop, half on GPU by routing counts", 1, 1, 2, HY_HANDOFF_MEMOP, 1, 0, 1e-3 },
     };
     const char *root = getenv("TANDEM_FIXTURES") ? getenv("TANDEM_FIXTURES") : "tests/fixtures";
     const char *only = getenv("TANDEM_FIXTURE");

@@ -82,6 +82,8 @@ struct tandem_session {
     int n_outputs;              /* capacity of logits, in rows */
     struct moe_scratch *moe_s;  /* scratch of the CPU MoE operator */
     struct hybrid_session *hys; /* GPU state of the session (runtime/hybrid.h); NULL = CPU only */
+    int64_t *route_counts;      /* [n_layer][E] while tandem_count_routes is on (calib.c), else NULL */
+    int64_t routed_tokens;
 };
 
 /* Where `tandem convert` puts a layer's packed experts. */

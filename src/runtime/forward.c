@@ -222,6 +222,10 @@ static void moe(tandem_session *s, int l, int T)
     route_params rp = { d->route, E, K, d->norm_topk, d->route_scale, d->n_group, d->topk_group, L->router_bias };
     for (int t = 0; t < T; t++)
         route_select(&rp, s->router_logits + (int64_t)t * E, s->ids + t * K, s->wts + t * K, s->route_scratch);
+    if (s->route_counts) /* tandem_count_routes: before deferral splits the ids */
+        for (int i = 0; i < T * K; i++)
+            if (s->ids[i] >= 0)
+                s->route_counts[(int64_t)l * E + s->ids[i]]++;
     const int dfr = defers(e, l);
     if (dfr)
         defer_split(T, K, e->params.defer_experts, s->ids, s->wts, (int32_t *)s->router_logits);
@@ -358,6 +362,8 @@ int forward_batch(tandem_session *s, const tandem_batch *b, char *err, size_t er
     rope_table(s, T);
     for (int t = 0; t < T; t++)
         mat_row_f32(&e->embed, b->token[t], s->x + t * D);
+    if (s->route_counts)
+        s->routed_tokens += T;
 
     for (int l = 0; l < d->n_layer; l++) {
         const layer_weights *L = &e->layers[l];

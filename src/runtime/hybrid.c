@@ -14,18 +14,22 @@
  *      else BF16, so no weight loses precision;
  *   4. pack the CPU-held experts of each MoE layer into the CPU MoE
  *      operator (format params.cpu_experts); GPU-held experts are left out.
- * Hot experts are chosen uniformly (experts 0..N-1 of every layer): no
- * routing statistics are collected yet.
+ * Hot experts: with routing counts (params.expert_counts, or the model's
+ * expert-counts.json that `tandem calibrate` writes; runtime/calib.h) each
+ * layer keeps its N most chosen experts; without, experts 0..N-1 of every
+ * layer. The GPU finds an expert through the slot map, so any set works.
  */
 #include "core/bf16.h"
 #include "core/err.h"
 #include "core/isa.h"
 #include "core/log.h"
+#include "runtime/calib.h"
 #include "runtime/hybrid_impl.h"
 
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 /* Kept free on the GPU when no budget is given: KV cache, activations,
  * cuBLAS workspace and the CUDA context of a session of moderate size. */
@@ -242,7 +246,34 @@ static int up_vec(hybrid_engine *hy, float **dst, const float *v, int64_t n, cha
     return up_vecs(hy, dst, &v, &n, 1, err, errlen);
 }
 
-/* The routed experts of layer l that the plan puts on the GPU: 0..n-1. */
+/* Which n experts of each layer the GPU keeps: the most routed ones when the
+ * counts file is there (params.expert_counts, else MODEL/expert-counts.json),
+ * else 0..n-1. A counts file that does not fit the model is an error. */
+static int load_hot(hybrid_engine *hy, const tandem_engine *e, char *err, size_t errlen)
+{
+    const model_desc *d = &e->d;
+    hy->hot_src[0] = 0;
+    if (hy->plan.gpu_experts <= 0 || hy->plan.gpu_experts >= d->n_expert)
+        return 0;
+    char def[1100];
+    const char *path = e->params.expert_counts;
+    if (!path) {
+        snprintf(def, sizeof def, "%s/%s", e->path, CALIB_FILE);
+        if (access(def, R_OK) != 0)
+            return 0;
+        path = def;
+    }
+    hy->hot_counts = malloc((size_t)d->n_layer * (size_t)d->n_expert * sizeof *hy->hot_counts);
+    if (!hy->hot_counts)
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    int rc = calib_load(e, path, hy->hot_counts, &hy->hot_tokens, err, errlen);
+    if (rc)
+        return rc;
+    snprintf(hy->hot_src, sizeof hy->hot_src, "%s", path);
+    return 0;
+}
+
+/* The routed experts of layer l that the plan puts on the GPU (load_hot). */
 static int up_experts(hybrid_engine *hy, const tandem_engine *e, int l, int n, char *err, size_t errlen)
 {
     const model_desc *d = &e->d;
@@ -250,30 +281,44 @@ static int up_experts(hybrid_engine *hy, const tandem_engine *e, int l, int n, c
     hy_layer *H = &hy->L[l];
     const int E = d->n_expert;
     H->slot_host = malloc((size_t)E * sizeof *H->slot_host);
-    if (!H->slot_host)
+    int32_t *pick = malloc((size_t)(n > 0 ? n : 1) * sizeof *pick);
+    if (!H->slot_host || !pick) {
+        free(pick);
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    }
+    if (hy->hot_counts)
+        calib_pick(hy->hot_counts + (int64_t)l * E, E, n, pick);
+    else
+        for (int i = 0; i < n; i++)
+            pick[i] = i;
     for (int x = 0; x < E; x++)
-        H->slot_host[x] = x < n ? x : -1;
+        H->slot_host[x] = -1;
+    for (int i = 0; i < n; i++)
+        H->slot_host[pick[i]] = i;
     H->n_gpu_exp = n;
     int32_t *slot = dev_alloc(hy, (size_t)E * 4, err, errlen);
     if (!slot)
         return TANDEM_ENOMEM;
     int rc = gpu_upload(slot, H->slot_host, (size_t)E * 4, err, errlen);
     H->ex = (gpu_experts){ NULL, NULL, GPU_BF16, slot, E, d->d_model, d->d_ff_expert };
-    if (rc || n == 0)
+    if (rc || n == 0) {
+        free(pick);
         return rc;
+    }
     /* one matrix each: gate_up = [gate_0; up_0; gate_1; up_1; ...], down = [down_0; down_1; ...] */
     const mat **gu = malloc((size_t)(2 * n) * sizeof *gu), **dn = malloc((size_t)n * sizeof *dn);
     if (!gu || !dn) {
         free(gu);
         free(dn);
+        free(pick);
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
     }
-    for (int x = 0; x < n; x++) {
-        gu[2 * x] = &L->exp_gate[x];
-        gu[2 * x + 1] = &L->exp_up[x];
-        dn[x] = &L->exp_down[x];
+    for (int i = 0; i < n; i++) { /* slot i holds expert pick[i] */
+        gu[2 * i] = &L->exp_gate[pick[i]];
+        gu[2 * i + 1] = &L->exp_up[pick[i]];
+        dn[i] = &L->exp_down[pick[i]];
     }
+    free(pick);
     gpu_mat mg, md;
     rc = up_mats(hy, &mg, gu, 2 * n, err, errlen);
     if (!rc)
@@ -428,6 +473,7 @@ static void hy_free(hybrid_engine *hy, int n_layer)
                 moe_free(hy->L[l].moe);
             free(hy->L[l].slot_host);
         }
+    free(hy->hot_counts);
     for (int i = 0; i < hy->n_bufs; i++)
         gpu_free(hy->bufs[i]);
     free(hy->bufs);
@@ -505,6 +551,11 @@ int hybrid_engine_open(tandem_engine *e, char *err, size_t errlen)
         return e->params.gpu == 1 || rc == TANDEM_EINVAL ? td_err(err, errlen, rc, "%s", why)
                                                          : no_gpu(e, rc, why, err, errlen);
     }
+    rc = load_hot(hy, e, err, errlen);
+    if (rc) {
+        hy_free(hy, d->n_layer);
+        return rc;
+    }
     double t0 = secs();
     rc = up_mat(hy, &hy->embed, &e->embed, err, errlen);
     if (!rc && e->lm_head.data == e->embed.data)
@@ -561,6 +612,22 @@ void hybrid_plan_print(const tandem_engine *e, FILE *out)
                 p->gpu_experts, e->d.n_expert, p->gpu_expert_bytes / 1e9, p->cpu_expert_bytes / 1e9,
                 hy->cpu_ref ? "reference loop" : fmt[hy->moe_fmt],
                 hy->cpu_ref ? "fp32" : "MoE operator");
+    if (p->n_moe_layers && p->gpu_experts > 0 && p->gpu_experts < e->d.n_expert) {
+        if (hy->hot_counts) {
+            double share = 0;
+            for (int l = 0; l < e->d.n_layer; l++)
+                if (e->d.layer_moe[l])
+                    share += calib_share(hy->hot_counts + (int64_t)l * e->d.n_expert, e->d.n_expert,
+                                         p->gpu_experts);
+            fprintf(out, "              GPU experts: each layer's %d most routed, by the counts of %lld tokens in %s "
+                         "(%.1f%% of the routings there)\n",
+                    p->gpu_experts, (long long)hy->hot_tokens, hy->hot_src, 100 * share / p->n_moe_layers);
+        } else {
+            fprintf(out, "              GPU experts: 0..%d of every layer (no routing counts; `tandem calibrate` "
+                         "writes MODEL/%s)\n",
+                    p->gpu_experts - 1, CALIB_FILE);
+        }
+    }
     fprintf(out, "              budget %.2f GB (%s), %.2f GB uploaded\n", p->budget / 1e9,
             e->params.gpu_mem_gb > 0 ? "--gpu-mem" : "free memory less a 4 GB reserve", hy->gpu_bytes / 1e9);
     fprintf(out, "hand-off:     stream memory operations %s; graphs per decode shape; GEMMs: %s\n",

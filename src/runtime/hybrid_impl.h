@@ -70,6 +70,10 @@ typedef struct hybrid_engine {
     int n_bufs, cap_bufs;
     int64_t gpu_bytes;                    /* weights uploaded */
     double upload_s, pack_s;
+    /* hot experts: which gpu_experts of each layer the GPU keeps */
+    int64_t *hot_counts;                  /* [n_layer][E] routing counts, or NULL: experts 0..n-1 */
+    int64_t hot_tokens;                   /* tokens behind hot_counts */
+    char hot_src[1100];                   /* the counts file, for `tandem info` */
 } hybrid_engine;
 
 enum { HY_MAX_GRAPHS = 16 };

@@ -36,6 +36,7 @@ void tandem_session_free(tandem_session *s)
         }
     free(s->kv);
     free(s->len);
+    free(s->route_counts);
     void *bufs[] = { s->x, s->h, s->q, s->kvbuf, s->att, s->ff1, s->ff2, s->y, s->rope_cs, s->tok_seq,
                      s->tok_pos, s->ids, s->wts, s->router_logits, s->route_scratch, s->exp_count, s->exp_tok,
                      s->exp_w, s->gx, s->gg, s->gu, s->gy, s->attn_scratch, s->logits, s->logits_row };
