@@ -16,6 +16,7 @@ typedef struct {
     const char *model;
     const char *prompt;
     const char *system;
+    const char *expert_counts; /* --expert-counts FILE (tandem.h expert_counts) */
     int threads, ctx, n_predict, verbose, layers, dummy;
     int gpu, gpu_experts, cpu_experts, defer; /* defer: expert deferral d (tandem.h defer_experts) */
     double gpu_mem;

@@ -17,7 +17,7 @@ static const char *usage =
     "  --dummy-weights      describe the config at full size without reading weights\n"
     "  --layers N           only the first N layers\n"
     "  --cpu-experts FMT    bf16, int8 or int4 for experts on the CPU\n"
-    "  --cpu-only, --gpu-mem GB, --gpu-experts N\n"
+    "  --cpu-only, --gpu-mem GB, --gpu-experts N, --expert-counts FILE\n"
     "                       placement, as for `tandem run`\n";
 
 static void human(char *buf, size_t n, double bytes)
@@ -36,7 +36,7 @@ int cmd_info(int argc, char **argv)
     cli_opts o;
     int rc = cli_parse(argc, argv, 2, &o,
                        "-m --model -t --threads -c --ctx --dummy-weights --layers --cpu-experts --cpu-only "
-                       "--gpu-mem --gpu-experts -v",
+                       "--gpu-mem --gpu-experts --expert-counts -v",
                        usage);
     if (rc)
         return rc > 0 ? 0 : 2;

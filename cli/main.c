@@ -110,6 +110,8 @@ int cli_parse(int argc, char **argv, int first, cli_opts *o, const char *allowed
         double d;
         if (!strcmp(name, "-m") || !strcmp(name, "--model"))
             o->model = v;
+        else if (!strcmp(name, "--expert-counts"))
+            o->expert_counts = v;
         else if (!strcmp(name, "-p") || !strcmp(name, "--prompt"))
             o->prompt = v;
         else if (!strcmp(name, "--system"))
@@ -219,6 +221,7 @@ int cli_open_engine(const cli_opts *o, tandem_engine **e)
     p.gpu = o->gpu;
     p.gpu_mem_gb = o->gpu_mem;
     p.gpu_experts = o->gpu_experts;
+    p.expert_counts = o->expert_counts;
     p.defer_experts = o->defer;
     p.cpu_experts = o->cpu_experts;
     p.n_layer_limit = o->layers;

@@ -226,12 +226,14 @@ static const char *run_usage =
     "  --cpu-only               do not use a GPU\n"
     "  --gpu-mem GB, --gpu-experts N\n"
     "                           GPU memory budget; routed experts per layer on the GPU\n"
+    "  --expert-counts FILE     routing counts choosing those experts (default\n"
+    "                           MODEL/expert-counts.json from `tandem calibrate`)\n"
     "  --defer N                expert deferral: each token's N lowest-weight experts run one\n"
     "                           layer late, overlapping the GPU (default 0 = exact)\n";
 
 #define RUN_OPTS                                                                                             \
     "-m --model -n --max-tokens --temp --greedy --top-k --top-p --min-p --repeat-penalty --presence-penalty " \
-    "--frequency-penalty --seed --stop -t --threads -c --ctx --cpu-experts --cpu-only --gpu-mem --gpu-experts --defer -v"
+    "--frequency-penalty --seed --stop -t --threads -c --ctx --cpu-experts --cpu-only --gpu-mem --gpu-experts --expert-counts --defer -v"
 
 int cmd_run(int argc, char **argv)
 {

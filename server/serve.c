@@ -49,7 +49,7 @@ static const char *usage =
     "  -t, --threads N          CPU threads (default: all cores)\n"
     "  --cpu-experts FMT        bf16 (default), int8, int4, or f32 (exact reference)\n"
     "  --cpu-only               do not use a GPU\n"
-    "  --gpu-mem GB, --gpu-experts N\n"
+    "  --gpu-mem GB, --gpu-experts N, --expert-counts FILE\n"
     "                           GPU memory budget; routed experts per layer on the GPU\n"
     "  --dummy-weights          random weights at full size (benchmarks)\n"
     "  -v                       log each request\n";
@@ -156,6 +156,8 @@ static int parse(int argc, char **argv, serve_opts *o)
             rc = parse_int(name, v, 0, 4096, &o->ep.n_threads);
         else if (!strcmp(name, "--gpu-experts"))
             rc = parse_int(name, v, 0, 1 << 16, &o->ep.gpu_experts);
+        else if (!strcmp(name, "--expert-counts"))
+            o->ep.expert_counts = v;
         else if (!strcmp(name, "--gpu-mem")) {
             char *end;
             double d = strtod(v, &end);
