@@ -447,8 +447,10 @@ int tandem_bench_e2e(int argc, char **argv)
         if (rc) {
             fprintf(stderr, "bench e2e: GPU: %s\n", err);
         } else {
-            printf("# GPU: %s; weights %.2f GB uploaded in %.1f s; CPU experts (%s) packed in %.1f s\n",
-                   e->hy->info.name, e->hy->gpu_bytes / 1e9, e->hy->upload_s, fmt_name(o.fmt), e->hy->pack_s);
+            printf("# GPU: %s; weights %.2f GB uploaded in %.1f s; CPU experts (%s) packed in %.1f s; "
+                   "%.2f GB of the process on huge pages\n",
+                   e->hy->info.name, e->hy->gpu_bytes / 1e9, e->hy->upload_s, fmt_name(o.fmt), e->hy->pack_s,
+                   moe_thp_gb());
             fflush(stdout);
             for (int h = 0; h < 2; h++) {
                 if ((h == 0 && !o.ho_host) || (h == 1 && !o.ho_memop))

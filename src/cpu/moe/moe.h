@@ -132,6 +132,10 @@ int moe_save(const moe_op *op, const char *path, char *err, size_t errlen);
  * passes (the expert kernels stream their weights the same way). 0 if the
  * buffer cannot be had. */
 double moe_dram_gbps(pool *p, int isa);
+/* GB of this process's anonymous memory on transparent huge pages, -1 if
+ * unknown (the packed experts ask for huge pages; on 4 KB pages streaming
+ * them costs a page walk every 64 lines). */
+double moe_thp_gb(void);
 int moe_open_packed(moe_op **out, const char *path, pool *p, int isa /* <0: isa_current() */,
                     char *err, size_t errlen);
 

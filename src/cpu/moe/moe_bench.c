@@ -258,7 +258,7 @@ static double torch_ms(const char *file, const char *shape, int tokens)
 /* GB of this process's anonymous memory on transparent huge pages (-1 if
  * unknown): the packed experts ask for them (moe_huge_alloc); streaming
  * weights on 4 KB pages costs a page walk every 64 lines */
-static double thp_gb(void)
+double moe_thp_gb(void)
 {
     FILE *f = fopen("/proc/self/smaps_rollup", "r");
     if (!f)
@@ -498,7 +498,7 @@ static void bench_fmt(pool *p, const bench_opts *o, const shape_def *s, int fmt,
            "packed_GB=%.2f thp_GB=%.2f\n",
            s->name, fmt_name(fmt), isa_name(isa), L, moe_bytes(ops[0]) / 1e6, pack_s,
            L * (double)s->n_expert * moe_bytes(ops[0]) / pack_s / 1e9, L * (double)s->n_expert * moe_bytes(ops[0]) / 1e9,
-           thp_gb());
+           moe_thp_gb());
     fflush(stdout);
 
     uint16_t *x = td_alloc((size_t)max_tok * s->d_model * 2);
