@@ -80,7 +80,8 @@ typedef struct {
  *   BF16: vector ahead at 4 per expert (11.4 vs 12.0 ms), tile ahead from 8
  *         (11.6 vs 12.4), 2.4x ahead at 32.
  *   INT8: vector ahead at 16 (7.5 vs 8.5 ms), tile ahead at 32 (9.2 vs 13.9);
- *         the lines cross near 20.
+ *         the lines cross near 20 (on a second machine of the pool the tile
+ *         kernel was ahead from 8: 7.2 vs 7.8 ms; 24 costs little on either).
  *   INT4: vector ahead at every count up to 64 (21.8 vs 23.2 ms); the slopes
  *         cross near 120. INT4's tile path folds every 32-group of every
  *         16-row tile on the vector units, a cost per tile however few of its
