@@ -4,7 +4,9 @@
 #   2. e2e Qwen3-30B-A3B, INT4 CPU experts: hybrid decode with the memop
 #      hand-off at deferral 0, 2, 0, 1 (d=0 twice: the drift of a shared
 #      machine between the first and the third line), then CPU-only on the
-#      same shapes; cpu_def_ms splits out the deferred experts
+#      same shapes; cpu_def_ms splits out the deferred experts; --pcie: one
+#      MoE layer's experts streamed to the GPU vs the CPU at 512 and 4096
+#      tokens (bench=prefill_stream, issue 5 item 4)
 #   3. bench/serve.sh on the same full-size model (random weights), 1/4/16
 #      streams, 64 tokens each
 #   OUT=/some/dir dev/h200_decode_serve.sh      (carry .sysroot, see dev/sysroot.sh)
@@ -23,7 +25,8 @@ fi
 echo "== build ($SECONDS s)"
 timeout 240 "${mk[@]}" CUDA=1 build/tandem >"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
 echo "== e2e qwen3 ($SECONDS s)"
-E2E_MODELS=qwen3 E2E_TIMEOUT=170 E2E_QWEN_MODE=both E2E_HANDOFF=memop E2E_DEFER=0,2,0,1 E2E_PROMPTS=512 OUT="$OUT" \
+E2E_MODELS=qwen3 E2E_TIMEOUT=170 E2E_QWEN_MODE=both E2E_HANDOFF=memop E2E_DEFER=0,2,0,1 E2E_PROMPTS=512,4096 \
+    E2E_PCIE=1 OUT="$OUT" \
     bench/e2e.sh build 2>&1 | grep -E '^(bench=|#)'
 echo "== serve ($SECONDS s)"
 if command -v curl >/dev/null; then

@@ -59,13 +59,14 @@ static const char *usage =
     "  --threads N         CPU threads (default: all cores)\n"
     "  --defer LIST        expert deferral values to measure, comma-separated (default 0)\n"
     "  --kernels K         decode (default), or both: also G with the first GPU kernels\n"
-    "  --ops               per-op GPU timings of one layer (decode and first kernels)\n";
+    "  --ops               per-op GPU timings of one layer (decode and first kernels)\n"
+    "  --pcie              one MoE layer's experts streamed to the GPU vs the CPU, at each prompt length\n";
 
 typedef struct {
     const char *model, *name;
     int dummy, layers, fmt, mode_hybrid, mode_cpu, ho_host, ho_memop;
     int prompts[8], n_prompts, decode, cpu_prompt, cpu_decode, gpu_experts, threads;
-    int defers[4], n_defers, kernels_both, ops;
+    int defers[4], n_defers, kernels_both, ops, pcie;
     double gpu_mem;
 } bench_opts;
 
@@ -331,6 +332,10 @@ static int parse(int argc, char **argv, bench_opts *o)
             o->ops = 1;
             continue;
         }
+        if (!strcmp(a, "--pcie")) {
+            o->pcie = 1;
+            continue;
+        }
         if (!v) {
             fprintf(stderr, "bench e2e: %s needs a value\n%s", a, usage);
             return -1;
@@ -452,6 +457,14 @@ int tandem_bench_e2e(int argc, char **argv)
                    e->hy->info.name, e->hy->gpu_bytes / 1e9, e->hy->upload_s, fmt_name(o.fmt), e->hy->pack_s,
                    moe_thp_gb());
             fflush(stdout);
+            for (int i = 0; o.pcie && i < o.n_prompts; i++) {
+                int r = hybrid_bench_pcie(e, o.name, o.prompts[i], err, sizeof err);
+                if (r) {
+                    fprintf(stderr, "bench e2e: %s\n", err);
+                    rc = r;
+                    break;
+                }
+            }
             for (int h = 0; h < 2; h++) {
                 if ((h == 0 && !o.ho_host) || (h == 1 && !o.ho_memop))
                     continue;

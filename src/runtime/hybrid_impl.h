@@ -169,6 +169,9 @@ int hy_layer_has_cpu(const hybrid_engine *hy, const model_desc *d, int l);
  * node counts of the session's graph for passes of T tokens. */
 int hybrid_bench_ops(tandem_session *s, const char *model, int T, char *err, size_t errlen);
 int hybrid_graph_counts(const tandem_session *s, int T, gpu_graph_counts *out);
+/* `bench e2e --pcie` (hybrid_pcie.c): one MoE layer's experts streamed to the
+ * GPU and run there vs the CPU operator, on T tokens; prints one line. */
+int hybrid_bench_pcie(tandem_engine *e, const char *name, int T, char *err, size_t errlen);
 
 static inline int64_t hy_now_ns(void)
 {
