@@ -661,6 +661,83 @@ static void test_batch_invariance(pool *p1, pool *p2)
     free_weights(&w);
 }
 
+/* ---- early rows (the hybrid hand-off with deferral) ------------------------ */
+
+typedef struct {
+    int calls;
+    const float *out;
+    float *snap;
+    size_t n;
+} early_seen;
+
+static void on_early(void *arg)
+{
+    early_seen *e = arg;
+    e->calls++;
+    memcpy(e->snap, e->out, e->n * 4);
+}
+
+/* moe_forward_bf16_early: tokens 0..1 early, 2..3 late; expert 1 is used by
+ * an early and a late token, expert 5 by late tokens only. The callback runs
+ * once; the early rows it sees are final and equal a call on the early
+ * tokens alone; a late row whose experts are all late-only equals a call on
+ * it alone, bit for bit; the mixed one agrees to 1e-6. */
+static void test_early(pool *p1, pool *p2)
+{
+    weights w = make_weights(6, 100, 72, MOE_SRC_BF16, ~0ull);
+    const int n = 4, top_k = 2, dm = w.dm;
+    const int32_t ids[8] = { 0, 1, 2, 3, 1, 5, 5, 4 }, ids_alone[2] = { 5, 4 };
+    float *x = malloc((size_t)n * dm * 4), *wt = malloc((size_t)n * top_k * 4), *out = malloc((size_t)n * dm * 4);
+    float *ref = malloc((size_t)n * dm * 4), *snap = malloc((size_t)2 * dm * 4);
+    uint16_t *xb = malloc((size_t)n * dm * 2);
+    for (int i = 0; i < n * dm; i++)
+        x[i] = (float)rng_gauss(), xb[i] = f32_to_bf16(x[i]);
+    for (int i = 0; i < n * top_k; i++)
+        wt[i] = (float)(0.2 + 0.5 * rng_unif());
+    for (int fmt = 0; fmt < 3; fmt++)
+        for (int parts = 1; parts <= 2; parts++) {
+            pool *p = parts == 1 ? p1 : p2;
+            moe_desc d = desc_of(&w, fmt, 0, 1 << 20);
+            moe_op *op = NULL;
+            moe_scratch *s = NULL;
+            char err[256] = "";
+            int rc = moe_create(&op, &d, p, err, sizeof err);
+            rc = rc ? rc : moe_scratch_create(op, n, top_k, &s, err, sizeof err);
+            CHECKF(rc == 0, "early: %s", err);
+            if (rc) {
+                moe_scratch_free(s);
+                moe_free(op);
+                continue;
+            }
+            early_seen seen = { 0, out, snap, (size_t)2 * dm };
+            rc = moe_forward_bf16_early(op, s, p, n, 2, top_k, xb, ids, wt, out, on_early, &seen);
+            CHECKF(rc == 0 && seen.calls == 1, "%s, %d partition(s): rc %d, early callback ran %d times",
+                   fmt_name(fmt), parts, rc, seen.calls);
+            CHECK(memcmp(snap, out, (size_t)2 * dm * 4) == 0); /* final when signalled */
+            rc = moe_forward_bf16(op, s, p, 2, top_k, xb, ids, wt, ref);
+            CHECKF(rc == 0 && memcmp(ref, out, (size_t)2 * dm * 4) == 0, "%s, %d partition(s): early rows differ "
+                   "from the early tokens alone", fmt_name(fmt), parts);
+            rc = moe_forward_bf16(op, s, p, 1, top_k, xb + 3 * dm, ids_alone, wt + 3 * top_k, ref);
+            CHECKF(rc == 0 && memcmp(ref, out + 3 * dm, (size_t)dm * 4) == 0,
+                   "%s, %d partition(s): a late-only row differs from its token alone", fmt_name(fmt), parts);
+            rc = moe_forward_bf16(op, s, p, 1, top_k, xb + 2 * dm, ids + 4, wt + 4, ref);
+            CHECKF(rc == 0 && rel_diff(out + 2 * dm, ref, (size_t)dm) <= 1e-6,
+                   "%s, %d partition(s): the mixed late row is off by %.3g", fmt_name(fmt), parts,
+                   rel_diff(out + 2 * dm, ref, (size_t)dm));
+            /* no early token with an expert here: signalled at once, all rows still right */
+            const int32_t none[8] = { -1, -1, -1, -1, 1, 5, 5, 4 };
+            seen.calls = 0;
+            rc = moe_forward_bf16_early(op, s, p, n, 2, top_k, xb, none, wt, out, on_early, &seen);
+            CHECK(rc == 0 && seen.calls == 1 && max_abs(out, (size_t)2 * dm) == 0);
+            CHECK(moe_forward_bf16_early(op, s, p, n, n + 1, top_k, xb, ids, wt, out, on_early, &seen) ==
+                  TANDEM_EINVAL);
+            moe_scratch_free(s);
+            moe_free(op);
+        }
+    free(x), free(wt), free(out), free(ref), free(snap), free(xb);
+    free_weights(&w);
+}
+
 /* ---- packed experts on disk --------------------------------------------- */
 
 static void test_file(pool *p1, pool *p2)
@@ -855,6 +932,7 @@ TEST_GROUP(moe)
     test_ref_vs_dense(p2, MOE_INT4, 0, MOE_SRC_BF16, 2.2e-1, 3.5e-2);
     test_split(p1, p2);
     test_batch_invariance(p1, p2);
+    test_early(p1, p2);
     test_file(p1, p2);
     test_errors(p1);
     test_kernels(p1, p2);

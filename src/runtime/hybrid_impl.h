@@ -77,6 +77,7 @@ typedef struct hybrid_engine {
 } hybrid_engine;
 
 enum { HY_MAX_GRAPHS = 16 };
+enum { HY_ONE_CALL_T = 64 }; /* passes up to this many tokens: one CPU call per deferring layer */
 
 typedef struct hybrid_session hybrid_session;
 
@@ -129,6 +130,12 @@ struct hybrid_session {
     int logits_pinned;                    /* s->logits is registered with CUDA */
     /* CPU side */
     moe_scratch *ms;                      /* MoE operator scratch */
+    /* a deferring layer's immediate and deferred experts in one call (hybrid_cpu.c, T <= HY_ONE_CALL_T):
+     * rows [0, T) immediate, [T, 2T) deferred */
+    moe_scratch *ms2;                     /* for 2 * HY_ONE_CALL_T tokens */
+    uint16_t *x2;                         /* [2][HY_ONE_CALL_T][D] */
+    int32_t *ids2;                        /* [2][HY_ONE_CALL_T][K] */
+    float *w2, *y2;                       /* [2][HY_ONE_CALL_T][K], [2][HY_ONE_CALL_T][D] */
     float *rx, *rg, *ru, *ry;             /* reference loop: [chunk][D], [chunk][F] x2, [chunk][D] */
     int32_t *r_cnt, *r_tok;               /* [E], [E][chunk] */
     float *r_w;                           /* [E][chunk] */

@@ -120,6 +120,17 @@ int moe_forward(moe_op *op, moe_scratch *s, pool *p, int n, int top_k, const flo
 /* same with bf16 activations (the GPU hands over bf16 hidden states) */
 int moe_forward_bf16(moe_op *op, moe_scratch *s, pool *p, int n, int top_k, const uint16_t *x,
                      const int32_t *ids, const float *w, float *out);
+/* The same, with tokens [0, n_early) early: the experts they use are
+ * computed first, and early(arg) is called once, from a pool thread or the
+ * caller, as soon as out's early rows are final (before the call returns;
+ * with NUMA partitions, at its end). Late rows are final at return. The
+ * hybrid hand-off computes a layer's immediate experts (early rows) and its
+ * deferred ones (late rows) in one call this way, and signals the GPU from
+ * early(). A late row's sum takes experts early rows also use first, so it
+ * can differ in rounding with the batch (early rows cannot). On an error
+ * (an id not held here) early() is not called. */
+int moe_forward_bf16_early(moe_op *op, moe_scratch *s, pool *p, int n, int n_early, int top_k, const uint16_t *x,
+                           const int32_t *ids, const float *w, float *out, void (*early)(void *), void *arg);
 const char *moe_scratch_error(const moe_scratch *s);
 
 /* Packed experts on disk (`tandem convert`): the file holds the packed

@@ -97,8 +97,9 @@ void moe_tune_str(char *buf, size_t n)
 struct moe_scratch {
     int max_tokens, top_k, rows_max, n_expert, nparts;
     /* routing */
-    int32_t *cnt, *off, *fill, *order, *dorder, *nq, *p1tot;
+    int32_t *cnt, *off, *fill, *order, *dorder, *nq, *p1tot, *early;
     int n_ord, n_small, rows_used;
+    int n_dearly;          /* experts with an early token: the first n_dearly of dorder[] (and of order[]) */
     int32_t *tok, *rowof;
     float *wt;
     int64_t *pre1;         /* [nparts][n_expert + 1] phase-1 item starts, in order[] */
@@ -125,6 +126,9 @@ struct moe_scratch {
     atomic_int *qdone;     /* [n_expert] quantisation items done */
     atomic_int *ticket;    /* [nparts][ticket_stride] phase 2: next expert (index in dorder[]) per column group */
     int ticket_stride;
+    atomic_int early_left; /* phase-2 items of early experts still to run (moe_forward_bf16_early) */
+    void (*early_fn)(void *);
+    void *early_arg;
     void *region;          /* everything above, one mapping */
     size_t region_bytes;
     char err[256];
@@ -158,6 +162,7 @@ static void scratch_carve(moe_scratch *s, const moe_op *op, uint8_t *base, size_
     s->fill = carve(base, &at, E * 4);
     s->order = carve(base, &at, E * 4);
     s->dorder = carve(base, &at, E * 4);
+    s->early = carve(base, &at, E * 4);
     s->nq = carve(base, &at, E * 4);
     s->p1tot = carve(base, &at, E * 4);
     s->tok = carve(base, &at, rows * 4);
@@ -237,11 +242,15 @@ static int is_tiled(const struct moe_op *op, const moe_scratch *s, int e) { retu
 
 /* Count tokens per expert, lay the token-expert pairs out by expert (rows
  * of an expert contiguous, from a multiple of 16), and fix the order in
- * which experts are computed and added: fewer than amx_min tokens first,
- * then the others, each in ascending id. */
-static int route(struct moe_op *op, moe_scratch *s, int n, int top_k, const int32_t *ids, const float *w)
+ * which experts are computed (phase 1: fewer than amx_min tokens first, then
+ * the others, each in ascending id) and added (phase 2: ascending id). With
+ * early tokens (t < n_early < n), the experts any early token uses come
+ * first in both orders, so the early rows are done before the rest. */
+static int route(struct moe_op *op, moe_scratch *s, int n, int n_early, int top_k, const int32_t *ids,
+                 const float *w)
 {
     memset(s->cnt, 0, (size_t)op->n_expert * 4);
+    memset(s->early, 0, (size_t)op->n_expert * 4);
     for (int t = 0; t < n; t++)
         for (int k = 0; k < top_k; k++) {
             int32_t id = ids[(size_t)t * top_k + k];
@@ -254,22 +263,26 @@ static int route(struct moe_op *op, moe_scratch *s, int n, int top_k, const int3
                 return td_err(s->err, sizeof s->err, TANDEM_EINVAL,
                               "moe: ids[%d][%d] = %d: that expert is not held on the CPU", t, k, id);
             s->cnt[id]++;
+            s->early[id] |= t < n_early;
         }
-    int rows = 0;
-    s->n_ord = s->n_small = 0;
-    for (int pass = 0; pass < 2; pass++)
-        for (int e = 0; e < op->n_expert; e++) {
-            if (!s->cnt[e] || is_big(op, s, e) != pass)
-                continue;
-            s->order[s->n_ord++] = e;
-            s->n_small += !pass;
-            s->off[e] = s->fill[e] = rows;
-            rows += round_up(s->cnt[e], 16);
-        }
+    int rows = 0, nd = 0;
+    s->n_ord = s->n_small = s->n_dearly = 0;
+    for (int cls = 1; cls >= 0; cls--) /* early experts, then the others */
+        for (int pass = 0; pass < 2; pass++)
+            for (int e = 0; e < op->n_expert; e++) {
+                if (!s->cnt[e] || s->early[e] != cls || is_big(op, s, e) != pass)
+                    continue;
+                s->order[s->n_ord++] = e;
+                s->n_small += !pass;
+                s->n_dearly += cls;
+                s->off[e] = s->fill[e] = rows;
+                rows += round_up(s->cnt[e], 16);
+            }
     s->rows_used = rows;
-    for (int e = 0, i = 0; e < op->n_expert; e++)
-        if (s->cnt[e])
-            s->dorder[i++] = e;
+    for (int cls = 1; cls >= 0; cls--)
+        for (int e = 0; e < op->n_expert; e++)
+            if (s->cnt[e] && s->early[e] == cls)
+                s->dorder[nd++] = e;
     for (int t = 0; t < n; t++)
         for (int k = 0; k < top_k; k++) {
             size_t i = (size_t)t * top_k + k;
@@ -531,6 +544,9 @@ static void down_item(const fwd_ctx *c, int p, int64_t it)
                 op->d_model, tscratch(s));
     }
     atomic_store_explicit(tk, i + 1, memory_order_release);
+    /* the last item of an early expert: every early row is final (early rows get no late expert) */
+    if (s->early_fn && i < s->n_dearly && atomic_fetch_sub_explicit(&s->early_left, 1, memory_order_acq_rel) == 1)
+        s->early_fn(s->early_arg);
 }
 
 /* The one job of a forward, run per partition (pool_run_parts, chunks of
@@ -663,8 +679,9 @@ static void plan(struct moe_op *op, moe_scratch *s, pool *p, int n)
     }
 }
 
-static int forward(struct moe_op *op, moe_scratch *s, pool *p, int n, int top_k, const void *x, int x_bf16,
-                   const int32_t *ids, const float *w, float *out)
+static int forward(struct moe_op *op, moe_scratch *s, pool *p, int n, int n_early, int top_k, const void *x,
+                   int x_bf16, const int32_t *ids, const float *w, float *out, void (*early_fn)(void *),
+                   void *early_arg)
 {
     if (!op || !s || !p || (n > 0 && (!x || !ids || !w || !out)))
         return TANDEM_EINVAL;
@@ -681,17 +698,30 @@ static int forward(struct moe_op *op, moe_scratch *s, pool *p, int n, int top_k,
     if (op->big->tiled && !s->tbuf)
         return td_err(s->err, sizeof s->err, TANDEM_EINVAL,
                       "moe: this scratch was made before the op's tile kernel was chosen");
-    if (n == 0)
+    if (n == 0) {
+        if (early_fn)
+            early_fn(early_arg);
         return 0;
-    int rc = route(op, s, n, top_k, ids, w);
+    }
+    int rc = route(op, s, n, n_early, top_k, ids, w);
     if (rc)
         return rc;
     if (s->n_ord == 0) {
         memset(out, 0, (size_t)n * (size_t)op->d_model * 4);
+        if (early_fn)
+            early_fn(early_arg);
         return 0;
     }
     fwd_ctx c = { .op = op, .s = s, .n = n, .top_k = top_k, .x = x, .x_bf16 = x_bf16, .ids = ids, .out = out };
     plan(op, s, p, n);
+    /* early rows are final when the early experts' phase-2 items are done, on one partition; with
+     * several, their partial sums are added after the job, and the signal waits for that */
+    int in_job = early_fn && op->nparts == 1 && s->n_dearly > 0;
+    s->early_fn = in_job ? early_fn : NULL;
+    s->early_arg = early_arg;
+    atomic_store_explicit(&s->early_left, s->n_dearly * s->n_cg, memory_order_relaxed);
+    if (early_fn && op->nparts == 1 && s->n_dearly == 0)
+        early_fn(early_arg); /* no early token has a CPU expert: its rows are zero already */
     int64_t items = 0;
     for (int q = 0; q < op->nparts; q++)
         items = s->n_items[q] > items ? s->n_items[q] : items;
@@ -699,17 +729,29 @@ static int forward(struct moe_op *op, moe_scratch *s, pool *p, int n, int top_k,
     pool_run_parts(p, items, 1, fwd_job, &c);
     if (op->nparts > 1)
         pool_run(p, n, 0, reduce_job, &c);
+    if (early_fn && op->nparts > 1)
+        early_fn(early_arg);
+    s->early_fn = NULL;
     return 0;
 }
 
 int moe_forward(moe_op *op, moe_scratch *s, pool *p, int n, int top_k, const float *x, const int32_t *ids,
                 const float *w, float *out)
 {
-    return forward(op, s, p, n, top_k, x, 0, ids, w, out);
+    return forward(op, s, p, n, n, top_k, x, 0, ids, w, out, NULL, NULL);
 }
 
 int moe_forward_bf16(moe_op *op, moe_scratch *s, pool *p, int n, int top_k, const uint16_t *x, const int32_t *ids,
                      const float *w, float *out)
 {
-    return forward(op, s, p, n, top_k, x, 1, ids, w, out);
+    return forward(op, s, p, n, n, top_k, x, 1, ids, w, out, NULL, NULL);
+}
+
+int moe_forward_bf16_early(moe_op *op, moe_scratch *s, pool *p, int n, int n_early, int top_k, const uint16_t *x,
+                           const int32_t *ids, const float *w, float *out, void (*early)(void *), void *arg)
+{
+    if (n_early < 0 || n_early > n)
+        return td_err(s ? s->err : NULL, s ? sizeof s->err : 0, TANDEM_EINVAL,
+                      "moe: %d early tokens of %d", n_early, n);
+    return forward(op, s, p, n, n_early, top_k, x, 1, ids, w, out, early, arg);
 }
