@@ -18,10 +18,13 @@
 #   bench/serve.sh [BUILD] [-- extra `tandem serve` options]
 #   env: MODEL (models/demo), STREAMS ("1 4 16"), TOKENS (128), PROMPT_WORDS
 #        (48: the prompt is that many words), REPS (3), OUT (a file the lines
-#        are appended to)
+#        are appended to), LOGPROBS=1 (ask for logprobs, so that every token
+#        makes a chunk: with random weights and a tokenizer from another model,
+#        most ids have no text, and without it the first chunk, and with it
+#        ttft_ms, would only come with the first id that has text)
 # On the H200 machine, a full-size model with random weights (the model is
 # loaded twice: once for the engine reference, once for the server):
-#   MODEL=bench/configs/qwen3-30b-a3b TOKENS=64 REPS=1 bench/serve.sh build -- \
+#   MODEL=bench/configs/qwen3-30b-a3b TOKENS=64 REPS=1 LOGPROBS=1 bench/serve.sh build -- \
 #       --dummy-weights --tokenizer models/demo --cpu-experts int4
 set -u
 cd "$(dirname "$0")/.."
@@ -150,13 +153,16 @@ prompt=$(python3 -c "
 w='package provides a library for parsing and writing files with support for compression and network access'.split()
 print(' '.join(w[i % len(w)] for i in range($PROMPT_WORDS)))")
 python3 - "$BASE" "$(basename "$MODEL")" "$TOKENS" "$REPS" "$engine" "$prompt" $STREAMS <<'PYSRC' |
-import http.client, json, sys, threading, time, urllib.parse
+import http.client, json, os, sys, threading, time, urllib.parse
 base, name, tokens, reps, prompt = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[6]
 engine = [float(x) for x in sys.argv[5].split()]
 streams = [int(x) for x in sys.argv[7:]]
 u = urllib.parse.urlparse(base)
-body = json.dumps({"prompt": prompt, "max_tokens": tokens, "ignore_eos": True, "temperature": 0, "stream": True,
-                   "stream_options": {"include_usage": True}})
+req = {"prompt": prompt, "max_tokens": tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+       "stream_options": {"include_usage": True}}
+if os.environ.get("LOGPROBS") == "1":
+    req["logprobs"] = 0
+body = json.dumps(req)
 
 def one(res, i):
     c = http.client.HTTPConnection(u.hostname, u.port, timeout=3600)

@@ -30,7 +30,7 @@ E2E_MODELS=qwen3 E2E_TIMEOUT=170 E2E_QWEN_MODE=both E2E_HANDOFF=memop E2E_DEFER=
     bench/e2e.sh build 2>&1 | grep -E '^(bench=|#)'
 echo "== serve ($SECONDS s)"
 if command -v curl >/dev/null; then
-    MODEL=bench/configs/qwen3-30b-a3b TOKENS=64 REPS=1 OUT="$OUT/serve.txt" timeout 230 bench/serve.sh build -- \
+    MODEL=bench/configs/qwen3-30b-a3b TOKENS=64 REPS=1 LOGPROBS=1 OUT="$OUT/serve.txt" timeout 230 bench/serve.sh build -- \
         --dummy-weights --tokenizer models/demo --cpu-experts int4 2>&1 | tail -n 12
 else
     echo "serve bench skipped: no curl on this machine"
