@@ -12,6 +12,7 @@
 #        memop), E2E_DEFER (deferral values, 0), E2E_KERNELS (decode, or both:
 #        also the first kernels' GPU time), E2E_OPS=1 (per-op table),
 #        E2E_PCIE=1 (one MoE layer streamed to the GPU vs the CPU per prompt),
+#        E2E_STREAM_MIN=N (prefill again with expert streaming from N tokens),
 #        E2E_QWEN_MODE (both: also the CPU engine; or hybrid)
 # Uses `$BUILD/tandem bench e2e` when the command has it, else links
 # bench/e2e_main.c against $BUILD/libtandem.a with the Makefile's libraries.
@@ -49,6 +50,7 @@ for m in $models; do
     args+=(--handoff "${E2E_HANDOFF:-both}" --defer "${E2E_DEFER:-0}" --kernels "${E2E_KERNELS:-decode}")
     [ "${E2E_OPS:-0}" = 1 ] && args+=(--ops)
     [ "${E2E_PCIE:-0}" = 1 ] && args+=(--pcie)
+    [ -n "${E2E_STREAM_MIN:-}" ] && args+=(--stream-min "$E2E_STREAM_MIN")
     log="$OUT/e2e-$m.txt"
     echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), $(nproc) cores: ${runner[*]} ${args[*]} --dummy-weights --experts $experts --prompt $prompts --decode $decode" | tee "$log"
     TANDEM_LOG=${TANDEM_LOG:-info} timeout "$tmo" "${runner[@]}" "${args[@]}" --dummy-weights --experts "$experts" \

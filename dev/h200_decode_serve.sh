@@ -6,7 +6,8 @@
 #      machine between the first and the third line), then CPU-only on the
 #      same shapes; cpu_def_ms splits out the deferred experts; --pcie: one
 #      MoE layer's experts streamed to the GPU vs the CPU at 512 and 4096
-#      tokens (bench=prefill_stream, issue 5 item 4)
+#      tokens (bench=prefill_stream, issue 5 item 4), and the prefill again
+#      with expert streaming from 1024 tokens (stream_min=1024 lines)
 #   3. bench/serve.sh on the same full-size model (random weights), 1/4/16
 #      streams, 64 tokens each
 #   OUT=/some/dir dev/h200_decode_serve.sh      (carry .sysroot, see dev/sysroot.sh)
@@ -26,7 +27,7 @@ echo "== build ($SECONDS s)"
 timeout 240 "${mk[@]}" CUDA=1 build/tandem >"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
 echo "== e2e qwen3 ($SECONDS s)"
 E2E_MODELS=qwen3 E2E_TIMEOUT=170 E2E_QWEN_MODE=both E2E_HANDOFF=memop E2E_DEFER=0,2,0,1 E2E_PROMPTS=512,4096 \
-    E2E_PCIE=1 OUT="$OUT" \
+    E2E_PCIE=1 E2E_STREAM_MIN=1024 OUT="$OUT" \
     bench/e2e.sh build 2>&1 | grep -E '^(bench=|#)'
 echo "== serve ($SECONDS s)"
 if command -v curl >/dev/null; then

@@ -694,6 +694,7 @@ typedef struct {
     const char *name;
     int exact, cpu_ref, gpu_experts_half, handoff, graphs, chunk; /* half: 1 = experts 0..E/2-1, 2 = by counts */
     double tol;
+    int stream; /* every pass streams all experts to the GPU (hybrid_stream.c) */
 } e2e_mode;
 
 static int fwd(tandem_session *s, int n, const int32_t *tok, const int32_t *pos, const int32_t *seq,
@@ -766,6 +767,7 @@ static void e2e_fixture(const char *dir, const char *name, const e2e_mode *m)
             o.handoff = m->handoff;
             o.graphs = m->graphs;
             o.chunk = m->chunk ? m->chunk : o.chunk;
+            o.stream_min = m->stream;
             rc = hybrid_session_create_opts(s, &o, err, sizeof err);
             CHECKF(rc == 0, "%s [%s]: session: %s", name, m->name, err);
         }
@@ -841,12 +843,14 @@ static void e2e_fixture(const char *dir, const char *name, const e2e_mode *m)
 static void test_e2e(const gpu_info *info)
 {
     const e2e_mode modes[] = {
-        { "fp32, host fn, graphs", 1, 1, 0, HY_HANDOFF_HOST, 1, 0, 1e-3 },
-        { "fp32, chunks of 5, eager", 1, 1, 0, HY_HANDOFF_HOST, 0, 5, 1e-3 },
-        { "fp32, memop, half on GPU", 1, 1, 1, HY_HANDOFF_MEMOP, 1, 0, 1e-3 },
-        { "default (bf16), host fn", 0, 0, 0, HY_HANDOFF_HOST, 1, 0, 3e-2 },
-        { "default (bf16), memop", 0, 0, 1, HY_HANDOFF_MEMOP, 1, 0, 3e-2 },
-        { "fp32, memop, half on GPU by routing counts", 1, 1, 2, HY_HANDOFF_MEMOP, 1, 0, 1e-3 },
+        { "fp32, host fn, graphs", 1, 1, 0, HY_HANDOFF_HOST, 1, 0, 1e-3, 0 },
+        { "fp32, chunks of 5, eager", 1, 1, 0, HY_HANDOFF_HOST, 0, 5, 1e-3, 0 },
+        { "fp32, memop, half on GPU", 1, 1, 1, HY_HANDOFF_MEMOP, 1, 0, 1e-3, 0 },
+        { "default (bf16), host fn", 0, 0, 0, HY_HANDOFF_HOST, 1, 0, 3e-2, 0 },
+        { "default (bf16), memop", 0, 0, 1, HY_HANDOFF_MEMOP, 1, 0, 3e-2, 0 },
+        { "fp32, memop, half on GPU by routing counts", 1, 1, 2, HY_HANDOFF_MEMOP, 1, 0, 1e-3, 0 },
+        { "fp32, experts streamed", 1, 1, 0, HY_HANDOFF_MEMOP, 0, 0, 1e-3, 1 },
+        { "fp32, half on GPU, experts streamed", 1, 1, 1, HY_HANDOFF_MEMOP, 0, 0, 1e-3, 1 },
     };
     const char *root = getenv("TANDEM_FIXTURES") ? getenv("TANDEM_FIXTURES") : "tests/fixtures";
     const char *only = getenv("TANDEM_FIXTURE");

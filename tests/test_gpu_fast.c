@@ -110,6 +110,7 @@ typedef struct {
     int handoff, half, first; /* first: the first kernels (gpu_ctx_set_fast(0)) */
     int op; /* CPU experts by the MoE operator (BF16) on both sides, not the fp32 loops: on the memop
                hand-off a deferring layer is then one operator call with an early signal */
+    int stream; /* every pass streams the experts to the GPU (deferred ones through the GPU's ydg) */
 } defer_mode;
 
 static int open_engine(const char *dir, int defer, int hybrid, int half, int op, tandem_engine **e, char *err,
@@ -135,8 +136,8 @@ static int open_engine(const char *dir, int defer, int hybrid, int half, int op,
     return rc;
 }
 
-static int open_session(tandem_engine *e, int hybrid, int handoff, int first, tandem_session **s, char *err,
-                        size_t errlen)
+static int open_session(tandem_engine *e, int hybrid, int handoff, int first, int stream, tandem_session **s,
+                        char *err, size_t errlen)
 {
     tandem_session_params sp;
     tandem_session_params_default(&sp);
@@ -151,6 +152,9 @@ static int open_session(tandem_engine *e, int hybrid, int handoff, int first, ta
     o.exact = 1;
     o.handoff = handoff;
     o.fast = !first;
+    o.stream_min = stream;
+    if (stream)
+        o.graphs = 0;
     return hybrid_session_create_opts(*s, &o, err, errlen);
 }
 
@@ -170,14 +174,14 @@ static void defer_fixture(const char *dir, const char *name, const defer_mode *m
     if (!rc) /* the exact run, to see that deferral changed something */
         CHECKF((rc = open_engine(dir, 0, 0, 0, m->op, &e0, err, sizeof err)) == 0, "%s cpu d=0: %s", name, err);
     if (!rc)
-        CHECKF((rc = open_session(e0, 0, 0, 0, &s0, err, sizeof err)) == 0, "%s: %s", name, err);
+        CHECKF((rc = open_session(e0, 0, 0, 0, 0, &s0, err, sizeof err)) == 0, "%s: %s", name, err);
     if (!rc)
         CHECKF((rc = open_engine(dir, 1, 1, m->half, m->op, &eh, err, sizeof err)) == 0, "%s hybrid: %s", name,
                err);
     if (!rc)
-        CHECKF((rc = open_session(ec, 0, 0, 0, &sc, err, sizeof err)) == 0, "%s: %s", name, err);
+        CHECKF((rc = open_session(ec, 0, 0, 0, 0, &sc, err, sizeof err)) == 0, "%s: %s", name, err);
     if (!rc)
-        CHECKF((rc = open_session(eh, 1, m->handoff, m->first, &sh, err, sizeof err)) == 0, "%s [%s]: %s", name,
+        CHECKF((rc = open_session(eh, 1, m->handoff, m->first, m->stream, &sh, err, sizeof err)) == 0, "%s [%s]: %s", name,
                m->name, err);
     const st_tensor *pt = st_find(ref, "prefill_tokens"), *dt = st_find(ref, "decode_tokens");
     if (!rc && pt && dt) {
@@ -239,12 +243,14 @@ static void defer_fixture(const char *dir, const char *name, const defer_mode *m
 static void test_defer_hybrid(const gpu_info *info)
 {
     static const defer_mode modes[] = {
-        { "host fn", HY_HANDOFF_HOST, 0, 0, 0 },
-        { "memop", HY_HANDOFF_MEMOP, 0, 0, 0 },
-        { "memop, half on GPU", HY_HANDOFF_MEMOP, 1, 0, 0 },
-        { "memop, first kernels", HY_HANDOFF_MEMOP, 0, 1, 0 },
-        { "memop, MoE operator", HY_HANDOFF_MEMOP, 0, 0, 1 },
-        { "host fn, MoE operator", HY_HANDOFF_HOST, 0, 0, 1 },
+        { "host fn", HY_HANDOFF_HOST, 0, 0, 0, 0 },
+        { "memop", HY_HANDOFF_MEMOP, 0, 0, 0, 0 },
+        { "memop, half on GPU", HY_HANDOFF_MEMOP, 1, 0, 0, 0 },
+        { "memop, first kernels", HY_HANDOFF_MEMOP, 0, 1, 0, 0 },
+        { "memop, MoE operator", HY_HANDOFF_MEMOP, 0, 0, 1, 0 },
+        { "host fn, MoE operator", HY_HANDOFF_HOST, 0, 0, 1, 0 },
+        { "experts streamed", HY_HANDOFF_MEMOP, 0, 0, 0, 1 },
+        { "half on GPU, streamed", HY_HANDOFF_MEMOP, 1, 0, 0, 1 },
     };
     const char *root = getenv("TANDEM_FIXTURES") ? getenv("TANDEM_FIXTURES") : "tests/fixtures";
     DIR *dir = opendir(root);

@@ -30,7 +30,9 @@
  * bench/results/2026-11-28-h200-e2e.txt); TANDEM_GPU_CHUNK=N caps
  * tokens per GPU pass (default 1024); TANDEM_GPU_EXACT=1 keeps every
  * activation fp32 (no BF16 GEMM inputs); TANDEM_GPU_FAST=0 runs the first
- * kernels instead of the decode ones (A/B timing). At engine open:
+ * kernels instead of the decode ones (A/B timing); TANDEM_GPU_STREAM_MIN=N
+ * streams the experts of passes of N tokens or more to the GPU (off by
+ * default: the threshold is to be measured, see hybrid_stream.c). At engine open:
  * TANDEM_HYBRID_CPU=ref computes CPU experts with the plain fp32 loop
  * instead of the MoE operator.
  *
@@ -90,6 +92,8 @@ typedef struct {
     int defer;                  /* expert deferral d; -1 = the engine's defer_experts */
     int cpu_skip;               /* measurement: hand off, but the CPU computes nothing */
     int no_handoff;             /* measurement: skip CPU experts entirely (GPU time alone) */
+    int stream_min;             /* passes of at least this many tokens copy each MoE layer's experts to the GPU and
+                                   run them there instead of on the CPU (hybrid_stream.c); 0 = never */
 } hybrid_opts;
 void hybrid_opts_default(hybrid_opts *o);   /* defaults, then the environment */
 int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *err, size_t errlen);

@@ -60,13 +60,14 @@ static const char *usage =
     "  --defer LIST        expert deferral values to measure, comma-separated (default 0)\n"
     "  --kernels K         decode (default), or both: also G with the first GPU kernels\n"
     "  --ops               per-op GPU timings of one layer (decode and first kernels)\n"
-    "  --pcie              one MoE layer's experts streamed to the GPU vs the CPU, at each prompt length\n";
+    "  --pcie              one MoE layer's experts streamed to the GPU vs the CPU, at each prompt length\n"
+    "  --stream-min N      also prefill with expert streaming for passes of N tokens or more\n";
 
 typedef struct {
     const char *model, *name;
     int dummy, layers, fmt, mode_hybrid, mode_cpu, ho_host, ho_memop;
     int prompts[8], n_prompts, decode, cpu_prompt, cpu_decode, gpu_experts, threads;
-    int defers[4], n_defers, kernels_both, ops, pcie;
+    int defers[4], n_defers, kernels_both, ops, pcie, stream_min;
     double gpu_mem;
 } bench_opts;
 
@@ -142,8 +143,9 @@ static double cpu_expert_bytes_per_token(const tandem_engine *e)
 /* ---- one hybrid configuration ----------------------------------------------------------- */
 /* One session with hand-off `handoff` and deferral `defer`; prefill lines
  * only when `prefill` (decode then follows the first prompt either way). */
-static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, int defer, int prefill, double bw, char *err,
-                      size_t errlen)
+/* stream_min > 0: the session streams experts for passes of that many tokens (prefill lines only) */
+static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, int defer, int prefill, int stream_min,
+                      double bw, char *err, size_t errlen)
 {
     int maxp = 0;
     for (int i = 0; i < o->n_prompts; i++)
@@ -162,6 +164,8 @@ static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, int de
     hybrid_opts_default(&ho);
     ho.handoff = handoff;
     ho.defer = defer;
+    if (stream_min > 0)
+        ho.stream_min = stream_min;
     if (!getenv("TANDEM_GPU_CHUNK"))
         ho.chunk = maxp < 4096 ? maxp : 4096;
     rc = hybrid_session_create_opts(s, &ho, err, errlen);
@@ -182,13 +186,13 @@ static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, int de
         double t = now_s() - t0;
         if (!rc)
             printf("bench=e2e model=%s experts=%s mode=hybrid handoff=%s phase=prefill prompt=%d batch=1 tok_s=%.1f "
-                   "ms=%.1f chunk=%d gpu_experts=%d\n",
+                   "ms=%.1f chunk=%d gpu_experts=%d stream_min=%d\n",
                    o->name, fmt_name(o->fmt), hname, o->prompts[i], o->prompts[i] / t, t * 1e3, s->hys->chunk,
-                   e->hy->plan.gpu_experts);
+                   e->hy->plan.gpu_experts, s->hys->stream_ready ? s->hys->o.stream_min : 0);
         fflush(stdout);
     }
     /* decode after the first prompt */
-    if (!rc && o->decode > 0) {
+    if (!rc && o->decode > 0 && stream_min <= 0) {
         tandem_kv_clear(s, 0);
         rc = forward(s, 1, o->prompts[0], tok, 0, err, errlen);
         double W = 0, G = 0, W0 = 0, Gf = 0;
@@ -383,6 +387,8 @@ static int parse(int argc, char **argv, bench_opts *o)
             o->gpu_mem = atof(v);
         else if (!strcmp(a, "--threads"))
             o->threads = atoi(v);
+        else if (!strcmp(a, "--stream-min"))
+            o->stream_min = atoi(v);
         else if (!strcmp(a, "--kernels"))
             o->kernels_both = !strcmp(v, "both");
         else if (!strcmp(a, "--defer")) {
@@ -473,11 +479,19 @@ int tandem_bench_e2e(int argc, char **argv)
                     continue;
                 }
                 for (int di = 0; di < o.n_defers; di++) {
-                    int r = run_hybrid(e, &o, h ? HY_HANDOFF_MEMOP : HY_HANDOFF_HOST, o.defers[di], di == 0, bw, err,
-                                       sizeof err);
+                    int r = run_hybrid(e, &o, h ? HY_HANDOFF_MEMOP : HY_HANDOFF_HOST, o.defers[di], di == 0, 0, bw,
+                                       err, sizeof err);
                     if (r) {
                         fprintf(stderr, "bench e2e: hybrid (%s, defer %d): %s\n", h ? "memop" : "host", o.defers[di],
                                 err);
+                        rc = r;
+                    }
+                }
+                if (o.stream_min > 0) { /* prefill again, streaming the experts of long passes */
+                    int r = run_hybrid(e, &o, h ? HY_HANDOFF_MEMOP : HY_HANDOFF_HOST, 0, 1, o.stream_min, bw, err,
+                                       sizeof err);
+                    if (r) {
+                        fprintf(stderr, "bench e2e: hybrid (streaming): %s\n", err);
                         rc = r;
                     }
                 }

@@ -136,6 +136,13 @@ struct hybrid_session {
     uint16_t *x2;                         /* [2][HY_ONE_CALL_T][D] */
     int32_t *ids2;                        /* [2][HY_ONE_CALL_T][K] */
     float *w2, *y2;                       /* [2][HY_ONE_CALL_T][K], [2][HY_ONE_CALL_T][D] */
+    /* expert streaming (hybrid_stream.c) */
+    int stream_ready;                     /* staging allocated: passes of o.stream_min tokens or more stream */
+    int streaming;                        /* the pass in flight streams */
+    void *stream_gu, *stream_dn;          /* one layer's experts: [E][2F][D], [E][D][F] as stored */
+    int32_t *stream_slot;                 /* device [E]: expert x in place x */
+    gpu_dtype stream_dt;
+    size_t stream_row;                    /* bytes of one [F][D] matrix */
     float *rx, *rg, *ru, *ry;             /* reference loop: [chunk][D], [chunk][F] x2, [chunk][D] */
     int32_t *r_cnt, *r_tok;               /* [E], [E][chunk] */
     float *r_w;                           /* [E][chunk] */
@@ -176,6 +183,10 @@ int hy_layer_has_cpu(const hybrid_engine *hy, const model_desc *d, int l);
  * node counts of the session's graph for passes of T tokens. */
 int hybrid_bench_ops(tandem_session *s, const char *model, int T, char *err, size_t errlen);
 int hybrid_graph_counts(const tandem_session *s, int T, gpu_graph_counts *out);
+/* hybrid_stream.c */
+int hy_stream_init(hybrid_session *hs, char *err, size_t errlen);
+void hy_stream_free(hybrid_session *hs);
+void hy_stream_layer(hybrid_session *hs, int l, gpu_experts *out);
 /* `bench e2e --pcie` (hybrid_pcie.c): one MoE layer's experts streamed to the
  * GPU and run there vs the CPU operator, on T tokens; prints one line. */
 int hybrid_bench_pcie(tandem_engine *e, const char *name, int T, char *err, size_t errlen);

@@ -78,6 +78,8 @@ void hybrid_opts_default(hybrid_opts *o)
         o->exact = atoi(v) != 0;
     if ((v = getenv("TANDEM_GPU_FAST")))
         o->fast = atoi(v) != 0;
+    if ((v = getenv("TANDEM_GPU_STREAM_MIN")) && atoi(v) > 0)
+        o->stream_min = atoi(v);
 }
 
 /* ---- allocation ------------------------------------------------------------------- */
@@ -110,6 +112,7 @@ void hybrid_session_free(tandem_session *s)
     if (hs->c)
         gpu_sync(hs->c, NULL, 0);
     hy_cpu_free(hs);
+    hy_stream_free(hs);
     for (int i = 0; i < hs->n_graphs; i++)
         gpu_graph_free(hs->graphs[i].g);
     gpu_ctx_free(hs->c);
@@ -207,7 +210,7 @@ int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *er
     int64_t scratch = 0;
     if (d->attn == ATTN_MLA)
         scratch = 2 * C * H * d->kv_lora_rank;
-    if (e->hy->plan.gpu_experts > 0)
+    if (e->hy->plan.gpu_experts > 0 || o->stream_min > 0)
         scratch = max64(scratch, C * K * (3 * d->d_ff_expert + D));
 
     rc = gpu_ctx_create(&hs->c, (size_t)(C * kmax), err, errlen);
@@ -236,7 +239,7 @@ int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *er
             hs->kpe[l] = base + cells * d->kv_lora_rank;
         }
     }
-    const int gpu_def = defer > 0 && e->hy->plan.gpu_experts > 0;
+    const int gpu_def = defer > 0 && (e->hy->plan.gpu_experts > 0 || o->stream_min > 0);
     struct {
         void **p;
         int64_t bytes;
@@ -281,6 +284,8 @@ int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *er
     }
     if (!rc)
         rc = hy_cpu_init(hs, err, errlen);
+    if (!rc)
+        rc = hy_stream_init(hs, err, errlen);
     if (rc) {
         hybrid_session_free(s);
         return rc;
@@ -395,9 +400,12 @@ static void moe_layer(hybrid_session *hs, int l, int T)
     const hybrid_engine *hy = hs->hy;
     const hy_layer *L = &hy->L[l];
     const int D = d->d_model, E = d->n_expert, K = d->n_expert_used, p = l & 1;
-    const int cpu = hy_layer_has_cpu(hy, d, l) && !hs->o.no_handoff;
+    /* a streaming pass runs every layer that has CPU experts on the GPU, the previous one included */
+    const int strm = hs->streaming && hy_layer_has_cpu(hy, d, l);
+    const int cpu = hy_layer_has_cpu(hy, d, l) && !hs->o.no_handoff && !strm;
     const int dfr = hs->defers[l], prev = l > 0 && hs->defers[l - 1];
-    const int prev_cpu = prev && hy_layer_has_cpu(hy, d, l - 1) && !hs->o.no_handoff;
+    const int prev_strm = prev && hs->streaming && hy_layer_has_cpu(hy, d, l - 1);
+    const int prev_cpu = prev && hy_layer_has_cpu(hy, d, l - 1) && !hs->o.no_handoff && !prev_strm;
     gpu_handoff ho;
     memset(&ho, 0, sizeof ho);
     ho.defer = dfr ? hs->defer : 0;
@@ -409,7 +417,7 @@ static void moe_layer(hybrid_session *hs, int l, int T)
         ho.host_ids_def = dfr ? hs->slot_ids_def[p] : NULL;
         ho.host_w = hs->slot_w[p];
     }
-    if (L->n_gpu_exp) {
+    if (L->n_gpu_exp || strm) {
         ho.slot = L->ex.slot;
         ho.gpu_ids = hs->gids;
         ho.gpu_ids_def = dfr ? hs->gids_def : NULL;
@@ -429,11 +437,17 @@ static void moe_layer(hybrid_session *hs, int l, int T)
     if (d->d_ff_shared)
         mlp(hs, T, d->d_ff_shared, &L->sh_gu, L->sh_gu_bias, &L->sh_down, L->sh_down_bias,
             d->shared_gate ? &L->sh_gate_inp : NULL);
-    if (L->n_gpu_exp) {
-        gpu_moe_experts(c, &L->ex, T, K, hs->h, D, hs->gids, hs->wts, hs->x, D, hs->scratch);
+    if (L->n_gpu_exp || strm) {
+        gpu_experts sx;
+        const gpu_experts *ex = &L->ex;
+        if (strm) { /* all of the layer's experts, GPU-held ones included, from host memory */
+            hy_stream_layer(hs, l, &sx);
+            ex = &sx;
+        }
+        gpu_moe_experts(c, ex, T, K, hs->h, D, hs->gids, hs->wts, hs->x, D, hs->scratch);
         if (dfr) {
             gpu_zero(c, GPU_MAIN, hs->ydg[p], (size_t)T * D * 4);
-            gpu_moe_experts(c, &L->ex, T, K, hs->h, D, hs->gids_def, hs->wts, hs->ydg[p], D, hs->scratch);
+            gpu_moe_experts(c, ex, T, K, hs->h, D, hs->gids_def, hs->wts, hs->ydg[p], D, hs->scratch);
         }
     }
     if (cpu) {
@@ -446,7 +460,7 @@ static void moe_layer(hybrid_session *hs, int l, int T)
             gpu_flag_write(c, GPU_MAIN, &hs->flags[2 * l + 1], 0);
         }
     }
-    const int prev_gpu = prev && hy->L[l - 1].n_gpu_exp;
+    const int prev_gpu = prev && (hy->L[l - 1].n_gpu_exp || prev_strm);
     const float *nw = next_norm(hs, l);
     gpu_add_norm(c, hs->x, T, D, cpu ? hs->slot_y : NULL, prev_cpu ? hs->slot_ydef[p ^ 1] : NULL,
                  prev_gpu ? hs->ydg[p ^ 1] : NULL, D, nw, d->rms_eps, nw ? hs->h : NULL);
@@ -521,10 +535,12 @@ static gpu_graph *graph_for(hybrid_session *hs, int T, int n_want, float *dst, c
 static int run_pass(hybrid_session *hs, int T, int n_want, float *dst, int graphable, char *err, size_t errlen)
 {
     hs->cur_T = T;
+    hs->streaming = hs->stream_ready && T >= hs->o.stream_min;
     gpu_graph *g = NULL;
-    if (graphable && hs->o.graphs && T <= HY_GRAPH_MAX_T)
+    if (graphable && hs->o.graphs && T <= HY_GRAPH_MAX_T && !hs->streaming)
         g = graph_for(hs, T, n_want, dst, err, errlen);
-    const int watch = !hs->o.no_handoff; /* the watcher waits for every CPU layer's flag */
+    /* the watcher waits for every CPU layer's flag; a streaming pass hands nothing to the CPU */
+    const int watch = !hs->o.no_handoff && !hs->streaming;
     if (watch)
         hy_cpu_arm(hs);
     if (g) {
