@@ -202,8 +202,13 @@ static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, int de
         if (!rc)
             rc = decode_steps(s, 1, 2, o->decode, &W, &C, &Cd, err, errlen);
         gpu_graph_counts gc;
-        if (hybrid_graph_counts(s, 1, &gc) != 0)
+        int grc = hybrid_graph_counts(s, 1, &gc);
+        if (grc != 0) { /* the H200 runs of 2026-11-29 read kernels=0 nodes=0: say why next time */
             memset(&gc, 0, sizeof gc);
+            printf("# decode graph counts unavailable (code %d; %d graphs, T of the first %d, launches %lld)\n", grc,
+                   s->hys->n_graphs, s->hys->n_graphs ? s->hys->graphs[0].T : -1,
+                   (long long)s->hys->st.graph_launches);
+        }
         m.no_handoff = 1;
         hybrid_session_set_opts(s, &m);
         if (!rc)
