@@ -694,7 +694,7 @@ typedef struct {
     const char *name;
     int exact, cpu_ref, gpu_experts_half, handoff, graphs, chunk; /* half: 1 = experts 0..E/2-1, 2 = by counts */
     double tol;
-    int stream; /* every pass streams all experts to the GPU (hybrid_stream.c) */
+    int stream; /* every pass streams all experts to the GPU (hybrid_stream.c); 2: through one staging area */
 } e2e_mode;
 
 static int fwd(tandem_session *s, int n, const int32_t *tok, const int32_t *pos, const int32_t *seq,
@@ -767,8 +767,11 @@ static void e2e_fixture(const char *dir, const char *name, const e2e_mode *m)
             o.handoff = m->handoff;
             o.graphs = m->graphs;
             o.chunk = m->chunk ? m->chunk : o.chunk;
-            o.stream_min = m->stream;
+            o.stream_min = m->stream ? 1 : 0;
+            if (m->stream == 2)
+                setenv("TANDEM_GPU_STREAM_BUFS", "1", 1);
             rc = hybrid_session_create_opts(s, &o, err, sizeof err);
+            unsetenv("TANDEM_GPU_STREAM_BUFS");
             CHECKF(rc == 0, "%s [%s]: session: %s", name, m->name, err);
         }
     }
@@ -851,6 +854,7 @@ static void test_e2e(const gpu_info *info)
         { "fp32, memop, half on GPU by routing counts", 1, 1, 2, HY_HANDOFF_MEMOP, 1, 0, 1e-3, 0 },
         { "fp32, experts streamed", 1, 1, 0, HY_HANDOFF_MEMOP, 0, 0, 1e-3, 1 },
         { "fp32, half on GPU, experts streamed", 1, 1, 1, HY_HANDOFF_MEMOP, 0, 0, 1e-3, 1 },
+        { "fp32, experts streamed, one area", 1, 1, 0, HY_HANDOFF_MEMOP, 0, 0, 1e-3, 2 },
     };
     const char *root = getenv("TANDEM_FIXTURES") ? getenv("TANDEM_FIXTURES") : "tests/fixtures";
     const char *only = getenv("TANDEM_FIXTURE");

@@ -139,7 +139,9 @@ struct hybrid_session {
     /* expert streaming (hybrid_stream.c) */
     int stream_ready;                     /* staging allocated: passes of o.stream_min tokens or more stream */
     int streaming;                        /* the pass in flight streams */
-    void *stream_gu, *stream_dn;          /* one layer's experts: [E][2F][D], [E][D][F] as stored */
+    void *stream_gu[2], *stream_dn[2];    /* staging areas: [E][2F][D], [E][D][F] as stored */
+    int stream_bufs;                      /* 2: the next layer's copy overlaps (side stream); 1: copy, then use */
+    int stream_cur;                       /* the area the next streamed layer uses */
     int32_t *stream_slot;                 /* device [E]: expert x in place x */
     gpu_dtype stream_dt;
     size_t stream_row;                    /* bytes of one [F][D] matrix */
@@ -186,6 +188,7 @@ int hybrid_graph_counts(const tandem_session *s, int T, gpu_graph_counts *out);
 /* hybrid_stream.c */
 int hy_stream_init(hybrid_session *hs, char *err, size_t errlen);
 void hy_stream_free(hybrid_session *hs);
+void hy_stream_begin(hybrid_session *hs);
 void hy_stream_layer(hybrid_session *hs, int l, gpu_experts *out);
 /* `bench e2e --pcie` (hybrid_pcie.c): one MoE layer's experts streamed to the
  * GPU and run there vs the CPU operator, on T tokens; prints one line. */

@@ -480,6 +480,8 @@ static void enqueue(hybrid_session *hs, int T, int n_want, float *dst)
         gpu_copy(c, GPU_MAIN, hs->rows_d, hs->rows_h, (size_t)n_want * 4);
     gpu_embed(c, hs->x, &hy->embed, hs->tok_d, T);
     gpu_rmsnorm(c, hs->h, hs->x, T, D, 1, 0, hy->L[0].attn_norm, D, d->rms_eps);
+    if (hs->streaming)
+        hy_stream_begin(hs);
     for (int l = 0; l < d->n_layer; l++) {
         const hy_layer *L = &hy->L[l];
         if (d->attn == ATTN_GQA)

@@ -9,10 +9,13 @@
  * TANDEM_GPU_STREAM_MIN = tokens per pass from which a pass streams): the
  * threshold where it pays is a measurement of the machine (`tandem bench
  * e2e --pcie` prints one layer's copy and GPU times against the CPU's), not
- * yet made on the H200. One staging area, copied on the main stream before
- * the layer's experts run: no overlap of the next layer's copy with this
- * layer's compute yet. The copies come from the checkpoint's host memory
- * as it is (mmapped or owned, not pinned), so the driver stages them.
+ * yet made on the H200. Two staging areas when the GPU has room: the next
+ * streamed layer's experts are copied on the side stream while this layer
+ * computes (hy_stream_begin enqueues the first layer's copy, each
+ * hy_stream_layer waits for its own and starts the next); one area when it
+ * has not, copied on the main stream before use. The copies come from the
+ * checkpoint's host memory as it is (mmapped or owned, not pinned), so the
+ * driver stages them and the host waits for its part of each copy.
  */
 #include "core/err.h"
 #include "core/log.h"
@@ -60,9 +63,20 @@ int hy_stream_init(hybrid_session *hs, char *err, size_t errlen)
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
     for (size_t x = 0; x < E; x++)
         slot[x] = (int32_t)x;
-    int rc = gpu_alloc(&hs->stream_gu, 2 * E * hs->stream_row, err, errlen);
+    int rc = gpu_alloc(&hs->stream_gu[0], 2 * E * hs->stream_row, err, errlen);
     if (!rc)
-        rc = gpu_alloc(&hs->stream_dn, E * hs->stream_row, err, errlen);
+        rc = gpu_alloc(&hs->stream_dn[0], E * hs->stream_row, err, errlen);
+    /* a second area for the overlap, where it fits (not an error where it does not) */
+    hs->stream_bufs = 1;
+    const char *one = getenv("TANDEM_GPU_STREAM_BUFS"); /* 1: one area (tests of that path) */
+    if (!rc && !(one && atoi(one) == 1) && gpu_alloc(&hs->stream_gu[1], 2 * E * hs->stream_row, NULL, 0) == 0) {
+        if (gpu_alloc(&hs->stream_dn[1], E * hs->stream_row, NULL, 0) == 0)
+            hs->stream_bufs = 2;
+        else {
+            gpu_free(hs->stream_gu[1]);
+            hs->stream_gu[1] = NULL;
+        }
+    }
     if (!rc)
         rc = gpu_alloc((void **)&hs->stream_slot, E * 4, err, errlen);
     if (!rc)
@@ -72,33 +86,78 @@ int hy_stream_init(hybrid_session *hs, char *err, size_t errlen)
         return td_err_prefix(err, errlen, rc, "expert streaming: one layer's experts on the GPU");
     hs->stream_ready = 1;
     td_log(TD_LOG_INFO, "expert streaming: passes of %d tokens or more run every MoE layer's experts on the GPU "
-                        "(%.2f GB of staging)",
-           hs->o.stream_min, 3.0 * E * hs->stream_row / 1e9);
+                        "(%d x %.2f GB of staging%s)",
+           hs->o.stream_min, hs->stream_bufs, 3.0 * E * hs->stream_row / 1e9,
+           hs->stream_bufs == 2 ? ": the next layer's copy overlaps this layer" : ", no overlap");
     return 0;
 }
 
 void hy_stream_free(hybrid_session *hs)
 {
-    gpu_free(hs->stream_gu);
-    gpu_free(hs->stream_dn);
+    for (int b = 0; b < 2; b++) {
+        gpu_free(hs->stream_gu[b]);
+        gpu_free(hs->stream_dn[b]);
+        hs->stream_gu[b] = hs->stream_dn[b] = NULL;
+    }
     gpu_free(hs->stream_slot);
-    hs->stream_gu = hs->stream_dn = NULL;
     hs->stream_slot = NULL;
     hs->stream_ready = 0;
 }
 
-/* Enqueue the copies of layer l's experts (gate_up [E][2F][D], down [E][D][F]) and describe them. */
-void hy_stream_layer(hybrid_session *hs, int l, gpu_experts *out)
+/* the MoE layer after l that a streaming pass streams, or -1 */
+static int next_streamed(const hybrid_session *hs, int l)
+{
+    const model_desc *d = &hs->e->d;
+    for (int k = l + 1; k < d->n_layer; k++)
+        if (hy_layer_has_cpu(hs->hy, d, k))
+            return k;
+    return -1;
+}
+
+/* copies of layer l's experts (gate_up [E][2F][D], down [E][D][F]) into area b, on a stream */
+static void copy_layer(hybrid_session *hs, int l, int b, int stream)
 {
     const model_desc *d = &hs->e->d;
     const layer_weights *L = &hs->e->layers[l];
     const size_t row = hs->stream_row;
-    uint8_t *gu = hs->stream_gu, *dn = hs->stream_dn;
+    uint8_t *gu = hs->stream_gu[b], *dn = hs->stream_dn[b];
     for (int x = 0; x < d->n_expert; x++) {
-        gpu_copy(hs->c, GPU_MAIN, gu + (2 * (size_t)x) * row, L->exp_gate[x].data, row);
-        gpu_copy(hs->c, GPU_MAIN, gu + (2 * (size_t)x + 1) * row, L->exp_up[x].data, row);
-        gpu_copy(hs->c, GPU_MAIN, dn + (size_t)x * row, L->exp_down[x].data, row);
+        gpu_copy(hs->c, stream, gu + (2 * (size_t)x) * row, L->exp_gate[x].data, row);
+        gpu_copy(hs->c, stream, gu + (2 * (size_t)x + 1) * row, L->exp_up[x].data, row);
+        gpu_copy(hs->c, stream, dn + (size_t)x * row, L->exp_down[x].data, row);
     }
-    *out = (gpu_experts){ hs->stream_gu, hs->stream_dn, hs->stream_dt, hs->stream_slot, d->n_expert, d->d_model,
-                          d->d_ff_expert };
+}
+
+/* Start of a streaming pass: with two areas, the first streamed layer's copy begins on the side stream
+ * (after the main stream's earlier work, the previous pass's use of the areas included). */
+void hy_stream_begin(hybrid_session *hs)
+{
+    hs->stream_cur = 0;
+    const int l = next_streamed(hs, -1);
+    if (hs->stream_bufs == 2 && l >= 0) {
+        gpu_fork(hs->c);
+        copy_layer(hs, l, 0, GPU_SIDE);
+    }
+}
+
+/* Layer l's experts, ready on the main stream: with two areas, wait for the side stream's copy of l and
+ * start the next streamed layer's copy into the other area (which the previous streamed layer, enqueued
+ * on the main stream before this point, has finished with: the fork orders the copy after it). */
+void hy_stream_layer(hybrid_session *hs, int l, gpu_experts *out)
+{
+    const model_desc *d = &hs->e->d;
+    const int b = hs->stream_cur;
+    if (hs->stream_bufs == 2) {
+        gpu_join(hs->c);
+        const int next = next_streamed(hs, l);
+        if (next >= 0) {
+            gpu_fork(hs->c);
+            copy_layer(hs, next, b ^ 1, GPU_SIDE);
+        }
+        hs->stream_cur = b ^ 1;
+    } else {
+        copy_layer(hs, l, 0, GPU_MAIN);
+    }
+    *out = (gpu_experts){ hs->stream_gu[b], hs->stream_dn[b], hs->stream_dt, hs->stream_slot, d->n_expert,
+                          d->d_model, d->d_ff_expert };
 }
