@@ -14,8 +14,14 @@
  * computes (hy_stream_begin enqueues the first layer's copy, each
  * hy_stream_layer waits for its own and starts the next); one area when it
  * has not, copied on the main stream before use. The copies come from the
- * checkpoint's host memory as it is (mmapped or owned, not pinned), so the
- * driver stages them and the host waits for its part of each copy.
+ * checkpoint's host memory as it is (mmapped or owned, not pinned). For such
+ * a copy CUDA first syncs the stream and returns once it has staged the
+ * bytes, so from one host thread the side stream's copy does not yet overlap
+ * the main stream's work: the host waits for the fork point, then stages the
+ * copy while the main stream holds nothing new. Real overlap needs pinned
+ * sources: the pool copying the next layer into a pinned buffer after this
+ * layer's compute is enqueued, the DMA from there, and an event before that
+ * buffer is reused. Not built: the measurement decides first.
  */
 #include "core/err.h"
 #include "core/log.h"
