@@ -98,7 +98,7 @@ typedef struct {
 void hybrid_opts_default(hybrid_opts *o);   /* defaults, then the environment */
 int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *err, size_t errlen);
 /* Change graphs / exact / cpu_skip / no_handoff of a live session (drops its
- * graphs); the hand-off mechanism and chunk are fixed at creation. */
+ * graphs); the hand-off mechanism, chunk and stream_min are fixed at creation. */
 void hybrid_session_set_opts(tandem_session *s, const hybrid_opts *o);
 
 /* Accumulated time of the session (nanoseconds) since the last reset. */
