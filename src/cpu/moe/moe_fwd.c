@@ -549,18 +549,36 @@ static void down_item(const fwd_ctx *c, int p, int64_t it)
         s->early_fn(s->early_arg);
 }
 
+/* global items p, p + np, ... of n: how many partition p gets */
+static int64_t strided(int64_t n, int p, int np) { return n > p ? (n - p + np - 1) / np : 0; }
+
+/* The experts of round r, as indices [lo, hi) of order[] and of dorder[]:
+ * round 0 the early experts (all of them without early tokens), round 1
+ * the rest. */
+static void round_span(const moe_scratch *s, int r, int *lo, int *hi)
+{
+    *lo = r ? s->n_dearly : 0;
+    *hi = r ? s->n_ord : s->n_dearly;
+}
+
 /* The one job of a forward, run per partition (pool_run_parts, chunks of
  * one item claimed in increasing order). Partition p's items, in order:
  *   gather   global items p, p + nparts, ... of n_g (token groups, then the
  *            padding rows of tiled experts);
+ * then for round 0 (the early experts) and round 1 (the others):
  *   phase 1  (expert, block of gate/up rows of p's slice), experts in
  *            order[]; waits until every gather item is done;
- *   quant    INT formats: global items p, p + nparts, ... of n_q (16 rows of
- *            one expert's h); waits for that expert's phase 1 (all
- *            partitions);
+ *   quant    INT formats: global items p, p + nparts, ... of the round's
+ *            quantisation items (16 rows of one expert's h); waits for that
+ *            expert's phase 1 (all partitions);
  *   phase 2  (expert, column group), expert-major in dorder[]; waits for the
  *            expert's h (quant, or phase 1 for BF16) and the previous
  *            expert's item of the same columns.
+ * The rounds put the early experts' down products before the late
+ * experts' gate/up, so the early rows are final after about the early
+ * experts' share of the work, not after every gate/up (the hybrid hand-off
+ * runs the next layer on the GPU meanwhile). Without early tokens round 1
+ * is empty.
  * No deadlock: an item only waits for items of an earlier section, or of
  * the same section and partition with a smaller index; within a partition
  * items are claimed in increasing order, so whatever an item waits for has
@@ -573,8 +591,8 @@ static void fwd_job(void *arg, int64_t b, int64_t e)
     fwd_ctx *c = arg;
     moe_scratch *s = c->s;
     int p = pool_part(), np = c->op->nparts;
-    int64_t ng = s->n_g > p ? (s->n_g - p + np - 1) / np : 0, nq = s->n_q > p ? (s->n_q - p + np - 1) / np : 0;
-    int64_t n1 = s->pre1[(size_t)p * (size_t)(c->op->n_expert + 1) + (size_t)s->n_ord];
+    int64_t ng = strided(s->n_g, p, np);
+    const int64_t *pre = s->pre1 + (size_t)p * (size_t)(c->op->n_expert + 1);
     for (int64_t it = b; it < e && it < s->n_items[p]; it++) {
         int64_t k = it;
         if (k < ng) {
@@ -583,28 +601,39 @@ static void fwd_job(void *arg, int64_t b, int64_t e)
             continue;
         }
         k -= ng;
-        if (k < n1) {
-            wait_for(s->gdone, s->n_g);
-            up_item(c, p, k);
-            continue;
-        }
-        k -= n1;
-        if (k < nq) {
-            int64_t gq = k * np + p;
-            int lo = 0, hi = s->n_ord;
-            while (hi - lo > 1) {
-                int mid = (lo + hi) / 2;
-                if (s->preq[mid] <= gq)
-                    lo = mid;
-                else
-                    hi = mid;
+        for (int r = 0; r < 2; r++) {
+            int lo, hi;
+            round_span(s, r, &lo, &hi);
+            int64_t n1 = pre[hi] - pre[lo];
+            if (k < n1) {
+                wait_for(s->gdone, s->n_g);
+                up_item(c, p, pre[lo] + k);
+                break;
             }
-            wait_for(&s->p1done[s->order[lo]], s->p1tot[s->order[lo]]);
-            quant_item(c, gq);
-            continue;
+            k -= n1;
+            int64_t nq = strided(s->preq[hi] - s->preq[lo], p, np);
+            if (k < nq) {
+                int64_t gq = s->preq[lo] + k * np + p;
+                int a = lo, z = hi; /* the expert of quantisation item gq */
+                while (z - a > 1) {
+                    int mid = (a + z) / 2;
+                    if (s->preq[mid] <= gq)
+                        a = mid;
+                    else
+                        z = mid;
+                }
+                wait_for(&s->p1done[s->order[a]], s->p1tot[s->order[a]]);
+                quant_item(c, gq);
+                break;
+            }
+            k -= nq;
+            int64_t n2 = (int64_t)(hi - lo) * s->n_cg;
+            if (k < n2) {
+                down_item(c, p, (int64_t)lo * s->n_cg + k);
+                break;
+            }
+            k -= n2;
         }
-        k -= nq;
-        down_item(c, p, k);
     }
 }
 
@@ -670,9 +699,12 @@ static void plan(struct moe_op *op, moe_scratch *s, pool *p, int n)
             pre[i + 1] = pre[i] + items;
             s->p1tot[e] += items;
         }
-        int64_t ng = s->n_g > q ? (s->n_g - q + op->nparts - 1) / op->nparts : 0;
-        int64_t nq = s->n_q > q ? (s->n_q - q + op->nparts - 1) / op->nparts : 0;
-        s->n_items[q] = ng + pre[s->n_ord] + nq + (int64_t)s->n_ord * s->n_cg;
+        s->n_items[q] = strided(s->n_g, q, op->nparts) + pre[s->n_ord] + (int64_t)s->n_ord * s->n_cg;
+        for (int r = 0; r < 2; r++) {
+            int lo, hi;
+            round_span(s, r, &lo, &hi);
+            s->n_items[q] += strided(s->preq[hi] - s->preq[lo], q, op->nparts);
+        }
         for (int g = 0; g < s->n_cg; g++)
             atomic_store_explicit(&s->ticket[(size_t)q * (size_t)s->ticket_stride + (size_t)g], 0,
                                   memory_order_relaxed);
