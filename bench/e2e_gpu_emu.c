@@ -231,6 +231,8 @@ int gpu_to_bf16(gpu_ctx *c, uint16_t *d, const float *s, int64_t n)
 int gpu_moe_experts(gpu_ctx *c, const gpu_experts *ex, int T, int K, const float *h, int64_t ldh, const int32_t *ids, const float *w, float *x, int64_t ldx, float *scratch)
 {
     const int D = ex->d_model, F = ex->d_ff;
+    /* the grouped GEMMs of long passes round h and the activation to BF16 (gpu_moe_grouped.cu) */
+    const int exact = !(T > c->exact_max_T && ex->dt == GPU_BF16 && D % 64 == 0 && F % 64 == 0);
     float *g = scratch, *y = scratch + 2 * F;
     for (int t = 0; t < T; t++) {
         float acc[8192] = { 0 };
@@ -241,9 +243,9 @@ int gpu_moe_experts(gpu_ctx *c, const gpu_experts *ex, int T, int K, const float
                 continue;
             gpu_mat gu = { (const char *)ex->gate_up + (size_t)s * 2 * F * D * (ex->dt == GPU_F32 ? 4 : 2), ex->dt, 2 * F, D };
             gpu_mat dn = { (const char *)ex->down + (size_t)s * D * F * (ex->dt == GPU_F32 ? 4 : 2), ex->dt, D, F };
-            mm(c, g, 2 * F, h + t * ldh, D, 1, &gu, NULL, 0, 1);
+            mm(c, g, 2 * F, h + t * ldh, D, 1, &gu, NULL, 0, exact);
             gpu_silu_mul(c, g, F, g, 2 * F, 1, F);
-            mm(c, y, D, g, F, 1, &dn, NULL, 0, 1);
+            mm(c, y, D, g, F, 1, &dn, NULL, 0, exact);
             for (int d = 0; d < D; d++)
                 acc[d] += w[t * K + k] * y[d];
             any = 1;

@@ -157,17 +157,21 @@ static int setup(gen_ctx *g, cli_opts *o)
                 tandem_tokenizer_n_vocab(g->tok), tandem_n_vocab(g->e));
         return -1;
     }
+    tandem_model_info in;
+    tandem_engine_info(g->e, &in);
     tandem_session_params sp;
     tandem_session_params_default(&sp);
     sp.n_ctx = o->ctx;
     sp.n_outputs = 1;
+    const int n_ctx = o->ctx ? o->ctx : (in.max_ctx < 4096 ? in.max_ctx : 4096);
+    if (in.gpu && n_ctx > sp.n_batch) /* prompts in passes of up to 4096 tokens: long ones stream the experts
+                                         to the GPU (README) */
+        sp.n_batch = n_ctx < 4096 ? n_ctx : 4096;
     if (tandem_session_create(g->e, &sp, &g->s, err, sizeof err)) {
         fprintf(stderr, "tandem: %s\n", err);
         return -1;
     }
-    tandem_model_info in;
-    tandem_engine_info(g->e, &in);
-    g->n_ctx = o->ctx ? o->ctx : (in.max_ctx < 4096 ? in.max_ctx : 4096);
+    g->n_ctx = n_ctx;
     g->n_batch = sp.n_batch;
     g->cache = malloc((size_t)g->n_ctx * sizeof *g->cache);
     if (!g->cache)

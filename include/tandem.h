@@ -97,6 +97,7 @@ typedef struct {
     int n_head, n_kv_head;
     const char *attention;    /* "GQA" or "MLA" */
     const char *routing;      /* routing rule, in words */
+    int gpu;                  /* 1: sessions run on the GPU, routed experts on the CPU (hybrid); 0: CPU only */
 } tandem_model_info;
 
 void tandem_engine_info(const tandem_engine *e, tandem_model_info *out);

@@ -72,7 +72,8 @@ int gpu_alloc(void **p, size_t bytes, char *err, size_t errlen);
 void gpu_free(void *p);                                   /* NULL ok */
 int gpu_host_alloc(void **p, size_t bytes, char *err, size_t errlen); /* pinned, mapped, zeroed */
 void gpu_host_free(void *p);                              /* NULL ok */
-/* Pin an existing host buffer (so async copies and graphs may target it). */
+/* Pin an existing host buffer (so async copies and graphs may target it);
+ * read-only mappings are pinned read-only. */
 int gpu_host_register(void *p, size_t bytes, char *err, size_t errlen);
 void gpu_host_unregister(void *p);                        /* NULL ok */
 /* Synchronous copies (any host memory); for load time and tests. They do
@@ -266,8 +267,25 @@ typedef struct {
     const int32_t *slot;         /* device [n_expert] */
     int n_expert, d_model, d_ff;
 } gpu_experts;
+/* Rows of the grouped path: each expert's pairs padded to a multiple of
+ * this. The scratch holds the larger of the two paths' needs: T*K*(3F + D)
+ * floats for the GEMV; for the grouped GEMMs, R padded rows of BF16 inputs
+ * (D), BF16 activations (F) and fp32 outputs (D), and the routing lists. */
+#define GPU_MOE_ROW_TILE 64
+static inline int64_t gpu_moe_scratch_floats(int64_t T, int64_t K, int64_t E, int64_t D, int64_t F)
+{
+    const int64_t TK = T * K, R = (TK + E * (GPU_MOE_ROW_TILE - 1) + GPU_MOE_ROW_TILE - 1) / GPU_MOE_ROW_TILE *
+                                  GPU_MOE_ROW_TILE;
+    const int64_t grouped = (R * (6 * D + 2 * F) + 4 * (3 * E + 1 + R / GPU_MOE_ROW_TILE + TK + R)) / 4 + 16;
+    const int64_t gemv = TK * (3 * F + D);
+    return grouped > gemv ? grouped : gemv;
+}
 /* x[t] += sum over k with ids[t][k] >= 0 and slot[ids[t][k]] >= 0 of
- * w[t][k] * expert(h[t]). scratch: T * K * (3F + D) floats. */
+ * w[t][k] * expert(h[t]). scratch: gpu_moe_scratch_floats(T, K, n_expert,
+ * d_model, d_ff) floats. Up to the decode sizes (T <= the context's exact
+ * size) a GEMV per (token, expert) pair with fp32 activations; longer passes
+ * of BF16 experts group the pairs by expert into tensor-core GEMMs with the
+ * activations rounded to BF16 (gpu_moe_grouped.cu). */
 int gpu_moe_experts(gpu_ctx *c, const gpu_experts *ex, int T, int K, const float *h, int64_t ldh,
                     const int32_t *ids, const float *w, float *x, int64_t ldx, float *scratch);
 

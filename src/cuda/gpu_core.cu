@@ -174,7 +174,12 @@ extern "C" void gpu_host_free(void *p)
 
 extern "C" int gpu_host_register(void *p, size_t bytes, char *err, size_t errlen)
 {
-    return plain_err(cudaHostRegister(p, bytes, cudaHostRegisterPortable), "pinning a host buffer", err, errlen);
+    cudaError_t e = cudaHostRegister(p, bytes, cudaHostRegisterPortable);
+    if (e != cudaSuccess) { /* a read-only mapping (an mmapped checkpoint) pins only as such */
+        cudaGetLastError();
+        e = cudaHostRegister(p, bytes, cudaHostRegisterPortable | cudaHostRegisterReadOnly);
+    }
+    return plain_err(e, "pinning a host buffer", err, errlen);
 }
 
 extern "C" void gpu_host_unregister(void *p)

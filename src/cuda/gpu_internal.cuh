@@ -165,4 +165,9 @@ static __device__ __forceinline__ void gpu_load8(const float *p, float *w)
     w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
 }
 
+/* gpu_moe_grouped.cu: the grouped GEMM path of gpu_moe_experts, and whether a call takes it */
+int gpu_moe_grouped_fits(const gpu_ctx *c, const gpu_experts *ex, int T, const float *h, int64_t ldh);
+int gpu_moe_grouped(gpu_ctx *c, const gpu_experts *ex, int T, int K, const float *h, int64_t ldh,
+                    const int32_t *ids, const float *w, float *x, int64_t ldx, float *scratch);
+
 #endif

@@ -12,8 +12,8 @@
  *   (3) out[i] = W_down[place] . act[i]         one warp per output row
  *   (4) x[t] += sum_k w[t][k] * out[t*K+k]     in k order, deterministic
  * This is a GEMV per slot: right for decode (a few tokens, each weight row
- * read once per slot from HBM or L2), wasteful for long prefill, where
- * grouping tokens by expert into GEMMs would be the next step. fp32
+ * read once per slot from HBM or L2), wasteful for long passes, which
+ * gpu_moe_grouped.cu takes (BF16 experts, T above the decode sizes). fp32
  * activations and sums; weights BF16 or F32 as stored.
  */
 #include "cuda/gpu_internal.cuh"
@@ -108,6 +108,8 @@ extern "C" int gpu_moe_experts(gpu_ctx *c, const gpu_experts *ex, int T, int K, 
     const int TK = T * K, D = ex->d_model, F = ex->d_ff;
     if (TK > 65535)
         return gpu_fail(c, "GPU experts", "more than 65535 (token, expert) pairs in one call");
+    if (gpu_moe_grouped_fits(c, ex, T, h, ldh))
+        return gpu_moe_grouped(c, ex, T, K, h, ldh, ids, w, x, ldx, scratch);
     float *gu = scratch, *act = gu + (int64_t)TK * 2 * F, *out = act + (int64_t)TK * F;
     if (ex->dt == GPU_BF16)
         ex_launch<__nv_bfloat16>(c, ex, TK, K, h, ldh, ids, gu, act, out);

@@ -222,6 +222,7 @@ void tandem_engine_info(const tandem_engine *e, tandem_model_info *o)
     o->n_kv_head = d->attn == ATTN_GQA ? d->n_kv_head : 1;
     o->attention = d->attn == ATTN_GQA ? "GQA" : "MLA";
     o->routing = model_route_name(d->route);
+    o->gpu = e->hy != NULL;
     int64_t per_layer = d->attn == ATTN_GQA ? 2 * (int64_t)d->n_kv_head * d->head_dim
                                             : (int64_t)d->kv_lora_rank + d->qk_rope_dim;
     o->kv_bytes_per_token = per_layer * 4 * d->n_layer; /* fp32 cache */

@@ -474,6 +474,7 @@ static void hy_free(hybrid_engine *hy, int n_layer)
             free(hy->L[l].slot_host);
         }
     free(hy->hot_counts);
+    hy_stream_unpin(hy);
     for (int i = 0; i < hy->n_bufs; i++)
         gpu_free(hy->bufs[i]);
     free(hy->bufs);

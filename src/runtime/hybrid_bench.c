@@ -61,7 +61,8 @@ static const char *usage =
     "  --kernels K         decode (default), or both: also G with the first GPU kernels\n"
     "  --ops               per-op GPU timings of one layer (decode and first kernels)\n"
     "  --pcie              one MoE layer's experts streamed to the GPU vs the CPU, at each prompt length\n"
-    "  --stream-min N      also prefill with expert streaming for passes of N tokens or more\n";
+    "  --stream-min N      also prefill with expert streaming for passes of N tokens or more (default: the\n"
+    "                      sessions' default; the other lines keep every expert on the CPU; 0 = none)\n";
 
 typedef struct {
     const char *model, *name;
@@ -143,7 +144,8 @@ static double cpu_expert_bytes_per_token(const tandem_engine *e)
 /* ---- one hybrid configuration ----------------------------------------------------------- */
 /* One session with hand-off `handoff` and deferral `defer`; prefill lines
  * only when `prefill` (decode then follows the first prompt either way). */
-/* stream_min > 0: the session streams experts for passes of that many tokens (prefill lines only) */
+/* stream_min > 0: the session streams experts for passes of that many tokens (prefill lines only); 0: the CPU
+ * runs the experts of every pass */
 static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, int defer, int prefill, int stream_min,
                       double bw, char *err, size_t errlen)
 {
@@ -164,8 +166,7 @@ static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, int de
     hybrid_opts_default(&ho);
     ho.handoff = handoff;
     ho.defer = defer;
-    if (stream_min > 0)
-        ho.stream_min = stream_min;
+    ho.stream_min = stream_min > 0 ? stream_min : 0;
     if (!getenv("TANDEM_GPU_CHUNK"))
         ho.chunk = maxp < 4096 ? maxp : 4096;
     rc = hybrid_session_create_opts(s, &ho, err, errlen);
@@ -327,6 +328,9 @@ static int parse(int argc, char **argv, bench_opts *o)
     o->cpu_prompt = 512;
     o->cpu_decode = 8;
     o->n_defers = 1;
+    hybrid_opts dflt;
+    hybrid_opts_default(&dflt);
+    o->stream_min = dflt.stream_min; /* the sessions' default (HY_STREAM_MIN_DEFAULT, or the environment's) */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {

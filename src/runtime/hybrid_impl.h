@@ -74,6 +74,10 @@ typedef struct hybrid_engine {
     int64_t *hot_counts;                  /* [n_layer][E] routing counts, or NULL: experts 0..n-1 */
     int64_t hot_tokens;                   /* tokens behind hot_counts */
     char hot_src[1100];                   /* the counts file, for `tandem info` */
+    /* expert streaming: the routed experts' host memory, page-locked once for the copy engine */
+    int pin_state;                        /* 0 not tried, 1 pinned, -1 could not */
+    void **pins;                          /* [n_pins] registered ranges */
+    int n_pins;
 } hybrid_engine;
 
 enum { HY_MAX_GRAPHS = 16 };
@@ -186,10 +190,12 @@ int hy_layer_has_cpu(const hybrid_engine *hy, const model_desc *d, int l);
 int hybrid_bench_ops(tandem_session *s, const char *model, int T, char *err, size_t errlen);
 int hybrid_graph_counts(const tandem_session *s, int T, gpu_graph_counts *out);
 /* hybrid_stream.c */
+int hy_stream_usable(hybrid_session *hs);
 int hy_stream_init(hybrid_session *hs, char *err, size_t errlen);
 void hy_stream_free(hybrid_session *hs);
 void hy_stream_begin(hybrid_session *hs);
 void hy_stream_layer(hybrid_session *hs, int l, gpu_experts *out);
+void hy_stream_unpin(hybrid_engine *hy);
 /* `bench e2e --pcie` (hybrid_pcie.c): one MoE layer's experts streamed to the
  * GPU and run there vs the CPU operator, on T tokens; prints one line. */
 int hybrid_bench_pcie(tandem_engine *e, const char *name, int T, char *err, size_t errlen);

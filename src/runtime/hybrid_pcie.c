@@ -132,7 +132,7 @@ int hybrid_bench_pcie(tandem_engine *e, const char *name, int T, char *err, size
     if (!rc)
         rc = gpu_alloc((void **)&x, (size_t)(T * D) * 4, err, errlen);
     if (!rc)
-        rc = gpu_alloc((void **)&scratch, (size_t)T * K * (3 * F + D) * 4, err, errlen);
+        rc = gpu_alloc((void **)&scratch, (size_t)gpu_moe_scratch_floats(T, K, E, D, F) * 4, err, errlen);
     if (!rc)
         rc = gpu_upload(slot, slot_h, (size_t)E * 4, err, errlen);
     if (!rc)
