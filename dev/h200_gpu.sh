@@ -8,7 +8,8 @@
 #   3. the GPU test parts of run_tests --gpu (ops, hand-off, every fixture end to end)
 #   4. hybrid deferral against the CPU engine on every fixture (--gpu_fast, defer part)
 #   5. e2e decode, DeepSeek-V3 (5 layers), memop, d = 0, 1
-#   6. compute-sanitizer memcheck on the new kernels' tests (if time is left)
+#   6. compute-sanitizer memcheck on the new kernels' tests and the GPU experts' (if time is left)
+# GPU_BENCH=0 leaves out the benchmarks of steps 2 and 5 (dev/h200_decode_serve.sh runs them).
 # The last lines are the split of each decode line and the list of failed steps.
 # Logs go to $OUT (build.log, gpu-*.log, e2e-*.txt, memcheck.log).
 #
@@ -99,7 +100,7 @@ e2e() { # e2e MODEL TIMEOUT ARGS...
     E2E_MODELS=$m E2E_TIMEOUT=$tmo OUT="$OUT" "$@" bench/e2e.sh "$B" 2>&1 | grep -vE '^tandem: info: (pool|weights|moe:)'
     [ "${PIPESTATUS[0]}" = 0 ] || fail "end-to-end benchmark $m (see $OUT/e2e-$m.txt)"
 }
-if [ -f "$B/libtandem.a" ]; then
+if [ -f "$B/libtandem.a" ] && [ "${GPU_BENCH:-1}" = 1 ]; then
     e2e qwen3 170 env E2E_QWEN_MODE=hybrid E2E_HANDOFF=memop E2E_DEFER="${E2E_DEFER:-0,1,2}" E2E_KERNELS=both E2E_OPS=1 E2E_PROMPTS=512
 fi
 
@@ -108,7 +109,7 @@ if [ $have_tests = 1 ]; then
     for p in matmul rows gqa mla router experts handoff; do
         TANDEM_GPU_PARTS=$p run_part "gpu part $p" 40 "$OUT/gpu-$p.log" "$B/run_tests" --gpu
     done
-    for m in 0 1 2 3 4; do
+    for m in 0 1 2 3 4 5 6 7 8; do
         TANDEM_GPU_PARTS=e2e TANDEM_GPU_MODE=$m TANDEM_LOG=warn run_part "gpu end-to-end mode $m" 60 \
             "$OUT/gpu-e2e$m.log" "$B/run_tests" --gpu
     done
@@ -118,7 +119,7 @@ if [ $have_tests = 1 ]; then
 fi
 
 # 5. DeepSeek-V3, 5 layers (3 dense + 2 MoE)
-if [ -f "$B/libtandem.a" ]; then
+if [ -f "$B/libtandem.a" ] && [ "${GPU_BENCH:-1}" = 1 ]; then
     e2e deepseek 120 env E2E_HANDOFF=memop E2E_DEFER=0,1 E2E_KERNELS=both E2E_PROMPTS=512
 fi
 
@@ -130,6 +131,14 @@ if [ $have_tests = 1 ] && command -v compute-sanitizer >/dev/null && time_left 1
     r=$?
     grep -E 'ERROR SUMMARY|Invalid|FAIL' "$OUT/memcheck.log" | head -12
     [ $r = 0 ] || [ $r = 124 ] || fail "compute-sanitizer memcheck on the decode kernels (exit $r)"
+fi
+if [ $have_tests = 1 ] && command -v compute-sanitizer >/dev/null && time_left 60 memcheck-experts; then
+    note "compute-sanitizer memcheck (GPU experts: per-pair GEMV and grouped GEMMs)"
+    TANDEM_GPU_PARTS=experts timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$B/run_tests" --gpu > "$OUT/memcheck-experts.log" 2>&1
+    r=$?
+    grep -E 'ERROR SUMMARY|Invalid|FAIL' "$OUT/memcheck-experts.log" | head -12
+    [ $r = 0 ] || [ $r = 124 ] || fail "compute-sanitizer memcheck on the GPU experts (exit $r)"
 fi
 
 note done

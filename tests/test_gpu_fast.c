@@ -220,8 +220,12 @@ static void defer_fixture(const char *dir, const char *name, const defer_mode *m
         double rel = max_ref > 0 ? max_err / max_ref : max_err, rel0 = max_ref > 0 ? max_d0 / max_ref : max_d0;
         printf("  %-20s d=1 %-18s rows=%-3d deferring layers=%d rel=%.3g vs CPU d=1 (%.3g vs d=0)\n", name,
                m->name, rows, deferring, rel, rel0);
-        /* the same operator on both sides: only summation order and the GPU's fp32 ops differ */
-        const double tol = m->op ? 1e-4 : 1e-3;
+        /* The same experts on both sides: summation order and the GPU's fp32 ops differ; with the MoE
+         * operator, also its kernel: it picks one per expert by token count (AMX tiles from 8 tokens), and
+         * the one-call hand-off gives it the deferred rows beside the immediate ones, so on an AMX machine
+         * an expert may take the tile kernel on one side and the vector kernel on the other (deepseek_v2:
+         * 3.4e-4 on the H200, 3e-7 without AMX). d=1 against d=0 differs by 0.045 or more. */
+        const double tol = 1e-3;
         CHECKF(rows > 0 && rel <= tol, "%s [%s]: hybrid d=1 differs from the CPU engine's d=1 by %.3g", name,
                m->name, rel);
         if (deferring)
