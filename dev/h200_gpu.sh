@@ -8,7 +8,7 @@
 #   3. the GPU test parts of run_tests --gpu (ops, hand-off, every fixture end to end)
 #   4. hybrid deferral against the CPU engine on every fixture (--gpu_fast, defer part)
 #   5. e2e decode, DeepSeek-V3 (5 layers), memop, d = 0, 1
-#   6. compute-sanitizer memcheck on the new kernels' tests and the GPU experts' (if time is left)
+#   6. compute-sanitizer memcheck on the new kernels' tests, the GPU experts' and attention's (if time is left)
 # GPU_BENCH=0 leaves out the benchmarks of steps 2 and 5 (dev/h200_decode_serve.sh runs them).
 # The last lines are the split of each decode line and the list of failed steps.
 # Logs go to $OUT (build.log, gpu-*.log, e2e-*.txt, memcheck.log).
@@ -133,8 +133,8 @@ if [ $have_tests = 1 ] && command -v compute-sanitizer >/dev/null && time_left 1
     [ $r = 0 ] || [ $r = 124 ] || fail "compute-sanitizer memcheck on the decode kernels (exit $r)"
 fi
 if [ $have_tests = 1 ] && command -v compute-sanitizer >/dev/null && time_left 60 memcheck-experts; then
-    note "compute-sanitizer memcheck (GPU experts: per-pair GEMV and grouped GEMMs)"
-    TANDEM_GPU_PARTS=experts timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    note "compute-sanitizer memcheck (GPU experts: per-pair GEMV and grouped GEMMs; attention incl. the tiled kernel)"
+    TANDEM_GPU_PARTS=experts,gqa timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
         "$B/run_tests" --gpu > "$OUT/memcheck-experts.log" 2>&1
     r=$?
     grep -E 'ERROR SUMMARY|Invalid|FAIL' "$OUT/memcheck-experts.log" | head -12

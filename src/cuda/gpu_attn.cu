@@ -16,7 +16,9 @@
  * That kernel is latency-bound at decode: a warp walks its keys one after
  * another, each a dependent chain of load, shuffle-reduce and exp, and only
  * T * n_head blocks run (32 for Qwen3 at batch 1). For T <= 16 the decode
- * kernel below splits the keys instead (see its comment).
+ * kernel below splits the keys instead (see its comment); for passes of
+ * AT_BQ tokens or more with head_dim 64 or 128, the tiled kernel takes a
+ * tile of tokens against tiles of keys.
  *
  * MLA: (1) q_lat[t][h] = q_nope[t][h] . W_uk[h] (kv_b's key rows),
  * (2) attention of [q_lat | q_pe] against [ckv | kpe] with ckv as values,
@@ -389,6 +391,196 @@ static int gqa_dec_plan(const gpu_ctx *c, const gpu_gqa *a, int T, const float *
     return 1;
 }
 
+/* ---- GQA, long passes: tiles of queries against tiles of keys --------------------------
+ * Grid (ceil(T / AT_BQ), n_head), AT_THREADS threads, head_dim HD of 64 or
+ * 128. A block takes AT_BQ consecutive tokens of one head and walks the
+ * keys of their sequence in tiles of AT_BK held in shared memory, so each
+ * key row is read once per tile of tokens, not once per token as in the
+ * first kernel (prefill at 4096 tokens spent about as long in attention as
+ * in copying a layer's experts over PCIe). Per key tile:
+ *   (1) scores: thread (ty, tx) forms tokens 2ty, 2ty+1 against keys
+ *       tx + 16i, i < 4 (fp32, dot * scale as the reference); a key outside
+ *       a token's causal window, or of another sequence, scores -inf;
+ *   (2) warp w takes rows 4w..4w+3: the tile's max folded into the running
+ *       max m, the exponentials p, the running sum l, the rescale factor;
+ *   (3) the same warp updates those rows' outputs, held in registers, lanes
+ *       over the head's dims: o = o * rescale + sum_k p_k v_k.
+ * Tokens of several sequences in one tile (batched serving) are taken one
+ * sequence at a time; the running state carries over. Online softmax in
+ * fp32, as the first kernel: the sums' order differs from the reference's. */
+enum { AT_BQ = 32, AT_BK = 64, AT_THREADS = 256 };
+
+template <int HD>
+static constexpr size_t at_smem_floats()
+{
+    return (size_t)AT_BQ * (HD + 1) + (size_t)AT_BK * (HD + 1) + (size_t)AT_BK * HD + (size_t)AT_BQ * (AT_BK + 1) +
+           6 * AT_BQ;
+}
+
+template <int HD>
+static __global__ void __launch_bounds__(AT_THREADS, 2) /* two blocks per SM: shared memory allows no more */
+    gqa_tile_kernel(gpu_gqa a, int T, const float *q, int64_t ldq, const int32_t *seq, const int32_t *pos, float *out,
+                    int64_t ldo)
+{
+    constexpr int DPT = HD / 32, QLD = HD + 1, KLD = HD + 1, PLD = AT_BK + 1;
+    extern __shared__ float sm[];
+    float *Qs = sm, *Ks = Qs + AT_BQ * QLD, *Vs = Ks + AT_BK * KLD, *Ps = Vs + AT_BK * HD;
+    float *mrow = Ps + AT_BQ * PLD, *lrow = mrow + AT_BQ, *crow = lrow + AT_BQ;
+    int *tseq = (int *)(crow + AT_BQ), *tlo = tseq + AT_BQ, *thi = tlo + AT_BQ;
+    const int t0 = blockIdx.x * AT_BQ, h = blockIdx.y, g = h / (a.n_head / a.n_kv_head);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int i = tid; i < AT_BQ * HD; i += AT_THREADS) {
+        const int r = i / HD, d = i % HD, t = t0 + r;
+        Qs[r * QLD + d] = t < T ? q[(int64_t)t * ldq + (int64_t)h * HD + d] : 0.0f;
+    }
+    if (tid < AT_BQ) {
+        const int t = t0 + tid;
+        const int p = t < T ? pos[t] : -1;
+        tseq[tid] = t < T ? seq[t] : -1;
+        thi[tid] = p;
+        tlo[tid] = a.window > 0 && p - a.window + 1 > 0 ? p - a.window + 1 : 0;
+        mrow[tid] = -INFINITY;
+        lrow[tid] = 0.0f;
+    }
+    float o[4][DPT];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < DPT; j++)
+            o[i][j] = 0.0f;
+    __syncthreads();
+    const int ty = tid >> 4, tx = tid & 15;
+    for (int r0 = 0; r0 < AT_BQ; r0++) {
+        const int sq = tseq[r0];
+        int first = sq >= 0, kmin = 0x7fffffff, kmax = -1;
+        for (int r = 0; r < AT_BQ; r++) {
+            first &= !(r < r0 && tseq[r] == sq);
+            if (tseq[r] == sq) {
+                kmin = min(kmin, tlo[r]);
+                kmax = max(kmax, thi[r]);
+            }
+        }
+        if (!first) /* the same in every thread: no divergence at the barriers below */
+            continue;
+        const float *K = a.k + (int64_t)sq * a.seq_stride + (int64_t)g * HD;
+        const float *V = a.v + (int64_t)sq * a.seq_stride + (int64_t)g * HD;
+        for (int kb = kmin; kb <= kmax; kb += AT_BK) {
+            for (int i = tid; i < AT_BK * HD; i += AT_THREADS) {
+                const int r = i / HD, d = i % HD, j = kb + r;
+                const int64_t at = (int64_t)j * a.row_stride + d;
+                Ks[r * KLD + d] = j <= kmax ? K[at] : 0.0f;
+                Vs[r * HD + d] = j <= kmax ? V[at] : 0.0f;
+            }
+            __syncthreads();
+            /* (1) scores */
+            float acc[2][4] = { { 0, 0, 0, 0 }, { 0, 0, 0, 0 } };
+#pragma unroll 8
+            for (int d = 0; d < HD; d++) {
+                const float q0 = Qs[(2 * ty) * QLD + d], q1 = Qs[(2 * ty + 1) * QLD + d];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const float k = Ks[(tx + 16 * i) * KLD + d];
+                    acc[0][i] = fmaf(q0, k, acc[0][i]);
+                    acc[1][i] = fmaf(q1, k, acc[1][i]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int r = 2 * ty + u;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int j = kb + tx + 16 * i;
+                    const bool ok = tseq[r] == sq && j >= tlo[r] && j <= thi[r];
+                    Ps[r * PLD + tx + 16 * i] = ok ? acc[u][i] * a.scale : -INFINITY;
+                }
+            }
+            __syncthreads();
+            /* (2) softmax of rows 4w..4w+3 */
+            float corr[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int r = 4 * warp + i;
+                const float s0 = Ps[r * PLD + lane], s1 = Ps[r * PLD + lane + 32];
+                float mt = fmaxf(s0, s1);
+                for (int off = 16; off > 0; off >>= 1)
+                    mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
+                const float m_old = mrow[r], m_new = fmaxf(m_old, mt);
+                float p0 = 0.0f, p1 = 0.0f;
+                corr[i] = 1.0f;
+                if (m_new != -INFINITY) {
+                    p0 = expf(s0 - m_new);
+                    p1 = expf(s1 - m_new);
+                    corr[i] = expf(m_old - m_new); /* 0 while m was -inf */
+                }
+                float ps = p0 + p1;
+                for (int off = 16; off > 0; off >>= 1)
+                    ps += __shfl_xor_sync(0xffffffffu, ps, off);
+                Ps[r * PLD + lane] = p0;
+                Ps[r * PLD + lane + 32] = p1;
+                __syncwarp();
+                if (lane == 0) {
+                    mrow[r] = m_new;
+                    lrow[r] = lrow[r] * corr[i] + ps;
+                }
+            }
+            __syncwarp();
+            /* (3) their outputs: each v row read once for the four rows */
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < DPT; j++)
+                    o[i][j] *= corr[i];
+            for (int k = 0; k < AT_BK; k++) {
+                float v[DPT], pk[4];
+#pragma unroll
+                for (int j = 0; j < DPT; j++)
+                    v[j] = Vs[k * HD + lane + 32 * j];
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    pk[i] = Ps[(4 * warp + i) * PLD + k];
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+#pragma unroll
+                    for (int j = 0; j < DPT; j++)
+                        o[i][j] = fmaf(pk[i], v[j], o[i][j]);
+            }
+            __syncthreads();
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int r = 4 * warp + i, t = t0 + r;
+        if (t < T) {
+            const float l = lrow[r], inv = l > 0 ? 1.0f / l : 0.0f;
+#pragma unroll
+            for (int j = 0; j < DPT; j++)
+                out[(int64_t)t * ldo + (int64_t)h * HD + lane + 32 * j] = o[i][j] * inv;
+        }
+    }
+}
+
+template <int HD>
+static void gqa_tile_launch(gpu_ctx *c, const gpu_gqa *a, int T, const float *q, int64_t ldq, const int32_t *seq,
+                            const int32_t *pos, float *out, int64_t ldo)
+{
+    const size_t smem = at_smem_floats<HD>() * sizeof(float);
+    gqa_tile_kernel<HD><<<dim3(gpu_cdiv(T, AT_BQ), a->n_head), AT_THREADS, smem, c->s[GPU_MAIN]>>>(
+        *a, T, q, ldq, seq, pos, out, ldo);
+}
+
+/* The tiled kernel's shared memory (91 KB at head_dim 128) is above the 48 KB a launch gets without asking: asked
+ * once per context (gpu_ctx_create), not at a launch that a graph capture may be recording. */
+int gpu_attn_prepare(gpu_ctx *c)
+{
+    if (gpu_check(c, cudaFuncSetAttribute(gqa_tile_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          (int)(at_smem_floats<64>() * sizeof(float))),
+                  "attention: shared memory of the tiled kernel"))
+        return c->rc;
+    return gpu_check(c, cudaFuncSetAttribute(gqa_tile_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)(at_smem_floats<128>() * sizeof(float))),
+                     "attention: shared memory of the tiled kernel");
+}
+
 extern "C" int gpu_attn_gqa(gpu_ctx *c, const gpu_gqa *a, int T, const float *q, int64_t ldq, const int32_t *seq,
                             const int32_t *pos, float *out, int64_t ldo)
 {
@@ -413,6 +605,13 @@ extern "C" int gpu_attn_gqa(gpu_ctx *c, const gpu_gqa *a, int T, const float *q,
                 gqa_dec_launch<2, 8>(c, a, T, q, ldq, seq, pos, out, ldo, nsg);
         }
         return gpu_launched(c, "attention (GQA, decode kernel)");
+    }
+    if (c->fast && T >= AT_BQ && (a->head_dim == 64 || a->head_dim == 128)) {
+        if (a->head_dim == 64)
+            gqa_tile_launch<64>(c, a, T, q, ldq, seq, pos, out, ldo);
+        else
+            gqa_tile_launch<128>(c, a, T, q, ldq, seq, pos, out, ldo);
+        return gpu_launched(c, "attention (GQA, tiled kernel)");
     }
     int vpl = (a->head_dim + 31) / 32;
     if (vpl <= 1)

@@ -293,6 +293,8 @@ extern "C" int gpu_ctx_create(gpu_ctx **out, size_t scratch_elems, char *err, si
         gpu_check(c, cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
     if (c->n_sm < 1)
         c->n_sm = 1;
+    if (!c->rc)
+        gpu_attn_prepare(c);
     /* split kernels' scratch; counters start at zero and every kernel that
      * counts leaves them at zero */
     if (!c->rc)

@@ -170,4 +170,7 @@ int gpu_moe_grouped_fits(const gpu_ctx *c, const gpu_experts *ex, int T, const f
 int gpu_moe_grouped(gpu_ctx *c, const gpu_experts *ex, int T, int K, const float *h, int64_t ldh,
                     const int32_t *ids, const float *w, float *x, int64_t ldx, float *scratch);
 
+/* gpu_attn.cu: kernel attributes set once per context */
+int gpu_attn_prepare(gpu_ctx *c);
+
 #endif
