@@ -363,38 +363,6 @@ static void test_gqa(gpu_ctx *c, pool *p)
             dev_free_all();
             free(K), free(Vc), free(q), free(o), free(orf), free(kn), free(scr);
         }
-    /* a long pass (the tiled kernel at head_dim 64 and 128): 70 tokens of sequence 0 after 40 cached
-     * positions, then 30 of sequence 1 from position 0, so one tile of tokens spans both sequences */
-    for (int hd = 64; hd <= 128; hd += 64)
-        for (int window = 0; window <= 17; window += 17) {
-            const int H = 4, KH = 2, nseq = 2, nctx = 160, T = 100;
-            const int64_t kd = (int64_t)KH * hd, cells = (int64_t)nseq * nctx;
-            int32_t seq[100], pos[100];
-            for (int t = 0; t < T; t++)
-                seq[t] = t >= 70, pos[t] = t < 70 ? 40 + t : t - 70;
-            float *K = malloc((size_t)(cells * kd) * 4), *Vc = malloc((size_t)(cells * kd) * 4);
-            float *q = malloc((size_t)T * H * hd * 4), *o = malloc((size_t)T * H * hd * 4),
-                  *orf = malloc((size_t)T * H * hd * 4);
-            fill(K, cells * kd, 1.0f);
-            fill(Vc, cells * kd, 1.0f);
-            fill(q, (int64_t)T * H * hd, 2.0f);
-            attn_gqa_params a = { H, KH, hd, 0.125f, window, K, Vc, nctx * kd, kd };
-            int64_t ss = attn_scratch_floats(nctx, 0, hd);
-            float *scr = malloc((size_t)(ss * pool_size(p)) * 4);
-            attn_gqa(p, &a, T, q, seq, pos, orf, scr, ss);
-            gpu_gqa g = { H, KH, hd, 0.125f, window, dev_dup(K, (size_t)(cells * kd) * 4),
-                          dev_dup(Vc, (size_t)(cells * kd) * 4), nctx * kd, kd };
-            float *dout = dev_dup(NULL, (size_t)T * H * hd * 4);
-            gpu_attn_gqa(c, &g, T, dev_dup(q, (size_t)T * H * hd * 4), H * hd, dev_dup(seq, sizeof seq),
-                         dev_dup(pos, sizeof pos), dout, H * hd);
-            if (synced(c, "attention, long pass")) {
-                down(o, dout, (size_t)T * H * hd * 4);
-                double e = max_rel(o, orf, (int64_t)T * H * hd);
-                CHECKF(e <= 1e-4, "attention GQA, %d tokens, hd=%d window=%d: error %.3g", T, hd, window, e);
-            }
-            dev_free_all();
-            free(K), free(Vc), free(q), free(o), free(orf), free(scr);
-        }
 }
 
 static void test_mla(gpu_ctx *c, pool *p)

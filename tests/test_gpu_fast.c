@@ -18,6 +18,8 @@
  *   GQA decode, contexts up to 3000 (several splits and the merge), windows,
  *     G = 1..16, head dims 64/128/256, repeated launches (the split counters
  *     must come back to zero): |err| <= 1e-4 * max(1, |ref|);
+ *   GQA over a long pass (the tiled kernel): 100 tokens of two sequences in
+ *     one tile of tokens, windows, head dims 64/128: 1e-4 * max(1, |ref|);
  *   router, one warp per token: the same ids as route_select, weights 1e-5;
  *   MoE gate: h as op_rmsnorm (1e-5), logits as op_matmul (2e-5 * sum|xw|),
  *     ids/weights as route_select of those logits (exact / 1e-6), the
@@ -395,6 +397,43 @@ static void test_gqa_dec(gpu_ctx *c, pool *p)
     }
 }
 
+/* GQA over a long pass (the tiled kernel, head_dim 64 and 128): 70 tokens of
+ * sequence 0 after 40 cached positions, then 30 of sequence 1 from position
+ * 0, so one tile of tokens spans both sequences; windowed and not. */
+static void test_gqa_tile(gpu_ctx *c, pool *p)
+{
+    for (int hd = 64; hd <= 128; hd += 64)
+        for (int window = 0; window <= 17; window += 17) {
+            const int H = 4, KH = 2, nseq = 2, nctx = 160, T = 100;
+            const int64_t kd = (int64_t)KH * hd, cells = (int64_t)nseq * nctx;
+            int32_t seq[100], pos[100];
+            for (int t = 0; t < T; t++)
+                seq[t] = t >= 70, pos[t] = t < 70 ? 40 + t : t - 70;
+            float *K = malloc((size_t)(cells * kd) * 4), *Vc = malloc((size_t)(cells * kd) * 4);
+            float *q = malloc((size_t)T * H * hd * 4), *o = malloc((size_t)T * H * hd * 4),
+                  *orf = malloc((size_t)T * H * hd * 4);
+            fillr(K, cells * kd, 1.0f);
+            fillr(Vc, cells * kd, 1.0f);
+            fillr(q, (int64_t)T * H * hd, 2.0f);
+            attn_gqa_params a = { H, KH, hd, 0.125f, window, K, Vc, nctx * kd, kd };
+            int64_t ss = attn_scratch_floats(nctx, 0, hd);
+            float *scr = malloc((size_t)(ss * pool_size(p)) * 4);
+            attn_gqa(p, &a, T, q, seq, pos, orf, scr, ss);
+            gpu_gqa g = { H, KH, hd, 0.125f, window, ddup(K, (size_t)(cells * kd) * 4),
+                          ddup(Vc, (size_t)(cells * kd) * 4), nctx * kd, kd };
+            float *dout = ddup(NULL, (size_t)T * H * hd * 4);
+            gpu_attn_gqa(c, &g, T, ddup(q, (size_t)T * H * hd * 4), H * hd, ddup(seq, sizeof seq),
+                         ddup(pos, sizeof pos), dout, H * hd);
+            if (sync_ok(c, "attention, long pass")) {
+                dget(o, dout, (size_t)T * H * hd * 4);
+                double e = rel_err(o, orf, (int64_t)T * H * hd);
+                CHECKF(e <= 1e-4, "attention GQA, %d tokens, hd=%d window=%d: error %.3g", T, hd, window, e);
+            }
+            dfree_all();
+            free(K), free(Vc), free(q), free(o), free(orf), free(scr);
+        }
+}
+
 static void test_route_warp(gpu_ctx *c)
 {
     struct {
@@ -700,6 +739,7 @@ TEST_GROUP(gpu_fast)
         if (!rc) {
             test_matmul_dec(c, p);
             test_gqa_dec(c, p);
+            test_gqa_tile(c, p);
             test_route_warp(c);
             test_gate(c, p);
             test_qkv_prep(c);
