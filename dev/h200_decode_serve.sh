@@ -11,7 +11,7 @@
 #   3. bench/serve.sh on the same full-size model (random weights), 1/4/16
 #      streams, 64 tokens each
 #   OUT=/some/dir dev/h200_decode_serve.sh      (carry .sysroot, see dev/sysroot.sh; SERVE=0: no step 3;
-#                                                DS_DEFER, DS_PROMPTS: other lists for step 2)
+#                                                DS_DEFER, DS_PROMPTS, DS_STREAM_MIN, DS_PCIE=0: step 2's)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/h200_ds}
@@ -28,7 +28,7 @@ echo "== build ($SECONDS s)"
 timeout 240 "${mk[@]}" CUDA=1 build/tandem >"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
 echo "== e2e qwen3 ($SECONDS s)"
 E2E_MODELS=qwen3 E2E_TIMEOUT=240 E2E_QWEN_MODE=both E2E_HANDOFF=memop E2E_DEFER=${DS_DEFER:-0,2,0,1} E2E_PROMPTS=${DS_PROMPTS:-512,2048,4096} \
-    E2E_PCIE=1 E2E_STREAM_MIN=1024 OUT="$OUT" \
+    E2E_PCIE=${DS_PCIE:-1} E2E_STREAM_MIN=${DS_STREAM_MIN:-1024} OUT="$OUT" \
     bench/e2e.sh build 2>&1 | grep -E '^(bench=|#)'
 echo "== serve ($SECONDS s)"
 if [ "${SERVE:-1}" = 0 ]; then

@@ -733,7 +733,8 @@ typedef struct {
     const char *name;
     int exact, cpu_ref, gpu_experts_half, handoff, graphs, chunk; /* half: 1 = experts 0..E/2-1, 2 = by counts */
     double tol;
-    int stream; /* every pass streams all experts to the GPU (hybrid_stream.c); 2: through one staging area */
+    int stream; /* every pass streams all experts to the GPU (hybrid_stream.c); 2: through one staging area;
+                   3: half of them, the CPU taking the other half at the same time (a split pass) */
 } e2e_mode;
 
 static int fwd(tandem_session *s, int n, const int32_t *tok, const int32_t *pos, const int32_t *seq,
@@ -807,6 +808,7 @@ static void e2e_fixture(const char *dir, const char *name, const e2e_mode *m)
             o.graphs = m->graphs;
             o.chunk = m->chunk ? m->chunk : o.chunk;
             o.stream_min = m->stream ? 1 : 0;
+            o.stream_share = m->stream == 3 ? 0.5 : 1.0;
             if (m->stream == 2)
                 setenv("TANDEM_GPU_STREAM_BUFS", "1", 1);
             rc = hybrid_session_create_opts(s, &o, err, sizeof err);
@@ -894,6 +896,8 @@ static void test_e2e(const gpu_info *info)
         { "fp32, experts streamed", 1, 1, 0, HY_HANDOFF_MEMOP, 0, 0, 1e-3, 1 },
         { "fp32, half on GPU, experts streamed", 1, 1, 1, HY_HANDOFF_MEMOP, 0, 0, 1e-3, 1 },
         { "fp32, experts streamed, one area", 1, 1, 0, HY_HANDOFF_MEMOP, 0, 0, 1e-3, 2 },
+        { "fp32, half the experts streamed, half on the CPU", 1, 1, 0, HY_HANDOFF_MEMOP, 0, 0, 1e-3, 3 },
+        { "default (bf16), half streamed, half on the CPU's MoE operator", 0, 0, 0, HY_HANDOFF_MEMOP, 0, 0, 3e-2, 3 },
     };
     const char *root = getenv("TANDEM_FIXTURES") ? getenv("TANDEM_FIXTURES") : "tests/fixtures";
     const char *only = getenv("TANDEM_FIXTURE");

@@ -112,7 +112,8 @@ typedef struct {
     int handoff, half, first; /* first: the first kernels (gpu_ctx_set_fast(0)) */
     int op; /* CPU experts by the MoE operator (BF16) on both sides, not the fp32 loops: on the memop
                hand-off a deferring layer is then one operator call with an early signal */
-    int stream; /* every pass streams the experts to the GPU (deferred ones through the GPU's ydg) */
+    int stream; /* every pass streams the experts to the GPU (deferred ones through the GPU's ydg); 2: half of
+                   them, the CPU taking the other half (a split pass) */
 } defer_mode;
 
 static int open_engine(const char *dir, int defer, int hybrid, int half, int op, tandem_engine **e, char *err,
@@ -154,7 +155,8 @@ static int open_session(tandem_engine *e, int hybrid, int handoff, int first, in
     o.exact = 1;
     o.handoff = handoff;
     o.fast = !first;
-    o.stream_min = stream;
+    o.stream_min = stream ? 1 : 0;
+    o.stream_share = stream == 2 ? 0.5 : 1.0; /* 2: a split pass, half the experts on the CPU */
     if (stream)
         o.graphs = 0;
     return hybrid_session_create_opts(*s, &o, err, errlen);
@@ -257,6 +259,7 @@ static void test_defer_hybrid(const gpu_info *info)
         { "host fn, MoE operator", HY_HANDOFF_HOST, 0, 0, 1, 0 },
         { "experts streamed", HY_HANDOFF_MEMOP, 0, 0, 0, 1 },
         { "half on GPU, streamed", HY_HANDOFF_MEMOP, 1, 0, 0, 1 },
+        { "streamed, split with the CPU", HY_HANDOFF_MEMOP, 0, 0, 0, 2 },
     };
     const char *root = getenv("TANDEM_FIXTURES") ? getenv("TANDEM_FIXTURES") : "tests/fixtures";
     DIR *dir = opendir(root);

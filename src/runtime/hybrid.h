@@ -94,11 +94,15 @@ typedef struct {
     int no_handoff;             /* measurement: skip CPU experts entirely (GPU time alone) */
     int stream_min;             /* passes of at least this many tokens copy each MoE layer's experts to the GPU and
                                    run them there instead of on the CPU (hybrid_stream.c); 0 = never */
+    double stream_share;        /* share of a layer's experts such a pass streams, the rest going to the CPU at the
+                                   same time; < 0 = the share that balances the two, from the copy and CPU times
+                                   measured at session creation (TANDEM_GPU_STREAM_SHARE) */
 } hybrid_opts;
 /* The default stream_min (environment TANDEM_GPU_STREAM_MIN; 0 turns streaming off). On the H200, Qwen3-30B-A3B
- * with INT4 CPU experts, a layer's copy (22 ms at 54 GB/s) beats the CPU from about 550 tokens and is 2.6x
- * faster at 2048; 1024 leaves room for slower links and CPUs. */
-enum { HY_STREAM_MIN_DEFAULT = 1024 };
+ * with INT4 CPU experts, a layer's copy (22 ms at 54 GB/s) alone beats the CPU from about 550 tokens; a pass that
+ * splits the experts between the copy and the CPU (passes under HY_SPLIT_MAX_T tokens) was 1.5x faster than the
+ * CPU alone at 256 tokens, 1.6x at 512, 2.1x at 1024. */
+enum { HY_STREAM_MIN_DEFAULT = 256, HY_SPLIT_MAX_T = 2048 };
 void hybrid_opts_default(hybrid_opts *o);   /* defaults, then the environment */
 int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *err, size_t errlen);
 /* Change graphs / exact / cpu_skip / no_handoff of a live session (drops its

@@ -187,9 +187,10 @@ static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, int de
         double t = now_s() - t0;
         if (!rc)
             printf("bench=e2e model=%s experts=%s mode=hybrid handoff=%s phase=prefill prompt=%d batch=1 tok_s=%.1f "
-                   "ms=%.1f chunk=%d gpu_experts=%d stream_min=%d\n",
+                   "ms=%.1f chunk=%d gpu_experts=%d stream_min=%d streamed_experts=%d\n",
                    o->name, fmt_name(o->fmt), hname, o->prompts[i], o->prompts[i] / t, t * 1e3, s->hys->chunk,
-                   e->hy->plan.gpu_experts, s->hys->stream_ready ? s->hys->o.stream_min : 0);
+                   e->hy->plan.gpu_experts, s->hys->stream_ready ? s->hys->o.stream_min : 0,
+                   s->hys->streaming ? s->hys->stream_n : 0);
         fflush(stdout);
     }
     /* decode after the first prompt */

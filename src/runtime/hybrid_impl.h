@@ -149,6 +149,13 @@ struct hybrid_session {
     int32_t *stream_slot;                 /* device [E]: expert x in place x */
     gpu_dtype stream_dt;
     size_t stream_row;                    /* bytes of one [F][D] matrix */
+    /* a split pass streams the first stream_n experts and hands the rest to the CPU, both at once */
+    int stream_n;                         /* experts the pass in flight streams (n_expert: all of them) */
+    int stream_can_split;                 /* the CPU holds every expert (no GPU-held ones) and its time is known */
+    int32_t *stream_slot_split;           /* device [E]: x -> x for x < stream_slot_n, else -1 */
+    int stream_slot_n;
+    double stream_copy_ms;                /* one layer's experts over PCIe, measured at session creation */
+    double stream_pair_us;                /* the CPU operator per (token, expert) pair, measured likewise */
     float *rx, *rg, *ru, *ry;             /* reference loop: [chunk][D], [chunk][F] x2, [chunk][D] */
     int32_t *r_cnt, *r_tok;               /* [E], [E][chunk] */
     float *r_w;                           /* [E][chunk] */
@@ -193,6 +200,7 @@ int hybrid_graph_counts(const tandem_session *s, int T, gpu_graph_counts *out);
 int hy_stream_usable(hybrid_session *hs);
 int hy_stream_init(hybrid_session *hs, char *err, size_t errlen);
 void hy_stream_free(hybrid_session *hs);
+int hy_stream_plan(hybrid_session *hs, int T);
 void hy_stream_begin(hybrid_session *hs);
 void hy_stream_layer(hybrid_session *hs, int l, gpu_experts *out);
 void hy_stream_unpin(hybrid_engine *hy);

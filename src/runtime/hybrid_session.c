@@ -85,6 +85,9 @@ void hybrid_opts_default(hybrid_opts *o)
     o->stream_min = HY_STREAM_MIN_DEFAULT;
     if ((v = getenv("TANDEM_GPU_STREAM_MIN")) && atoi(v) >= 0)
         o->stream_min = atoi(v);
+    o->stream_share = -1.0;
+    if ((v = getenv("TANDEM_GPU_STREAM_SHARE")) && atof(v) > 0.0 && atof(v) <= 1.0)
+        o->stream_share = atof(v);
 }
 
 /* ---- allocation ------------------------------------------------------------------- */
@@ -408,12 +411,14 @@ static void moe_layer(hybrid_session *hs, int l, int T)
     const hybrid_engine *hy = hs->hy;
     const hy_layer *L = &hy->L[l];
     const int D = d->d_model, E = d->n_expert, K = d->n_expert_used, p = l & 1;
-    /* a streaming pass runs every layer that has CPU experts on the GPU, the previous one included */
+    /* a streaming pass runs every layer that has CPU experts on the GPU, the previous one included; a split
+     * pass streams some of them and hands the others to the CPU */
+    const int split = hs->streaming && hs->stream_n < E;
     const int strm = hs->streaming && hy_layer_has_cpu(hy, d, l);
-    const int cpu = hy_layer_has_cpu(hy, d, l) && !hs->o.no_handoff && !strm;
+    const int cpu = hy_layer_has_cpu(hy, d, l) && !hs->o.no_handoff && (!strm || split);
     const int dfr = hs->defers[l], prev = l > 0 && hs->defers[l - 1];
     const int prev_strm = prev && hs->streaming && hy_layer_has_cpu(hy, d, l - 1);
-    const int prev_cpu = prev && hy_layer_has_cpu(hy, d, l - 1) && !hs->o.no_handoff && !prev_strm;
+    const int prev_cpu = prev && hy_layer_has_cpu(hy, d, l - 1) && !hs->o.no_handoff && (!prev_strm || split);
     gpu_handoff ho;
     memset(&ho, 0, sizeof ho);
     ho.defer = dfr ? hs->defer : 0;
@@ -426,7 +431,7 @@ static void moe_layer(hybrid_session *hs, int l, int T)
         ho.host_w = hs->slot_w[p];
     }
     if (L->n_gpu_exp || strm) {
-        ho.slot = L->ex.slot;
+        ho.slot = strm && split ? hs->stream_slot_split : L->ex.slot; /* the host lists leave these out */
         ho.gpu_ids = hs->gids;
         ho.gpu_ids_def = dfr ? hs->gids_def : NULL;
     }
@@ -545,12 +550,12 @@ static gpu_graph *graph_for(hybrid_session *hs, int T, int n_want, float *dst, c
 static int run_pass(hybrid_session *hs, int T, int n_want, float *dst, int graphable, char *err, size_t errlen)
 {
     hs->cur_T = T;
-    hs->streaming = hs->stream_ready && T >= hs->o.stream_min;
+    hs->streaming = hy_stream_plan(hs, T);
     gpu_graph *g = NULL;
     if (graphable && hs->o.graphs && T <= HY_GRAPH_MAX_T && !hs->streaming)
         g = graph_for(hs, T, n_want, dst, err, errlen);
-    /* the watcher waits for every CPU layer's flag; a streaming pass hands nothing to the CPU */
-    const int watch = !hs->o.no_handoff && !hs->streaming;
+    /* the watcher waits for every CPU layer's flag; a streaming pass hands nothing to the CPU unless it splits */
+    const int watch = !hs->o.no_handoff && (!hs->streaming || hs->stream_n < hs->e->d.n_expert);
     if (watch)
         hy_cpu_arm(hs);
     if (g) {

@@ -150,6 +150,118 @@ int hy_stream_usable(hybrid_session *hs)
     return hy_stream_pin(hs->hy, e) == 0;
 }
 
+static void copy_layer(hybrid_session *hs, int l, int b, int stream);
+
+/* What a split pass needs: one layer's copy time (layer l0's experts into
+ * area 0, timed) and the CPU operator's time per (token, expert) pair (layer
+ * l0's operator on up to 512 tokens of zeros, spread evenly over the
+ * experts; the second of two calls). A session whose CPU side is the
+ * reference loop, or that keeps experts on the GPU (the CPU operator then
+ * lacks them), streams whole layers only. */
+static int split_init(hybrid_session *hs, int l0, char *err, size_t errlen)
+{
+    const tandem_engine *e = hs->e;
+    const model_desc *d = &e->d;
+    const int E = d->n_expert, K = d->n_expert_used, D = d->d_model;
+    moe_op *op = hs->hy->L[l0].moe;
+    hs->stream_can_split = 0;
+    int64_t t0 = hy_now_ns();
+    copy_layer(hs, l0, 0, GPU_MAIN);
+    int rc = gpu_sync(hs->c, err, errlen);
+    if (rc)
+        return td_err_prefix(err, errlen, rc, "expert streaming: timing one layer's copy");
+    hs->stream_copy_ms = (double)(hy_now_ns() - t0) * 1e-6;
+    if (hs->hy->plan.gpu_experts > 0)
+        return 0;
+    if (hs->hy->cpu_ref || !op || !hs->ms || moe_n_held(op) < E) {
+        /* the reference loop takes any expert but has no rate to balance with: split only at a fixed share */
+        if (!hs->hy->cpu_ref || hs->o.stream_share <= 0)
+            return 0;
+        rc = gpu_alloc((void **)&hs->stream_slot_split, (size_t)E * 4, err, errlen);
+        if (rc)
+            return td_err_prefix(err, errlen, rc, "expert streaming");
+        hs->stream_can_split = 1;
+        return 0;
+    }
+    const int T = hs->chunk < 512 ? hs->chunk : 512;
+    uint16_t *x = calloc((size_t)T * D, 2);
+    int32_t *ids = malloc((size_t)T * K * 4);
+    float *w = malloc((size_t)T * K * 4), *y = malloc((size_t)T * D * 4);
+    rc = x && ids && w && y ? 0 : td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    for (int i = 0; !rc && i < T * K; i++) {
+        ids[i] = (i / K + (i % K) * (E / K)) % E; /* distinct within a token: E >= K */
+        w[i] = 1.0f / (float)K;
+    }
+    double ms = 0;
+    for (int r = 0; !rc && r < 2; r++) {
+        t0 = hy_now_ns();
+        rc = moe_forward_bf16(op, hs->ms, e->pool, T, K, x, ids, w, y);
+        ms = (double)(hy_now_ns() - t0) * 1e-6;
+    }
+    free(x), free(ids), free(w), free(y);
+    if (rc)
+        return td_err(err, errlen, rc, "expert streaming: timing the CPU operator: %s", moe_scratch_error(hs->ms));
+    hs->stream_pair_us = ms * 1e3 / ((double)T * K);
+    if (!rc)
+        rc = gpu_alloc((void **)&hs->stream_slot_split, (size_t)E * 4, err, errlen);
+    if (rc)
+        return td_err_prefix(err, errlen, rc, "expert streaming");
+    hs->stream_can_split = 1;
+    const double A = 1024.0 * K * hs->stream_pair_us * 1e-3; /* ms of CPU for every expert of 1024 tokens */
+    td_log(TD_LOG_INFO, "expert streaming: a layer's copy %.1f ms, the CPU %.2f us per (token, expert): a pass streams "
+                        "%s (1024 tokens: %.0f%% of them) and the CPU takes the rest at the same time",
+           hs->stream_copy_ms, hs->stream_pair_us,
+           hs->o.stream_share > 0 ? "a fixed share of the experts" : "the share that balances the two",
+           100.0 * (hs->o.stream_share > 0 ? hs->o.stream_share : A / (A + hs->stream_copy_ms)));
+    return 0;
+}
+
+/* Whether a pass of T tokens streams, and how many experts (hs->stream_n):
+ * all of them, or for a split pass the share s that makes the CPU's part
+ * (1 - s) * A as long as the copy's s * C, A the CPU time of every expert
+ * (T * K pairs at the measured rate), C a whole layer's copy: each layer then
+ * takes A * C / (A + C), less than either alone. That leaves out the GPU's
+ * own part of a layer, which runs before the CPU's and grows with T (the
+ * copy overlaps it, the CPU does not): on the H200 a split pass of 2048
+ * tokens was no faster than streaming everything, and at 4096 slower, so
+ * passes of HY_SPLIT_MAX_T tokens or more stream whole layers.
+ * hybrid_opts.stream_share fixes s instead. */
+int hy_stream_plan(hybrid_session *hs, int T)
+{
+    const model_desc *d = &hs->e->d;
+    const int E = d->n_expert;
+    hs->stream_n = E;
+    if (!hs->stream_ready || T < hs->o.stream_min)
+        return 0;
+    if (!hs->stream_can_split)
+        return 1;
+    double share = hs->o.stream_share;
+    if (share <= 0) {
+        if (T >= HY_SPLIT_MAX_T)
+            return 1;
+        const double A = (double)T * d->n_expert_used * hs->stream_pair_us * 1e-3;
+        share = A / (A + hs->stream_copy_ms);
+    }
+    int n = (int)(share * E + 0.5);
+    if (n < 1)
+        return 0; /* not one expert's copy pays: the CPU takes the pass */
+    if (n < E && n != hs->stream_slot_n) {
+        int32_t *slot = malloc((size_t)E * 4);
+        if (!slot)
+            return 1; /* no memory for the split: stream the whole layer */
+        for (int x = 0; x < E; x++)
+            slot[x] = x < n ? x : -1;
+        /* the previous pass has finished (run_pass syncs), so nothing reads the old slot */
+        int rc = gpu_upload(hs->stream_slot_split, slot, (size_t)E * 4, NULL, 0);
+        free(slot);
+        if (rc)
+            return 1;
+        hs->stream_slot_n = n;
+    }
+    hs->stream_n = n < E ? n : E;
+    return 1;
+}
+
 /* Staging for one layer, when the session streams (hy_stream_usable said
  * it can). Without GPU memory for one area, streaming stays off, with a
  * warning: the session still runs, its experts on the CPU. */
@@ -199,7 +311,11 @@ int hy_stream_init(hybrid_session *hs, char *err, size_t errlen)
     if (rc)
         return td_err_prefix(err, errlen, rc, "expert streaming: one layer's experts on the GPU");
     hs->stream_ready = 1;
-    td_log(TD_LOG_INFO, "expert streaming: passes of %d tokens or more run every MoE layer's experts on the GPU "
+    hs->stream_n = (int)E;
+    rc = split_init(hs, l0, err, errlen);
+    if (rc)
+        return rc;
+    td_log(TD_LOG_INFO, "expert streaming: passes of %d tokens or more run MoE layers' experts on the GPU "
                         "(%d x %.2f GB of staging%s)",
            hs->o.stream_min, hs->stream_bufs, 3.0 * E * hs->stream_row / 1e9,
            hs->stream_bufs == 2 ? ": the next layer's copy overlaps this layer" : ", no overlap");
@@ -214,7 +330,9 @@ void hy_stream_free(hybrid_session *hs)
         hs->stream_gu[b] = hs->stream_dn[b] = NULL;
     }
     gpu_free(hs->stream_slot);
-    hs->stream_slot = NULL;
+    gpu_free(hs->stream_slot_split);
+    hs->stream_slot = hs->stream_slot_split = NULL;
+    hs->stream_slot_n = 0;
     hs->stream_ready = 0;
 }
 
@@ -235,7 +353,8 @@ static void copy_layer(hybrid_session *hs, int l, int b, int stream)
     const layer_weights *L = &hs->e->layers[l];
     const size_t row = hs->stream_row;
     uint8_t *gu = hs->stream_gu[b], *dn = hs->stream_dn[b];
-    for (int x = 0; x < d->n_expert; x++) {
+    (void)d;
+    for (int x = 0; x < hs->stream_n; x++) {
         gpu_copy(hs->c, stream, gu + (2 * (size_t)x) * row, L->exp_gate[x].data, row);
         gpu_copy(hs->c, stream, gu + (2 * (size_t)x + 1) * row, L->exp_up[x].data, row);
         gpu_copy(hs->c, stream, dn + (size_t)x * row, L->exp_down[x].data, row);
@@ -272,6 +391,7 @@ void hy_stream_layer(hybrid_session *hs, int l, gpu_experts *out)
     } else {
         copy_layer(hs, l, 0, GPU_MAIN);
     }
-    *out = (gpu_experts){ hs->stream_gu[b], hs->stream_dn[b], hs->stream_dt, hs->stream_slot, d->n_expert,
-                          d->d_model, d->d_ff_expert };
+    const int32_t *slot = hs->stream_n < d->n_expert ? hs->stream_slot_split : hs->stream_slot;
+    *out = (gpu_experts){ hs->stream_gu[b], hs->stream_dn[b], hs->stream_dt, slot, d->n_expert, d->d_model,
+                          d->d_ff_expert };
 }

@@ -18,13 +18,20 @@
 #include "cpu/moe/moe_simd512.h"
 #include "core/isa.h"
 
-#define PFD 2048 /* software prefetch distance in bytes along a row block */
+/* software prefetch distance in bytes along a row block: moe_tuning.pfd (0 = none), read once per core call */
+#define PFD pfd
+#define MOE_PF(p, hint) \
+    do {                \
+        if (pfd)        \
+            _mm_prefetch((const char *)(p), hint); \
+    } while (0)
 
 /* ---- the row-block cores: NM matrices (1 or 2) x T tokens ------------- */
 
 MOE_AI void core_bf16(const int NM, const int T, const uint8_t *w0, const uint8_t *w1, int kp, const uint16_t *x,
                       size_t ldx, __m512 *acc)
 {
+    const size_t pfd = (size_t)moe_tuning.pfd;
 #pragma GCC unroll 24
     for (int i = 0; i < NM * T; i++)
         acc[i] = _mm512_setzero_ps();
@@ -32,10 +39,10 @@ MOE_AI void core_bf16(const int NM, const int T, const uint8_t *w0, const uint8_
         const uint8_t *p0 = w0 + (size_t)kt * 1024, *p1 = w1 + (size_t)kt * 1024;
         const uint16_t *xk = x + kt * 32;
         for (int r = 0; r < 16; r++) {
-            _mm_prefetch((const char *)(p0 + r * 64 + PFD), _MM_HINT_T0);
+            MOE_PF((p0 + r * 64 + PFD), _MM_HINT_T0);
             __m512bh a = (__m512bh)_mm512_load_si512(p0 + r * 64), b = a;
             if (NM == 2) {
-                _mm_prefetch((const char *)(p1 + r * 64 + PFD), _MM_HINT_T0);
+                MOE_PF((p1 + r * 64 + PFD), _MM_HINT_T0);
                 b = (__m512bh)_mm512_load_si512(p1 + r * 64);
             }
 #pragma GCC unroll 12
@@ -53,6 +60,7 @@ MOE_AI void core_bf16(const int NM, const int T, const uint8_t *w0, const uint8_
 MOE_AI void core_int8(const int NM, const int T, const uint8_t *w0, const uint8_t *w1, int kp, int group,
                       const int8_t *x, size_t ldx, const int32_t *corr, const float *sx, __m512 *acc)
 {
+    const size_t pfd = (size_t)moe_tuning.pfd;
     /* two partial sums per row (even / odd tile rows) when registers allow:
      * VPDPBUSD latency would otherwise bound decode; integer, so exact */
     const int P2 = T <= 3;
@@ -69,10 +77,10 @@ MOE_AI void core_int8(const int NM, const int T, const uint8_t *w0, const uint8_
             const uint8_t *p0 = w0 + (size_t)g * gb + (size_t)tl * 1024, *p1 = w1 + (size_t)g * gb + (size_t)tl * 1024;
             const int8_t *xk = x + (size_t)g * group + (size_t)tl * 64;
             for (int r = 0; r < 16; r++) {
-                _mm_prefetch((const char *)(p0 + r * 64 + PFD), _MM_HINT_T0);
+                MOE_PF((p0 + r * 64 + PFD), _MM_HINT_T0);
                 __m512i a = _mm512_load_si512(p0 + r * 64), b = a;
                 if (NM == 2) {
-                    _mm_prefetch((const char *)(p1 + r * 64 + PFD), _MM_HINT_T0);
+                    MOE_PF((p1 + r * 64 + PFD), _MM_HINT_T0);
                     b = _mm512_load_si512(p1 + r * 64);
                 }
 #pragma GCC unroll 6
@@ -116,6 +124,7 @@ MOE_AI void core_int8(const int NM, const int T, const uint8_t *w0, const uint8_
 MOE_AI void core_int4(const int NM, const int T, const uint8_t *w0, const uint8_t *w1, int kp, const int8_t *x,
                       size_t ldx, const int32_t *s32, size_t lds, const float *sx, __m512 *acc)
 {
+    const size_t pfd = (size_t)moe_tuning.pfd;
     const int P2 = T <= 2; /* low and high nibble chains apart (see core_int8) */
     __m512i ia[2 * MOE_TB_INT], ib[2 * MOE_TB_INT];
     const __m512i low = _mm512_set1_epi8(0x0f);
@@ -128,17 +137,17 @@ MOE_AI void core_int4(const int NM, const int T, const uint8_t *w0, const uint8_
 #pragma GCC unroll 12
         for (int i = 0; i < NM * T; i++)
             ia[i] = ib[i] = _mm512_setzero_si512();
-        _mm_prefetch((const char *)(p0 + PFD), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p0 + PFD + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p0 + PFD + 128), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p0 + PFD + 192), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p0 + PFD + 256), _MM_HINT_T0);
+        MOE_PF((p0 + PFD), _MM_HINT_T0);
+        MOE_PF((p0 + PFD + 64), _MM_HINT_T0);
+        MOE_PF((p0 + PFD + 128), _MM_HINT_T0);
+        MOE_PF((p0 + PFD + 192), _MM_HINT_T0);
+        MOE_PF((p0 + PFD + 256), _MM_HINT_T0);
         if (NM == 2) {
-            _mm_prefetch((const char *)(p1 + PFD), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p1 + PFD + 64), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p1 + PFD + 128), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p1 + PFD + 192), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p1 + PFD + 256), _MM_HINT_T0);
+            MOE_PF((p1 + PFD), _MM_HINT_T0);
+            MOE_PF((p1 + PFD + 64), _MM_HINT_T0);
+            MOE_PF((p1 + PFD + 128), _MM_HINT_T0);
+            MOE_PF((p1 + PFD + 192), _MM_HINT_T0);
+            MOE_PF((p1 + PFD + 256), _MM_HINT_T0);
         }
         for (int c = 0; c < 4; c++) {
             __m512i v0 = _mm512_load_si512(p0 + c * 64), v1 = v0;

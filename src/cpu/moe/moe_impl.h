@@ -115,6 +115,7 @@ typedef struct {
     int up_rb;    /* row blocks per phase-1 item of a vector-kernel expert (1..64); 0 = by size */
     int ord;      /* tile pass loop order in a chunk: 0 pair-major, 1 token-major */
     int pf;       /* tile pass: prefetch the next step's A (1) / B (2) tiles into L1 */
+    int pfd;      /* AVX-512 vector kernels: software prefetch distance in bytes along a row block; 0 = none */
 } moe_tune;
 extern moe_tune moe_tuning;
 /* "kc_bf16=512,np_up=4": set fields of moe_tuning; TANDEM_EINVAL naming the
