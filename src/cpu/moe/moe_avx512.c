@@ -18,12 +18,15 @@
 #include "cpu/moe/moe_simd512.h"
 #include "core/isa.h"
 
-/* software prefetch distance in bytes along a row block: moe_tuning.pfd (0 = none), read once per core call */
+/* software prefetch distance in bytes along a row block: moe_tuning.pfd (0 = none), into L1 or with
+ * moe_tuning.pfh into L2; both read once per core call */
 #define PFD pfd
-#define MOE_PF(p, hint) \
-    do {                \
-        if (pfd)        \
-            _mm_prefetch((const char *)(p), hint); \
+#define MOE_PF(p, hint)                                   \
+    do {                                                  \
+        if (pfd && !pfh)                                  \
+            _mm_prefetch((const char *)(p), hint);        \
+        else if (pfd)                                     \
+            _mm_prefetch((const char *)(p), _MM_HINT_T1); \
     } while (0)
 
 /* ---- the row-block cores: NM matrices (1 or 2) x T tokens ------------- */
@@ -32,6 +35,7 @@ MOE_AI void core_bf16(const int NM, const int T, const uint8_t *w0, const uint8_
                       size_t ldx, __m512 *acc)
 {
     const size_t pfd = (size_t)moe_tuning.pfd;
+    const int pfh = moe_tuning.pfh; /* 1: into L2 (more misses in flight than L1's fill buffers allow) */
 #pragma GCC unroll 24
     for (int i = 0; i < NM * T; i++)
         acc[i] = _mm512_setzero_ps();
@@ -61,6 +65,7 @@ MOE_AI void core_int8(const int NM, const int T, const uint8_t *w0, const uint8_
                       const int8_t *x, size_t ldx, const int32_t *corr, const float *sx, __m512 *acc)
 {
     const size_t pfd = (size_t)moe_tuning.pfd;
+    const int pfh = moe_tuning.pfh; /* 1: into L2 (more misses in flight than L1's fill buffers allow) */
     /* two partial sums per row (even / odd tile rows) when registers allow:
      * VPDPBUSD latency would otherwise bound decode; integer, so exact */
     const int P2 = T <= 3;
@@ -125,6 +130,7 @@ MOE_AI void core_int4(const int NM, const int T, const uint8_t *w0, const uint8_
                       size_t ldx, const int32_t *s32, size_t lds, const float *sx, __m512 *acc)
 {
     const size_t pfd = (size_t)moe_tuning.pfd;
+    const int pfh = moe_tuning.pfh; /* 1: into L2 (more misses in flight than L1's fill buffers allow) */
     const int P2 = T <= 2; /* low and high nibble chains apart (see core_int8) */
     __m512i ia[2 * MOE_TB_INT], ib[2 * MOE_TB_INT];
     const __m512i low = _mm512_set1_epi8(0x0f);

@@ -41,7 +41,7 @@ static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 /* ---- tuning -------------------------------------------------------------- */
 
-moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 128, .np_up = 8, .cg = 0, .up_rb = 0, .ord = 0, .pf = 1, .pfd = 2048 };
+moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 128, .np_up = 8, .cg = 0, .up_rb = 0, .ord = 0, .pf = 1, .pfd = 2048, .pfh = 0 };
 
 int moe_tune_parse(const char *spec, char *err, size_t errlen)
 {
@@ -77,9 +77,11 @@ int moe_tune_parse(const char *spec, char *err, size_t errlen)
             ok = v >= 0 && v <= 3, t.pf = (int)v;
         else if (!strcmp(kv, "pfd"))
             ok = v >= 0 && v <= 65536 && v % 64 == 0, t.pfd = (int)v;
+        else if (!strcmp(kv, "pfh"))
+            ok = v == 0 || v == 1, t.pfh = (int)v;
         else
             return td_err(err, errlen, TANDEM_EINVAL,
-                          "moe tune: unknown key '%s' (kc_bf16, kc_int8, g4, np_up, cg, up_rb, ord, pf, pfd)", kv);
+                          "moe tune: unknown key '%s' (kc_bf16, kc_int8, g4, np_up, cg, up_rb, ord, pf, pfd, pfh)", kv);
         if (!ok)
             return td_err(err, errlen, TANDEM_EINVAL, "moe tune: %s=%ld is out of range", kv, v);
     }
@@ -89,9 +91,9 @@ int moe_tune_parse(const char *spec, char *err, size_t errlen)
 
 void moe_tune_str(char *buf, size_t n)
 {
-    snprintf(buf, n, "kc_bf16=%d,kc_int8=%d,g4=%d,np_up=%d,cg=%d,up_rb=%d,ord=%d,pf=%d,pfd=%d", moe_tuning.kc_bf16,
+    snprintf(buf, n, "kc_bf16=%d,kc_int8=%d,g4=%d,np_up=%d,cg=%d,up_rb=%d,ord=%d,pf=%d,pfd=%d,pfh=%d", moe_tuning.kc_bf16,
              moe_tuning.kc_int8, moe_tuning.g4, moe_tuning.np_up, moe_tuning.cg, moe_tuning.up_rb, moe_tuning.ord,
-             moe_tuning.pf, moe_tuning.pfd);
+             moe_tuning.pf, moe_tuning.pfd, moe_tuning.pfh);
 }
 
 /* ---- scratch ----------------------------------------------------------- */

@@ -116,6 +116,7 @@ typedef struct {
     int ord;      /* tile pass loop order in a chunk: 0 pair-major, 1 token-major */
     int pf;       /* tile pass: prefetch the next step's A (1) / B (2) tiles into L1 */
     int pfd;      /* AVX-512 vector kernels: software prefetch distance in bytes along a row block; 0 = none */
+    int pfh;      /* AVX-512 vector kernels: 0 = prefetch into L1 (T0), 1 = into L2 (T1) */
 } moe_tune;
 extern moe_tune moe_tuning;
 /* "kc_bf16=512,np_up=4": set fields of moe_tuning; TANDEM_EINVAL naming the
