@@ -634,4 +634,19 @@ void hybrid_plan_print(const tandem_engine *e, FILE *out)
     fprintf(out, "hand-off:     stream memory operations %s; graphs per decode shape; GEMMs: %s\n",
             g->mem_ops ? "available" : "not available (host functions only)",
             g->cublas ? "own kernel up to 16 tokens, cuBLAS above" : "own kernel (cuBLAS not found)");
+    if (p->n_moe_layers) {
+        hybrid_opts o;
+        hybrid_opts_default(&o);
+        if (o.stream_min > 0 && o.stream_share > 0)
+            fprintf(out, "streaming:    passes of %d tokens or more copy %.0f%% of each layer's experts to the GPU, the "
+                         "CPU taking the rest (TANDEM_GPU_STREAM_SHARE), where they can be page-locked\n",
+                    o.stream_min, 100 * o.stream_share);
+        else if (o.stream_min > 0)
+            fprintf(out, "streaming:    passes of %d tokens or more copy the experts to the GPU, where they can be "
+                         "page-locked: below %d tokens part of each layer, the CPU taking the rest; whole layers above "
+                         "(TANDEM_GPU_STREAM_MIN=0: off)\n",
+                    o.stream_min, HY_SPLIT_MAX_T);
+        else
+            fprintf(out, "streaming:    off (TANDEM_GPU_STREAM_MIN=0)\n");
+    }
 }
