@@ -427,20 +427,26 @@ static moe_act h_rows(const struct moe_op *op, const moe_scratch *s, int p, int 
     return a;
 }
 
+/* the last i in [lo, hi) with pre[i] <= v (pre ascending, pre[lo] <= v) */
+static int last_le(const int64_t *pre, int lo, int hi, int64_t v)
+{
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (pre[mid] <= v)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
 /* phase-1 item it (local to partition p's phase-1 items) */
 static void up_item(const fwd_ctx *c, int p, int64_t it)
 {
     const struct moe_op *op = c->op;
     moe_scratch *s = c->s;
     const int64_t *pre = s->pre1 + (size_t)p * (size_t)(op->n_expert + 1);
-    int lo = 0, hi = s->n_ord; /* last i with pre[i] <= it */
-    while (hi - lo > 1) {
-        int mid = (lo + hi) / 2;
-        if (pre[mid] <= it)
-            lo = mid;
-        else
-            hi = mid;
-    }
+    const int lo = last_le(pre, 0, s->n_ord, it);
     int ex = s->order[lo], nrb = op->sl[p].pad / MOE_RB;
     int isbig = is_big(op, s, ex);
     int chunk = isbig ? moe_tuning.np_up : s->c_up[p];
@@ -466,14 +472,7 @@ static void quant_item(const fwd_ctx *c, int64_t q)
 {
     const struct moe_op *op = c->op;
     moe_scratch *s = c->s;
-    int lo = 0, hi = s->n_ord;
-    while (hi - lo > 1) {
-        int mid = (lo + hi) / 2;
-        if (s->preq[mid] <= q)
-            lo = mid;
-        else
-            hi = mid;
-    }
+    const int lo = last_le(s->preq, 0, s->n_ord, q);
     int e = s->order[lo], tiled = is_tiled(op, s, e);
     int r0 = s->off[e] + 16 * (int)(q - s->preq[lo]);
     int rend = s->off[e] + (tiled ? round_up(s->cnt[e], 16) : s->cnt[e]);
@@ -618,14 +617,7 @@ static void fwd_job(void *arg, int64_t b, int64_t e)
             int64_t nq = strided(s->preq[hi] - s->preq[lo], p, np);
             if (k < nq) {
                 int64_t gq = s->preq[lo] + k * np + p;
-                int a = lo, z = hi; /* the expert of quantisation item gq */
-                while (z - a > 1) {
-                    int mid = (a + z) / 2;
-                    if (s->preq[mid] <= gq)
-                        a = mid;
-                    else
-                        z = mid;
-                }
+                const int a = last_le(s->preq, lo, hi, gq); /* the expert of quantisation item gq */
                 wait_for(&s->p1done[s->order[a]], s->p1tot[s->order[a]]);
                 quant_item(c, gq);
                 break;
