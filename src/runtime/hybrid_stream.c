@@ -9,7 +9,11 @@
  * A session streams passes of hybrid_opts.stream_min tokens or more
  * (environment TANDEM_GPU_STREAM_MIN; `tandem bench e2e --pcie` prints one
  * layer's copy and GPU times against the CPU's, the measurement behind the
- * threshold). Two staging areas when the GPU has room: the next streamed
+ * threshold). A split pass (under HY_SPLIT_MAX_T tokens) copies only the
+ * first stream_n experts of each layer and hands the others to the CPU as
+ * usual, both at once; hy_stream_plan picks stream_n from the copy and CPU
+ * times measured at session creation (split_init). Two staging areas when
+ * the GPU has room: the next streamed
  * layer's experts are copied on the side stream while this layer computes
  * (hy_stream_begin enqueues the first layer's copy, each hy_stream_layer
  * waits for its own and starts the next); one area when it has not, copied
