@@ -109,7 +109,7 @@ if [ $have_tests = 1 ]; then
     for p in matmul rows gqa mla router experts handoff; do
         TANDEM_GPU_PARTS=$p run_part "gpu part $p" 40 "$OUT/gpu-$p.log" "$B/run_tests" --gpu
     done
-    for m in 0 1 2 3 4 5 6 7 8 9 10; do
+    for m in 0 1 2 3 4 5 6 7 8 9 10 11; do
         TANDEM_GPU_PARTS=e2e TANDEM_GPU_MODE=$m TANDEM_LOG=warn run_part "gpu end-to-end mode $m" 60 \
             "$OUT/gpu-e2e$m.log" "$B/run_tests" --gpu
     done

@@ -36,6 +36,7 @@
 #include "io/safetensors.h"
 #include "runtime/engine.h"
 #include "runtime/hybrid.h"
+#include "runtime/hybrid_impl.h" /* whether a pass streamed, and how much */
 
 #include <dirent.h>
 #include <limits.h>
@@ -205,6 +206,11 @@ static void defer_fixture(const char *dir, const char *name, const defer_mode *m
             if (!rc) {
                 rc = tandem_forward(sh, &b, err, sizeof err);
                 CHECKF(rc == 0, "%s [%s]: %s", name, m->name, err);
+            }
+            if (!rc && m->stream) { /* every pass streams: all experts, or (2) half of them */
+                const int E = eh->d.n_expert, ns = m->stream == 2 ? (int)(0.5 * E + 0.5) : E;
+                CHECKF(sh->hys->streaming && sh->hys->stream_n == ns, "%s [%s]: a pass streamed %d experts, not %d",
+                       name, m->name, sh->hys->streaming ? sh->hys->stream_n : 0, ns);
             }
             if (!rc)
                 CHECKF((rc = tandem_forward(s0, &b, err, sizeof err)) == 0, "%s cpu d=0: %s", name, err);

@@ -28,11 +28,12 @@
  * host|memop picks the hand-off (default memop where the driver has stream
  * memory operations: sync 0.030 of a step against 0.109 for host functions,
  * bench/results/2026-11-28-h200-e2e.txt); TANDEM_GPU_CHUNK=N caps
- * tokens per GPU pass (default 1024); TANDEM_GPU_EXACT=1 keeps every
+ * tokens per GPU pass (default 1024, 4096 for a session that streams); TANDEM_GPU_EXACT=1 keeps every
  * activation fp32 (no BF16 GEMM inputs); TANDEM_GPU_FAST=0 runs the first
  * kernels instead of the decode ones (A/B timing); TANDEM_GPU_STREAM_MIN=N
- * streams the experts of passes of N tokens or more to the GPU (off by
- * default: the threshold is to be measured, see hybrid_stream.c). At engine open:
+ * streams the experts of passes of N tokens or more to the GPU (default
+ * HY_STREAM_MIN_DEFAULT, 0 = never) and TANDEM_GPU_STREAM_SHARE=F fixes the
+ * share of each layer a pass streams (hybrid_stream.c). At engine open:
  * TANDEM_HYBRID_CPU=ref computes CPU experts with the plain fp32 loop
  * instead of the MoE operator.
  *

@@ -78,6 +78,9 @@ typedef struct hybrid_engine {
     int pin_state;                        /* 0 not tried, 1 pinned, -1 could not */
     void **pins;                          /* [n_pins] registered ranges */
     int n_pins;
+    /* what a split pass balances, measured by the first session that needs them (0: not yet) */
+    double stream_copy_ms;                /* one layer's experts over PCIe */
+    double stream_pair_us;                /* the CPU operator per (token, expert) pair */
 } hybrid_engine;
 
 enum { HY_MAX_GRAPHS = 16 };
@@ -146,16 +149,14 @@ struct hybrid_session {
     void *stream_gu[2], *stream_dn[2];    /* staging areas: [E][2F][D], [E][D][F] as stored */
     int stream_bufs;                      /* 2: the next layer's copy overlaps (side stream); 1: copy, then use */
     int stream_cur;                       /* the area the next streamed layer uses */
-    int32_t *stream_slot;                 /* device [E]: expert x in place x */
     gpu_dtype stream_dt;
     size_t stream_row;                    /* bytes of one [F][D] matrix */
     /* a split pass streams the first stream_n experts and hands the rest to the CPU, both at once */
     int stream_n;                         /* experts the pass in flight streams (n_expert: all of them) */
-    int stream_can_split;                 /* the CPU holds every expert (no GPU-held ones) and its time is known */
-    int32_t *stream_slot_split;           /* device [E]: x -> x for x < stream_slot_n, else -1 */
+    int stream_can_split;                 /* the CPU holds every expert (no GPU-held ones), and the share is fixed
+                                             or the engine's stream_copy_ms / stream_pair_us are measured */
+    int32_t *stream_slot;                 /* device [E]: x -> x for x < stream_slot_n, else -1 */
     int stream_slot_n;
-    double stream_copy_ms;                /* one layer's experts over PCIe, measured at session creation */
-    double stream_pair_us;                /* the CPU operator per (token, expert) pair, measured likewise */
     float *rx, *rg, *ru, *ry;             /* reference loop: [chunk][D], [chunk][F] x2, [chunk][D] */
     int32_t *r_cnt, *r_tok;               /* [E], [E][chunk] */
     float *r_w;                           /* [E][chunk] */

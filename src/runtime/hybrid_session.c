@@ -431,7 +431,7 @@ static void moe_layer(hybrid_session *hs, int l, int T)
         ho.host_w = hs->slot_w[p];
     }
     if (L->n_gpu_exp || strm) {
-        ho.slot = strm && split ? hs->stream_slot_split : L->ex.slot; /* the host lists leave these out */
+        ho.slot = strm ? hs->stream_slot : L->ex.slot; /* the host lists leave these out */
         ho.gpu_ids = hs->gids;
         ho.gpu_ids_def = dfr ? hs->gids_def : NULL;
     }

@@ -12,7 +12,7 @@
  * threshold). A split pass (under HY_SPLIT_MAX_T tokens) copies only the
  * first stream_n experts of each layer and hands the others to the CPU as
  * usual, both at once; hy_stream_plan picks stream_n from the copy and CPU
- * times measured at session creation (split_init). Two staging areas when
+ * times measured once per engine (split_init). Two staging areas when
  * the GPU has room: the next streamed
  * layer's experts are copied on the side stream while this layer computes
  * (hy_stream_begin enqueues the first layer's copy, each hy_stream_layer
@@ -156,67 +156,80 @@ int hy_stream_usable(hybrid_session *hs)
 
 static void copy_layer(hybrid_session *hs, int l, int b, int stream);
 
-/* What a split pass needs: one layer's copy time (layer l0's experts into
- * area 0, timed) and the CPU operator's time per (token, expert) pair (layer
- * l0's operator on up to 512 tokens of zeros, spread evenly over the
- * experts; the second of two calls). A session whose CPU side is the
- * reference loop, or that keeps experts on the GPU (the CPU operator then
- * lacks them), streams whole layers only. */
+/* The device slot map of a pass that streams the first n experts: x -> x for
+ * x < n, else -1 (so the hand-off lists give the others to the CPU). Written
+ * only when n changes, between passes (run_pass syncs, so no kernel still
+ * reads the old map). */
+static int set_slot(hybrid_session *hs, int n)
+{
+    const int E = hs->e->d.n_expert;
+    if (n == hs->stream_slot_n)
+        return 0;
+    int32_t *slot = malloc((size_t)E * 4);
+    if (!slot)
+        return TANDEM_ENOMEM;
+    for (int x = 0; x < E; x++)
+        slot[x] = x < n ? x : -1;
+    int rc = gpu_upload(hs->stream_slot, slot, (size_t)E * 4, NULL, 0);
+    free(slot);
+    hs->stream_slot_n = rc ? -1 : n;
+    return rc;
+}
+
+/* What a split pass needs, measured once per engine by the first session
+ * that balances (a fixed share needs neither): one layer's copy time (layer
+ * l0's experts into area 0) and the CPU operator's time per (token, expert)
+ * pair (layer l0's operator on up to 512 tokens of zeros spread evenly over
+ * the experts; the second of two calls). A session that keeps experts on the
+ * GPU (the CPU operator then lacks them), or whose CPU side is the reference
+ * loop without a fixed share (no rate to balance with), streams whole layers
+ * only. */
 static int split_init(hybrid_session *hs, int l0, char *err, size_t errlen)
 {
     const tandem_engine *e = hs->e;
+    hybrid_engine *hy = hs->hy;
     const model_desc *d = &e->d;
     const int E = d->n_expert, K = d->n_expert_used, D = d->d_model;
-    moe_op *op = hs->hy->L[l0].moe;
+    moe_op *op = hy->L[l0].moe;
+    const int has_op = !hy->cpu_ref && op && hs->ms && moe_n_held(op) == E;
     hs->stream_can_split = 0;
-    int64_t t0 = hy_now_ns();
-    copy_layer(hs, l0, 0, GPU_MAIN);
-    int rc = gpu_sync(hs->c, err, errlen);
-    if (rc)
-        return td_err_prefix(err, errlen, rc, "expert streaming: timing one layer's copy");
-    hs->stream_copy_ms = (double)(hy_now_ns() - t0) * 1e-6;
-    if (hs->hy->plan.gpu_experts > 0)
+    if (hy->plan.gpu_experts > 0 || (!has_op && !hy->cpu_ref) || (!has_op && hs->o.stream_share <= 0))
         return 0;
-    if (hs->hy->cpu_ref || !op || !hs->ms || moe_n_held(op) < E) {
-        /* the reference loop takes any expert but has no rate to balance with: split only at a fixed share */
-        if (!hs->hy->cpu_ref || hs->o.stream_share <= 0)
-            return 0;
-        rc = gpu_alloc((void **)&hs->stream_slot_split, (size_t)E * 4, err, errlen);
+    if (hs->o.stream_share <= 0 && hy->stream_pair_us <= 0) {
+        int64_t t0 = hy_now_ns();
+        copy_layer(hs, l0, 0, GPU_MAIN);
+        int rc = gpu_sync(hs->c, err, errlen);
         if (rc)
-            return td_err_prefix(err, errlen, rc, "expert streaming");
-        hs->stream_can_split = 1;
-        return 0;
+            return td_err_prefix(err, errlen, rc, "expert streaming: timing one layer's copy");
+        const double copy_ms = (double)(hy_now_ns() - t0) * 1e-6;
+        const int T = hs->chunk < 512 ? hs->chunk : 512;
+        uint16_t *x = calloc((size_t)T * D, 2);
+        int32_t *ids = malloc((size_t)T * K * 4);
+        float *w = malloc((size_t)T * K * 4), *y = malloc((size_t)T * D * 4);
+        rc = x && ids && w && y ? 0 : td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+        for (int i = 0; !rc && i < T * K; i++) {
+            ids[i] = (i / K + (i % K) * (E / K)) % E; /* distinct within a token: E >= K */
+            w[i] = 1.0f / (float)K;
+        }
+        double ms = 0;
+        for (int r = 0; !rc && r < 2; r++) {
+            t0 = hy_now_ns();
+            rc = moe_forward_bf16(op, hs->ms, e->pool, T, K, x, ids, w, y);
+            ms = (double)(hy_now_ns() - t0) * 1e-6;
+        }
+        free(x), free(ids), free(w), free(y);
+        if (rc)
+            return td_err(err, errlen, rc, "expert streaming: timing the CPU operator: %s",
+                          moe_scratch_error(hs->ms));
+        hy->stream_copy_ms = copy_ms;
+        hy->stream_pair_us = ms * 1e3 / ((double)T * K);
+        const double A = 1024.0 * K * hy->stream_pair_us * 1e-3; /* ms of CPU for every expert of 1024 tokens */
+        td_log(TD_LOG_INFO, "expert streaming: a layer's copy %.1f ms, the CPU %.2f us per (token, expert): passes "
+                            "under %d tokens stream the share that balances the two (1024 tokens: %.0f%%) and the "
+                            "CPU takes the rest at the same time",
+               hy->stream_copy_ms, hy->stream_pair_us, HY_SPLIT_MAX_T, 100.0 * A / (A + hy->stream_copy_ms));
     }
-    const int T = hs->chunk < 512 ? hs->chunk : 512;
-    uint16_t *x = calloc((size_t)T * D, 2);
-    int32_t *ids = malloc((size_t)T * K * 4);
-    float *w = malloc((size_t)T * K * 4), *y = malloc((size_t)T * D * 4);
-    rc = x && ids && w && y ? 0 : td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
-    for (int i = 0; !rc && i < T * K; i++) {
-        ids[i] = (i / K + (i % K) * (E / K)) % E; /* distinct within a token: E >= K */
-        w[i] = 1.0f / (float)K;
-    }
-    double ms = 0;
-    for (int r = 0; !rc && r < 2; r++) {
-        t0 = hy_now_ns();
-        rc = moe_forward_bf16(op, hs->ms, e->pool, T, K, x, ids, w, y);
-        ms = (double)(hy_now_ns() - t0) * 1e-6;
-    }
-    free(x), free(ids), free(w), free(y);
-    if (rc)
-        return td_err(err, errlen, rc, "expert streaming: timing the CPU operator: %s", moe_scratch_error(hs->ms));
-    hs->stream_pair_us = ms * 1e3 / ((double)T * K);
-    if (!rc)
-        rc = gpu_alloc((void **)&hs->stream_slot_split, (size_t)E * 4, err, errlen);
-    if (rc)
-        return td_err_prefix(err, errlen, rc, "expert streaming");
     hs->stream_can_split = 1;
-    const double A = 1024.0 * K * hs->stream_pair_us * 1e-3; /* ms of CPU for every expert of 1024 tokens */
-    td_log(TD_LOG_INFO, "expert streaming: a layer's copy %.1f ms, the CPU %.2f us per (token, expert): a pass streams "
-                        "%s (1024 tokens: %.0f%% of them) and the CPU takes the rest at the same time",
-           hs->stream_copy_ms, hs->stream_pair_us,
-           hs->o.stream_share > 0 ? "a fixed share of the experts" : "the share that balances the two",
-           100.0 * (hs->o.stream_share > 0 ? hs->o.stream_share : A / (A + hs->stream_copy_ms)));
     return 0;
 }
 
@@ -229,7 +242,8 @@ static int split_init(hybrid_session *hs, int l0, char *err, size_t errlen)
  * copy overlaps it, the CPU does not): on the H200 a split pass of 2048
  * tokens was no faster than streaming everything, and at 4096 slower, so
  * passes of HY_SPLIT_MAX_T tokens or more stream whole layers.
- * hybrid_opts.stream_share fixes s instead. */
+ * hybrid_opts.stream_share fixes s instead. A slot map that cannot be
+ * written leaves the pass to the CPU. */
 int hy_stream_plan(hybrid_session *hs, int T)
 {
     const model_desc *d = &hs->e->d;
@@ -237,32 +251,21 @@ int hy_stream_plan(hybrid_session *hs, int T)
     hs->stream_n = E;
     if (!hs->stream_ready || T < hs->o.stream_min)
         return 0;
-    if (!hs->stream_can_split)
-        return 1;
-    double share = hs->o.stream_share;
-    if (share <= 0) {
-        if (T >= HY_SPLIT_MAX_T)
-            return 1;
-        const double A = (double)T * d->n_expert_used * hs->stream_pair_us * 1e-3;
-        share = A / (A + hs->stream_copy_ms);
+    int n = E;
+    if (hs->stream_can_split && (hs->o.stream_share > 0 || T < HY_SPLIT_MAX_T)) {
+        double share = hs->o.stream_share;
+        if (share <= 0) {
+            const double A = (double)T * d->n_expert_used * hs->hy->stream_pair_us * 1e-3;
+            share = A / (A + hs->hy->stream_copy_ms);
+        }
+        n = (int)(share * E + 0.5);
+        if (n < 1)
+            return 0; /* not one expert's copy pays: the CPU takes the pass */
+        n = n < E ? n : E;
     }
-    int n = (int)(share * E + 0.5);
-    if (n < 1)
-        return 0; /* not one expert's copy pays: the CPU takes the pass */
-    if (n < E && n != hs->stream_slot_n) {
-        int32_t *slot = malloc((size_t)E * 4);
-        if (!slot)
-            return 1; /* no memory for the split: stream the whole layer */
-        for (int x = 0; x < E; x++)
-            slot[x] = x < n ? x : -1;
-        /* the previous pass has finished (run_pass syncs), so nothing reads the old slot */
-        int rc = gpu_upload(hs->stream_slot_split, slot, (size_t)E * 4, NULL, 0);
-        free(slot);
-        if (rc)
-            return 1;
-        hs->stream_slot_n = n;
-    }
-    hs->stream_n = n < E ? n : E;
+    if (set_slot(hs, n))
+        return 0;
+    hs->stream_n = n;
     return 1;
 }
 
@@ -282,24 +285,17 @@ int hy_stream_init(hybrid_session *hs, char *err, size_t errlen)
                  F = (size_t)d->d_ff_expert;
     hs->stream_dt = dt == DT_F32 ? GPU_F32 : GPU_BF16;
     hs->stream_row = F * D * es; /* one gate, up or down matrix */
-    int32_t *slot = malloc(E * 4);
-    if (!slot)
-        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
-    for (size_t x = 0; x < E; x++)
-        slot[x] = (int32_t)x;
     char why[256] = "";
     if (gpu_alloc(&hs->stream_gu[0], 2 * E * hs->stream_row, why, sizeof why) ||
         gpu_alloc(&hs->stream_dn[0], E * hs->stream_row, why, sizeof why)) {
-        free(slot);
         hy_stream_free(hs);
         td_log(TD_LOG_WARN, "expert streaming off: no GPU memory for one layer's experts (%s)", why);
         return 0;
     }
-    int rc = 0;
     /* a second area for the overlap, where it fits (not an error where it does not) */
     hs->stream_bufs = 1;
     const char *one = getenv("TANDEM_GPU_STREAM_BUFS"); /* 1: one area (tests of that path) */
-    if (!rc && !(one && atoi(one) == 1) && gpu_alloc(&hs->stream_gu[1], 2 * E * hs->stream_row, NULL, 0) == 0) {
+    if (!(one && atoi(one) == 1) && gpu_alloc(&hs->stream_gu[1], 2 * E * hs->stream_row, NULL, 0) == 0) {
         if (gpu_alloc(&hs->stream_dn[1], E * hs->stream_row, NULL, 0) == 0)
             hs->stream_bufs = 2;
         else {
@@ -307,11 +303,10 @@ int hy_stream_init(hybrid_session *hs, char *err, size_t errlen)
             hs->stream_gu[1] = NULL;
         }
     }
+    int rc = gpu_alloc((void **)&hs->stream_slot, E * 4, err, errlen);
+    hs->stream_slot_n = -1;
     if (!rc)
-        rc = gpu_alloc((void **)&hs->stream_slot, E * 4, err, errlen);
-    if (!rc)
-        rc = gpu_upload(hs->stream_slot, slot, E * 4, err, errlen);
-    free(slot);
+        rc = set_slot(hs, (int)E);
     if (rc)
         return td_err_prefix(err, errlen, rc, "expert streaming: one layer's experts on the GPU");
     hs->stream_ready = 1;
@@ -334,9 +329,8 @@ void hy_stream_free(hybrid_session *hs)
         hs->stream_gu[b] = hs->stream_dn[b] = NULL;
     }
     gpu_free(hs->stream_slot);
-    gpu_free(hs->stream_slot_split);
-    hs->stream_slot = hs->stream_slot_split = NULL;
-    hs->stream_slot_n = 0;
+    hs->stream_slot = NULL;
+    hs->stream_slot_n = -1;
     hs->stream_ready = 0;
 }
 
@@ -353,11 +347,9 @@ static int next_streamed(const hybrid_session *hs, int l)
 /* copies of layer l's experts (gate_up [E][2F][D], down [E][D][F]) into area b, on a stream */
 static void copy_layer(hybrid_session *hs, int l, int b, int stream)
 {
-    const model_desc *d = &hs->e->d;
     const layer_weights *L = &hs->e->layers[l];
     const size_t row = hs->stream_row;
     uint8_t *gu = hs->stream_gu[b], *dn = hs->stream_dn[b];
-    (void)d;
     for (int x = 0; x < hs->stream_n; x++) {
         gpu_copy(hs->c, stream, gu + (2 * (size_t)x) * row, L->exp_gate[x].data, row);
         gpu_copy(hs->c, stream, gu + (2 * (size_t)x + 1) * row, L->exp_up[x].data, row);
@@ -395,7 +387,6 @@ void hy_stream_layer(hybrid_session *hs, int l, gpu_experts *out)
     } else {
         copy_layer(hs, l, 0, GPU_MAIN);
     }
-    const int32_t *slot = hs->stream_n < d->n_expert ? hs->stream_slot_split : hs->stream_slot;
-    *out = (gpu_experts){ hs->stream_gu[b], hs->stream_dn[b], hs->stream_dt, slot, d->n_expert, d->d_model,
-                          d->d_ff_expert };
+    *out = (gpu_experts){ hs->stream_gu[b], hs->stream_dn[b], hs->stream_dt, hs->stream_slot, d->n_expert,
+                          d->d_model, d->d_ff_expert };
 }
