@@ -524,16 +524,20 @@ static void test_kernels(pool *p1, pool *p2)
  * unpack chunks, odd pair counts per item, narrow and wide phase-2 column
  * groups; and the schedule on pools of more threads than the two above
  * (3 threads in one partition, 4 in two: items of one partition wait for
- * the other's). INT formats stay bit-identical to the reference. */
+ * the other's); the software-pipelined step loop (sp) and the no-reuse
+ * load hint (t1), passes of 32 token rows (mc), the output-row prefetch
+ * (po), non-temporal gather stores (nt) and the pair-outer order (ord 2).
+ * INT formats stay bit-identical to the reference. */
 static void test_tuned(pool *p1, pool *p2)
 {
     if (isa_detect() < ISA_AVX512) {
         SKIP("moe tuned tile kernels", "the tile emulator needs AVX-512");
         return;
     }
-    static const char *tunes[] = { "kc_bf16=64,kc_int8=128,g4=3,np_up=3,cg=2,ord=1,pf=3",
-                                   "kc_bf16=96,kc_int8=192,g4=7,np_up=1,cg=16,up_rb=5,pf=1",
-                                   "kc_bf16=512,kc_int8=1024,g4=128,np_up=8,cg=0,ord=0,pf=2" };
+    static const char *tunes[] = { "kc_bf16=64,kc_int8=128,g4=3,np_up=3,cg=2,ord=1,pf=3,sp=1,t1=1,mc=32",
+                                   "kc_bf16=96,kc_int8=192,g4=7,np_up=1,cg=16,up_rb=5,pf=1,sp=1,t1=2,po=1,nt=1",
+                                   "kc_bf16=64,kc_int8=128,np_up=5,ord=2,sp=1,pf=0",
+                                   "kc_bf16=512,kc_int8=1024,g4=128,np_up=8,cg=0,ord=0,pf=2,sp=0" };
     moe_tune keep = moe_tuning;
     char err[256];
     pool *p3 = NULL, *p4 = NULL;
@@ -541,14 +545,16 @@ static void test_tuned(pool *p1, pool *p2)
     CHECKF(pool_create(&p4, 4, 2, err, sizeof err) == 0, "%s", err);
     weights w = make_weights(6, 400, 264, MOE_SRC_BF16, ~0ull);
     variant v = { "amx-emu", ISA_AVX512, 1, 0, { 0, 0, 0 } };
-    for (int ti = 0; ti < 3; ti++) {
+    for (int ti = 0; ti < 4; ti++) {
+        moe_tuning = keep; /* each setting on top of the defaults */
         CHECKF(moe_tune_parse(tunes[ti], err, sizeof err) == 0, "%s: %s", tunes[ti], err);
         for (int fmt = 0; fmt < 3; fmt++)
             for (int pi = 0; pi < 4; pi++) {
                 pool *p = pi == 0 ? p1 : pi == 1 ? p2 : pi == 2 ? p3 : p4;
                 if (!p)
                     continue;
-                run_opts o = { .p = p, .fmt = fmt, .amx_min = 5, .n = 40, .top_k = 3,
+                /* the first setting: 120 tokens, so that experts take several passes of mc = 32 rows */
+                run_opts o = { .p = p, .fmt = fmt, .amx_min = 5, .n = ti == 0 ? 120 : 40, .top_k = 3,
                                .route = pi % 2 ? ROUTE_NEG : ROUTE_RANDOM, .act_bf16 = pi % 2 };
                 char what[200];
                 snprintf(what, sizeof what, "tuned %s %s pool %d", tunes[ti], fmt_name(fmt), pi);
@@ -577,6 +583,9 @@ static void test_tuned(pool *p1, pool *p2)
     CHECK(moe_tune_parse("cg=3", err, sizeof err) == TANDEM_EINVAL);
     CHECK(moe_tune_parse("bogus=1", err, sizeof err) == TANDEM_EINVAL && strstr(err, "bogus") != NULL);
     CHECK(moe_tune_parse("g4", err, sizeof err) == TANDEM_EINVAL);
+    CHECK(moe_tune_parse("sp=2", err, sizeof err) == TANDEM_EINVAL && strstr(err, "sp") != NULL);
+    CHECK(moe_tune_parse("t1=4", err, sizeof err) == TANDEM_EINVAL);
+    CHECK(moe_tune_parse("mc=48", err, sizeof err) == TANDEM_EINVAL && moe_tune_parse("mc=1024", err, sizeof err));
     CHECK(memcmp(&moe_tuning, &keep, sizeof keep) == 0); /* a refused spec changes nothing */
     free_weights(&w);
     pool_free(p3);

@@ -6,7 +6,8 @@
  *                       the SDM pseudo-code and checks every tile shape, so
  *                       the test group runs this exact code on machines
  *                       without AMX.
- * The includer defines AMX_CFG(cfg), AMX_LOAD(t, p, stride), AMX_STORE(t, p,
+ * The includer defines AMX_CFG(cfg), AMX_LOAD(t, p, stride), AMX_LOADT1(t, p,
+ * stride) (the load with the no-reuse hint), AMX_STORE(t, p,
  * stride), AMX_ZERO(t), AMX_DP_BF16(c, a, b) (TDPBF16PS), AMX_DP_SU8(c, a, b)
  * (TDPBSUD: a signed, b unsigned), AMX_RELEASE(), AMX_KERNEL (the symbol of
  * the moe_kernel to define) and AMX_KNAME (its name string).
@@ -19,16 +20,27 @@
  * tiles come straight from the packed layout, which is already the VNNI B
  * layout (BF16: 16 K-pair rows x 16 columns; INT8: 16 K-quad rows).
  *
- * One pass = up to MOE_MC token rows x npair column-block pairs (gate/up of
- * the same rows in phase 1, neighbouring down blocks in phase 2). Loop
- * order: K chunk, then pair and token-tile pair (moe_tuning.ord picks which
- * is outer), then K step. The chunk's A (MOE_MC rows x chunk) stays in L2
- * while the pairs run over it; a pair's B chunk is read from DRAM once per
- * pass (prefetched while the previous block runs) and re-read from L2 by
- * every token-tile pair. The accumulators stay in the tiles for a whole
- * chunk (moe_tuning.kc_bf16 / kc_int8 of K) and are spilled between chunks
- * to a per-block 4 KB buffer. The tunables exist because this machine has
- * no AMX: `tandem bench moe --tune` sweeps them on one that has.
+ * One pass = up to moe_tuning.mc token rows x npair column-block pairs
+ * (gate/up of the same rows in phase 1, neighbouring down blocks in phase
+ * 2). Loop order: K chunk, then pair and token-tile pair (moe_tuning.ord
+ * picks which is outer; ord 2: pair, then K chunk, then token-tile pair),
+ * then K step. The chunk's A (mc rows x chunk) stays in L2 while the pairs
+ * run over it; a pair's B chunk is read from DRAM once per pass (prefetched
+ * while the previous block runs) and re-read from L2 by every token-tile
+ * pair. The accumulators stay in the tiles for a whole chunk
+ * (moe_tuning.kc_bf16 / kc_int8 of K) and are spilled between chunks to a
+ * per-block 4 KB buffer. By default (moe_tuning.sp) the tiles of the next K
+ * step are loaded during the current one, each right after the last TDP
+ * that reads its register, and nothing is prefetched into L1.
+ *
+ * What bounds it (dev/amx_micro.c on the H200 machine, 16 threads): the 2x2
+ * loop with its operands in L1 runs at 0.55-0.72 of the same TDPs on
+ * registers, with both operands in L2 at 0.46-0.55, and software L1
+ * prefetches cost more than they hide. The passes above have A and B in
+ * L2; `tandem bench moe` prints the with-loads ceiling (ld_*) beside the
+ * register peak. The tunables exist because the developer machines have
+ * no AMX: `tandem bench moe --tune` sweeps them on one that has
+ * (dev/h200_amx.sh; bench/results/2026-11-29-h200-amx.txt).
  *
  * BF16 accumulates in fp32 tiles. INT8 accumulates int32 over each scale
  * group (the whole row by default), then folds into the fp32 result exactly
@@ -89,12 +101,16 @@ typedef struct {
     size_t mstride;                      /* bytes from one 16-row block to the next */
     const int32_t *s32;                  /* INT: sums of 32 of row 0, stride lds */
     size_t lds;
-    int nmt;                             /* 16-row token tiles (1..MOE_MC/16) */
+    int nmt;                             /* 16-row token tiles (1..moe_tuning.mc/16) */
     float *cf;                           /* [nmt*16][npair*32] fp32 result, row-major */
     uint8_t *cbuf;                       /* accumulator spill: 4 KB per (token-tile pair, pair) */
     uint8_t *tmp;                        /* 4 tiles of int32 (4 KB) */
     uint8_t *stage;                      /* INT4: unpacked groups of one pair (in cbuf) */
     float *sf;                           /* INT4: sums of 32 as floats, [32][MOE_G4_MAX] (in cbuf) */
+    float *out;                          /* down with moe_tuning.po: rows to prefetch (out + tok[r] * ldo + col0) */
+    const int32_t *tok;                  /* the pass's first row's token (-1: padding) */
+    size_t ldo;
+    int col0, ncols, mrows;              /* mrows: rows of the pass that exist (tok[0..mrows)) */
 } amx_pass;
 
 /* ask for the 1 KB tile at p (16 lines) in L2 ahead of use: weight tiles
@@ -154,33 +170,82 @@ static inline void prefetch_tile_l1(const uint8_t *p)
         _mm_prefetch((const char *)(p + l * 64), _MM_HINT_T0);
 }
 
+/* tile loads of the A / B operand: TILELOADDT1 when moe_tuning.t1 says so */
+#define LOAD_A(t, p, t1)                  \
+    do {                                  \
+        if ((t1) & 1)                     \
+            AMX_LOADT1(t, p, 64);         \
+        else                              \
+            AMX_LOAD(t, p, 64);           \
+    } while (0)
+#define LOAD_B(t, p, t1)                  \
+    do {                                  \
+        if ((t1) & 2)                     \
+            AMX_LOADT1(t, p, 64);         \
+        else                              \
+            AMX_LOAD(t, p, 64);           \
+    } while (0)
+
 /* The 2x2 product over nst K steps of 64 bytes: A tiles at a0 (+ mstride
  * for the second token tile), B tiles at b0 / b1, 1 KB per step. Prefetch:
  * the first nnext tiles of the B blocks needed next (nb0 / nb1) into L2,
- * and with moe_tuning.pf bit 1 / 2 the next step's A / B tiles into L1. */
-#define AMX_STEPS(DP, two, a0, mstride, b0, b1, nst, nb0, nb1, nnext, pf)  \
+ * and with moe_tuning.pf bit 1 / 2 the next step's A / B tiles into L1.
+ * With moe_tuning.sp the tiles of step s + 1 are loaded during step s, each
+ * right after the last TDP that reads the tile it replaces (a tile load
+ * waits for the TDPs before it that read its register). */
+#define AMX_STEPS(DP, two, a0, mstride, b0, b1, nst, nb0, nb1, nnext, pf, t1, sp)  \
     do {                                                                    \
+        if (sp) {                                                           \
+            LOAD_A(4, (a0), t1);                                            \
+            LOAD_B(6, (b0), t1);                                            \
+            LOAD_B(7, (b1), t1);                                            \
+            if (two)                                                        \
+                LOAD_A(5, (a0) + (mstride), t1);                            \
+        }                                                                   \
         for (int s_ = 0; s_ < (nst); s_++) {                                \
             if (s_ < (nnext)) {                                             \
                 prefetch_tile((nb0) + (size_t)s_ * 1024);                   \
                 prefetch_tile((nb1) + (size_t)s_ * 1024);                   \
             }                                                               \
+            const size_t o_ = (size_t)(s_ + 1 + (sp)) * 1024;               \
             if ((pf) & 1) {                                                 \
-                prefetch_tile_l1((a0) + (size_t)(s_ + 1) * 1024);           \
+                prefetch_tile_l1((a0) + o_);                                \
                 if (two)                                                    \
-                    prefetch_tile_l1((a0) + (mstride) + (size_t)(s_ + 1) * 1024); \
+                    prefetch_tile_l1((a0) + (mstride) + o_);                \
             }                                                               \
             if ((pf) & 2) {                                                 \
-                prefetch_tile_l1((b0) + (size_t)(s_ + 1) * 1024);           \
-                prefetch_tile_l1((b1) + (size_t)(s_ + 1) * 1024);           \
+                prefetch_tile_l1((b0) + o_);                                \
+                prefetch_tile_l1((b1) + o_);                                \
             }                                                               \
-            AMX_LOAD(4, (a0) + (size_t)s_ * 1024, 64);                      \
-            AMX_LOAD(6, (b0) + (size_t)s_ * 1024, 64);                      \
-            AMX_LOAD(7, (b1) + (size_t)s_ * 1024, 64);                      \
+            if (sp) {                                                       \
+                const size_t n_ = (size_t)(s_ + 1) * 1024;                  \
+                const int more_ = s_ + 1 < (nst);                           \
+                DP(0, 4, 6);                                                \
+                DP(1, 4, 7);                                                \
+                if (more_)                                                  \
+                    LOAD_A(4, (a0) + n_, t1);                               \
+                if (two) {                                                  \
+                    DP(2, 5, 6);                                            \
+                    if (more_)                                              \
+                        LOAD_B(6, (b0) + n_, t1);                           \
+                    DP(3, 5, 7);                                            \
+                    if (more_) {                                            \
+                        LOAD_B(7, (b1) + n_, t1);                           \
+                        LOAD_A(5, (a0) + (mstride) + n_, t1);               \
+                    }                                                       \
+                } else if (more_) {                                         \
+                    LOAD_B(6, (b0) + n_, t1);                               \
+                    LOAD_B(7, (b1) + n_, t1);                               \
+                }                                                           \
+                continue;                                                   \
+            }                                                               \
+            LOAD_A(4, (a0) + (size_t)s_ * 1024, t1);                        \
+            LOAD_B(6, (b0) + (size_t)s_ * 1024, t1);                        \
+            LOAD_B(7, (b1) + (size_t)s_ * 1024, t1);                        \
             DP(0, 4, 6);                                                    \
             DP(1, 4, 7);                                                    \
             if (two) {                                                      \
-                AMX_LOAD(5, (a0) + (mstride) + (size_t)s_ * 1024, 64);      \
+                LOAD_A(5, (a0) + (mstride) + (size_t)s_ * 1024, t1);        \
                 DP(2, 5, 6);                                                \
                 DP(3, 5, 7);                                                \
             }                                                               \
@@ -213,50 +278,75 @@ static void zero_cf(const amx_pass *P)
     memset(P->cf, 0, (size_t)P->nmt * 16 * (size_t)P->npair * 32 * 4);
 }
 
-/* One K chunk of a BF16 or INT8 pass: nst steps of every pair's B from
+/* down: the two lines (32 columns of pair j) of each output row of token
+ * tiles mt, mt + 1 that the pass adds to at its end, into L2, so that the
+ * accumulation does not wait for them row after row */
+static void prefetch_out(const amx_pass *P, int mt, int two, int j)
+{
+    int c = P->col0 + 32 * j;
+    if (c >= P->ncols)
+        return;
+    int r1 = (mt + 1 + two) * 16 < P->mrows ? (mt + 1 + two) * 16 : P->mrows;
+    for (int r = mt * 16; r < r1; r++) {
+        int t = P->tok[r];
+        if (t < 0)
+            continue;
+        const float *o = P->out + (size_t)t * P->ldo + c;
+        _mm_prefetch((const char *)o, _MM_HINT_T1);
+        if (c + 16 < P->ncols)
+            _mm_prefetch((const char *)(o + 16), _MM_HINT_T1);
+    }
+}
+
+/* One K chunk of a BF16 or INT8 pass, for pairs [j0, j1):
+ * nst steps of every pair's B from
  * byte boff of its row block, A from byte aoff of each 16-row block; the
  * accumulators start at zero (first) or from the spill, and end in the
  * spill, or (last) in cf: BF16 stored, INT8 folded with the scales at
  * soff and corr. nboff / nnext: the next chunk (B offset, steps; 0 = none).
  * moe_tuning.ord 0: pair-major (a pair's B chunk is re-read from L1/L2 by
  * every token-tile pair while A streams); 1: token-major (the A chunk of a
- * token-tile pair is reused by every pair while B streams from L2). */
-static void run_chunk(const amx_pass *P, int int8, size_t boff, size_t aoff, int nst, int first, int last,
-                      size_t nboff, int nnext, size_t soff, const int32_t *corr)
+ * token-tile pair is reused by every pair while B streams from L2); 2: as
+ * 0, called one pair at a time by the pass (the pass runs a pair's whole K
+ * before the next pair, see pass_bf16). */
+static void run_chunk(const amx_pass *P, int j0, int j1, int int8, size_t boff, size_t aoff, int nst, int first,
+                      int last, size_t nboff, int nnext, size_t soff, const int32_t *corr)
 {
-    int ord = moe_tuning.ord, pf = moe_tuning.pf, nmt2 = (P->nmt + 1) / 2;
-    int nouter = ord ? nmt2 : P->npair, ninner = ord ? P->npair : nmt2;
+    int ord = moe_tuning.ord == 1, pf = moe_tuning.pf, t1 = moe_tuning.t1, sp = moe_tuning.sp, nmt2 = (P->nmt + 1) / 2;
+    int np = j1 - j0, nouter = ord ? nmt2 : np, ninner = ord ? np : nmt2;
     size_t ncol = (size_t)P->npair * 32;
     for (int o = 0; o < nouter; o++)
         for (int i = 0; i < ninner; i++) {
-            int j = ord ? i : o, m2 = ord ? o : i, mt = 2 * m2, two = mt + 1 < P->nmt;
+            int j = j0 + (ord ? i : o), m2 = ord ? o : i, mt = 2 * m2, two = mt + 1 < P->nmt;
             const uint8_t *b0 = P->b[2 * j] + boff, *b1 = P->b[2 * j + 1] + boff;
             /* the B needed next, into L2 while the first token-tile pair runs:
-             * ord 0: the next pair's chunk (or pair 0's next chunk); ord 1:
+             * ord 0: the next pair's chunk (or pair j0's next chunk); ord 1:
              * this pair's next chunk */
             const uint8_t *nb0 = b0, *nb1 = b1;
             int nn = 0;
             if (m2 == 0) {
-                if (!ord && j + 1 < P->npair) {
+                if (!ord && j + 1 < j1) {
                     nb0 = P->b[2 * j + 2] + boff;
                     nb1 = P->b[2 * j + 3] + boff;
                     nn = nst;
                 } else {
-                    nb0 = P->b[ord ? 2 * j : 0] + nboff;
-                    nb1 = P->b[ord ? 2 * j + 1 : 1] + nboff;
+                    nb0 = P->b[ord ? 2 * j : 2 * j0] + nboff;
+                    nb1 = P->b[ord ? 2 * j + 1 : 2 * j0 + 1] + nboff;
                     nn = nnext;
                 }
             }
             uint8_t *blk = P->cbuf + ((size_t)m2 * (size_t)P->npair + (size_t)j) * 4096;
+            if (first && P->out)
+                prefetch_out(P, mt, two, j);
             if (first)
                 zero_tiles(two);
             else
                 load_blk(two, blk);
             const uint8_t *a0 = P->x + (size_t)mt * P->mstride + aoff;
             if (int8)
-                AMX_STEPS(AMX_DP_SU8, two, a0, P->mstride, b0, b1, nst, nb0, nb1, nn, pf);
+                AMX_STEPS(AMX_DP_SU8, two, a0, P->mstride, b0, b1, nst, nb0, nb1, nn, pf, t1, sp);
             else
-                AMX_STEPS(AMX_DP_BF16, two, a0, P->mstride, b0, b1, nst, nb0, nb1, nn, pf);
+                AMX_STEPS(AMX_DP_BF16, two, a0, P->mstride, b0, b1, nst, nb0, nb1, nn, pf, t1, sp);
             if (!last) {
                 store_blk(two, blk);
             } else if (int8) {
@@ -270,14 +360,20 @@ static void run_chunk(const amx_pass *P, int int8, size_t boff, size_t aoff, int
 }
 
 /* ---- BF16: fp32 accumulation in the tiles, chunked along K ------------- */
+/* moe_tuning.ord 2 runs the chunks one pair at a time (pair-outer), so that
+ * with a short chunk a pair's B chunk stays in L1 over the token tiles and
+ * only the pair's spill blocks are live; else all pairs per chunk. */
 static void pass_bf16(const amx_pass *P)
 {
-    int cs = moe_tuning.kc_bf16 / 32, nsteps = P->W->kp / 32;
-    for (int st = 0; st < nsteps; st += cs) {
-        int nst = nsteps - st < cs ? nsteps - st : cs, st2 = st + nst;
-        int nnext = nsteps - st2 < cs ? nsteps - st2 : cs;
-        run_chunk(P, 0, (size_t)st * 1024, (size_t)st * 1024, nst, st == 0, st2 == nsteps, (size_t)st2 * 1024,
-                  nnext, 0, NULL);
+    int cs = moe_tuning.kc_bf16 / 32, nsteps = P->W->kp / 32, po = moe_tuning.ord == 2;
+    for (int j = 0; j < (po ? P->npair : 1); j++) {
+        int j0 = po ? j : 0, j1 = po ? j + 1 : P->npair;
+        for (int st = 0; st < nsteps; st += cs) {
+            int nst = nsteps - st < cs ? nsteps - st : cs, st2 = st + nst;
+            int nnext = nsteps - st2 < cs ? nsteps - st2 : cs;
+            run_chunk(P, j0, j1, 0, (size_t)st * 1024, (size_t)st * 1024, nst, st == 0, st2 == nsteps,
+                      (size_t)st2 * 1024, nnext, 0, NULL);
+        }
     }
 }
 
@@ -286,27 +382,30 @@ static void pass_int8(const amx_pass *P)
 {
     const moe_mat *W = P->W;
     size_t gb = moe_int8_group_bytes(W->group);
-    int sg = W->group / 64, ng = W->kp / W->group, cs = moe_tuning.kc_int8 / 64;
+    int sg = W->group / 64, ng = W->kp / W->group, cs = moe_tuning.kc_int8 / 64, po = moe_tuning.ord == 2;
     if (cs > sg)
         cs = sg;
     int32_t corr[MOE_MC];
     zero_cf(P);
-    for (int g = 0; g < ng; g++) {
-        for (int r = 0; r < P->nmt * 16; r++) {
-            int32_t v = 0;
-            for (int i = g * W->group / 32; i < (g + 1) * W->group / 32; i++)
-                v += P->s32[(size_t)r * P->lds + i];
-            corr[r] = 128 * v;
-        }
-        for (int c0 = 0; c0 < sg; c0 += cs) {
-            int nst = sg - c0 < cs ? sg - c0 : cs;
-            int g2 = g, c2 = c0 + nst; /* the next chunk */
-            if (c2 == sg)
-                g2++, c2 = 0;
-            int nnext = g2 >= ng ? 0 : sg - c2 < cs ? sg - c2 : cs;
-            run_chunk(P, 1, (size_t)g * gb + (size_t)c0 * 1024, (size_t)(g * sg + c0) * 1024, nst, c0 == 0,
-                      c0 + nst == sg, (size_t)g2 * gb + (size_t)c2 * 1024, nnext, (size_t)g * gb + (size_t)sg * 1024,
-                      corr);
+    for (int j = 0; j < (po ? P->npair : 1); j++) {
+        int j0 = po ? j : 0, j1 = po ? j + 1 : P->npair;
+        for (int g = 0; g < ng; g++) {
+            for (int r = 0; r < P->nmt * 16; r++) {
+                int32_t v = 0;
+                for (int i = g * W->group / 32; i < (g + 1) * W->group / 32; i++)
+                    v += P->s32[(size_t)r * P->lds + i];
+                corr[r] = 128 * v;
+            }
+            for (int c0 = 0; c0 < sg; c0 += cs) {
+                int nst = sg - c0 < cs ? sg - c0 : cs;
+                int g2 = g, c2 = c0 + nst; /* the next chunk */
+                if (c2 == sg)
+                    g2++, c2 = 0;
+                int nnext = g2 >= ng ? 0 : sg - c2 < cs ? sg - c2 : cs;
+                run_chunk(P, j0, j1, 1, (size_t)g * gb + (size_t)c0 * 1024, (size_t)(g * sg + c0) * 1024, nst,
+                          c0 == 0, c0 + nst == sg, (size_t)g2 * gb + (size_t)c2 * 1024, nnext,
+                          (size_t)g * gb + (size_t)sg * 1024, corr);
+            }
         }
     }
 }
@@ -432,6 +531,7 @@ static void amx_up(int fmt, const moe_mat *g, const moe_mat *u, int rb0, int rb1
     TD_ASSERT(ts != NULL && rb1 - rb0 <= MOE_MAXPAIR && rb1 > rb0);
     amx_pass P;
     pass_bufs(&P, ts);
+    P.out = NULL;
     P.W = g;
     P.npair = rb1 - rb0;
     for (int j = 0; j < P.npair; j++) {
@@ -439,10 +539,10 @@ static void amx_up(int fmt, const moe_mat *g, const moe_mat *u, int rb0, int rb1
         P.b[2 * j + 1] = u->w + (size_t)(rb0 + j) * u->rb_bytes;
     }
     size_t ncol = (size_t)P.npair * 32;
-    int mtiles = (a->m + 15) / 16;
+    int mtiles = (a->m + 15) / 16, mcs = moe_tuning.mc / 16;
     amx_config(fmt == MOE_INT4);
-    for (int mt0 = 0; mt0 < mtiles; mt0 += MOE_MC / 16) {
-        int nmt = mtiles - mt0 < MOE_MC / 16 ? mtiles - mt0 : MOE_MC / 16;
+    for (int mt0 = 0; mt0 < mtiles; mt0 += mcs) {
+        int nmt = mtiles - mt0 < mcs ? mtiles - mt0 : mcs;
         pass_rows(&P, fmt, a, mt0, nmt);
         run_pass(fmt, &P);
         for (int r = 0; r < nmt * 16; r++) {
@@ -478,16 +578,22 @@ static void amx_down(int fmt, const moe_mat *d, int rb0, int rb1, const moe_act 
     TD_ASSERT(rb1 <= d->nrb && (rb1 - rb0) / 2 <= MOE_MAXPAIR);
     amx_pass P;
     pass_bufs(&P, ts);
+    P.out = moe_tuning.po ? out : NULL;
+    P.ldo = ldo;
+    P.col0 = rb0 * 16;
+    P.ncols = ncols;
     P.W = d;
     P.npair = (rb1 - rb0) / 2;
     for (int j = 0; j < 2 * P.npair; j++)
         P.b[j] = d->w + (size_t)(rb0 + j) * d->rb_bytes;
     size_t ncol = (size_t)P.npair * 32;
-    int mtiles = (a->m + 15) / 16;
+    int mtiles = (a->m + 15) / 16, mcs = moe_tuning.mc / 16;
     amx_config(fmt == MOE_INT4);
-    for (int mt0 = 0; mt0 < mtiles; mt0 += MOE_MC / 16) {
-        int nmt = mtiles - mt0 < MOE_MC / 16 ? mtiles - mt0 : MOE_MC / 16;
+    for (int mt0 = 0; mt0 < mtiles; mt0 += mcs) {
+        int nmt = mtiles - mt0 < mcs ? mtiles - mt0 : mcs;
         pass_rows(&P, fmt, a, mt0, nmt);
+        P.tok = tok + (size_t)mt0 * 16;
+        P.mrows = a->m - mt0 * 16;
         run_pass(fmt, &P);
         int nrow = a->m - mt0 * 16 < nmt * 16 ? a->m - mt0 * 16 : nmt * 16;
         for (int r = 0; r < nrow; r++) {

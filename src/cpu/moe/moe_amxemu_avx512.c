@@ -100,6 +100,7 @@ static void emu_dp_su8(int c, int a, int b)
 
 #define AMX_CFG(c) emu_config(c)
 #define AMX_LOAD(t, p, s) emu_load(t, p, (long)(s))
+#define AMX_LOADT1(t, p, s) emu_load(t, p, (long)(s)) /* the hint changes caching only */
 #define AMX_STORE(t, p, s) emu_store(t, p, (long)(s))
 #define AMX_ZERO(t) emu_zero(t)
 #define AMX_DP_BF16(c, a, b) emu_dp_bf16(c, a, b)

@@ -65,6 +65,7 @@ typedef struct {
     const char *torch_file;
     char tunes[MAX_TUNES][256];  /* --tune: tile-kernel settings to sweep (moe_tune_parse specs) */
     int n_tunes;
+    int prof;                    /* --prof 1: a bench=moe_prof line per case (where the time goes) */
 } bench_opts;
 
 static double now_s(void)
@@ -108,7 +109,7 @@ static void usage(void)
            "         [--tokens 1,4,32,128,512,2048,8192] [--threads N] [--isa ref|avx2|avx512|amx]\n"
            "         [--amx-min N] [--group N] [--reps N] [--layers N] [--mem-gb G] [--torch FILE]\n"
            "         [--tune 'kc_bf16=512,np_up=8;kc_bf16=1024' (each case once per setting; keys kc_bf16,\n"
-           "          kc_int8, g4, np_up, cg, up_rb, ord, pf: see moe_impl.h)]\n");
+           "          kc_int8, g4, np_up, cg, up_rb, ord, pf: see moe_impl.h)] [--prof 1]\n");
 }
 
 static int parse_shape(bench_opts *o, const char *name)
@@ -193,6 +194,8 @@ static int parse_opts(bench_opts *o, int argc, char **argv)
             o->layers = atoi(v);
         } else if (!strcmp(a, "--mem-gb")) {
             o->mem_gb = atof(v);
+        } else if (!strcmp(a, "--prof")) {
+            o->prof = atoi(v);
         } else if (!strcmp(a, "--torch")) {
             o->torch_file = v;
         } else if (!strcmp(a, "--tune")) {
@@ -280,7 +283,7 @@ typedef struct {
     int isa;
     uint64_t sink[256];
     long iters;
-    int int8;
+    int int8, loads;
     double ops[256];
 } ceil_ctx;
 
@@ -338,14 +341,14 @@ static void peak_job(void *arg, int64_t b, int64_t e)
 {
     ceil_ctx *c = arg;
     for (int64_t i = b; i < e; i++)
-        c->ops[pool_tid() & 255] += c->isa == ISA_AMX ? moe_bench_peak_amx(c->int8, c->iters)
+        c->ops[pool_tid() & 255] += c->isa == ISA_AMX ? moe_bench_peak_amx(c->int8, c->loads, c->iters)
                                                       : moe_bench_peak512(c->int8, c->iters);
 }
 
 /* all threads, each running a share of 8 items per thread */
-static double peak(pool *p, int isa, int int8)
+static double peak(pool *p, int isa, int int8, int loads)
 {
-    ceil_ctx c = { .isa = isa, .int8 = int8, .iters = isa == ISA_AMX ? 20000 : 200000 };
+    ceil_ctx c = { .isa = isa, .int8 = int8, .loads = loads, .iters = isa == ISA_AMX ? 20000 : 200000 };
     pool_run(p, pool_size(p), 1, peak_job, &c); /* warm-up: clocks, tile state */
     memset(c.ops, 0, sizeof c.ops);
     int64_t n = (int64_t)pool_size(p) * 8;
@@ -445,8 +448,28 @@ static void route_random(uint64_t *st, int n, int E, int k, int32_t *ids, float 
     *bytes = (double)nt * (double)moe_bytes(op);
 }
 
+/* --prof: per forward and thread, the ms of each kind of item (waits apart)
+ * and of the rest of the wall time (idle: pool hand-off, tails, routing) */
+static void print_prof(const shape_def *s, int fmt, int n, int nth, int reps, const double *times, const char *tune_kv)
+{
+    static const char *names[MOE_PF_N] = { "gather", "up_big", "up_small", "quant", "down_big", "down_small", "wait" };
+    double wall = 0, sum = 0, ms[MOE_PF_N] = { 0 };
+    for (int i = 0; i < reps; i++)
+        wall += times[i] * 1e3 / reps;
+    for (int t = 0; t < nth && t < MOE_PF_THREADS; t++)
+        for (int k = 0; k < MOE_PF_N; k++)
+            ms[k] += moe_prof_ns[t][k] / 1e6 / reps / nth;
+    printf("bench=moe_prof shape=%s fmt=%s tokens=%d wall_ms=%.3f", s->name, fmt_name(fmt), n, wall);
+    for (int k = 0; k < MOE_PF_N; k++) {
+        printf(" %s_ms=%.3f", names[k], ms[k]);
+        sum += ms[k];
+    }
+    printf(" idle_ms=%.3f%s\n", wall - sum, tune_kv);
+}
+
 typedef struct {
     double dram, peak_bf16, peak_int8;
+    double ld_bf16, ld_int8; /* AMX: the 2x2 tile loop with its operands loaded from L1 (0 elsewhere) */
     const char *peak_src;
 } ceilings;
 
@@ -531,6 +554,8 @@ static void bench_fmt(pool *p, const bench_opts *o, const shape_def *s, int fmt,
         /* warm-up: first touch of scratch pages, kernel choice, clocks */
         route_random(&st, n, s->n_expert, s->top_k, ids, w, ops[0], &bytes, &touched);
         moe_forward_bf16(ops[0], sc, p, n, s->top_k, x, ids, w, out);
+        memset(moe_prof_ns, 0, sizeof moe_prof_ns);
+        moe_prof_on = o->prof;
         double tstart = now_s();
         while (reps < 512) {
             moe_op *op = ops[reps % L];
@@ -546,6 +571,7 @@ static void bench_fmt(pool *p, const bench_opts *o, const shape_def *s, int fmt,
             if (o->reps ? reps >= o->reps : (reps >= 3 && now_s() - tstart > o->min_s))
                 break;
         }
+        moe_prof_on = 0;
         if (rc) {
             printf("bench=moe shape=%s fmt=%s tokens=%d error=\"%s\"\n", s->name, fmt_name(fmt), n,
                    moe_scratch_error(sc));
@@ -557,15 +583,21 @@ static void bench_fmt(pool *p, const bench_opts *o, const shape_def *s, int fmt,
         double pk = (fmt == MOE_BF16 ? ce->peak_bf16 : ce->peak_int8) * 1e12;
         double roof = fmax(pk > 0 ? flops / pk : 0, ce->dram > 0 ? b / (ce->dram * 1e9) : 0);
         double tms = torch_ms(o->torch_file, s->name, n);
+        double pk_ld = (fmt == MOE_BF16 ? ce->ld_bf16 : ce->ld_int8) * 1e12;
+        char ldf[32] = "";
+        if (pk_ld > 0) /* the compute time over the with-loads tile ceiling, DRAM aside */
+            snprintf(ldf, sizeof ldf, " ld_frac=%.3f", flops / pk_ld / t);
         char vs[32];
         if (tms > 0)
             snprintf(vs, sizeof vs, "%.2f", tms / (t * 1e3));
         else
             snprintf(vs, sizeof vs, "na");
         printf("bench=moe shape=%s fmt=%s isa=%s tokens=%d ms=%.3f GBps=%.1f bw_frac=%.3f TFLOPs=%.3f "
-               "roofline_frac=%.3f vs_torch=%s experts=%.1f layers=%d reps=%d amx_min=%d%s\n",
+               "roofline_frac=%.3f%s vs_torch=%s experts=%.1f layers=%d reps=%d amx_min=%d%s\n",
                s->name, fmt_name(fmt), isa_name(isa), n, t * 1e3, b / t / 1e9, ce->dram > 0 ? b / t / 1e9 / ce->dram : 0,
-               flops / t / 1e12, roof / t, vs, tsum / reps, L, reps, ops[0]->amx_min, tune_kv);
+               flops / t / 1e12, roof / t, ldf, vs, tsum / reps, L, reps, ops[0]->amx_min, tune_kv);
+        if (o->prof)
+            print_prof(s, fmt, n, pool_size(p), reps, times, tune_kv);
         fflush(stdout);
         if (roof / t < worst)
             worst = roof / t, worst_tok = n;
@@ -605,19 +637,24 @@ int tandem_bench_moe(int argc, char **argv)
     ceilings ce = { 0 };
     ce.dram = moe_dram_gbps(p, best);
     if (best >= ISA_AMX) {
-        ce.peak_bf16 = peak(p, ISA_AMX, 0);
-        ce.peak_int8 = peak(p, ISA_AMX, 1);
+        ce.peak_bf16 = peak(p, ISA_AMX, 0, 0);
+        ce.peak_int8 = peak(p, ISA_AMX, 1, 0);
+        ce.ld_bf16 = peak(p, ISA_AMX, 0, 1);
+        ce.ld_int8 = peak(p, ISA_AMX, 1, 1);
         ce.peak_src = "amx";
     } else if (best >= ISA_AVX512) {
-        ce.peak_bf16 = peak(p, ISA_AVX512, 0);
-        ce.peak_int8 = peak(p, ISA_AVX512, 1);
+        ce.peak_bf16 = peak(p, ISA_AVX512, 0, 0);
+        ce.peak_int8 = peak(p, ISA_AVX512, 1, 0);
         ce.peak_src = "avx512";
     } else {
         ce.peak_src = "none";
     }
-    printf("bench=moe_ceiling threads=%d parts=%d dram_GBps=%.1f peak_bf16_TFLOPs=%.2f peak_int8_TOPs=%.2f "
+    char ld[96] = "";
+    if (ce.ld_bf16 > 0)
+        snprintf(ld, sizeof ld, " ld_bf16_TFLOPs=%.2f ld_int8_TOPs=%.2f", ce.ld_bf16, ce.ld_int8);
+    printf("bench=moe_ceiling threads=%d parts=%d dram_GBps=%.1f peak_bf16_TFLOPs=%.2f peak_int8_TOPs=%.2f%s "
            "peak_src=%s%s\n",
-           pool_size(p), pool_nparts(p), ce.dram, ce.peak_bf16, ce.peak_int8, ce.peak_src,
+           pool_size(p), pool_nparts(p), ce.dram, ce.peak_bf16, ce.peak_int8, ld, ce.peak_src,
            best >= ISA_AMX ? "" : " note=no_AMX:roofline_uses_this_peak");
     fflush(stdout);
     for (int si = 0; si < o.n_shapes; si++) {

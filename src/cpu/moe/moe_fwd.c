@@ -31,17 +31,20 @@
 #include "cpu/moe/moe_impl.h"
 #include "core/err.h"
 
+#include <emmintrin.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 /* ---- tuning -------------------------------------------------------------- */
 
-moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 128, .np_up = 8, .cg = 0, .up_rb = 0, .ord = 0, .pf = 1, .pfd = 2048, .pfh = 0 };
+moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 128, .np_up = 8, .cg = 0, .up_rb = 0, .ord = 0,
+                        .pf = 0, .pfd = 2048, .pfh = 0, .t1 = 0, .sp = 1, .mc = 256, .po = 0, .nt = 0 };
 
 int moe_tune_parse(const char *spec, char *err, size_t errlen)
 {
@@ -72,16 +75,26 @@ int moe_tune_parse(const char *spec, char *err, size_t errlen)
         else if (!strcmp(kv, "up_rb"))
             ok = v >= 0 && v <= 64, t.up_rb = (int)v;
         else if (!strcmp(kv, "ord"))
-            ok = v == 0 || v == 1, t.ord = (int)v;
+            ok = v >= 0 && v <= 2, t.ord = (int)v;
         else if (!strcmp(kv, "pf"))
             ok = v >= 0 && v <= 3, t.pf = (int)v;
         else if (!strcmp(kv, "pfd"))
             ok = v >= 0 && v <= 65536 && v % 64 == 0, t.pfd = (int)v;
         else if (!strcmp(kv, "pfh"))
             ok = v == 0 || v == 1, t.pfh = (int)v;
+        else if (!strcmp(kv, "t1"))
+            ok = v >= 0 && v <= 3, t.t1 = (int)v;
+        else if (!strcmp(kv, "sp"))
+            ok = v == 0 || v == 1, t.sp = (int)v;
+        else if (!strcmp(kv, "mc"))
+            ok = v >= 32 && v <= MOE_MC && v % 32 == 0, t.mc = (int)v;
+        else if (!strcmp(kv, "po"))
+            ok = v == 0 || v == 1, t.po = (int)v;
+        else if (!strcmp(kv, "nt"))
+            ok = v == 0 || v == 1, t.nt = (int)v;
         else
             return td_err(err, errlen, TANDEM_EINVAL,
-                          "moe tune: unknown key '%s' (kc_bf16, kc_int8, g4, np_up, cg, up_rb, ord, pf, pfd, pfh)", kv);
+                          "moe tune: unknown key '%s' (kc_bf16, kc_int8, g4, np_up, cg, up_rb, ord, pf, pfd, pfh, t1, sp, mc, po, nt)", kv);
         if (!ok)
             return td_err(err, errlen, TANDEM_EINVAL, "moe tune: %s=%ld is out of range", kv, v);
     }
@@ -91,10 +104,25 @@ int moe_tune_parse(const char *spec, char *err, size_t errlen)
 
 void moe_tune_str(char *buf, size_t n)
 {
-    snprintf(buf, n, "kc_bf16=%d,kc_int8=%d,g4=%d,np_up=%d,cg=%d,up_rb=%d,ord=%d,pf=%d,pfd=%d,pfh=%d", moe_tuning.kc_bf16,
-             moe_tuning.kc_int8, moe_tuning.g4, moe_tuning.np_up, moe_tuning.cg, moe_tuning.up_rb, moe_tuning.ord,
-             moe_tuning.pf, moe_tuning.pfd, moe_tuning.pfh);
+    snprintf(buf, n, "kc_bf16=%d,kc_int8=%d,g4=%d,np_up=%d,cg=%d,up_rb=%d,ord=%d,pf=%d,pfd=%d,pfh=%d,t1=%d,sp=%d,mc=%d,po=%d,nt=%d",
+             moe_tuning.kc_bf16, moe_tuning.kc_int8, moe_tuning.g4, moe_tuning.np_up, moe_tuning.cg, moe_tuning.up_rb,
+             moe_tuning.ord, moe_tuning.pf, moe_tuning.pfd, moe_tuning.pfh, moe_tuning.t1, moe_tuning.sp, moe_tuning.mc,
+             moe_tuning.po, moe_tuning.nt);
 }
+
+/* ---- profile ------------------------------------------------------------ */
+
+int moe_prof_on;
+_Alignas(64) int64_t moe_prof_ns[MOE_PF_THREADS][8];
+
+static int64_t prof_now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static int64_t *prof_line(void) { return moe_prof_ns[pool_tid() & (MOE_PF_THREADS - 1)]; }
 
 /* ---- scratch ----------------------------------------------------------- */
 
@@ -311,14 +339,24 @@ static int route(struct moe_op *op, moe_scratch *s, int n, int n_early, int top_
 }
 
 /* copy one row (rowbytes, a multiple of 64) from src into row r of base */
-static void put_row(uint8_t *base, size_t rowbytes, int r, int tiled, const uint8_t *src)
+/* With nt, the tiled row's 64-byte chunks (one line each, a line per
+ * 1 KB tile) are written with non-temporal stores: no read for ownership of
+ * lines the row overwrites whole; the writer fences before it publishes. */
+static void put_row(uint8_t *base, size_t rowbytes, int r, int tiled, const uint8_t *src, int nt)
 {
     if (!tiled) {
         memcpy(base + (size_t)r * rowbytes, src, rowbytes);
         return;
     }
-    for (size_t c = 0; c < rowbytes / 64; c++)
-        memcpy(moe_act_chunk(base, rowbytes, r, (int)c, 1), src + c * 64, 64);
+    for (size_t c = 0; c < rowbytes / 64; c++) {
+        uint8_t *d = moe_act_chunk(base, rowbytes, r, (int)c, 1);
+        if (!nt) {
+            memcpy(d, src + c * 64, 64);
+            continue;
+        }
+        for (int i = 0; i < 4; i++)
+            _mm_stream_si128((__m128i *)(d + 16 * i), _mm_loadu_si128((const __m128i *)(src + c * 64 + 16 * i)));
+    }
 }
 
 static void zero_row(uint8_t *base, size_t rowbytes, int r, int tiled)
@@ -387,9 +425,11 @@ static void gather_item(const fwd_ctx *c, int g)
                 s->xsx[r] = s->xsx[first];
                 memcpy(s->xs32 + (size_t)r * (kp / 32), s->xs32 + (size_t)first * (kp / 32), kp / 32 * 4);
             }
-            put_row(xg, rb, r, is_tiled(op, s, c->ids[pi]), buf);
+            put_row(xg, rb, r, is_tiled(op, s, c->ids[pi]), buf, moe_tuning.nt);
         }
     }
+    if (moe_tuning.nt)
+        _mm_sfence(); /* the stores above before the item is published (gdone) */
 }
 
 static moe_act x_rows(const struct moe_op *op, const moe_scratch *s, int e)
@@ -441,7 +481,7 @@ static int last_le(const int64_t *pre, int lo, int hi, int64_t v)
 }
 
 /* phase-1 item it (local to partition p's phase-1 items) */
-static void up_item(const fwd_ctx *c, int p, int64_t it)
+static int up_item(const fwd_ctx *c, int p, int64_t it)
 {
     const struct moe_op *op = c->op;
     moe_scratch *s = c->s;
@@ -464,6 +504,7 @@ static void up_item(const fwd_ctx *c, int p, int64_t it)
     const moe_kernel *k = isbig ? op->big : op->small;
     k->up(op->fmt, &g, &u, rb0, rb1, &a, h, ff, tscratch(s));
     atomic_fetch_add_explicit(&s->p1done[ex], 1, memory_order_release);
+    return isbig;
 }
 
 /* quantisation item q: 16 rows of one expert's h (whole rows, so the
@@ -490,7 +531,7 @@ static void quant_item(const fwd_ctx *c, int64_t q)
         int8_t *dst = tiled ? (int8_t *)rowbuf(s) : (int8_t *)hq + (size_t)r * ff;
         moe_quant_row_f32((const float *)s->h + (size_t)r * ff, op->ffpad, op->ffpad, dst, &s->hsx[r], s32);
         if (tiled)
-            put_row(hq, ff, r, 1, (const uint8_t *)dst);
+            put_row(hq, ff, r, 1, (const uint8_t *)dst, 0);
     }
     atomic_fetch_add_explicit(&s->qdone[e], 1, memory_order_release);
 }
@@ -506,6 +547,9 @@ static float *dest_of(const fwd_ctx *c, int p)
 static void wait_for(atomic_int *a, int v)
 {
     int spins = 0;
+    if (atomic_load_explicit(a, memory_order_acquire) >= v)
+        return;
+    int64_t t0 = moe_prof_on ? prof_now() : 0;
     while (atomic_load_explicit(a, memory_order_acquire) < v) {
         __builtin_ia32_pause();
         if (++spins == 2048) {
@@ -513,6 +557,8 @@ static void wait_for(atomic_int *a, int v)
             spins = 0;
         }
     }
+    if (moe_prof_on)
+        prof_line()[MOE_PF_WAIT] += prof_now() - t0;
 }
 
 /* phase-2 item it: expert dorder[i] (i = it / n_cg), column group it % n_cg
@@ -520,7 +566,7 @@ static void wait_for(atomic_int *a, int v)
  * ones wait for the previous expert's item of the same columns, so every
  * output column sees the experts in ascending id (determinism, one writer;
  * a token's sum does not depend on the other tokens of the batch). */
-static void down_item(const fwd_ctx *c, int p, int64_t it)
+static int down_item(const fwd_ctx *c, int p, int64_t it)
 {
     const struct moe_op *op = c->op;
     moe_scratch *s = c->s;
@@ -540,9 +586,10 @@ static void down_item(const fwd_ctx *c, int p, int64_t it)
         wait_for(tk, i);
     }
     moe_mat d = moe_mat_of(op, p, e, 2);
+    int big = is_big(op, s, e);
     if (d.kp) {
         moe_act a = h_rows(op, s, p, e);
-        const moe_kernel *k = is_big(op, s, e) ? op->big : op->small;
+        const moe_kernel *k = big ? op->big : op->small;
         k->down(op->fmt, &d, rb0, rb1, &a, s->tok + s->off[e], s->wt + s->off[e], dst, (size_t)op->d_model,
                 op->d_model, tscratch(s));
     }
@@ -550,6 +597,7 @@ static void down_item(const fwd_ctx *c, int p, int64_t it)
     /* the last item of an early expert: every early row is final (early rows get no late expert) */
     if (s->early_fn && i < s->n_dearly && atomic_fetch_sub_explicit(&s->early_left, 1, memory_order_acq_rel) == 1)
         s->early_fn(s->early_arg);
+    return big;
 }
 
 /* global items p, p + np, ... of n: how many partition p gets */
@@ -589,6 +637,44 @@ static void round_span(const moe_scratch *s, int r, int *lo, int *hi)
  * another partition whose threads cannot all be blocked before claiming it.
  * One job instead of one per phase: no barrier, so a thread done with its
  * phase-1 items goes on to the down products of the experts already done. */
+/* item it of partition p's sequence (see fwd_job); returns its MOE_PF_ kind */
+static int fwd_item(const fwd_ctx *c, int p, int np, int64_t ng, const int64_t *pre, int64_t it)
+{
+    moe_scratch *s = c->s;
+    int64_t k = it;
+    if (k < ng) {
+        gather_item(c, (int)(k * np + p));
+        atomic_fetch_add_explicit(s->gdone, 1, memory_order_release);
+        return MOE_PF_GATHER;
+    }
+    k -= ng;
+    for (int r = 0; r < 2; r++) {
+        int lo, hi;
+        round_span(s, r, &lo, &hi);
+        int64_t n1 = pre[hi] - pre[lo];
+        if (k < n1) {
+            wait_for(s->gdone, s->n_g);
+            return up_item(c, p, pre[lo] + k) ? MOE_PF_UP_BIG : MOE_PF_UP_SMALL;
+        }
+        k -= n1;
+        int64_t nq = strided(s->preq[hi] - s->preq[lo], p, np);
+        if (k < nq) {
+            int64_t gq = s->preq[lo] + k * np + p;
+            const int a = last_le(s->preq, lo, hi, gq); /* the expert of quantisation item gq */
+            wait_for(&s->p1done[s->order[a]], s->p1tot[s->order[a]]);
+            quant_item(c, gq);
+            return MOE_PF_QUANT;
+        }
+        k -= nq;
+        int64_t n2 = (int64_t)(hi - lo) * s->n_cg;
+        if (k < n2)
+            return down_item(c, p, (int64_t)lo * s->n_cg + k) ? MOE_PF_DOWN_BIG : MOE_PF_DOWN_SMALL;
+        k -= n2;
+    }
+    TD_ASSERT(0 && "item index past the sequence");
+    return MOE_PF_WAIT;
+}
+
 static void fwd_job(void *arg, int64_t b, int64_t e)
 {
     fwd_ctx *c = arg;
@@ -597,38 +683,13 @@ static void fwd_job(void *arg, int64_t b, int64_t e)
     int64_t ng = strided(s->n_g, p, np);
     const int64_t *pre = s->pre1 + (size_t)p * (size_t)(c->op->n_expert + 1);
     for (int64_t it = b; it < e && it < s->n_items[p]; it++) {
-        int64_t k = it;
-        if (k < ng) {
-            gather_item(c, (int)(k * np + p));
-            atomic_fetch_add_explicit(s->gdone, 1, memory_order_release);
-            continue;
-        }
-        k -= ng;
-        for (int r = 0; r < 2; r++) {
-            int lo, hi;
-            round_span(s, r, &lo, &hi);
-            int64_t n1 = pre[hi] - pre[lo];
-            if (k < n1) {
-                wait_for(s->gdone, s->n_g);
-                up_item(c, p, pre[lo] + k);
-                break;
-            }
-            k -= n1;
-            int64_t nq = strided(s->preq[hi] - s->preq[lo], p, np);
-            if (k < nq) {
-                int64_t gq = s->preq[lo] + k * np + p;
-                const int a = last_le(s->preq, lo, hi, gq); /* the expert of quantisation item gq */
-                wait_for(&s->p1done[s->order[a]], s->p1tot[s->order[a]]);
-                quant_item(c, gq);
-                break;
-            }
-            k -= nq;
-            int64_t n2 = (int64_t)(hi - lo) * s->n_cg;
-            if (k < n2) {
-                down_item(c, p, (int64_t)lo * s->n_cg + k);
-                break;
-            }
-            k -= n2;
+        int64_t t0 = 0, w0 = 0;
+        if (moe_prof_on)
+            t0 = prof_now(), w0 = prof_line()[MOE_PF_WAIT];
+        int kind = fwd_item(c, p, np, ng, pre, it);
+        if (moe_prof_on) {
+            int64_t *l = prof_line();
+            l[kind] += prof_now() - t0 - (l[MOE_PF_WAIT] - w0);
         }
     }
 }

@@ -48,8 +48,8 @@
 #define MOE_MAX_PARTS 16
 #define MOE_MAX_K 65536     /* int32 sums stay exact: 255 * 127 * 65536 < 2^31 */
 #define MOE_MAXPAIR 8       /* column-block pairs per tile-kernel call */
-#define MOE_MC 256          /* token rows per pass of the tile kernels */
-#define MOE_TSCRATCH (640u * 1024u) /* per-thread scratch of the tile kernels */
+#define MOE_MC 512          /* most token rows per pass of the tile kernels (moe_tuning.mc) */
+#define MOE_TSCRATCH (1028u * 1024u) /* per-thread scratch of the tile kernels */
 #define MOE_G4_MAX 128      /* INT4 tile pass: most 32-groups unpacked at once */
 #define MOE_TB_BF16 12      /* tokens per pass of the vector kernels */
 #define MOE_TB_INT 6        /* INT8 */
@@ -113,10 +113,15 @@ typedef struct {
     int np_up;    /* column-block pairs per phase-1 item of a tile-kernel expert (1..MOE_MAXPAIR) */
     int cg;       /* phase-2 item width in row blocks (even, 2..2*MOE_MAXPAIR); 0 = by size */
     int up_rb;    /* row blocks per phase-1 item of a vector-kernel expert (1..64); 0 = by size */
-    int ord;      /* tile pass loop order in a chunk: 0 pair-major, 1 token-major */
+    int ord;      /* tile pass loop order: 0 pair-major in a chunk, 1 token-major, 2 pair-outer (a pair's whole K) */
     int pf;       /* tile pass: prefetch the next step's A (1) / B (2) tiles into L1 */
     int pfd;      /* AVX-512 vector kernels: software prefetch distance in bytes along a row block; 0 = none */
     int pfh;      /* AVX-512 vector kernels: 0 = prefetch into L1 (T0), 1 = into L2 (T1) */
+    int t1;       /* tile pass: load A (bit 0) / B (bit 1) tiles with TILELOADDT1 (no reuse expected) */
+    int sp;       /* tile pass: 1 = each tile of the next K step loaded right after the last TDP reading it */
+    int mc;       /* tile pass: token rows per pass (multiple of 32, 32..MOE_MC): weights are read once per pass */
+    int po;       /* tile pass, down: 1 = prefetch the output rows a pass adds to while its first K chunk runs */
+    int nt;       /* gather: 1 = write tiled activation rows with non-temporal stores (no read for ownership) */
 } moe_tune;
 extern moe_tune moe_tuning;
 /* "kc_bf16=512,np_up=4": set fields of moe_tuning; TANDEM_EINVAL naming the
@@ -124,6 +129,17 @@ extern moe_tune moe_tuning;
 int moe_tune_parse(const char *spec, char *err, size_t errlen);
 /* the current values as "kc_bf16=...,np_up=..." (a spec moe_tune_parse takes) */
 void moe_tune_str(char *buf, size_t n);
+
+/* ---- where a forward's time goes (`tandem bench moe --prof`) -------------
+ * With moe_prof_on set (by the bench, between forwards), every item of a
+ * forward adds its nanoseconds to its thread's line, by kind (big: experts
+ * of amx_min tokens or more, run by op->big, the tile kernel on AMX); time
+ * spent spinning in a dependency wait goes to MOE_PF_WAIT, not to the item. */
+enum { MOE_PF_GATHER, MOE_PF_UP_BIG, MOE_PF_UP_SMALL, MOE_PF_QUANT, MOE_PF_DOWN_BIG, MOE_PF_DOWN_SMALL, MOE_PF_WAIT,
+       MOE_PF_N };
+#define MOE_PF_THREADS 256
+extern int moe_prof_on;
+extern _Alignas(64) int64_t moe_prof_ns[MOE_PF_THREADS][8]; /* one line per pool thread */
 
 /* ---- one packed matrix as a kernel sees it ----------------------------- */
 typedef struct {
@@ -297,6 +313,6 @@ void moe_huge_free(void *p, size_t n);
 uint64_t moe_bench_read512(const void *p, size_t n);
 uint64_t moe_bench_read256(const void *p, size_t n);
 double moe_bench_peak512(int int8, long iters);
-double moe_bench_peak_amx(int int8, long iters);
+double moe_bench_peak_amx(int int8, int loads, long iters);
 
 #endif
