@@ -3,7 +3,8 @@
 # time ($B/dev/amx_micro: the 2x2 tile loop with operands in L1 / L2 /
 # DRAM, against TDPs on registers), then the operator at prefill sizes with
 # the tile-kernel settings in TUNES (one --tune spec; empty = the defaults),
-# and with TESTS=1 first the moe test group (real AMX against the reference);
+# and with TESTS=1 first the test groups TEST_GROUPS (default "moe moe_tile":
+# the real AMX kernels against the reference);
 # FULL=1 then runs bench/moe.sh (the whole matrix with the PyTorch loop).
 #   OUT=/some/dir [MICRO=1] [TESTS=0] [TUNES='kc_bf16=512;...'] [SHAPES=...]
 #       [FMTS=bf16,int8,int4] [TOKENS=2048,8192] [REPS=3] [PROF=1] [OP=0] [FULL=1] dev/h200_amx.sh
@@ -27,8 +28,9 @@ if ! "${mk[@]}" $B/run_tests $B/dev/moe_bench $B/dev/amx_micro >"$OUT/build.log"
     exit 1
 fi
 if [ "${TESTS:-0}" = 1 ]; then
-    timeout 150 $B/run_tests --moe >"$OUT/tests.log" 2>&1
-    echo "== tests moe: rc=$? $(tail -1 "$OUT/tests.log")"
+    groups=${TEST_GROUPS:-moe moe_tile}
+    timeout 300 $B/run_tests $(printf -- '--%s ' $groups) >"$OUT/tests.log" 2>&1
+    echo "== tests $groups: rc=$? $(tail -1 "$OUT/tests.log")"
     grep -E "^FAIL" "$OUT/tests.log" | head -10
 fi
 if [ "${MICRO:-1}" = 1 ]; then

@@ -444,8 +444,13 @@ static void compare_case(const weights *w, const run_opts *o, variant *vs, int n
         CHECKF(rc1 == 0, "%s %s: %s", vs[v].name, what, err);
         if (rc1)
             continue;
+        /* INT4 on the tile kernels through bf16 tiles (moe_tuning.i4) rounds each weight to
+         * bf16 (relative 2^-9); the int8 rounding of h turns some of that into whole steps of
+         * h (measured up to 1.2% of max|out|); test_moe_tile.c checks that path to 1e-5 of
+         * what it defines */
+        double t = o->fmt == MOE_INT4 && moe_tuning.i4 && (vs[v].emu || vs[v].isa == ISA_AMX) ? 3e-2 : tol;
         double r = rel_diff(a, b, no);
-        CHECKF(r <= tol, "%s %s: max|fast - ref| / max|ref| = %.3g > %.3g (max|ref| %.3g)", vs[v].name, what, r, tol,
+        CHECKF(r <= t, "%s %s: max|fast - ref| / max|ref| = %.3g > %.3g (max|ref| %.3g)", vs[v].name, what, r, t,
                max_abs(b, no));
         vs[v].worst[o->fmt] = fmax(vs[v].worst[o->fmt], r);
         vs[v].cases++;
@@ -526,8 +531,8 @@ static void test_kernels(pool *p1, pool *p2)
  * (3 threads in one partition, 4 in two: items of one partition wait for
  * the other's); the software-pipelined step loop (sp) and the no-reuse
  * load hint (t1), passes of 32 token rows (mc), the output-row prefetch
- * (po), non-temporal gather stores (nt) and the pair-outer order (ord 2).
- * INT formats stay bit-identical to the reference. */
+ * (po), non-temporal gather stores (nt), the pair-outer order (ord 2) and
+ * INT4 through bf16 tiles (i4 = 1) or int8 tiles (i4 = 0). INT formats stay bit-identical to the reference. */
 static void test_tuned(pool *p1, pool *p2)
 {
     if (isa_detect() < ISA_AVX512) {
@@ -537,6 +542,8 @@ static void test_tuned(pool *p1, pool *p2)
     static const char *tunes[] = { "kc_bf16=64,kc_int8=128,g4=3,np_up=3,cg=2,ord=1,pf=3,sp=1,t1=1,mc=32",
                                    "kc_bf16=96,kc_int8=192,g4=7,np_up=1,cg=16,up_rb=5,pf=1,sp=1,t1=2,po=1,nt=1",
                                    "kc_bf16=64,kc_int8=128,np_up=5,ord=2,sp=1,pf=0",
+                                   "kc_bf16=128,np_up=3,i4=1,mc=32",
+                                   "kc_bf16=128,np_up=3,i4=0,mc=32",
                                    "kc_bf16=512,kc_int8=1024,g4=128,np_up=8,cg=0,ord=0,pf=2,sp=0" };
     moe_tune keep = moe_tuning;
     char err[256];
@@ -545,7 +552,7 @@ static void test_tuned(pool *p1, pool *p2)
     CHECKF(pool_create(&p4, 4, 2, err, sizeof err) == 0, "%s", err);
     weights w = make_weights(6, 400, 264, MOE_SRC_BF16, ~0ull);
     variant v = { "amx-emu", ISA_AVX512, 1, 0, { 0, 0, 0 } };
-    for (int ti = 0; ti < 4; ti++) {
+    for (int ti = 0; ti < 6; ti++) {
         moe_tuning = keep; /* each setting on top of the defaults */
         CHECKF(moe_tune_parse(tunes[ti], err, sizeof err) == 0, "%s: %s", tunes[ti], err);
         for (int fmt = 0; fmt < 3; fmt++)
@@ -553,12 +560,12 @@ static void test_tuned(pool *p1, pool *p2)
                 pool *p = pi == 0 ? p1 : pi == 1 ? p2 : pi == 2 ? p3 : p4;
                 if (!p)
                     continue;
-                /* the first setting: 120 tokens, so that experts take several passes of mc = 32 rows */
-                run_opts o = { .p = p, .fmt = fmt, .amx_min = 5, .n = ti == 0 ? 120 : 40, .top_k = 3,
+                /* the mc = 32 settings: 120 tokens, so that experts take several passes */
+                run_opts o = { .p = p, .fmt = fmt, .amx_min = 5, .n = ti == 0 || ti == 4 || ti == 5 ? 120 : 40, .top_k = 3,
                                .route = pi % 2 ? ROUTE_NEG : ROUTE_RANDOM, .act_bf16 = pi % 2 };
                 char what[200];
                 snprintf(what, sizeof what, "tuned %s %s pool %d", tunes[ti], fmt_name(fmt), pi);
-                compare_case(&w, &o, &v, 1, fmt == MOE_BF16 ? 2e-3 : 1e-6, what);
+                compare_case(&w, &o, &v, 1, fmt == MOE_BF16 ? 2e-3 : 1e-6, what); /* INT4 with i4: see there */
                 if (fmt == MOE_INT8 && pi == 3) { /* scale groups with several chunks per group */
                     o.group = 128;
                     compare_case(&w, &o, &v, 1, 1e-6, what);
@@ -649,8 +656,9 @@ static void test_batch_invariance(pool *p1, pool *p2)
         if (emu && best < ISA_AVX512)
             break;
         for (int fmt = 0; fmt < 3; fmt++) {
-            if ((emu || isa == ISA_AMX) && fmt == MOE_BF16)
-                continue; /* the tile kernel past amx_min rounds BF16 sums differently (1.4e-7 on the H200) */
+            if ((emu || isa == ISA_AMX) && (fmt == MOE_BF16 || (fmt == MOE_INT4 && moe_tuning.i4)))
+                continue; /* the tile kernel past amx_min rounds BF16 sums differently (1.4e-7 on the H200),
+                           * and INT4 through bf16 tiles rounds its weights */
             for (int parts = 1; parts <= 2; parts++) {
                 run_opts o = { .p = parts == 1 ? p1 : p2, .fmt = fmt, .isa = emu ? ISA_AVX512 : isa, .emu = emu,
                                .amx_min = 4, .n = 1, .top_k = top_k, .act_bf16 = 1 };

@@ -82,13 +82,16 @@ typedef struct {
  *   INT8: vector ahead at 16 (7.5 vs 8.5 ms), tile ahead at 32 (9.2 vs 13.9);
  *         the lines cross near 20 (on a second machine of the pool the tile
  *         kernel was ahead from 8: 7.2 vs 7.8 ms; 24 costs little on either).
- *   INT4: vector ahead at every count up to 64 (21.8 vs 23.2 ms); the slopes
- *         cross near 120. INT4's tile path folds every 32-group of every
- *         16-row tile on the vector units, a cost per tile however few of its
- *         rows are tokens, so it needs full tiles to pay. */
+ *   INT4: with the exact int8-tile pass (moe_tuning.i4 = 0) the vector kernel
+ *         was ahead at every count up to 64 and the slopes crossed near 120
+ *         (that pass folds every 32-group of every 16-row tile on the vector
+ *         units). Through bf16 tiles (i4 = 1, the default; sweep of
+ *         bench/results/2026-11-29-h200-amx.txt, call 9): vector ahead at 32
+ *         per expert (16.6 vs 18.3 ms), tile ahead at 40 (20.5 vs 21.4) and
+ *         48 (21.5 vs 25.8). */
 #define MOE_AMX_MIN_BF16 8
 #define MOE_AMX_MIN_INT8 24
-#define MOE_AMX_MIN_INT4 128
+#define MOE_AMX_MIN_INT4 40
 #define MOE_AMX_MIN_DEFAULT(fmt) \
     ((fmt) == MOE_INT4 ? MOE_AMX_MIN_INT4 : (fmt) == MOE_INT8 ? MOE_AMX_MIN_INT8 : MOE_AMX_MIN_BF16)
 

@@ -23,9 +23,10 @@
  * The accumulation order into out is therefore fixed: a token's experts in
  * ascending id, whatever else is in the batch (an order by size would move
  * an expert when other tokens push it past amx_min, and change the token's
- * rounding). What still depends on the batch: on AMX machines a BF16 expert
- * past amx_min runs the tile kernel, whose sums round differently from the
- * vector kernel's (INT8/INT4 agree bit for bit: integer dots, same scale
+ * rounding). What still depends on the batch: on AMX machines a BF16 or
+ * INT4 expert past amx_min runs the tile kernel, whose sums round
+ * differently from the vector kernel's (INT4: through bf16 weights, unless
+ * moe_tuning.i4 = 0); INT8 agrees bit for bit (integer dots, same scale
  * steps).
  */
 #include "cpu/moe/moe_impl.h"
@@ -44,7 +45,7 @@ static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 /* ---- tuning -------------------------------------------------------------- */
 
 moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 128, .np_up = 8, .cg = 0, .up_rb = 0, .ord = 0,
-                        .pf = 0, .pfd = 2048, .pfh = 0, .t1 = 0, .sp = 1, .mc = 256, .po = 0, .nt = 0 };
+                        .pf = 0, .pfd = 2048, .pfh = 0, .t1 = 0, .sp = 1, .mc = 256, .po = 0, .nt = 0, .i4 = 1 };
 
 int moe_tune_parse(const char *spec, char *err, size_t errlen)
 {
@@ -92,9 +93,11 @@ int moe_tune_parse(const char *spec, char *err, size_t errlen)
             ok = v == 0 || v == 1, t.po = (int)v;
         else if (!strcmp(kv, "nt"))
             ok = v == 0 || v == 1, t.nt = (int)v;
+        else if (!strcmp(kv, "i4"))
+            ok = v == 0 || v == 1, t.i4 = (int)v;
         else
             return td_err(err, errlen, TANDEM_EINVAL,
-                          "moe tune: unknown key '%s' (kc_bf16, kc_int8, g4, np_up, cg, up_rb, ord, pf, pfd, pfh, t1, sp, mc, po, nt)", kv);
+                          "moe tune: unknown key '%s' (kc_bf16, kc_int8, g4, np_up, cg, up_rb, ord, pf, pfd, pfh, t1, sp, mc, po, nt, i4)", kv);
         if (!ok)
             return td_err(err, errlen, TANDEM_EINVAL, "moe tune: %s=%ld is out of range", kv, v);
     }
@@ -104,10 +107,10 @@ int moe_tune_parse(const char *spec, char *err, size_t errlen)
 
 void moe_tune_str(char *buf, size_t n)
 {
-    snprintf(buf, n, "kc_bf16=%d,kc_int8=%d,g4=%d,np_up=%d,cg=%d,up_rb=%d,ord=%d,pf=%d,pfd=%d,pfh=%d,t1=%d,sp=%d,mc=%d,po=%d,nt=%d",
+    snprintf(buf, n, "kc_bf16=%d,kc_int8=%d,g4=%d,np_up=%d,cg=%d,up_rb=%d,ord=%d,pf=%d,pfd=%d,pfh=%d,t1=%d,sp=%d,mc=%d,po=%d,nt=%d,i4=%d",
              moe_tuning.kc_bf16, moe_tuning.kc_int8, moe_tuning.g4, moe_tuning.np_up, moe_tuning.cg, moe_tuning.up_rb,
              moe_tuning.ord, moe_tuning.pf, moe_tuning.pfd, moe_tuning.pfh, moe_tuning.t1, moe_tuning.sp, moe_tuning.mc,
-             moe_tuning.po, moe_tuning.nt);
+             moe_tuning.po, moe_tuning.nt, moe_tuning.i4);
 }
 
 /* ---- profile ------------------------------------------------------------ */

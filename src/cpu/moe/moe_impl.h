@@ -49,7 +49,7 @@
 #define MOE_MAX_K 65536     /* int32 sums stay exact: 255 * 127 * 65536 < 2^31 */
 #define MOE_MAXPAIR 8       /* column-block pairs per tile-kernel call */
 #define MOE_MC 512          /* most token rows per pass of the tile kernels (moe_tuning.mc) */
-#define MOE_TSCRATCH (1028u * 1024u) /* per-thread scratch of the tile kernels */
+#define MOE_TSCRATCH (1572u * 1024u) /* per-thread scratch of the tile kernels */
 #define MOE_G4_MAX 128      /* INT4 tile pass: most 32-groups unpacked at once */
 #define MOE_TB_BF16 12      /* tokens per pass of the vector kernels */
 #define MOE_TB_INT 6        /* INT8 */
@@ -122,6 +122,7 @@ typedef struct {
     int mc;       /* tile pass: token rows per pass (multiple of 32, 32..MOE_MC): weights are read once per pass */
     int po;       /* tile pass, down: 1 = prefetch the output rows a pass adds to while its first K chunk runs */
     int nt;       /* gather: 1 = write tiled activation rows with non-temporal stores (no read for ownership) */
+    int i4;       /* INT4 tile pass: 0 = int8 tiles, exact; 1 = weights dequantised to bf16 tiles (see moe_amx_body.h) */
 } moe_tune;
 extern moe_tune moe_tuning;
 /* "kc_bf16=512,np_up=4": set fields of moe_tuning; TANDEM_EINVAL naming the
