@@ -105,11 +105,13 @@ static void check_kernel(const moe_kernel *kern, int m, int kp, int ff, int kc)
     int nrb = ff / 16, orb = kp / 16;
     double *dg = malloc(sizeof(double) * (size_t)ff * kp), *du = malloc(sizeof(double) * (size_t)ff * kp);
     double *dd = malloc(sizeof(double) * (size_t)kp * ff);
+    /* rows padded as the schedule pads them: the kernels read the row scale and write h for
+     * the padding rows of a token tile too (zero scale there) */
+    int mp = (m + 31) / 32 * 32;
     int8_t *xq = malloc((size_t)m * kp), *hq = malloc((size_t)m * ff);
-    float *sx = malloc(sizeof(float) * m), *hsx = malloc(sizeof(float) * m);
-    int32_t *s32 = malloc(sizeof(int32_t) * (size_t)m * (kp / 32));
-    int32_t *hs32 = malloc(sizeof(int32_t) * (size_t)m * (ff / 32)), *tok = malloc(sizeof(int32_t) * m);
-    int mp = (m + 31) / 32 * 32; /* the kernels write h for the padding rows of a token tile too */
+    float *sx = calloc((size_t)mp, sizeof(float)), *hsx = calloc((size_t)mp, sizeof(float));
+    int32_t *s32 = calloc((size_t)mp * (kp / 32), sizeof(int32_t));
+    int32_t *hs32 = calloc((size_t)mp * (ff / 32), sizeof(int32_t)), *tok = malloc(sizeof(int32_t) * m);
     float *h = malloc(sizeof(float) * (size_t)mp * ff), *out = calloc((size_t)m * kp, sizeof(float));
     float *wt = malloc(sizeof(float) * m);
     void *ts = aligned_alloc(64, MOE_TSCRATCH);
