@@ -851,6 +851,19 @@ static void test_errors(pool *p)
     moe_scratch_free(s);
     moe_free(op);
 
+    /* TANDEM_MOE_TUNE: applied at op creation; a bad spec fails it, naming the variable */
+    moe_tune tkeep = moe_tuning;
+    setenv("TANDEM_MOE_TUNE", "i4=0,bogus=1", 1);
+    CHECK(moe_create_isa(&op, &d, p, ISA_REF, err, sizeof err) == TANDEM_EINVAL && op == NULL);
+    CHECKF(strstr(err, "TANDEM_MOE_TUNE") && strstr(err, "bogus"), "message: %s", err);
+    CHECK(memcmp(&moe_tuning, &tkeep, sizeof tkeep) == 0);
+    setenv("TANDEM_MOE_TUNE", "i4=0,mc=128", 1);
+    CHECK(moe_create_isa(&op, &d, p, ISA_REF, err, sizeof err) == 0 && moe_tuning.i4 == 0 && moe_tuning.mc == 128);
+    moe_free(op);
+    op = NULL;
+    unsetenv("TANDEM_MOE_TUNE");
+    moe_tuning = tkeep;
+
     d.group = 96;
     CHECK(moe_create_isa(&op, &d, p, ISA_REF, err, sizeof err) == TANDEM_EINVAL && op == NULL);
     CHECKF(strstr(err, "group 96") != NULL, "message: %s", err);

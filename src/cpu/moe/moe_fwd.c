@@ -31,6 +31,7 @@
  */
 #include "cpu/moe/moe_impl.h"
 #include "core/err.h"
+#include "core/log.h"
 
 #include <emmintrin.h>
 #include <sched.h>
@@ -102,6 +103,23 @@ int moe_tune_parse(const char *spec, char *err, size_t errlen)
             return td_err(err, errlen, TANDEM_EINVAL, "moe tune: %s=%ld is out of range", kv, v);
     }
     moe_tuning = t;
+    return 0;
+}
+
+int moe_tune_env(char *err, size_t errlen)
+{
+    const char *v = getenv("TANDEM_MOE_TUNE");
+    if (!v || !*v)
+        return 0;
+    char e2[256];
+    if (moe_tune_parse(v, e2, sizeof e2))
+        return td_err(err, errlen, TANDEM_EINVAL, "TANDEM_MOE_TUNE=%s: %s", v, e2);
+    static atomic_int said;
+    if (!atomic_exchange(&said, 1)) {
+        char cur[300];
+        moe_tune_str(cur, sizeof cur);
+        td_log(TD_LOG_INFO, "moe: tile-kernel settings from TANDEM_MOE_TUNE: %s", cur);
+    }
     return 0;
 }
 

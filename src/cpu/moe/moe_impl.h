@@ -130,6 +130,11 @@ extern moe_tune moe_tuning;
 int moe_tune_parse(const char *spec, char *err, size_t errlen);
 /* the current values as "kc_bf16=...,np_up=..." (a spec moe_tune_parse takes) */
 void moe_tune_str(char *buf, size_t n);
+/* apply the environment's TANDEM_MOE_TUNE (a moe_tune_parse spec; unset or
+ * empty: nothing), as every op creation does (moe_check_desc), so that the
+ * settings a sweep found, or i4=0 (exact INT4), reach `tandem run` and
+ * `serve`; TANDEM_EINVAL naming the variable and the bad key */
+int moe_tune_env(char *err, size_t errlen);
 
 /* ---- where a forward's time goes (`tandem bench moe --prof`) -------------
  * With moe_prof_on set (by the bench, between forwards), every item of a
@@ -241,8 +246,9 @@ static inline moe_mat moe_mat_of(const struct moe_op *op, int p, int e, int whic
 /* Fill sizes, slices and padding of op from n_expert/d_model/d_ff/fmt/group/
  * nparts (moe.c); shared with moe_open_packed to check a file. */
 void moe_layout(struct moe_op *op);
-/* Validate d (shape, format, isa against this CPU, pool) and fill the plain
- * fields of op; moe_pick_kernels() then sets small/big for op->isa. */
+/* Apply TANDEM_MOE_TUNE (moe_tune_env), validate d (shape, format, isa
+ * against this CPU, pool) and fill the plain fields of op;
+ * moe_pick_kernels() then sets small/big for op->isa. */
 int moe_check_desc(const moe_desc *d, pool *p, int isa, struct moe_op *op, char *err, size_t errlen);
 void moe_pick_kernels(struct moe_op *op);
 
