@@ -35,7 +35,7 @@
  *
  * What bounds it (dev/amx_micro.c on the H200 machine, 16 threads): the 2x2
  * loop with its operands in L1 runs at 0.55-0.72 of the same TDPs on
- * registers, with both operands in L2 at 0.46-0.55, and software L1
+ * registers, with both operands in L2 at 0.47-0.55, and software L1
  * prefetches cost more than they hide. The passes above have A and B in
  * L2; `tandem bench moe` prints the with-loads ceiling (ld_*) beside the
  * register peak. The tunables exist because the developer machines have

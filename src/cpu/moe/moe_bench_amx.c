@@ -3,7 +3,7 @@
  * TDPBF16PS or TDPBSSD on tiles held in registers (four independent
  * accumulators, as the kernels use), per thread; and the same 2 x 2 block with
  * its four operand tiles loaded from L1 at every step, as the kernels must
- * (the "with loads" ceiling: on the H200 machine it is 0.55 to 0.75 of the
+ * (the "with loads" ceiling: on the H200 machine it is 0.55 to 0.72 of the
  * register loop at 16 threads, dev/amx_micro.c). Compiled with the AMX
  * flags; called only when isa_detect() found AMX (which obtained the OS
  * permission).
