@@ -41,7 +41,10 @@
  *       acc = 0; for g in order: INT8 acc = fma(s_g, (float)D_g, acc);
  *       INT4 acc = fma(s_g, D_g, acc), acc = fma(m_g, S_g, acc). result = sx * acc.
  *       h = silu(g) * u in fp32, then quantised as above for down.
- *       With one partition these kernels are bit-identical to the reference.
+ *       With one partition these kernels are bit-identical to the reference,
+ *       but for INT4 on the AMX tile kernels, which by default (moe_tuning.i4)
+ *       take result = sx * sum xq * bf16(fma(q, s, m)) in fp32 tile order:
+ *       each weight rounded to bf16 (TANDEM_MOE_TUNE=i4=0: the exact path).
  * silu(g) = g / (1 + e(-g)) with e() a shared fma polynomial (moe_impl.h),
  * argument clamped to [-87, 87]. Output: out[t] = fma(w, y, out[t]) over the
  * token's (expert, weight) pairs: first the experts with fewer than amx_min
