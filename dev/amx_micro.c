@@ -29,17 +29,14 @@
 #include <unistd.h>
 #include <immintrin.h>
 
+#include "cpu/moe/moe_impl.h" /* moe_tilecfg */
+
 #define LOAD(t, p) __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"((const void *)(p)), "r"(64L) : "memory")
 #define LOADT1(t, p) \
     __asm__ volatile("tileloaddt1 (%0,%1,1), %%tmm" #t ::"r"((const void *)(p)), "r"(64L) : "memory")
 #define STORE(t, p) __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"((void *)(p)), "r"(64L) : "memory")
 #define DP(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
 
-typedef struct {
-    uint8_t palette, start_row, rsv[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} cfg_t;
 
 typedef struct {
     const char *name;
@@ -102,13 +99,8 @@ static void run_case(job_t *j)
     _Alignas(64) uint8_t spill[4096];
     memset(spill, 0, sizeof spill);
     size_t na = c->a_kb / 2, nb = c->b_kb / 2; /* 2 KB steps */
-    cfg_t g;
-    memset(&g, 0, sizeof g);
-    g.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        g.rows[t] = 16;
-        g.colsb[t] = 64;
-    }
+    moe_tilecfg g;
+    moe_tilecfg_full(&g);
     __asm__ volatile("ldtilecfg %0" ::"m"(g) : "memory");
     __asm__ volatile("tilezero %%tmm0\n\ttilezero %%tmm1\n\ttilezero %%tmm2\n\ttilezero %%tmm3" ::);
     LOAD(4, j->a);

@@ -49,7 +49,7 @@ if [ "${OP:-1}" = 1 ]; then
     timeout "${BENCH_S:-240}" $B/dev/moe_bench "${args[@]}" >"$OUT/bench.log" 2>&1
     echo "rc=$?"
     grep -E "moe_ceiling" "$OUT/bench.log"
-    grep -E "bench=moe(_prof)? " "$OUT/bench.log" | sed -E 's/kc_bf16=([0-9]+),kc_int8=([0-9]+),g4=[0-9]+,np_up=([0-9]+),cg=([0-9]+),up_rb=[0-9]+,ord=([0-9]),pf=([0-9]),pfd=[0-9]+,pfh=[0-9],t1=([0-9]),sp=([0-9]),mc=([0-9]+)/kc=\1\/\2,np=\3,cg=\4,ord=\5,pf=\6,t1=\7,sp=\8,mc=\9/' |
+    grep -E "bench=moe(_prof)? " "$OUT/bench.log" | sed -E 's/kc_bf16=([0-9]+),kc_int8=([0-9]+),g4=[0-9]+,np_up=([0-9]+),cg=([0-9]+),up_rb=[0-9]+,ord=([0-9]),pf=([0-9]),pfd=[0-9]+,pfh=[0-9],sp=([0-9]),mc=([0-9]+)/kc=\1\/\2,np=\3,cg=\4,ord=\5,pf=\6,sp=\7,mc=\8/' |
         awk '{ for (i = 1; i <= NF; i++) if ($i !~ /^(isa|GBps|bw_frac|vs_torch|experts|layers|reps|amx_min)=/) printf "%s ", $i; print "" }'
 fi
 if [ "${FULL:-0}" = 1 ]; then

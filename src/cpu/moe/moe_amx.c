@@ -11,11 +11,9 @@
  */
 #include "cpu/moe/moe_impl.h"
 
-#define AMX_CFG(c) __asm__ volatile("ldtilecfg %0" ::"m"(*(const amx_tilecfg *)(c)) : "memory")
+#define AMX_CFG(c) __asm__ volatile("ldtilecfg %0" ::"m"(*(const moe_tilecfg *)(c)) : "memory")
 #define AMX_LOAD(t, p, s) \
     __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"((const void *)(p)), "r"((long)(s)) : "memory")
-#define AMX_LOADT1(t, p, s) \
-    __asm__ volatile("tileloaddt1 (%0,%1,1), %%tmm" #t ::"r"((const void *)(p)), "r"((long)(s)) : "memory")
 #define AMX_STORE(t, p, s) \
     __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"((void *)(p)), "r"((long)(s)) : "memory")
 #define AMX_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)

@@ -6,8 +6,7 @@
  *                       the SDM pseudo-code and checks every tile shape, so
  *                       the test group runs this exact code on machines
  *                       without AMX.
- * The includer defines AMX_CFG(cfg), AMX_LOAD(t, p, stride), AMX_LOADT1(t, p,
- * stride) (the load with the no-reuse hint), AMX_STORE(t, p,
+ * The includer defines AMX_CFG(cfg), AMX_LOAD(t, p, stride), AMX_STORE(t, p,
  * stride), AMX_ZERO(t), AMX_DP_BF16(c, a, b) (TDPBF16PS), AMX_DP_SU8(c, a, b)
  * (TDPBSUD: a signed, b unsigned), AMX_RELEASE(), AMX_KERNEL (the symbol of
  * the moe_kernel to define) and AMX_KNAME (its name string).
@@ -23,8 +22,7 @@
  * One pass = up to moe_tuning.mc token rows x npair column-block pairs
  * (gate/up of the same rows in phase 1, neighbouring down blocks in phase
  * 2). Loop order: K chunk, then pair and token-tile pair (moe_tuning.ord
- * picks which is outer; ord 2: pair, then K chunk, then token-tile pair),
- * then K step. The chunk's A (mc rows x chunk) stays in L2 while the pairs
+ * picks which is outer), then K step. The chunk's A (mc rows x chunk) stays in L2 while the pairs
  * run over it; a pair's B chunk is read from DRAM once per pass (prefetched
  * while the previous block runs) and re-read from L2 by every token-tile
  * pair. The accumulators stay in the tiles for a whole chunk
@@ -70,34 +68,20 @@
 #define AMX_I4A_BYTES ((size_t)MOE_MC * AMX_I4_KC * 2) /* a chunk's A as bf16 tiles */
 #define AMX_I4B_BYTES ((size_t)2 * AMX_I4_KC * 32)     /* a pair's chunk of B as bf16 tiles */
 
-typedef struct {
-    uint8_t palette, start_row, rsv[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_tilecfg;
-
-_Static_assert(sizeof(amx_tilecfg) == 64, "the tile configuration is 64 bytes");
 _Static_assert(2 * AMX_CF_BYTES + 4096 + AMX_I4A_BYTES + AMX_I4B_BYTES <= MOE_TSCRATCH,
                "per-thread scratch too small for a pass");
 _Static_assert((size_t)MOE_G4_MAX * AMX_G4_BYTES + 32 * MOE_G4_MAX * 4 <= AMX_CF_BYTES,
                "INT4 staging must fit the spill buffer it reuses");
 
+/* all tiles 16 x 64 bytes; the exact INT4 pass: A tiles of 32 bytes (one
+ * 32-group of int8), B tiles of 8 quad rows */
 static void amx_config(int int4)
 {
-    amx_tilecfg c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 4; t++) {
-        c.rows[t] = 16;
-        c.colsb[t] = 64;
-    }
-    for (int t = 4; t < 6; t++) {
-        c.rows[t] = 16;
-        c.colsb[t] = int4 ? 32 : 64;
-    }
-    for (int t = 6; t < 8; t++) {
-        c.rows[t] = int4 ? 8 : 16;
-        c.colsb[t] = 64;
+    moe_tilecfg c;
+    moe_tilecfg_full(&c);
+    if (int4) {
+        c.colsb[4] = c.colsb[5] = 32;
+        c.rows[6] = c.rows[7] = 8;
     }
     AMX_CFG(&c);
 }
@@ -116,10 +100,6 @@ typedef struct {
     uint8_t *tmp;                        /* 4 tiles of int32 (4 KB) */
     uint8_t *stage;                      /* INT4: unpacked groups of one pair (in cbuf) */
     float *sf;                           /* INT4: sums of 32 as floats, [32][MOE_G4_MAX] (in cbuf) */
-    float *out;                          /* down with moe_tuning.po: rows to prefetch (out + tok[r] * ldo + col0) */
-    const int32_t *tok;                  /* the pass's first row's token (-1: padding) */
-    size_t ldo;
-    int col0, ncols, mrows;              /* mrows: rows of the pass that exist (tok[0..mrows)) */
     uint8_t *abf, *bbf;                  /* INT4 through BF16 tiles: staged A chunk, B chunk of one pair */
 } amx_pass;
 
@@ -180,22 +160,6 @@ static inline void prefetch_tile_l1(const uint8_t *p)
         _mm_prefetch((const char *)(p + l * 64), _MM_HINT_T0);
 }
 
-/* tile loads of the A / B operand: TILELOADDT1 when moe_tuning.t1 says so */
-#define LOAD_A(t, p, t1)                  \
-    do {                                  \
-        if ((t1) & 1)                     \
-            AMX_LOADT1(t, p, 64);         \
-        else                              \
-            AMX_LOAD(t, p, 64);           \
-    } while (0)
-#define LOAD_B(t, p, t1)                  \
-    do {                                  \
-        if ((t1) & 2)                     \
-            AMX_LOADT1(t, p, 64);         \
-        else                              \
-            AMX_LOAD(t, p, 64);           \
-    } while (0)
-
 /* The 2x2 product over nst K steps of 64 bytes: A tiles at a0 (+ mstride
  * for the second token tile), B tiles at b0 / b1, 1 KB per step. Prefetch:
  * the first nnext tiles of the B blocks needed next (nb0 / nb1) into L2,
@@ -203,14 +167,14 @@ static inline void prefetch_tile_l1(const uint8_t *p)
  * With moe_tuning.sp the tiles of step s + 1 are loaded during step s, each
  * right after the last TDP that reads the tile it replaces (a tile load
  * waits for the TDPs before it that read its register). */
-#define AMX_STEPS(DP, two, a0, mstride, b0, b1, nst, nb0, nb1, nnext, pf, t1, sp)  \
+#define AMX_STEPS(DP, two, a0, mstride, b0, b1, nst, nb0, nb1, nnext, pf, sp)  \
     do {                                                                    \
         if (sp) {                                                           \
-            LOAD_A(4, (a0), t1);                                            \
-            LOAD_B(6, (b0), t1);                                            \
-            LOAD_B(7, (b1), t1);                                            \
+            AMX_LOAD(4, (a0), 64);                                            \
+            AMX_LOAD(6, (b0), 64);                                            \
+            AMX_LOAD(7, (b1), 64);                                            \
             if (two)                                                        \
-                LOAD_A(5, (a0) + (mstride), t1);                            \
+                AMX_LOAD(5, (a0) + (mstride), 64);                            \
         }                                                                   \
         for (int s_ = 0; s_ < (nst); s_++) {                                \
             if (s_ < (nnext)) {                                             \
@@ -233,29 +197,29 @@ static inline void prefetch_tile_l1(const uint8_t *p)
                 DP(0, 4, 6);                                                \
                 DP(1, 4, 7);                                                \
                 if (more_)                                                  \
-                    LOAD_A(4, (a0) + n_, t1);                               \
+                    AMX_LOAD(4, (a0) + n_, 64);                               \
                 if (two) {                                                  \
                     DP(2, 5, 6);                                            \
                     if (more_)                                              \
-                        LOAD_B(6, (b0) + n_, t1);                           \
+                        AMX_LOAD(6, (b0) + n_, 64);                           \
                     DP(3, 5, 7);                                            \
                     if (more_) {                                            \
-                        LOAD_B(7, (b1) + n_, t1);                           \
-                        LOAD_A(5, (a0) + (mstride) + n_, t1);               \
+                        AMX_LOAD(7, (b1) + n_, 64);                           \
+                        AMX_LOAD(5, (a0) + (mstride) + n_, 64);               \
                     }                                                       \
                 } else if (more_) {                                         \
-                    LOAD_B(6, (b0) + n_, t1);                               \
-                    LOAD_B(7, (b1) + n_, t1);                               \
+                    AMX_LOAD(6, (b0) + n_, 64);                               \
+                    AMX_LOAD(7, (b1) + n_, 64);                               \
                 }                                                           \
                 continue;                                                   \
             }                                                               \
-            LOAD_A(4, (a0) + (size_t)s_ * 1024, t1);                        \
-            LOAD_B(6, (b0) + (size_t)s_ * 1024, t1);                        \
-            LOAD_B(7, (b1) + (size_t)s_ * 1024, t1);                        \
+            AMX_LOAD(4, (a0) + (size_t)s_ * 1024, 64);                        \
+            AMX_LOAD(6, (b0) + (size_t)s_ * 1024, 64);                        \
+            AMX_LOAD(7, (b1) + (size_t)s_ * 1024, 64);                        \
             DP(0, 4, 6);                                                    \
             DP(1, 4, 7);                                                    \
             if (two) {                                                      \
-                LOAD_A(5, (a0) + (mstride) + (size_t)s_ * 1024, t1);        \
+                AMX_LOAD(5, (a0) + (mstride) + (size_t)s_ * 1024, 64);        \
                 DP(2, 5, 6);                                                \
                 DP(3, 5, 7);                                                \
             }                                                               \
@@ -288,26 +252,6 @@ static void zero_cf(const amx_pass *P)
     memset(P->cf, 0, (size_t)P->nmt * 16 * (size_t)P->npair * 32 * 4);
 }
 
-/* down: the two lines (32 columns of pair j) of each output row of token
- * tiles mt, mt + 1 that the pass adds to at its end, into L2, so that the
- * accumulation does not wait for them row after row */
-static void prefetch_out(const amx_pass *P, int mt, int two, int j)
-{
-    int c = P->col0 + 32 * j;
-    if (c >= P->ncols)
-        return;
-    int r1 = (mt + 1 + two) * 16 < P->mrows ? (mt + 1 + two) * 16 : P->mrows;
-    for (int r = mt * 16; r < r1; r++) {
-        int t = P->tok[r];
-        if (t < 0)
-            continue;
-        const float *o = P->out + (size_t)t * P->ldo + c;
-        _mm_prefetch((const char *)o, _MM_HINT_T1);
-        if (c + 16 < P->ncols)
-            _mm_prefetch((const char *)(o + 16), _MM_HINT_T1);
-    }
-}
-
 /* One K chunk of a BF16 or INT8 pass, for pairs [j0, j1):
  * nst steps of every pair's B from
  * byte boff of its row block, A from byte aoff of each 16-row block; the
@@ -316,13 +260,12 @@ static void prefetch_out(const amx_pass *P, int mt, int two, int j)
  * soff and corr. nboff / nnext: the next chunk (B offset, steps; 0 = none).
  * moe_tuning.ord 0: pair-major (a pair's B chunk is re-read from L1/L2 by
  * every token-tile pair while A streams); 1: token-major (the A chunk of a
- * token-tile pair is reused by every pair while B streams from L2); 2: as
- * 0, called one pair at a time by the pass (the pass runs a pair's whole K
- * before the next pair, see pass_bf16). */
+ * token-tile pair is reused by every pair while B streams from L2). The
+ * INT4-through-bf16 pass calls it one pair at a time. */
 static void run_chunk(const amx_pass *P, int j0, int j1, int int8, size_t boff, size_t aoff, int nst, int first,
                       int last, size_t nboff, int nnext, size_t soff, const int32_t *corr)
 {
-    int ord = moe_tuning.ord == 1, pf = moe_tuning.pf, t1 = moe_tuning.t1, sp = moe_tuning.sp, nmt2 = (P->nmt + 1) / 2;
+    int ord = moe_tuning.ord, pf = moe_tuning.pf, sp = moe_tuning.sp, nmt2 = (P->nmt + 1) / 2;
     int np = j1 - j0, nouter = ord ? nmt2 : np, ninner = ord ? np : nmt2;
     size_t ncol = (size_t)P->npair * 32;
     for (int o = 0; o < nouter; o++)
@@ -346,17 +289,15 @@ static void run_chunk(const amx_pass *P, int j0, int j1, int int8, size_t boff, 
                 }
             }
             uint8_t *blk = P->cbuf + ((size_t)m2 * (size_t)P->npair + (size_t)j) * 4096;
-            if (first && P->out)
-                prefetch_out(P, mt, two, j);
             if (first)
                 zero_tiles(two);
             else
                 load_blk(two, blk);
             const uint8_t *a0 = P->x + (size_t)mt * P->mstride + aoff;
             if (int8)
-                AMX_STEPS(AMX_DP_SU8, two, a0, P->mstride, b0, b1, nst, nb0, nb1, nn, pf, t1, sp);
+                AMX_STEPS(AMX_DP_SU8, two, a0, P->mstride, b0, b1, nst, nb0, nb1, nn, pf, sp);
             else
-                AMX_STEPS(AMX_DP_BF16, two, a0, P->mstride, b0, b1, nst, nb0, nb1, nn, pf, t1, sp);
+                AMX_STEPS(AMX_DP_BF16, two, a0, P->mstride, b0, b1, nst, nb0, nb1, nn, pf, sp);
             if (!last) {
                 store_blk(two, blk);
             } else if (int8) {
@@ -370,20 +311,14 @@ static void run_chunk(const amx_pass *P, int j0, int j1, int int8, size_t boff, 
 }
 
 /* ---- BF16: fp32 accumulation in the tiles, chunked along K ------------- */
-/* moe_tuning.ord 2 runs the chunks one pair at a time (pair-outer), so that
- * with a short chunk a pair's B chunk stays in L1 over the token tiles and
- * only the pair's spill blocks are live; else all pairs per chunk. */
 static void pass_bf16(const amx_pass *P)
 {
-    int cs = moe_tuning.kc_bf16 / 32, nsteps = P->W->kp / 32, po = moe_tuning.ord == 2;
-    for (int j = 0; j < (po ? P->npair : 1); j++) {
-        int j0 = po ? j : 0, j1 = po ? j + 1 : P->npair;
-        for (int st = 0; st < nsteps; st += cs) {
-            int nst = nsteps - st < cs ? nsteps - st : cs, st2 = st + nst;
-            int nnext = nsteps - st2 < cs ? nsteps - st2 : cs;
-            run_chunk(P, j0, j1, 0, (size_t)st * 1024, (size_t)st * 1024, nst, st == 0, st2 == nsteps,
-                      (size_t)st2 * 1024, nnext, 0, NULL);
-        }
+    int cs = moe_tuning.kc_bf16 / 32, nsteps = P->W->kp / 32;
+    for (int st = 0; st < nsteps; st += cs) {
+        int nst = nsteps - st < cs ? nsteps - st : cs, st2 = st + nst;
+        int nnext = nsteps - st2 < cs ? nsteps - st2 : cs;
+        run_chunk(P, 0, P->npair, 0, (size_t)st * 1024, (size_t)st * 1024, nst, st == 0, st2 == nsteps,
+                  (size_t)st2 * 1024, nnext, 0, NULL);
     }
 }
 
@@ -392,30 +327,27 @@ static void pass_int8(const amx_pass *P)
 {
     const moe_mat *W = P->W;
     size_t gb = moe_int8_group_bytes(W->group);
-    int sg = W->group / 64, ng = W->kp / W->group, cs = moe_tuning.kc_int8 / 64, po = moe_tuning.ord == 2;
+    int sg = W->group / 64, ng = W->kp / W->group, cs = moe_tuning.kc_int8 / 64;
     if (cs > sg)
         cs = sg;
     int32_t corr[MOE_MC];
     zero_cf(P);
-    for (int j = 0; j < (po ? P->npair : 1); j++) {
-        int j0 = po ? j : 0, j1 = po ? j + 1 : P->npair;
-        for (int g = 0; g < ng; g++) {
-            for (int r = 0; r < P->nmt * 16; r++) {
-                int32_t v = 0;
-                for (int i = g * W->group / 32; i < (g + 1) * W->group / 32; i++)
-                    v += P->s32[(size_t)r * P->lds + i];
-                corr[r] = 128 * v;
-            }
-            for (int c0 = 0; c0 < sg; c0 += cs) {
-                int nst = sg - c0 < cs ? sg - c0 : cs;
-                int g2 = g, c2 = c0 + nst; /* the next chunk */
-                if (c2 == sg)
-                    g2++, c2 = 0;
-                int nnext = g2 >= ng ? 0 : sg - c2 < cs ? sg - c2 : cs;
-                run_chunk(P, j0, j1, 1, (size_t)g * gb + (size_t)c0 * 1024, (size_t)(g * sg + c0) * 1024, nst,
-                          c0 == 0, c0 + nst == sg, (size_t)g2 * gb + (size_t)c2 * 1024, nnext,
-                          (size_t)g * gb + (size_t)sg * 1024, corr);
-            }
+    for (int g = 0; g < ng; g++) {
+        for (int r = 0; r < P->nmt * 16; r++) {
+            int32_t v = 0;
+            for (int i = g * W->group / 32; i < (g + 1) * W->group / 32; i++)
+                v += P->s32[(size_t)r * P->lds + i];
+            corr[r] = 128 * v;
+        }
+        for (int c0 = 0; c0 < sg; c0 += cs) {
+            int nst = sg - c0 < cs ? sg - c0 : cs;
+            int g2 = g, c2 = c0 + nst; /* the next chunk */
+            if (c2 == sg)
+                g2++, c2 = 0;
+            int nnext = g2 >= ng ? 0 : sg - c2 < cs ? sg - c2 : cs;
+            run_chunk(P, 0, P->npair, 1, (size_t)g * gb + (size_t)c0 * 1024, (size_t)(g * sg + c0) * 1024, nst,
+                      c0 == 0, c0 + nst == sg, (size_t)g2 * gb + (size_t)c2 * 1024, nnext,
+                      (size_t)g * gb + (size_t)sg * 1024, corr);
         }
     }
 }
@@ -552,6 +484,11 @@ static void dq_rows(__m512i q, const __m512 *sp, const __m512 *mp, uint8_t *even
 static void stage_b_i4(const amx_pass *P, int j, int k0, int nk)
 {
     const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512i ix[4]; /* lane e of nibble block b: column 4b + e/4 */
+    for (int b = 0; b < 4; b++)
+        ix[b] = _mm512_add_epi32(_mm512_set1_epi32(4 * b),
+                                 _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                   2));
     for (int n = 0; n < 2; n++)
         for (int t = 0; t < nk / 32; t++) {
             const uint8_t *src = P->b[2 * j + n] + (size_t)(k0 / 32 + t) * 320;
@@ -559,12 +496,9 @@ static void stage_b_i4(const amx_pass *P, int j, int k0, int nk)
             __m512 sv = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(src + 256)));
             __m512 mv = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(src + 288)));
             __m512 sp[4], mp[4];
-            for (int b = 0; b < 4; b++) { /* lane e of block b: column 4b + e/4 */
-                __m512i ix = _mm512_add_epi32(_mm512_set1_epi32(4 * b),
-                                              _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
-                                                                                 5, 4, 3, 2, 1, 0), 2));
-                sp[b] = _mm512_permutexvar_ps(ix, sv);
-                mp[b] = _mm512_permutexvar_ps(ix, mv);
+            for (int b = 0; b < 4; b++) {
+                sp[b] = _mm512_permutexvar_ps(ix[b], sv);
+                mp[b] = _mm512_permutexvar_ps(ix[b], mv);
             }
             for (int c = 0; c < 4; c++) { /* nibble row c: K 4c..4c+3 low, 4c+16..4c+19 high */
                 __m512i v = _mm512_load_si512(src + c * 64);
@@ -640,7 +574,6 @@ static void amx_up(int fmt, const moe_mat *g, const moe_mat *u, int rb0, int rb1
     TD_ASSERT(ts != NULL && rb1 - rb0 <= MOE_MAXPAIR && rb1 > rb0);
     amx_pass P;
     pass_bufs(&P, ts);
-    P.out = NULL;
     P.W = g;
     P.npair = rb1 - rb0;
     for (int j = 0; j < P.npair; j++) {
@@ -687,10 +620,6 @@ static void amx_down(int fmt, const moe_mat *d, int rb0, int rb1, const moe_act 
     TD_ASSERT(rb1 <= d->nrb && (rb1 - rb0) / 2 <= MOE_MAXPAIR);
     amx_pass P;
     pass_bufs(&P, ts);
-    P.out = moe_tuning.po ? out : NULL;
-    P.ldo = ldo;
-    P.col0 = rb0 * 16;
-    P.ncols = ncols;
     P.W = d;
     P.npair = (rb1 - rb0) / 2;
     for (int j = 0; j < 2 * P.npair; j++)
@@ -701,8 +630,6 @@ static void amx_down(int fmt, const moe_mat *d, int rb0, int rb1, const moe_act 
     for (int mt0 = 0; mt0 < mtiles; mt0 += mcs) {
         int nmt = mtiles - mt0 < mcs ? mtiles - mt0 : mcs;
         pass_rows(&P, fmt, a, mt0, nmt);
-        P.tok = tok + (size_t)mt0 * 16;
-        P.mrows = a->m - mt0 * 16;
         run_pass(fmt, &P);
         int nrow = a->m - mt0 * 16 < nmt * 16 ? a->m - mt0 * 16 : nmt * 16;
         for (int r = 0; r < nrow; r++) {

@@ -16,15 +16,9 @@
 #include "cpu/moe/moe_impl.h"
 #include "core/err.h"
 
-typedef struct {
-    uint8_t palette, start_row, rsv[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} emu_cfg;
-
 static _Thread_local struct {
     _Alignas(64) uint8_t t[8][1024];
-    emu_cfg cfg;
+    moe_tilecfg cfg;
     int on;
 } emu;
 
@@ -100,7 +94,6 @@ static void emu_dp_su8(int c, int a, int b)
 
 #define AMX_CFG(c) emu_config(c)
 #define AMX_LOAD(t, p, s) emu_load(t, p, (long)(s))
-#define AMX_LOADT1(t, p, s) emu_load(t, p, (long)(s)) /* the hint changes caching only */
 #define AMX_STORE(t, p, s) emu_store(t, p, (long)(s))
 #define AMX_ZERO(t) emu_zero(t)
 #define AMX_DP_BF16(c, a, b) emu_dp_bf16(c, a, b)

@@ -109,7 +109,7 @@ static void usage(void)
            "         [--tokens 1,4,32,128,512,2048,8192] [--threads N] [--isa ref|avx2|avx512|amx]\n"
            "         [--amx-min N] [--group N] [--reps N] [--layers N] [--mem-gb G] [--torch FILE]\n"
            "         [--tune 'kc_bf16=512,np_up=8;kc_bf16=1024' (each case once per setting; keys kc_bf16,\n"
-           "          kc_int8, g4, np_up, cg, up_rb, ord, pf: see moe_impl.h)] [--prof 1]\n");
+           "          kc_int8, g4, np_up, cg, up_rb, ord, pf, pfd, pfh, sp, mc, nt, i4: see moe_impl.h)] [--prof 1]\n");
 }
 
 static int parse_shape(bench_opts *o, const char *name)

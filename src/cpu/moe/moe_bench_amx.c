@@ -10,55 +10,42 @@
  */
 #include "cpu/moe/moe_impl.h"
 
-typedef struct {
-    uint8_t palette, start_row, rsv[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} peak_cfg;
-
 /* returns the operations done: 16 x 16 x 32 x 2 per TDPBF16PS, x 64 x 2 per TDPBSSD;
  * loads: the operands come from a 4 KB buffer (L1) at every step */
 double moe_bench_peak_amx(int int8, int loads, long iters)
 {
     static _Alignas(64) const uint8_t zero[1024];
     _Alignas(64) uint8_t sink[1024];
-    peak_cfg c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        c.rows[t] = 16;
-        c.colsb[t] = 64;
-    }
+    moe_tilecfg c;
+    moe_tilecfg_full(&c);
     __asm__ volatile("ldtilecfg %0" ::"m"(c) : "memory");
     __asm__ volatile("tilezero %%tmm0\n\ttilezero %%tmm1\n\ttilezero %%tmm2\n\ttilezero %%tmm3" ::);
     __asm__ volatile("tileloadd (%0,%1,1), %%tmm4\n\ttileloadd (%0,%1,1), %%tmm5\n\t"
                      "tileloadd (%0,%1,1), %%tmm6\n\ttileloadd (%0,%1,1), %%tmm7" ::"r"(zero), "r"(64L) : "memory");
     static _Alignas(64) const uint8_t ops[4096];
-    if (loads && int8) {
+/* the 2x2 block with TDP instruction DP: operands loaded from ops at every step, or none */
+#define LOADED(DP)                                                                                             \
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm4\n\ttileloadd 1024(%0,%1,1), %%tmm6\n\t"                     \
+                     "tileloadd 2048(%0,%1,1), %%tmm7\n\t" DP " %%tmm6, %%tmm4, %%tmm0\n\t" DP                  \
+                     " %%tmm7, %%tmm4, %%tmm1\n\ttileloadd 3072(%0,%1,1), %%tmm5\n\t" DP                        \
+                     " %%tmm6, %%tmm5, %%tmm2\n\t" DP " %%tmm7, %%tmm5, %%tmm3" ::"r"(ops), "r"(64L) : "memory")
+#define ON_REGS(DP)                                                                                            \
+    __asm__ volatile(DP " %%tmm6, %%tmm4, %%tmm0\n\t" DP " %%tmm7, %%tmm4, %%tmm1\n\t" DP                      \
+                     " %%tmm6, %%tmm5, %%tmm2\n\t" DP " %%tmm7, %%tmm5, %%tmm3" ::)
+    if (loads && int8) /* one loop per case: no branch inside the timed loop */
         for (long i = 0; i < iters; i++)
-            __asm__ volatile("tileloadd (%0,%1,1), %%tmm4\n\ttileloadd 1024(%0,%1,1), %%tmm6\n\t"
-                             "tileloadd 2048(%0,%1,1), %%tmm7\n\t"
-                             "tdpbssd %%tmm6, %%tmm4, %%tmm0\n\ttdpbssd %%tmm7, %%tmm4, %%tmm1\n\t"
-                             "tileloadd 3072(%0,%1,1), %%tmm5\n\t"
-                             "tdpbssd %%tmm6, %%tmm5, %%tmm2\n\ttdpbssd %%tmm7, %%tmm5, %%tmm3" ::"r"(ops), "r"(64L)
-                             : "memory");
-    } else if (loads) {
+            LOADED("tdpbssd");
+    else if (loads)
         for (long i = 0; i < iters; i++)
-            __asm__ volatile("tileloadd (%0,%1,1), %%tmm4\n\ttileloadd 1024(%0,%1,1), %%tmm6\n\t"
-                             "tileloadd 2048(%0,%1,1), %%tmm7\n\t"
-                             "tdpbf16ps %%tmm6, %%tmm4, %%tmm0\n\ttdpbf16ps %%tmm7, %%tmm4, %%tmm1\n\t"
-                             "tileloadd 3072(%0,%1,1), %%tmm5\n\t"
-                             "tdpbf16ps %%tmm6, %%tmm5, %%tmm2\n\ttdpbf16ps %%tmm7, %%tmm5, %%tmm3" ::"r"(ops), "r"(64L)
-                             : "memory");
-    } else if (int8) {
+            LOADED("tdpbf16ps");
+    else if (int8)
         for (long i = 0; i < iters; i++)
-            __asm__ volatile("tdpbssd %%tmm6, %%tmm4, %%tmm0\n\ttdpbssd %%tmm7, %%tmm4, %%tmm1\n\t"
-                             "tdpbssd %%tmm6, %%tmm5, %%tmm2\n\ttdpbssd %%tmm7, %%tmm5, %%tmm3" ::);
-    } else {
+            ON_REGS("tdpbssd");
+    else
         for (long i = 0; i < iters; i++)
-            __asm__ volatile("tdpbf16ps %%tmm6, %%tmm4, %%tmm0\n\ttdpbf16ps %%tmm7, %%tmm4, %%tmm1\n\t"
-                             "tdpbf16ps %%tmm6, %%tmm5, %%tmm2\n\ttdpbf16ps %%tmm7, %%tmm5, %%tmm3" ::);
-    }
+            ON_REGS("tdpbf16ps");
+#undef LOADED
+#undef ON_REGS
     __asm__ volatile("tilestored %%tmm0, (%0,%1,1)" ::"r"(sink), "r"(64L) : "memory");
     __asm__ volatile("tilerelease" ::: "memory");
     return (double)iters * 4 * 16 * 16 * (int8 ? 64 : 32) * 2;

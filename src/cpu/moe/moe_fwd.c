@@ -46,7 +46,7 @@ static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 /* ---- tuning -------------------------------------------------------------- */
 
 moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 128, .np_up = 8, .cg = 0, .up_rb = 0, .ord = 0,
-                        .pf = 0, .pfd = 2048, .pfh = 0, .t1 = 0, .sp = 1, .mc = 256, .po = 0, .nt = 0, .i4 = 1 };
+                        .pf = 0, .pfd = 2048, .pfh = 0, .sp = 1, .mc = 256, .nt = 0, .i4 = 1 };
 
 int moe_tune_parse(const char *spec, char *err, size_t errlen)
 {
@@ -77,28 +77,24 @@ int moe_tune_parse(const char *spec, char *err, size_t errlen)
         else if (!strcmp(kv, "up_rb"))
             ok = v >= 0 && v <= 64, t.up_rb = (int)v;
         else if (!strcmp(kv, "ord"))
-            ok = v >= 0 && v <= 2, t.ord = (int)v;
+            ok = v == 0 || v == 1, t.ord = (int)v;
         else if (!strcmp(kv, "pf"))
             ok = v >= 0 && v <= 3, t.pf = (int)v;
         else if (!strcmp(kv, "pfd"))
             ok = v >= 0 && v <= 65536 && v % 64 == 0, t.pfd = (int)v;
         else if (!strcmp(kv, "pfh"))
             ok = v == 0 || v == 1, t.pfh = (int)v;
-        else if (!strcmp(kv, "t1"))
-            ok = v >= 0 && v <= 3, t.t1 = (int)v;
         else if (!strcmp(kv, "sp"))
             ok = v == 0 || v == 1, t.sp = (int)v;
         else if (!strcmp(kv, "mc"))
             ok = v >= 32 && v <= MOE_MC && v % 32 == 0, t.mc = (int)v;
-        else if (!strcmp(kv, "po"))
-            ok = v == 0 || v == 1, t.po = (int)v;
         else if (!strcmp(kv, "nt"))
             ok = v == 0 || v == 1, t.nt = (int)v;
         else if (!strcmp(kv, "i4"))
             ok = v == 0 || v == 1, t.i4 = (int)v;
         else
             return td_err(err, errlen, TANDEM_EINVAL,
-                          "moe tune: unknown key '%s' (kc_bf16, kc_int8, g4, np_up, cg, up_rb, ord, pf, pfd, pfh, t1, sp, mc, po, nt, i4)", kv);
+                          "moe tune: unknown key '%s' (kc_bf16, kc_int8, g4, np_up, cg, up_rb, ord, pf, pfd, pfh, sp, mc, nt, i4)", kv);
         if (!ok)
             return td_err(err, errlen, TANDEM_EINVAL, "moe tune: %s=%ld is out of range", kv, v);
     }
@@ -125,10 +121,10 @@ int moe_tune_env(char *err, size_t errlen)
 
 void moe_tune_str(char *buf, size_t n)
 {
-    snprintf(buf, n, "kc_bf16=%d,kc_int8=%d,g4=%d,np_up=%d,cg=%d,up_rb=%d,ord=%d,pf=%d,pfd=%d,pfh=%d,t1=%d,sp=%d,mc=%d,po=%d,nt=%d,i4=%d",
+    snprintf(buf, n, "kc_bf16=%d,kc_int8=%d,g4=%d,np_up=%d,cg=%d,up_rb=%d,ord=%d,pf=%d,pfd=%d,pfh=%d,sp=%d,mc=%d,nt=%d,i4=%d",
              moe_tuning.kc_bf16, moe_tuning.kc_int8, moe_tuning.g4, moe_tuning.np_up, moe_tuning.cg, moe_tuning.up_rb,
-             moe_tuning.ord, moe_tuning.pf, moe_tuning.pfd, moe_tuning.pfh, moe_tuning.t1, moe_tuning.sp, moe_tuning.mc,
-             moe_tuning.po, moe_tuning.nt, moe_tuning.i4);
+             moe_tuning.ord, moe_tuning.pf, moe_tuning.pfd, moe_tuning.pfh, moe_tuning.sp, moe_tuning.mc,
+             moe_tuning.nt, moe_tuning.i4);
 }
 
 /* ---- profile ------------------------------------------------------------ */

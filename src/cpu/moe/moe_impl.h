@@ -113,14 +113,12 @@ typedef struct {
     int np_up;    /* column-block pairs per phase-1 item of a tile-kernel expert (1..MOE_MAXPAIR) */
     int cg;       /* phase-2 item width in row blocks (even, 2..2*MOE_MAXPAIR); 0 = by size */
     int up_rb;    /* row blocks per phase-1 item of a vector-kernel expert (1..64); 0 = by size */
-    int ord;      /* tile pass loop order: 0 pair-major in a chunk, 1 token-major, 2 pair-outer (a pair's whole K) */
+    int ord;      /* tile pass loop order in a chunk: 0 pair-major, 1 token-major */
     int pf;       /* tile pass: prefetch the next step's A (1) / B (2) tiles into L1 */
     int pfd;      /* AVX-512 vector kernels: software prefetch distance in bytes along a row block; 0 = none */
     int pfh;      /* AVX-512 vector kernels: 0 = prefetch into L1 (T0), 1 = into L2 (T1) */
-    int t1;       /* tile pass: load A (bit 0) / B (bit 1) tiles with TILELOADDT1 (no reuse expected) */
     int sp;       /* tile pass: 1 = each tile of the next K step loaded right after the last TDP reading it */
     int mc;       /* tile pass: token rows per pass (multiple of 32, 32..MOE_MC): weights are read once per pass */
-    int po;       /* tile pass, down: 1 = prefetch the output rows a pass adds to while its first K chunk runs */
     int nt;       /* gather: 1 = write tiled activation rows with non-temporal stores (no read for ownership) */
     int i4;       /* INT4 tile pass: 0 = int8 tiles, exact; 1 = weights dequantised to bf16 tiles (see moe_amx_body.h) */
 } moe_tune;
@@ -146,6 +144,25 @@ enum { MOE_PF_GATHER, MOE_PF_UP_BIG, MOE_PF_UP_SMALL, MOE_PF_QUANT, MOE_PF_DOWN_
 #define MOE_PF_THREADS 256
 extern int moe_prof_on;
 extern _Alignas(64) int64_t moe_prof_ns[MOE_PF_THREADS][8]; /* one line per pool thread */
+
+/* ---- the AMX tile configuration (LDTILECFG's 64-byte operand) ---------- */
+typedef struct {
+    uint8_t palette, start_row, rsv[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} moe_tilecfg;
+_Static_assert(sizeof(moe_tilecfg) == 64, "the tile configuration is 64 bytes");
+
+/* palette 1, tiles 0..7 all 16 rows x 64 bytes (the 2x2 loop's shapes) */
+static inline void moe_tilecfg_full(moe_tilecfg *c)
+{
+    memset(c, 0, sizeof *c);
+    c->palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c->rows[t] = 16;
+        c->colsb[t] = 64;
+    }
+}
 
 /* ---- one packed matrix as a kernel sees it ----------------------------- */
 typedef struct {
