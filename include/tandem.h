@@ -69,10 +69,11 @@ typedef struct {
     void *progress_user;
 } tandem_engine_params;
 
-/* CPU expert formats. BF16/INT8/INT4 pack the experts for the MoE operator
- * (src/cpu/moe); F32 keeps the checkpoint's weights and runs the reference
- * loop with fp32 activations (exact; slow; for checking). */
-enum { TANDEM_FMT_BF16 = 0, TANDEM_FMT_INT8 = 1, TANDEM_FMT_INT4 = 2, TANDEM_FMT_F32 = 3 };
+/* CPU expert formats. BF16/INT8/INT4/FP8 pack the experts for the MoE
+ * operator (src/cpu/moe; FP8 is E4M3 with block scales, as DeepSeek-V3 and
+ * Kimi-K2 release their weights); F32 keeps the checkpoint's weights and runs
+ * the reference loop with fp32 activations (exact; slow; for checking). */
+enum { TANDEM_FMT_BF16 = 0, TANDEM_FMT_INT8 = 1, TANDEM_FMT_INT4 = 2, TANDEM_FMT_F32 = 3, TANDEM_FMT_FP8 = 4 };
 
 void tandem_engine_params_default(tandem_engine_params *p);
 

@@ -297,5 +297,26 @@ size_t moe_bytes(const moe_op *op)
     return b;
 }
 
+size_t moe_packed_expert_bytes(int d_model, int d_ff, moe_fmt fmt, int group, int nparts)
+{
+    struct moe_op op;
+    memset(&op, 0, sizeof op);
+    op.d_model = d_model;
+    op.d_ff = d_ff;
+    op.fmt = fmt;
+    op.group = group;
+    op.nparts = nparts < 1 ? 1 : nparts > MOE_MAX_PARTS ? MOE_MAX_PARTS : nparts;
+    moe_layout(&op);
+    return moe_bytes(&op);
+}
+
+void moe_shape(const moe_op *op, int *n_expert, int *d_model, int *d_ff, moe_fmt *fmt)
+{
+    *n_expert = op->n_expert;
+    *d_model = op->d_model;
+    *d_ff = op->d_ff;
+    *fmt = (moe_fmt)op->fmt;
+}
+
 int moe_isa(const moe_op *op) { return op->isa; }
 int moe_n_held(const moe_op *op) { return op->n_held; }

@@ -60,8 +60,14 @@
 
 #include "core/pool.h"
 
-typedef enum { MOE_BF16 = 0, MOE_INT8 = 1, MOE_INT4 = 2 } moe_fmt;
-typedef enum { MOE_SRC_BF16 = 0, MOE_SRC_F32 = 1 } moe_src;
+typedef enum { MOE_BF16 = 0, MOE_INT8 = 1, MOE_INT4 = 2, MOE_FP8 = 3 } moe_fmt;
+/* What the source rows of moe_desc are. BF16/F32/F16: plain row-major
+ * matrices. FP8: E4M3 bytes, row-major, with one fp32 scale per block of
+ * block_n rows x block_k columns (DeepSeek's weight_scale_inv): the value is
+ * fp8e4m3_to_f32(q) * scale, in fp32. FN: no pointer view at all; the
+ * packer asks src_rows() for the rows it needs (dummy weights, sources whose
+ * rows must be computed), so no copy of a whole layer is ever made. */
+typedef enum { MOE_SRC_BF16 = 0, MOE_SRC_F32 = 1, MOE_SRC_F16 = 2, MOE_SRC_FP8 = 3, MOE_SRC_FN = 4 } moe_src;
 
 typedef struct {
     int n_expert, d_model, d_ff;
@@ -74,7 +80,21 @@ typedef struct {
     int group;                   /* INT8 only: scale group along K, a multiple of 64; 0 = whole row */
     int amx_min;                 /* tokens per expert from which the tile (AMX) kernel runs;
                                     0 = MOE_AMX_MIN_DEFAULT(fmt) */
+    /* MOE_SRC_FP8: [n_expert] -> [ceil(rows / block_n)][ceil(cols / block_k)] fp32 block scales
+       of gate, up and down (rows x cols as the matrices above) */
+    const float *const *gate_scale, *const *up_scale, *const *down_scale;
+    int block_n, block_k;
+    /* MOE_SRC_FN: out[0..ncol) = source row `row`, columns [col0, col0 + ncol) of matrix `which`
+       (0 gate, 1 up, 2 down) of `expert`; m is that expert's gate/up/down entry (non-NULL entries
+       still say which experts are held). Called from pool threads, concurrently. */
+    void (*src_rows)(void *user, const void *m, int expert, int which, int row, int col0, int ncol, float *out);
+    void *src_user;
 } moe_desc;
+
+/* Packed bytes of one expert (gate, up and down, all partitions) for a shape
+ * and format, as moe_create would lay it out for a pool of nparts partitions:
+ * what the memory plan counts without packing anything. */
+size_t moe_packed_expert_bytes(int d_model, int d_ff, moe_fmt fmt, int group, int nparts);
 
 /* Tokens per expert from which the tile kernel runs, per format, from the
  * H200 switch sweep of 2026-11-29 (bench/results/2026-11-29-h200-moe.txt;
@@ -113,6 +133,9 @@ void moe_free(moe_op *op);
 size_t moe_bytes(const moe_op *op);  /* packed bytes of one expert (all partitions) */
 int moe_isa(const moe_op *op);       /* kernel set in use */
 int moe_n_held(const moe_op *op);    /* experts held on the CPU */
+/* the shape and format an op was packed with (for checking a pack read from
+ * disk against the model that is to use it) */
+void moe_shape(const moe_op *op, int *n_expert, int *d_model, int *d_ff, moe_fmt *fmt);
 
 int moe_scratch_create(const moe_op *op, int max_tokens, int top_k, moe_scratch **out, char *err, size_t errlen);
 void moe_scratch_free(moe_scratch *s);
