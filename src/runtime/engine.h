@@ -48,6 +48,7 @@ struct tandem_engine {
     layer_weights *layers;      /* [n_layer] */
     void **owned;               /* buffers made at load (converted tensors) */
     int n_owned, cap_owned;
+    int64_t owned_bytes;        /* their sizes added up (what the memory plan is checked against) */
     float *rope_inv_freq;       /* [rope_dim/2] */
     int64_t weight_bytes;
     struct moe_op **moe;        /* [n_layer] packed CPU experts (CPU-only runs), NULL when not MoE */

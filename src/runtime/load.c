@@ -34,8 +34,10 @@ static void *own(tandem_engine *e, size_t bytes)
         e->cap_owned = cap;
     }
     void *p = td_alloc(bytes);
-    if (p)
+    if (p) {
         e->owned[e->n_owned++] = p;
+        e->owned_bytes += (int64_t)bytes;
+    }
     return p;
 }
 
