@@ -101,7 +101,7 @@ static void pack_job(void *arg, int64_t b, int64_t e)
         int which = r < nrb_up ? 0 : r < 2 * nrb_up ? 1 : 2;
         int rb = (int)(which < 2 ? r - (int64_t)which * nrb_up : r - 2 * (int64_t)nrb_up);
         int ex = c->held[slot];
-        moe_src_exp s = { c->d->gate[ex], c->d->up[ex], c->d->down[ex], c->d->src };
+        moe_src_exp s = { c->d->gate[ex], c->d->up[ex], c->d->down[ex], c->d->src, c->d };
         if (moe_pack_rb(op, &s, p, ex, which, rb))
             atomic_store(&c->failed, 1);
     }
@@ -198,8 +198,13 @@ int moe_check_desc(const moe_desc *d, pool *p, int isa, struct moe_op *op, char 
                       d->d_ff, MOE_MAX_K);
     if (d->fmt != MOE_BF16 && d->fmt != MOE_INT8 && d->fmt != MOE_INT4)
         return td_err(err, errlen, TANDEM_EINVAL, "moe: unknown packed format %d", (int)d->fmt);
-    if (d->src != MOE_SRC_BF16 && d->src != MOE_SRC_F32)
+    if (d->src < MOE_SRC_BF16 || d->src > MOE_SRC_FN)
         return td_err(err, errlen, TANDEM_EINVAL, "moe: unknown source dtype %d", (int)d->src);
+    if (d->src == MOE_SRC_FP8 && (d->block_n < 1 || d->block_k < 1))
+        return td_err(err, errlen, TANDEM_EINVAL, "moe: FP8 source with block %d x %d (both must be >= 1)",
+                      d->block_n, d->block_k);
+    if (d->src == MOE_SRC_FN && !d->src_rows)
+        return td_err(err, errlen, TANDEM_EINVAL, "moe: row-callback source without src_rows");
     if (d->group && (d->fmt != MOE_INT8 || d->group < 0 || d->group % 64 || d->group > MOE_MAX_K))
         return td_err(err, errlen, TANDEM_EINVAL,
                       "moe: group %d: only INT8 takes a group, a multiple of 64 (0 = whole row)", d->group);
@@ -251,6 +256,13 @@ int moe_create_isa(moe_op **out, const moe_desc *d, pool *p, int isa, char *err,
             free(held);
             rc = td_err(err, errlen, TANDEM_EINVAL, "moe: expert %d has %d of its gate/up/down matrices (need all or none)",
                         e, have);
+            goto fail;
+        }
+        if (have && d->src == MOE_SRC_FP8 &&
+            (!d->gate_scale || !d->up_scale || !d->down_scale || !d->gate_scale[e] || !d->up_scale[e] ||
+             !d->down_scale[e])) {
+            free(held);
+            rc = td_err(err, errlen, TANDEM_EINVAL, "moe: FP8 expert %d has no gate/up/down block scales", e);
             goto fail;
         }
         op->slot[e] = have ? op->n_held : -1;

@@ -318,8 +318,9 @@ uint16_t moe_f32_to_f16(float f);
 /* pack one expert (all partitions) from the source rows (moe_pack.c);
  * rb-granular so that moe_create can spread it over the pool */
 typedef struct {
-    const void *gate, *up, *down;  /* one expert's source matrices */
+    const void *gate, *up, *down;  /* one expert's source matrices (FN: the desc's entries, passed back) */
     int src;                       /* moe_src */
+    const moe_desc *d;             /* FP8: scales and block shape; FN: src_rows and src_user */
 } moe_src_exp;
 /* pack row block rb of matrix `which` (0 gate, 1 up, 2 down) of expert e
  * into partition p; -1 when out of memory for its staging rows */

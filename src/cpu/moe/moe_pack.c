@@ -8,6 +8,9 @@
  * Quantisation scales are computed over the FULL source row (INT8 whole-row
  * scale) or over full-row groups, never over a partition slice, so the packed
  * values do not depend on how d_ff is split across partitions.
+ * Every source dtype (bf16, f32, f16, FP8 with block scales, a row callback)
+ * is read one source row at a time into fp32 staging for the 16 rows of the
+ * block being packed; a whole matrix is never widened.
  */
 #include "cpu/moe/moe_impl.h"
 
@@ -43,17 +46,10 @@ uint16_t moe_f32_to_f16(float f)
     return (uint16_t)(sign | h);
 }
 
-/* one source element as float; (r, c) inside the full source matrix */
-static inline float src_at(const void *m, int src, size_t ld, int r, int c)
-{
-    if (src == MOE_SRC_BF16)
-        return bf16_to_f32(((const uint16_t *)m)[(size_t)r * ld + (size_t)c]);
-    return ((const float *)m)[(size_t)r * ld + (size_t)c];
-}
-
 /* The mapping from a packed (row n, column k) to the source: returns 0 for
  * padding. which 0/1: rows are d_ff (slice), columns d_model; 2: rows d_model,
- * columns the d_ff slice. */
+ * columns the d_ff slice. Source rows are read a row (or a row's slice) at a
+ * time into fp32, so no source dtype is ever widened as a whole matrix. */
 typedef struct {
     const void *m;
     int src;
@@ -61,12 +57,20 @@ typedef struct {
     int row0, nrow;     /* source rows [row0, row0 + nrow) are real */
     int col0, ncol;     /* source columns [col0, col0 + ncol) are real */
     int full_cols;      /* columns of the full source row (for whole-row scales) */
+    const float *scale; /* FP8: [ceil(rows / bn)][nbk] block scales of the full matrix */
+    int bn, bk, nbk;
+    const moe_desc *d;  /* FN: the callback */
+    int expert, which;
 } src_view;
 
-static src_view view_of(const struct moe_op *op, const moe_src_exp *s, int p, int which)
+static src_view view_of(const struct moe_op *op, const moe_src_exp *s, int p, int e, int which)
 {
     src_view v;
+    memset(&v, 0, sizeof v);
     v.src = s->src;
+    v.d = s->d;
+    v.expert = e;
+    v.which = which;
     const moe_slice *sl = &op->sl[p];
     if (which < 2) {
         v.m = which == 0 ? s->gate : s->up;
@@ -85,83 +89,129 @@ static src_view view_of(const struct moe_op *op, const moe_src_exp *s, int p, in
         v.ncol = sl->hi - sl->lo;
         v.full_cols = op->d_ff;
     }
+    if (v.src == MOE_SRC_FP8) {
+        v.scale = which == 0 ? s->d->gate_scale[e] : which == 1 ? s->d->up_scale[e] : s->d->down_scale[e];
+        v.bn = s->d->block_n;
+        v.bk = s->d->block_k;
+        v.nbk = (v.full_cols + v.bk - 1) / v.bk;
+    }
     return v;
 }
 
-static inline float view_at(const src_view *v, int n, int k)
+/* out[0..n) = source row r (full-matrix coordinates), columns [c0, c0 + n),
+ * as fp32: bf16 / f16 widened exactly, FP8 as fp8e4m3_to_f32(q) * scale of
+ * the (r, c) block in fp32, FN from the callback (one call) */
+static void read_row(const src_view *v, int r, int c0, int n, float *out)
 {
-    if (n >= v->nrow || k >= v->ncol)
-        return 0.0f;
-    return src_at(v->m, v->src, v->ld, v->row0 + n, v->col0 + k);
+    if (n <= 0)
+        return;
+    size_t base = (size_t)r * v->ld + (size_t)c0;
+    switch (v->src) {
+    case MOE_SRC_BF16:
+        for (int k = 0; k < n; k++)
+            out[k] = bf16_to_f32(((const uint16_t *)v->m)[base + (size_t)k]);
+        break;
+    case MOE_SRC_F32:
+        memcpy(out, (const float *)v->m + base, (size_t)n * sizeof(float));
+        break;
+    case MOE_SRC_F16:
+        for (int k = 0; k < n; k++)
+            out[k] = f16_to_f32(((const uint16_t *)v->m)[base + (size_t)k]);
+        break;
+    case MOE_SRC_FP8: {
+        const uint8_t *q = (const uint8_t *)v->m + base;
+        const float *srow = v->scale + (size_t)(r / v->bn) * (size_t)v->nbk;
+        for (int k = 0; k < n;) {
+            int c = c0 + k, end = (c / v->bk + 1) * v->bk - c0; /* to the end of this column block */
+            float sc = srow[c / v->bk];
+            for (end = end < n ? end : n; k < end; k++)
+                out[k] = fp8e4m3_to_f32(q[k]) * sc;
+        }
+        break;
+    }
+    default:
+        v->d->src_rows(v->d->src_user, v->m, v->expert, v->which, r, c0, n, out);
+        break;
+    }
 }
 
-static void pack_bf16(const src_view *v, int rb, int kp, uint8_t *dst)
-{
-    uint16_t *o = (uint16_t *)dst;
-    for (int t = 0; t < kp / 32; t++)
-        for (int r = 0; r < 16; r++)
-            for (int n = 0; n < 16; n++) {
-                int row = rb * 16 + n, k = t * 32 + 2 * r;
-                if (v->src == MOE_SRC_BF16 && row < v->nrow && k + 1 < v->ncol) {
-                    const uint16_t *s = (const uint16_t *)v->m + (size_t)(v->row0 + row) * v->ld + v->col0 + k;
-                    o[0] = s[0];
-                    o[1] = s[1];
-                } else {
-                    o[0] = f32_to_bf16(view_at(v, row, k));
-                    o[1] = f32_to_bf16(view_at(v, row, k + 1));
-                }
-                o += 2;
-            }
-}
-
-/* amax over full-row columns [c0, c1) of source row r */
-static float row_amax(const src_view *v, int r, int c0, int c1)
+static float amax_of(const float *x, int n)
 {
     float a = 0.0f;
-    for (int c = c0; c < c1; c++) {
-        float x = fabsf(src_at(v->m, v->src, v->ld, r, c));
-        a = x > a ? x : a;
+    for (int k = 0; k < n; k++) {
+        float y = fabsf(x[k]);
+        a = y > a ? y : a;
     }
     return a;
 }
 
-/* the 16 rows of row block rb as floats, zero padded: rows[n * kp + k] */
-static void stage_rows(const src_view *v, int rb, int kp, float *rows)
+/* The 16 rows of row block rb as floats, zero padded: rows[n * kp + k].
+ * With amax non-NULL, amax[n] = max |x| over the FULL source row n (0 for
+ * padding rows): when the view is a slice of the row (down, several
+ * partitions) the whole row is read once into tmp [full_cols] and the slice
+ * copied from it, so each source row is read once. */
+static void stage_rows(const src_view *v, int rb, int kp, float *rows, float *amax, float *tmp)
 {
     for (int n = 0; n < 16; n++) {
         float *r = rows + (size_t)n * kp;
         int row = rb * 16 + n, k = 0;
+        if (amax)
+            amax[n] = 0.0f;
         if (row < v->nrow) {
-            size_t base = (size_t)(v->row0 + row) * v->ld + (size_t)v->col0;
-            if (v->src == MOE_SRC_BF16)
-                for (; k < v->ncol && k < kp; k++)
-                    r[k] = bf16_to_f32(((const uint16_t *)v->m)[base + (size_t)k]);
-            else
-                for (; k < v->ncol && k < kp; k++)
-                    r[k] = ((const float *)v->m)[base + (size_t)k];
+            k = v->ncol < kp ? v->ncol : kp;
+            if (amax && v->ncol < v->full_cols) {
+                read_row(v, v->row0 + row, 0, v->full_cols, tmp);
+                amax[n] = amax_of(tmp, v->full_cols);
+                memcpy(r, tmp + v->col0, (size_t)k * sizeof(float));
+            } else {
+                read_row(v, v->row0 + row, v->col0, k, r);
+                if (amax)
+                    amax[n] = amax_of(r, k);
+            }
         }
         for (; k < kp; k++)
             r[k] = 0.0f;
     }
 }
 
-static void pack_int8(const src_view *v, int rb, int kp, int group, int whole_row, const float *rows, uint8_t *dst)
+/* BF16 from BF16 copies the pairs; any other source is staged to fp32 first
+ * and rounded to bf16 (RNE) */
+static void pack_bf16(const src_view *v, const float *rows, int rb, int kp, uint8_t *dst)
+{
+    uint16_t *o = (uint16_t *)dst;
+    for (int t = 0; t < kp / 32; t++)
+        for (int r = 0; r < 16; r++)
+            for (int n = 0; n < 16; n++) {
+                int row = rb * 16 + n, k = t * 32 + 2 * r;
+                if (!rows) {
+                    o[0] = o[1] = 0;
+                    if (row < v->nrow && k < v->ncol) {
+                        const uint16_t *s = (const uint16_t *)v->m + (size_t)(v->row0 + row) * v->ld + v->col0 + k;
+                        o[0] = s[0];
+                        o[1] = k + 1 < v->ncol ? s[1] : 0;
+                    }
+                } else {
+                    o[0] = f32_to_bf16(rows[(size_t)n * kp + (size_t)k]);
+                    o[1] = f32_to_bf16(rows[(size_t)n * kp + (size_t)k + 1]);
+                }
+                o += 2;
+            }
+}
+
+/* whole_row: one scale per row from row_amax (the full source row); else
+ * per group, from the staged group (slices start on a group boundary, so a
+ * group never straddles two partitions) */
+static void pack_int8(const src_view *v, int rb, int kp, int group, const float *row_amax, const float *rows,
+                      uint8_t *dst)
 {
     float inv[16];
     for (int g = 0; g < kp / group; g++) {
         uint8_t *gb = dst + (size_t)g * moe_int8_group_bytes(group);
         float *scale = (float *)(gb + (size_t)group / 64 * 1024);
         for (int n = 0; n < 16; n++) {
-            int row = rb * 16 + n;
             float amax = 0.0f;
-            if (row < v->nrow) {
-                /* the group in full-row coordinates (slices start on a group boundary) */
-                int c0 = whole_row ? 0 : v->col0 + g * group;
-                int c1 = whole_row ? v->full_cols : c0 + group;
-                if (c1 > v->full_cols)
-                    c1 = v->full_cols;
-                amax = row_amax(v, v->row0 + row, c0, c1);
-            }
+            if (rb * 16 + n < v->nrow)
+                amax = row_amax ? row_amax[n] : amax_of(rows + (size_t)n * kp + (size_t)g * group, group);
             scale[n] = amax / 127.0f;
             inv[n] = amax > 0.0f ? 127.0f / amax : 0.0f;
         }
@@ -220,20 +270,26 @@ int moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int
     moe_mat m = moe_mat_of(op, p, e, which);
     if (!m.kp)
         return 0;
-    src_view v = view_of(op, s, p, which);
+    src_view v = view_of(op, s, p, e, which);
     uint8_t *dst = (uint8_t *)m.w + (size_t)rb * m.rb_bytes;
-    if (op->fmt == MOE_BF16) {
-        pack_bf16(&v, rb, m.kp, dst);
+    if (op->fmt == MOE_BF16 && v.src == MOE_SRC_BF16) {
+        pack_bf16(&v, NULL, rb, m.kp, dst);
         return 0;
     }
-    /* quantised formats: the block's rows as floats once (malloc: up to 4 MB;
-     * glibc keeps such blocks in its arena after the first free) */
-    float *rows = malloc((size_t)16 * (size_t)m.kp * sizeof(float));
+    /* the block's rows as floats once (malloc: up to 4 MB; glibc keeps such
+     * blocks in its arena after the first free), plus one full source row
+     * when a whole-row INT8 scale spans partitions */
+    int whole_row = op->fmt == MOE_INT8 && op->group == 0;
+    size_t ntmp = whole_row && v.ncol < v.full_cols ? (size_t)v.full_cols : 0;
+    float *rows = malloc(((size_t)16 * (size_t)m.kp + ntmp) * sizeof(float));
     if (!rows)
         return -1;
-    stage_rows(&v, rb, m.kp, rows);
-    if (op->fmt == MOE_INT8)
-        pack_int8(&v, rb, m.kp, m.group, op->group == 0, rows, dst);
+    float amax[16];
+    stage_rows(&v, rb, m.kp, rows, whole_row ? amax : NULL, rows + (size_t)16 * m.kp);
+    if (op->fmt == MOE_BF16)
+        pack_bf16(&v, rows, rb, m.kp, dst);
+    else if (op->fmt == MOE_INT8)
+        pack_int8(&v, rb, m.kp, m.group, whole_row ? amax : NULL, rows, dst);
     else
         pack_int4(&v, rb, m.kp, rows, dst);
     free(rows);
