@@ -91,7 +91,7 @@ int gpu_capture_end(gpu_ctx *c, gpu_graph **out) { *out = NULL; return c->rc; }
 int gpu_graph_launch(gpu_ctx *c, gpu_graph *g) { (void)g; return c->rc = TANDEM_EGPU; }
 void gpu_graph_free(gpu_graph *g) { (void)g; }
 
-static mat to_mat(const gpu_mat *W) { return (mat){ W->data, W->dt == GPU_F32 ? DT_F32 : DT_BF16, W->rows, W->cols }; }
+static mat to_mat(const gpu_mat *W) { return (mat){ .data = W->data, .dt = W->dt == GPU_F32 ? DT_F32 : DT_BF16, .rows = W->rows, .cols = W->cols }; }
 
 static int mm(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const gpu_mat *W, const float *bias,
               int acc, int exact)

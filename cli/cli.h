@@ -25,6 +25,8 @@ typedef struct {
     int n_stops;
     int raw;          /* run: do not apply the chat template */
     int no_think;     /* chat: enable_thinking = false */
+    int repack;       /* convert: rebuild a pack made from another checkpoint */
+    int ignore_packs; /* pack the experts in memory even where packs exist (tandem.h ignore_packs) */
 } cli_opts;
 
 /* Parse argv[first..] into o. Returns 0, 1 when --help was printed, or -1
@@ -32,7 +34,9 @@ typedef struct {
  * subcommand takes (others are errors). */
 int cli_parse(int argc, char **argv, int first, cli_opts *o, const char *allowed, const char *usage);
 
-/* Open the engine with a progress bar when stderr is a terminal. */
+/* The engine parameters the options ask for (a progress bar when stderr is a terminal). */
+void cli_engine_params(const cli_opts *o, tandem_engine_params *p);
+/* Open the engine with those parameters. */
 int cli_open_engine(const cli_opts *o, tandem_engine **e);
 
 int cmd_run(int argc, char **argv);

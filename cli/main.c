@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 static const char *usage_main =
@@ -173,16 +174,22 @@ int cli_parse(int argc, char **argv, int first, cli_opts *o, const char *allowed
                 o->cpu_experts = TANDEM_FMT_INT8;
             else if (!strcmp(v, "int4"))
                 o->cpu_experts = TANDEM_FMT_INT4;
+            else if (!strcmp(v, "fp8"))
+                o->cpu_experts = TANDEM_FMT_FP8;
             else if (!strcmp(v, "f32"))
                 o->cpu_experts = TANDEM_FMT_F32;
             else {
-                fprintf(stderr, "tandem: --cpu-experts expects bf16, int8, int4 or f32, got '%s'\n", v);
+                fprintf(stderr, "tandem: --cpu-experts expects bf16, int8, int4, fp8 or f32, got '%s'\n", v);
                 rc = -1;
             }
         } else if (!strcmp(name, "--dummy-weights"))
             o->dummy = 1;
         else if (!strcmp(name, "--cpu-only"))
             o->gpu = 0;
+        else if (!strcmp(name, "--repack"))
+            o->repack = 1;
+        else if (!strcmp(name, "--ignore-packs"))
+            o->ignore_packs = 1;
         else if (!strcmp(name, "--greedy"))
             o->samp.temperature = 0;
         else if (!strcmp(name, "--raw"))
@@ -199,35 +206,53 @@ int cli_parse(int argc, char **argv, int first, cli_opts *o, const char *allowed
     return 0;
 }
 
-static void progress_bar(float done, void *user)
+/* one line on stderr, redrawn: what, a bar, the share done and the rate at
+ * which checkpoint bytes are read */
+static void progress_bar(const char *what, float done, double bytes, void *user)
 {
+    static struct timespec t0;
+    static const char *last;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (what != last || !t0.tv_sec) {
+        t0 = now;
+        last = what;
+    }
+    double s = (double)(now.tv_sec - t0.tv_sec) + (now.tv_nsec - t0.tv_nsec) * 1e-9;
     (void)user;
-    int w = 40, n = (int)(done * w + 0.5f);
-    fprintf(stderr, "\rloading [");
+    int w = 30, n = (int)(done * w + 0.5f);
+    fprintf(stderr, "\r%-16s [", what);
     for (int i = 0; i < w; i++)
         fputc(i < n ? '#' : ' ', stderr);
     fprintf(stderr, "] %3d%%", (int)(done * 100 + 0.5f));
+    if (bytes > 0 && s > 0.05)
+        fprintf(stderr, "  %.2f GB, %.2f GB/s", bytes / 1e9, bytes / 1e9 / s);
     if (done >= 1.0f)
-        fprintf(stderr, "\r%*s\r", w + 20, "");
+        fprintf(stderr, "\r%*s\r", w + 64, "");
     fflush(stderr);
+}
+
+void cli_engine_params(const cli_opts *o, tandem_engine_params *p)
+{
+    tandem_engine_params_default(p);
+    p->n_threads = o->threads;
+    p->dummy_weights = o->dummy;
+    p->gpu = o->gpu;
+    p->gpu_mem_gb = o->gpu_mem;
+    p->gpu_experts = o->gpu_experts;
+    p->expert_counts = o->expert_counts;
+    p->defer_experts = o->defer;
+    p->cpu_experts = o->cpu_experts;
+    p->n_layer_limit = o->layers;
+    p->ignore_packs = o->ignore_packs;
+    if (isatty(2))
+        p->progress = progress_bar;
 }
 
 int cli_open_engine(const cli_opts *o, tandem_engine **e)
 {
     tandem_engine_params p;
-    tandem_engine_params_default(&p);
-    p.n_threads = o->threads;
-    p.dummy_weights = o->dummy;
-    p.gpu = o->gpu;
-    p.gpu_mem_gb = o->gpu_mem;
-    p.gpu_experts = o->gpu_experts;
-    p.expert_counts = o->expert_counts;
-    p.defer_experts = o->defer;
-    p.cpu_experts = o->cpu_experts;
-    p.n_layer_limit = o->layers;
-    if (isatty(2)) {
-        p.progress = progress_bar;
-    }
+    cli_engine_params(o, &p);
     char err[1024];
     int rc = tandem_engine_open(o->model, &p, e, err, sizeof err);
     if (rc) {

@@ -225,7 +225,9 @@ static const char *run_usage =
     "  --stop TEXT              stop when TEXT appears (repeatable, up to 8)\n"
     "  -t, --threads N          CPU threads (default: all cores)\n"
     "  -c, --ctx N              context length (default min(model, 4096))\n"
-    "  --cpu-experts FMT        experts on the CPU: bf16 (default), int8, int4, or f32\n"
+    "  --cpu-experts FMT        experts on the CPU: bf16 (default), int8, int4, fp8 (E4M3 with block\n"
+    "                           scales, as FP8 checkpoints store them), or f32 (exact reference)\n"
+    "  --ignore-packs           pack the experts in memory even where `tandem convert` wrote packs\n"
     "                           (the exact reference loop, for checking)\n"
     "  --cpu-only               do not use a GPU\n"
     "  --gpu-mem GB, --gpu-experts N\n"
@@ -237,7 +239,7 @@ static const char *run_usage =
 
 #define RUN_OPTS                                                                                             \
     "-m --model -n --max-tokens --temp --greedy --top-k --top-p --min-p --repeat-penalty --presence-penalty " \
-    "--frequency-penalty --seed --stop -t --threads -c --ctx --cpu-experts --cpu-only --gpu-mem --gpu-experts --expert-counts --defer -v"
+    "--frequency-penalty --seed --stop -t --threads -c --ctx --cpu-experts --ignore-packs --cpu-only --gpu-mem --gpu-experts --expert-counts --defer -v"
 
 int cmd_run(int argc, char **argv)
 {

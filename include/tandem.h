@@ -56,6 +56,8 @@ typedef struct {
     int gpu_experts;      /* routed experts per MoE layer kept on the GPU (hot experts) */
     int cpu_experts;      /* format of CPU experts: TANDEM_FMT_* */
     int n_layer_limit;    /* > 0: build only the first N layers (benchmarks at full width) */
+    int ignore_packs;     /* nonzero: pack the CPU experts in memory even where `tandem convert` wrote packs
+                             (which are otherwise mapped, after checking they belong to this checkpoint) */
     int defer_experts;    /* expert deferral d (0 = exact, the default): per token the d routed experts
                              of lowest router weight are deferred, their output added to the residual one
                              layer later (after the next layer's attention), so the CPU computes them while
@@ -64,8 +66,10 @@ typedef struct {
     const char *expert_counts; /* routing counts (tandem_save_route_counts) from which gpu_experts picks each
                                   layer's most chosen experts; NULL = MODEL/expert-counts.json when it exists,
                                   else experts 0..gpu_experts-1 of every layer */
-    /* Called during load with the fraction done (0..1), e.g. for a progress bar. */
-    void (*progress)(float done, void *user);
+    /* Called during load (and `tandem convert`) with what is being done ("loading", "packing"), the
+     * fraction of it done (0..1) and the checkpoint bytes read for it so far, e.g. for a progress bar
+     * with GB/s. */
+    void (*progress)(const char *what, float done, double bytes, void *user);
     void *progress_user;
 } tandem_engine_params;
 
@@ -236,10 +240,15 @@ int tandem_bench_e2e(int argc, char **argv);
 void tandem_print_placement(const tandem_engine *e, void *out);
 
 /* `tandem convert`: pack the routed experts of the model in `path` into the
- * CPU format fmt (TANDEM_FMT_BF16/INT8/INT4) and save them under
- * path/packed-FMT-pN/ (N = NUMA partitions), so later loads with the same
- * format map them instead of packing. n_threads 0 = all cores. */
-int tandem_convert_experts(const char *path, int fmt, int n_threads, char *err, size_t errlen);
+ * CPU format p->cpu_experts (TANDEM_FMT_BF16/INT8/INT4/FP8) and save them
+ * under path/packed-FMT-pN/ (N = NUMA partitions) with a manifest of the
+ * checkpoint they came from, so later loads with the same format map them
+ * instead of packing (and refuse them once the checkpoint changes). One layer
+ * at a time, each file written whole and renamed into place: a conversion cut
+ * short resumes where it stopped, re-packing only missing or unreadable
+ * layers. A directory made from another checkpoint is an error unless
+ * repack, which rebuilds it. p's n_threads and progress apply. */
+int tandem_convert_experts(const char *path, const tandem_engine_params *p, int repack, char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

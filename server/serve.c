@@ -47,7 +47,8 @@ static const char *usage =
     "  --drain-timeout S        on SIGINT/SIGTERM, let requests finish this long (default 30);\n"
     "                           a second signal cancels them at once\n"
     "  -t, --threads N          CPU threads (default: all cores)\n"
-    "  --cpu-experts FMT        bf16 (default), int8, int4, or f32 (exact reference)\n"
+    "  --cpu-experts FMT        bf16 (default), int8, int4, fp8, or f32 (exact reference)\n"
+    "  --ignore-packs           pack the experts in memory even where `tandem convert` wrote packs\n"
     "  --cpu-only               do not use a GPU\n"
     "  --gpu-mem GB, --gpu-experts N, --expert-counts FILE\n"
     "                           GPU memory budget; routed experts per layer on the GPU\n"
@@ -167,18 +168,21 @@ static int parse(int argc, char **argv, serve_opts *o)
             }
             o->ep.gpu_mem_gb = d;
         } else if (!strcmp(name, "--cpu-experts")) {
-            static const char *fmts[] = { "bf16", "int8", "int4", "f32" };
-            static const int ids[] = { TANDEM_FMT_BF16, TANDEM_FMT_INT8, TANDEM_FMT_INT4, TANDEM_FMT_F32 };
+            static const char *fmts[] = { "bf16", "int8", "int4", "fp8", "f32" };
+            static const int ids[] = { TANDEM_FMT_BF16, TANDEM_FMT_INT8, TANDEM_FMT_INT4, TANDEM_FMT_FP8,
+                                       TANDEM_FMT_F32 };
             rc = -1;
-            for (int k = 0; k < 4; k++)
+            for (int k = 0; k < 5; k++)
                 if (!strcmp(v, fmts[k])) {
                     o->ep.cpu_experts = ids[k];
                     rc = 0;
                 }
             if (rc)
-                fprintf(stderr, "tandem: --cpu-experts expects bf16, int8, int4 or f32, got '%s'\n", v);
+                fprintf(stderr, "tandem: --cpu-experts expects bf16, int8, int4, fp8 or f32, got '%s'\n", v);
         } else if (!strcmp(name, "--cpu-only"))
             o->ep.gpu = 0;
+        else if (!strcmp(name, "--ignore-packs"))
+            o->ep.ignore_packs = 1;
         else if (!strcmp(name, "--dummy-weights"))
             o->ep.dummy_weights = 1;
         else if (!strcmp(name, "-v"))

@@ -180,7 +180,7 @@ static void test_matmul(gpu_ctx *c, pool *p)
                     wb[i] = f32_to_bf16(frand());
                     wf[i] = f32 ? frand() : bf16_to_f32(wb[i]);
                 }
-                mat W = { f32 ? (const void *)wf : (const void *)wb, f32 ? DT_F32 : DT_BF16, N, K };
+                mat W = { .data = f32 ? (const void *)wf : (const void *)wb, .dt = f32 ? DT_F32 : DT_BF16, .rows = N, .cols = K };
                 op_matmul(p, ref, N, x, K, T, &W, b);
                 for (int t = 0; t < T; t++)
                     for (int n = 0; n < N; n++) {
@@ -381,7 +381,7 @@ static void test_mla(gpu_ctx *c, pool *p)
         fill(q, T * H * qk, 1.0f);
         for (int64_t i = 0; i < kvbr * R; i++)
             kvb[i] = f32_to_bf16(frand() * 0.2f);
-        mat W = { kvb, DT_BF16, kvbr, R };
+        mat W = { .data = kvb, .dt = DT_BF16, .rows = kvbr, .cols = R };
         attn_mla_params a = { H, nope, rope, vd, R, 0.1f, ckv, kpe, nctx * R, nctx * rope, &W };
         int64_t ss = attn_scratch_floats(nctx, R, 0);
         float *scr = malloc((size_t)(ss * pool_size(p)) * 4);

@@ -319,7 +319,7 @@ static void test_matmul_dec(gpu_ctx *c, pool *p)
                 wb[i] = f32_to_bf16(frnd());
                 wf[i] = f32 ? frnd() : bf16_to_f32(wb[i]);
             }
-            mat W = { f32 ? (const void *)wf : (const void *)wb, f32 ? DT_F32 : DT_BF16, N, K };
+            mat W = { .data = f32 ? (const void *)wf : (const void *)wb, .dt = f32 ? DT_F32 : DT_BF16, .rows = N, .cols = K };
             op_matmul(p, ref, N, x, K, T, &W, b);
             for (int t = 0; t < T; t++)
                 for (int n = 0; n < N; n++) {
@@ -539,7 +539,7 @@ static void test_gate(gpu_ctx *c, pool *p)
             slot[e] = e % 5 == 2 ? e / 5 : -1;
         for (int t = 0; t < T; t++)
             op_rmsnorm(href + (int64_t)t * D, x + (int64_t)t * D, nw, D, 1e-6f);
-        mat W = { bw ? (const void *)wb : (const void *)wf, bw ? DT_BF16 : DT_F32, E, D };
+        mat W = { .data = bw ? (const void *)wb : (const void *)wf, .dt = bw ? DT_BF16 : DT_F32, .rows = E, .cols = D };
         op_matmul(p, lref, E, href, D, T, &W, NULL);
         gpu_mat gw = { ddup(W.data, (size_t)E * D * (bw ? 2 : 4)), bw ? GPU_BF16 : GPU_F32, E, D };
         gpu_route_params gp = { (int)cases[ci].kind, E, K, 1, 1.0f, cases[ci].G, cases[ci].tg,

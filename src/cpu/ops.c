@@ -9,16 +9,62 @@
 #include <math.h>
 #include <string.h>
 
-void mat_row_f32(const mat *m, int64_t r, float *out)
+/* splitmix64's output function; the generator's state after j steps is
+ * seed + j * golden, so step j can be taken directly */
+static uint64_t mix64(uint64_t z)
 {
-    if (m->dt == DT_F32) {
-        memcpy(out, (const float *)m->data + r * m->cols, (size_t)m->cols * sizeof(float));
-    } else {
-        const uint16_t *w = (const uint16_t *)m->data + r * m->cols;
-        for (int64_t i = 0; i < m->cols; i++)
-            out[i] = bf16_to_f32(w[i]);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+void mat_dummy_row(uint64_t seed, int64_t r, int64_t c0, int64_t n, float amp, uint16_t *bf, float *f)
+{
+    uint64_t st = seed ^ (uint64_t)r * 0x2545f4914f6cdd1dull;
+    for (int64_t k = c0; k < c0 + n;) {
+        int64_t j = k / 4; /* one 64-bit draw gives 4 columns */
+        uint64_t v = mix64(st + (uint64_t)(j + 1) * 0x9e3779b97f4a7c15ull);
+        for (int64_t c = k; c < 4 * j + 4 && c < c0 + n; c++, k++) {
+            float u = (float)((v >> (16 * (c - 4 * j))) & 0xffff) / 32768.0f - 1.0f;
+            uint16_t b = f32_to_bf16(u * amp);
+            if (bf)
+                bf[c - c0] = b;
+            if (f)
+                f[c - c0] = bf16_to_f32(b);
+        }
     }
 }
+
+float mat_dummy_amp(int64_t cols) { return sqrtf(3.0f / (float)cols); }
+
+void mat_row_range_f32(const mat *m, int64_t r, int64_t c0, int64_t n, float *out)
+{
+    if (!m->data) {
+        mat_dummy_row(m->seed, r, c0, n, mat_dummy_amp(m->cols), NULL, out);
+        return;
+    }
+    size_t at = (size_t)(r * m->cols + c0);
+    switch (m->dt) {
+    case DT_F32:
+        memcpy(out, (const float *)m->data + at, (size_t)n * sizeof(float));
+        break;
+    case DT_F16:
+        for (int64_t i = 0; i < n; i++)
+            out[i] = f16_to_f32(((const uint16_t *)m->data)[at + (size_t)i]);
+        break;
+    case DT_F8_E4M3: {
+        const float *srow = m->scale + (r / m->bn) * ((m->cols + m->bk - 1) / m->bk);
+        for (int64_t i = 0; i < n; i++)
+            out[i] = fp8e4m3_to_f32(((const uint8_t *)m->data)[at + (size_t)i]) * srow[(c0 + i) / m->bk];
+        break;
+    }
+    default:
+        for (int64_t i = 0; i < n; i++)
+            out[i] = bf16_to_f32(((const uint16_t *)m->data)[at + (size_t)i]);
+    }
+}
+
+void mat_row_f32(const mat *m, int64_t r, float *out) { mat_row_range_f32(m, r, 0, m->cols, out); }
 
 /* ---- matmul ---------------------------------------------------------------- */
 

@@ -16,13 +16,29 @@
 #include "core/pool.h"
 
 typedef struct {
-    const void *data;   /* [rows][cols], BF16 or F32 */
+    const void *data;   /* [rows][cols], BF16 or F32. Routed experts that are only packed (never run by
+                           op_matmul) may also be F16 or F8_E4M3 views of the checkpoint, or NULL: dummy
+                           weights, generated from `seed` whenever they are read */
     td_dtype dt;
     int64_t rows, cols;
+    const float *scale; /* F8_E4M3: [ceil(rows / bn)][ceil(cols / bk)] fp32 block scales */
+    int bn, bk;
+    uint64_t seed;      /* data == NULL: the dummy weights' seed (mat_dummy_row) */
 } mat;
+
+/* Dummy weights: row r of a matrix seeded by seed, columns [c0, c0 + n):
+ * uniform in [-amp, amp) rounded to bf16, from a counter-based generator (any
+ * column range of any row can be made alone, in any order, with the same
+ * values). bf and f (either may be NULL) get the bf16 bits / their value. */
+void mat_dummy_row(uint64_t seed, int64_t r, int64_t c0, int64_t n, float amp, uint16_t *bf, float *f);
+/* the amplitude dummy matrices of `cols` inputs get: variance 1/cols */
+float mat_dummy_amp(int64_t cols);
 
 /* One row of a mat converted to fp32. */
 void mat_row_f32(const mat *m, int64_t r, float *out);
+/* Columns [c0, c0 + n) of row r, fp32, for every kind of mat above (F16 and
+ * FP8 exactly: q * block scale in fp32). */
+void mat_row_range_f32(const mat *m, int64_t r, int64_t c0, int64_t n, float *out);
 
 /* y[t][0..W->rows) = x[t][0..W->cols) . W^T (+ bias), for t < T.
  * ldx / ldy are row strides in floats. Parallel over the rows of W, so each

@@ -28,6 +28,7 @@ typedef struct {
     char *path;
     void *map;
     size_t size;
+    int64_t mtime_ns;
 } st_file;
 
 struct st_set {
@@ -167,6 +168,7 @@ static int open_file(st_set *s, const char *path, char *err, size_t errlen)
     f->path = strdup(path);
     f->map = map;
     f->size = size;
+    f->mtime_ns = (int64_t)stt.st_mtim.tv_sec * 1000000000 + stt.st_mtim.tv_nsec;
     int file_idx = s->n_files++;
     if (!f->path)
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
@@ -407,4 +409,35 @@ const st_tensor *st_at(const st_set *s, int i) { return i >= 0 && i < s->n ? &s-
 const char *st_file_path(const st_set *s, int file)
 {
     return file >= 0 && file < s->n_files ? s->files[file].path : "?";
+}
+
+int st_n_files(const st_set *s) { return s->n_files; }
+
+void st_file_stat(const st_set *s, int file, size_t *size, int64_t *mtime_ns, uint64_t *header_hash)
+{
+    const st_file *f = &s->files[file];
+    const unsigned char *b = f->map;
+    uint64_t hlen = 0;
+    for (int i = 0; i < 8; i++)
+        hlen |= (uint64_t)b[i] << (8 * i);
+    uint64_t h = 1469598103934665603ull; /* FNV-1a of the length and the JSON header (checked at open) */
+    for (uint64_t i = 0; i < 8 + hlen; i++)
+        h = (h ^ b[i]) * 1099511628211ull;
+    *size = f->size;
+    *mtime_ns = f->mtime_ns;
+    *header_hash = h;
+}
+
+void st_release(const st_set *s, const void *p, size_t n)
+{
+    const uintptr_t page = 4096;
+    uintptr_t a = ((uintptr_t)p + page - 1) & ~(page - 1), b = ((uintptr_t)p + n) & ~(page - 1);
+    for (int i = 0; i < s->n_files; i++) {
+        uintptr_t lo = (uintptr_t)s->files[i].map, hi = lo + s->files[i].size;
+        if ((uintptr_t)p >= lo && (uintptr_t)p + n <= hi) {
+            if (b > a)
+                madvise((void *)a, b - a, MADV_DONTNEED);
+            return;
+        }
+    }
 }

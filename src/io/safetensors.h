@@ -43,6 +43,16 @@ int st_count(const st_set *s);
 const st_tensor *st_at(const st_set *s, int i);
 const char *st_file_path(const st_set *s, int file); /* for messages */
 
+int st_n_files(const st_set *s);
+/* what identifies a shard: its size, modification time and a hash of its
+ * header (every tensor's name, dtype, shape and offsets) */
+void st_file_stat(const st_set *s, int file, size_t *size, int64_t *mtime_ns, uint64_t *header_hash);
+/* Drop the pages of [p, p + n) from this process (MADV_DONTNEED on the whole
+ * pages inside the range) when they lie in a shard's mapping: a tensor whose
+ * data has been packed elsewhere stops counting as resident. Reading it again
+ * later is still correct (the pages come back from the file). */
+void st_release(const st_set *s, const void *p, size_t n);
+
 /* "[8,64]" style shape string into buf (for messages). */
 const char *st_shape_str(const int64_t *shape, int ndim, char *buf, size_t n);
 

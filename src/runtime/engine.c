@@ -63,73 +63,57 @@ static int rope_tables(tandem_engine *e)
     return 0;
 }
 
-/* CPU-only runs: pack each MoE layer's experts for the MoE operator, or map
- * them from `tandem convert`'s files (MODEL/packed-FMT/layer-N.bin) when those
- * exist. TANDEM_FMT_F32 keeps the reference loop instead. */
+/* CPU-only runs: each MoE layer's experts in the MoE operator, mapped from
+ * `tandem convert`'s pack or packed from the checkpoint (experts.c), one
+ * layer at a time. TANDEM_FMT_F32 keeps the reference loop instead. */
 static int engine_pack_experts(tandem_engine *e, char *err, size_t errlen)
 {
     const model_desc *d = &e->d;
     int fmt = e->params.cpu_experts;
     if (fmt == TANDEM_FMT_F32)
         return 0;
-    if (fmt < TANDEM_FMT_BF16 || fmt > TANDEM_FMT_F32)
-        return td_err(err, errlen, TANDEM_EINVAL, "cpu_experts: unknown format %d", fmt);
     e->moe = calloc((size_t)d->n_layer, sizeof *e->moe);
     if (!e->moe)
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
-    const void **ptr = malloc((size_t)d->n_expert * 3 * sizeof *ptr);
-    if (!ptr)
-        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
-    int rc = 0;
+    int rc = 0, done = 0;
+    double bytes = 0;
+    const char *what = e->pack_state == PACK_OK ? "mapping packs" : "packing experts";
+    if (e->pack_state != PACK_OK && e->st)
+        td_log(TD_LOG_INFO, "packing the CPU experts in memory (%s); `tandem convert --cpu-experts %s` writes them "
+                            "once so that later loads map them",
+               engine_fmt_name(fmt), engine_fmt_name(fmt));
     for (int l = 0; l < d->n_layer && !rc; l++) {
         if (!d->layer_moe[l])
             continue;
-        char path[1200];
-        engine_packed_path(e, fmt, l, path, sizeof path);
-        if (access(path, R_OK) == 0) {
-            rc = moe_open_packed(&e->moe[l], path, e->pool, -1, err, errlen);
-            continue;
-        }
-        const layer_weights *L = &e->layers[l];
-        td_dtype dt = L->exp_gate[0].dt;
-        for (int x = 0; x < d->n_expert; x++) {
-            if (L->exp_gate[x].dt != dt || L->exp_up[x].dt != dt || L->exp_down[x].dt != dt) {
-                rc = td_err(err, errlen, TANDEM_EUNSUPPORTED, "layer %d: experts mix F32 and BF16 matrices", l);
-                break;
-            }
-            ptr[x] = L->exp_gate[x].data;
-            ptr[d->n_expert + x] = L->exp_up[x].data;
-            ptr[2 * d->n_expert + x] = L->exp_down[x].data;
-        }
-        if (rc)
-            break;
-        moe_desc md = { 0 };
-        md.n_expert = d->n_expert;
-        md.d_model = d->d_model;
-        md.d_ff = d->d_ff_expert;
-        md.fmt = (moe_fmt)fmt;
-        md.src = dt == DT_F32 ? MOE_SRC_F32 : MOE_SRC_BF16;
-        md.gate = (const void *const *)ptr;
-        md.up = (const void *const *)(ptr + d->n_expert);
-        md.down = (const void *const *)(ptr + 2 * d->n_expert);
-        rc = moe_create(&e->moe[l], &md, e->pool, err, errlen);
-        if (rc)
-            td_err_prefix(err, errlen, rc, "packing CPU experts");
+        rc = experts_cpu_op(e, l, NULL, fmt, 0, &e->moe[l], err, errlen);
+        if (!rc)
+            e->weight_bytes += (int64_t)moe_bytes(e->moe[l]) * moe_n_held(e->moe[l]);
+        for (int x = 0; x < d->n_expert && e->pack_state != PACK_OK; x++)
+            bytes += (double)experts_source_bytes(e, l, x);
         if (e->params.progress)
-            e->params.progress((float)(l + 1) / (float)d->n_layer, e->params.progress_user);
+            e->params.progress(what, (float)++done / (float)d->n_layer_moe, bytes, e->params.progress_user);
     }
-    free(ptr);
     return rc;
+}
+
+void engine_pack_dir(const tandem_engine *e, int fmt, char *buf, size_t n)
+{
+    snprintf(buf, n, "%s/packed-%s-p%d", e->path, engine_fmt_name(fmt), pool_nparts(e->pool));
 }
 
 void engine_packed_path(const tandem_engine *e, int fmt, int layer, char *buf, size_t n)
 {
-    static const char *names[] = { "bf16", "int8", "int4", "f32" };
-    snprintf(buf, n, "%s/packed-%s-p%d/layer-%d.bin", e->path, names[fmt & 3], pool_nparts(e->pool), layer);
+    snprintf(buf, n, "%s/packed-%s-p%d/layer-%d.bin", e->path, engine_fmt_name(fmt), pool_nparts(e->pool), layer);
 }
 
 int tandem_engine_open(const char *path, const tandem_engine_params *p, tandem_engine **out, char *err,
                        size_t errlen)
+{
+    return engine_open(path, p, 1, out, err, errlen);
+}
+
+int engine_open(const char *path, const tandem_engine_params *p, int with_experts, tandem_engine **out, char *err,
+                size_t errlen)
 {
     *out = NULL;
     if (!path || !*path)
@@ -167,11 +151,13 @@ int tandem_engine_open(const char *path, const tandem_engine_params *p, tandem_e
         rc = st_open(&e->st, path, err, errlen);
     if (!rc)
         rc = engine_load_weights(e, err, errlen);
+    if (!rc && e->params.cpu_experts != TANDEM_FMT_F32 && with_experts)
+        rc = pack_check(e, e->params.cpu_experts, err, errlen);
     if (!rc && rope_tables(e) != 0)
         rc = td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
-    if (!rc)
+    if (!rc && with_experts)
         rc = hybrid_engine_open(e, err, errlen);
-    if (!rc && !e->hy)
+    if (!rc && !e->hy && with_experts)
         rc = engine_pack_experts(e, err, errlen);
     if (rc) {
         tandem_engine_close(e);

@@ -49,6 +49,11 @@ struct tandem_engine {
     void **owned;               /* buffers made at load (converted tensors) */
     int n_owned, cap_owned;
     int64_t owned_bytes;        /* their sizes added up (what the memory plan is checked against) */
+    int64_t mapped_bytes;       /* bytes of checkpoint tensors used in place from the mapping (resident once read) */
+    int experts_materialised;   /* routed experts are BF16/F32 matrices for the reference loop (--cpu-experts f32);
+                                   otherwise views of the checkpoint in its own dtype (or dummy generators), read
+                                   only while packing (runtime/experts.c) */
+    int pack_state;             /* PACK_*: what `tandem convert`'s packs for params.cpu_experts are (runtime/pack.c) */
     float *rope_inv_freq;       /* [rope_dim/2] */
     int64_t weight_bytes;
     struct moe_op **moe;        /* [n_layer] packed CPU experts (CPU-only runs), NULL when not MoE */
@@ -87,9 +92,52 @@ struct tandem_session {
     int64_t routed_tokens;
 };
 
-/* Where `tandem convert` puts a layer's packed experts. */
+/* Where `tandem convert` puts a layer's packed experts, and the directory. */
 void engine_packed_path(const tandem_engine *e, int fmt, int layer, char *buf, size_t n);
+void engine_pack_dir(const tandem_engine *e, int fmt, char *buf, size_t n);
+const char *engine_fmt_name(int fmt);
+
+/* ---- routed experts for the CPU MoE operator (experts.c) ----------------
+ * The operator of MoE layer l holding every expert x with gpu_slot[x] < 0
+ * (gpu_slot NULL: all), in format fmt (TANDEM_FMT_BF16/INT8/INT4/FP8): mapped
+ * from the layer's pack when the engine's packs are valid (PACK_OK), else
+ * packed from the checkpoint's own dtype (BF16, F32, F16, FP8 with block
+ * scales, or dummy weights), a row block at a time, with no copy of the
+ * source. Afterwards the layer's checkpoint pages are released from the
+ * process unless keep_source (the GPU streams them, or the reference loop
+ * reads them). */
+struct moe_op;
+int experts_cpu_op(tandem_engine *e, int l, const int32_t *gpu_slot, int fmt, int keep_source, struct moe_op **out,
+                   char *err, size_t errlen);
+/* drop layer l's expert source pages from the process (no-op for dummy weights) */
+void experts_release(tandem_engine *e, int l);
+/* bytes one expert's three matrices take in the checkpoint as stored */
+int64_t experts_source_bytes(const tandem_engine *e, int l, int x);
+
+/* ---- packs on disk (pack.c) ---------------------------------------------
+ * A pack directory holds layer-N.bin per MoE layer and manifest.txt, the
+ * fingerprint of what it was made from: format, partitions, architecture and
+ * shapes, a hash of config.json, each shard's name, size, modification time
+ * and header hash, and per MoE layer a hash of sampled bytes of every expert
+ * tensor. */
+enum { PACK_NONE = 0, PACK_OK = 1 };
+/* Decide e->pack_state for format fmt, once the weights are bound (the
+ * fingerprint samples the expert views): PACK_NONE when there is no pack (or
+ * the weights are dummy, or params.ignore_packs), PACK_OK when the manifest matches this checkpoint
+ * and config and every layer file is there; an error naming the file and
+ * the mismatch otherwise (another model's pack, a changed checkpoint, a
+ * partly written pack). */
+int pack_check(tandem_engine *e, int fmt, char *err, size_t errlen);
+/* write the manifest of e's checkpoint for format fmt into dir */
+int pack_write_manifest(const tandem_engine *e, int fmt, const char *dir, char *err, size_t errlen);
+/* 1 when dir's manifest describes e's checkpoint for fmt (message in err when not) */
+int pack_manifest_matches(const tandem_engine *e, int fmt, const char *dir, char *err, size_t errlen);
 int engine_load_weights(tandem_engine *e, char *err, size_t errlen);
+/* tandem_engine_open; with_experts = 0 binds the weights but neither packs
+ * the CPU experts nor opens the GPU (`tandem convert` packs them a layer at a
+ * time itself) */
+int engine_open(const char *path, const tandem_engine_params *p, int with_experts, tandem_engine **out, char *err,
+                size_t errlen);
 void engine_free_weights(tandem_engine *e);
 int forward_batch(tandem_session *s, const tandem_batch *b, char *err, size_t errlen);
 

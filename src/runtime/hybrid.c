@@ -37,12 +37,15 @@
 
 static int64_t esz(const mat *m) { return m->dt == DT_F32 ? 4 : 2; }
 
+/* a matrix the model has (dummy experts have no data but a shape) */
+static int present(const mat *m) { return m && (m->data || m->rows); }
+
 /* Bytes on the GPU of matrices fused into one (F32 if any part is F32). */
 static int64_t fused_bytes(const mat *const *parts, int n)
 {
     int64_t elems = 0, es = 2;
     for (int i = 0; i < n; i++) {
-        if (!parts[i] || !parts[i]->data)
+        if (!present(parts[i]))
             continue;
         elems += parts[i]->rows * parts[i]->cols;
         if (esz(parts[i]) == 4)
@@ -158,20 +161,23 @@ static void *dev_alloc(hybrid_engine *hy, size_t bytes, char *err, size_t errlen
     return p;
 }
 
-/* Upload rows of one or more matrices (same cols) as one device matrix. */
+/* Upload rows of one or more matrices (same cols) as one device matrix:
+ * F32 if any part is F32, else BF16. Parts held otherwise (routed experts
+ * that stay F16 or FP8 views of the checkpoint, or dummy generators: see
+ * load.c) are converted one at a time through a temporary buffer. */
 static int up_mats(hybrid_engine *hy, gpu_mat *dst, const mat *const *parts, int n, char *err, size_t errlen)
 {
     int64_t rows = 0, cols = -1;
     int f32 = 0;
     for (int i = 0; i < n; i++) {
-        if (!parts[i] || !parts[i]->data)
+        if (!present(parts[i]))
             continue;
         if (cols >= 0 && parts[i]->cols != cols)
             return td_err(err, errlen, TANDEM_EINVAL, "GPU upload: fused matrices differ in width (%lld vs %lld)",
                           (long long)cols, (long long)parts[i]->cols);
         cols = parts[i]->cols;
         rows += parts[i]->rows;
-        f32 |= parts[i]->dt == DT_F32;
+        f32 |= parts[i]->dt == DT_F32 && parts[i]->data;
     }
     memset(dst, 0, sizeof *dst);
     if (rows == 0)
@@ -183,20 +189,31 @@ static int up_mats(hybrid_engine *hy, gpu_mat *dst, const mat *const *parts, int
     size_t off = 0;
     for (int i = 0; i < n; i++) {
         const mat *m = parts[i];
-        if (!m || !m->data)
+        if (!present(m))
             continue;
         size_t count = (size_t)(m->rows * m->cols);
         int rc;
-        if ((m->dt == DT_F32) == f32) {
+        if (m->data && (m->dt == DT_F32 || m->dt == DT_BF16) && (m->dt == DT_F32) == f32) {
             rc = gpu_upload(base + off, m->data, count * es, err, errlen);
-        } else { /* BF16 part of an F32 matrix: widen exactly */
-            float *tmp = malloc(count * 4);
-            if (!tmp)
-                return td_err(err, errlen, TANDEM_ENOMEM, "out of memory widening a matrix for the GPU");
-            for (size_t k = 0; k < count; k++)
-                tmp[k] = bf16_to_f32(((const uint16_t *)m->data)[k]);
-            rc = gpu_upload(base + off, tmp, count * 4, err, errlen);
+        } else { /* widen BF16 exactly into an F32 matrix, or make BF16/F32 rows of any other kind */
+            void *tmp = malloc(count * es);
+            float *row = malloc((size_t)m->cols * 4);
+            if (!tmp || !row) {
+                free(tmp);
+                free(row);
+                return td_err(err, errlen, TANDEM_ENOMEM, "out of memory converting a matrix for the GPU");
+            }
+            for (int64_t r = 0; r < m->rows; r++) {
+                mat_row_f32(m, r, row);
+                for (int64_t k = 0; k < m->cols; k++)
+                    if (f32)
+                        ((float *)tmp)[r * m->cols + k] = row[k];
+                    else
+                        ((uint16_t *)tmp)[r * m->cols + k] = f32_to_bf16(row[k]);
+            }
+            rc = gpu_upload(base + off, tmp, count * es, err, errlen);
             free(tmp);
+            free(row);
         }
         if (rc)
             return rc;
@@ -412,10 +429,8 @@ static int upload_layer(hybrid_engine *hy, const tandem_engine *e, int l, char *
 static int pack_cpu_experts(hybrid_engine *hy, tandem_engine *e, int l, char *err, size_t errlen)
 {
     const model_desc *d = &e->d;
-    const layer_weights *L = &e->layers[l];
     hy_layer *H = &hy->L[l];
-    const int E = d->n_expert;
-    if (hy->cpu_ref || H->n_gpu_exp >= E)
+    if (hy->cpu_ref || H->n_gpu_exp >= d->n_expert)
         return 0;
     /* The CPU engine already packed every expert of this layer in this
      * format: share its operator rather than pack a second copy. */
@@ -424,42 +439,13 @@ static int pack_cpu_experts(hybrid_engine *hy, tandem_engine *e, int l, char *er
         H->moe_borrowed = 1;
         return 0;
     }
-    const void **g = calloc((size_t)E, sizeof *g), **u = calloc((size_t)E, sizeof *u),
-               **dn = calloc((size_t)E, sizeof *dn);
-    int rc = 0;
-    if (!g || !u || !dn) {
-        rc = td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
-        goto done;
-    }
-    td_dtype dt = L->exp_gate[0].dt;
-    for (int x = 0; x < E; x++) {
-        if (H->slot_host[x] >= 0)
-            continue;
-        if (L->exp_gate[x].dt != dt || L->exp_up[x].dt != dt || L->exp_down[x].dt != dt) {
-            rc = td_err(err, errlen, TANDEM_EUNSUPPORTED, "layer %d: experts mix F32 and BF16 matrices", l);
-            goto done;
-        }
-        g[x] = L->exp_gate[x].data;
-        u[x] = L->exp_up[x].data;
-        dn[x] = L->exp_down[x].data;
-    }
-    moe_desc md = { 0 };
-    md.n_expert = E;
-    md.d_model = d->d_model;
-    md.d_ff = d->d_ff_expert;
-    md.fmt = (moe_fmt)hy->moe_fmt;
-    md.src = dt == DT_F32 ? MOE_SRC_F32 : MOE_SRC_BF16;
-    md.gate = (const void *const *)g;
-    md.up = (const void *const *)u;
-    md.down = (const void *const *)dn;
-    rc = moe_create(&H->moe, &md, e->pool, err, errlen);
-    if (rc)
-        td_err_prefix(err, errlen, rc, "packing CPU experts");
-done:
-    free(g);
-    free(u);
-    free(dn);
-    return rc;
+    /* Streaming copies the experts from the checkpoint's own BF16/F32 pages
+     * (hybrid_stream.c), so those stay; any other source is released */
+    hybrid_opts o;
+    hybrid_opts_default(&o);
+    const mat *m0 = &e->layers[l].exp_gate[0];
+    int keep = o.stream_min > 0 && m0->data && (m0->dt == DT_BF16 || m0->dt == DT_F32);
+    return experts_cpu_op(e, l, H->slot_host, hy->moe_fmt, keep, &H->moe, err, errlen);
 }
 
 /* ---- open / close ------------------------------------------------------------------ */
@@ -538,9 +524,10 @@ int hybrid_engine_open(tandem_engine *e, char *err, size_t errlen)
     const char *ref = getenv("TANDEM_HYBRID_CPU");
     hy->cpu_ref = ref && !strcmp(ref, "ref");
     hy->moe_fmt = e->params.cpu_experts;
-    if (hy->moe_fmt < TANDEM_FMT_BF16 || hy->moe_fmt > TANDEM_FMT_INT4) {
+    if (hy->moe_fmt != TANDEM_FMT_BF16 && hy->moe_fmt != TANDEM_FMT_INT8 && hy->moe_fmt != TANDEM_FMT_INT4 &&
+        hy->moe_fmt != TANDEM_FMT_FP8) {
         hy_free(hy, d->n_layer);
-        return td_err(err, errlen, TANDEM_EINVAL, "cpu_experts: format %d is not one of bf16, int8, int4",
+        return td_err(err, errlen, TANDEM_EINVAL, "cpu_experts: format %d is not one of bf16, int8, int4, fp8",
                       e->params.cpu_experts);
     }
     int64_t budget = (int64_t)(e->params.gpu_mem_gb * 1e9);
@@ -599,7 +586,6 @@ void hybrid_plan_print(const tandem_engine *e, FILE *out)
     }
     const gpu_info *g = &hy->info;
     const hybrid_plan *p = &hy->plan;
-    static const char *fmt[] = { "bf16", "int8", "int4" };
     fprintf(out, "gpu:          %d: %s, compute %d.%d, %d SMs, %.1f GB (%.1f GB free at load), driver %d.%d\n",
             hy->device, g->name, g->cc_major, g->cc_minor, g->n_sm, g->mem_total / 1e9, g->mem_free / 1e9,
             g->driver_version / 1000, g->driver_version % 1000 / 10);
@@ -611,7 +597,7 @@ void hybrid_plan_print(const tandem_engine *e, FILE *out)
                 "              routed experts: %d of %d per MoE layer on the GPU (%.2f GB), the rest on the CPU "
                 "(%.2f GB as stored, %s, %s)\n",
                 p->gpu_experts, e->d.n_expert, p->gpu_expert_bytes / 1e9, p->cpu_expert_bytes / 1e9,
-                hy->cpu_ref ? "reference loop" : fmt[hy->moe_fmt],
+                hy->cpu_ref ? "reference loop" : engine_fmt_name(hy->moe_fmt),
                 hy->cpu_ref ? "fp32" : "MoE operator");
     if (p->n_moe_layers && p->gpu_experts > 0 && p->gpu_experts < e->d.n_expert) {
         if (hy->hot_counts) {

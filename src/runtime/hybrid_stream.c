@@ -141,6 +141,14 @@ int hy_stream_usable(hybrid_session *hs)
     if (l0 < 0)
         return 0;
     const td_dtype dt = e->layers[l0].exp_gate[0].dt;
+    if (!e->layers[l0].exp_gate[0].data || (dt != DT_BF16 && dt != DT_F32)) {
+        /* the copy reads the checkpoint's own pages; a BF16 copy of FP8, F16 or dummy experts would be a second
+         * resident copy of every expert, which the load path never makes */
+        td_log(TD_LOG_WARN, "expert streaming off: it copies BF16 experts from the checkpoint's own pages, and this "
+                            "model's experts are %s",
+               e->layers[l0].exp_gate[0].data ? dtype_name(dt) : "dummy weights (generated while packing)");
+        return 0;
+    }
     for (int l = 0; l < d->n_layer; l++)
         for (int x = 0; d->layer_moe[l] && x < d->n_expert; x++) {
             const layer_weights *L = &e->layers[l];

@@ -110,7 +110,9 @@ static void fp8_job(void *arg, int64_t b, int64_t e)
     }
 }
 
-static int dequant_fp8(tandem_engine *e, const tensor_spec *s, const st_tensor *t, mat *m, char *err, size_t errlen)
+/* The block scales of FP8 tensor s (weight_scale_inv), checked against its shape. */
+static int fp8_scales(tandem_engine *e, const tensor_spec *s, const st_tensor *t, const float **out, char *err,
+                      size_t errlen)
 {
     char sname[160], sh[64];
     snprintf(sname, sizeof sname, "%s_scale_inv", s->name);
@@ -127,13 +129,39 @@ static int dequant_fp8(tandem_engine *e, const tensor_spec *s, const st_tensor *
                       st_shape_str(sc->shape, sc->ndim, sh, sizeof sh), st_shape_str(want, 2, sh + 32, 32),
                       (long long)br, (long long)bc);
     }
+    *out = sc->data;
+    return 0;
+}
+
+static int dequant_fp8(tandem_engine *e, const tensor_spec *s, const st_tensor *t, mat *m, char *err, size_t errlen)
+{
+    const float *scale;
+    int rc = fp8_scales(e, s, t, &scale, err, errlen);
+    if (rc)
+        return rc;
+    int64_t bc = e->d.fp8_block[1], scc = (s->cols + bc - 1) / bc;
     uint16_t *out = own(e, (size_t)(s->rows * s->cols) * 2);
     if (!out)
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory dequantising '%s'", s->name);
-    fp8_ctx c = { t->data, sc->data, out, s->rows, s->cols, scc, (int)br, (int)bc };
+    fp8_ctx c = { t->data, scale, out, s->rows, s->cols, scc, e->d.fp8_block[0], (int)bc };
     pool_run(e->pool, s->rows, 16, fp8_job, &c);
-    *m = (mat){ out, DT_BF16, s->rows, s->cols };
+    *m = (mat){ .data = out, .dt = DT_BF16, .rows = s->rows, .cols = s->cols };
     return 0;
+}
+
+/* A routed expert's matrix that is only packed for the CPU MoE operator (or
+ * uploaded to the GPU) is not converted here: it stays a view of the
+ * checkpoint in its own dtype, and packing reads it a row block at a time,
+ * so no second copy of the experts is ever made. */
+static int bind_expert_view(tandem_engine *e, const tensor_spec *s, const st_tensor *t, mat *m, char *err,
+                            size_t errlen)
+{
+    *m = (mat){ .data = t->data, .dt = t->dtype, .rows = s->rows, .cols = s->cols };
+    if (t->dtype != DT_F8_E4M3)
+        return 0;
+    m->bn = e->d.fp8_block[0];
+    m->bk = e->d.fp8_block[1];
+    return fp8_scales(e, s, t, &m->scale, err, errlen);
 }
 
 /* ---- binding one tensor --------------------------------------------------- */
@@ -170,11 +198,16 @@ static int bind_tensor(tandem_engine *e, const tensor_spec *s, const st_tensor *
         e->weight_bytes += n * 4;
         return 0;
     }
+    if (s->expert >= 0 && !e->experts_materialised && (t->dtype == DT_F16 || (t->dtype == DT_F8_E4M3 && e->d.fp8)))
+        return bind_expert_view(e, s, t, m, err, errlen);
     switch (t->dtype) {
     case DT_BF16:
     case DT_F32:
-        *m = (mat){ t->data, t->dtype, s->rows, s->cols };
-        e->weight_bytes += (int64_t)t->nbytes;
+        *m = (mat){ .data = t->data, .dt = t->dtype, .rows = s->rows, .cols = s->cols };
+        if (s->expert < 0 || e->experts_materialised) {
+            e->weight_bytes += (int64_t)t->nbytes;
+            e->mapped_bytes += (int64_t)t->nbytes;
+        }
         return 0;
     case DT_F16: {
         float *out = own(e, (size_t)n * 4);
@@ -182,7 +215,7 @@ static int bind_tensor(tandem_engine *e, const tensor_spec *s, const st_tensor *
             return td_err(err, errlen, TANDEM_ENOMEM, "out of memory converting '%s'", s->name);
         for (int64_t i = 0; i < n; i++)
             out[i] = f16_to_f32(((const uint16_t *)t->data)[i]);
-        *m = (mat){ out, DT_F32, s->rows, s->cols };
+        *m = (mat){ .data = out, .dt = DT_F32, .rows = s->rows, .cols = s->cols };
         e->weight_bytes += n * 4;
         return 0;
     }
@@ -229,9 +262,11 @@ static int bind_fused_expert(tandem_engine *e, const tensor_spec *s, char *err, 
     float **vec;
     mat *m;
     slot_target(e, s, &vec, &m);
-    *m = (mat){ base, t->dtype, s->rows, s->cols };
-    if (s->slot != TS_EXP_UP)
+    *m = (mat){ .data = base, .dt = t->dtype, .rows = s->rows, .cols = s->cols };
+    if (s->slot != TS_EXP_UP && e->experts_materialised) {
         e->weight_bytes += (int64_t)(r * c * es);
+        e->mapped_bytes += (int64_t)(r * c * es);
+    }
     return 0;
 }
 
@@ -243,28 +278,11 @@ typedef struct {
     float amp;
 } fill_ctx;
 
-static uint64_t splitmix(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 static void fill_job(void *arg, int64_t b, int64_t e)
 {
     const fill_ctx *c = arg;
-    for (int64_t r = b; r < e; r++) {
-        uint64_t st = c->seed ^ (uint64_t)r * 0x2545f4914f6cdd1dull;
-        uint16_t *row = c->out + r * c->cols;
-        for (int64_t k = 0; k < c->cols; k += 4) {
-            uint64_t v = splitmix(&st);
-            for (int j = 0; j < 4 && k + j < c->cols; j++) {
-                float u = (float)((v >> (16 * j)) & 0xffff) / 32768.0f - 1.0f;
-                row[k + j] = f32_to_bf16(u * c->amp);
-            }
-        }
-    }
+    for (int64_t r = b; r < e; r++)
+        mat_dummy_row(c->seed, r, 0, c->cols, c->amp, c->out + r * c->cols, NULL);
 }
 
 static int bind_dummy(tandem_engine *e, const tensor_spec *s, char *err, size_t errlen)
@@ -286,13 +304,18 @@ static int bind_dummy(tandem_engine *e, const tensor_spec *s, char *err, size_t 
         e->weight_bytes += s->rows * 4;
         return 0;
     }
+    if (s->expert >= 0 && !e->experts_materialised) {
+        /* generated while packing, a row block at a time (mat_row_range_f32) */
+        *m = (mat){ .data = NULL, .dt = DT_BF16, .rows = s->rows, .cols = s->cols, .seed = h };
+        return 0;
+    }
     uint16_t *out = own(e, (size_t)(s->rows * s->cols) * 2);
     if (!out)
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory making dummy '%s' (%lld x %lld)", s->name,
                       (long long)s->rows, (long long)s->cols);
-    fill_ctx c = { out, s->cols, h, s->slot == TS_EMBED ? 1.0f : sqrtf(3.0f / (float)s->cols) };
+    fill_ctx c = { out, s->cols, h, s->slot == TS_EMBED ? 1.0f : mat_dummy_amp(s->cols) };
     pool_run(e->pool, s->rows, 64, fill_job, &c);
-    *m = (mat){ out, DT_BF16, s->rows, s->cols };
+    *m = (mat){ .data = out, .dt = DT_BF16, .rows = s->rows, .cols = s->cols };
     e->weight_bytes += s->rows * s->cols * 2;
     return 0;
 }
@@ -300,6 +323,10 @@ static int bind_dummy(tandem_engine *e, const tensor_spec *s, char *err, size_t 
 int engine_load_weights(tandem_engine *e, char *err, size_t errlen)
 {
     const model_desc *d = &e->d;
+    /* the reference loop (and TANDEM_HYBRID_CPU=ref, read again by hybrid.c)
+     * multiplies by the expert matrices themselves */
+    const char *ref = getenv("TANDEM_HYBRID_CPU");
+    e->experts_materialised = e->params.cpu_experts == TANDEM_FMT_F32 || (ref && !strcmp(ref, "ref"));
     e->layers = calloc((size_t)d->n_layer, sizeof *e->layers);
     if (!e->layers)
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
@@ -320,7 +347,7 @@ int engine_load_weights(tandem_engine *e, char *err, size_t errlen)
     for (int i = 0; i < n && !rc; i++) {
         const tensor_spec *s = &specs[i];
         if (e->params.progress && (i % 64 == 0 || i == n - 1))
-            e->params.progress((float)(i + 1) / (float)n, e->params.progress_user);
+            e->params.progress("loading", (float)(i + 1) / (float)n, (double)e->weight_bytes, e->params.progress_user);
         if (e->params.dummy_weights) {
             rc = bind_dummy(e, s, err, errlen);
             continue;
