@@ -54,7 +54,7 @@ static const moe_kernel *kernel_of(int isa)
 
 void moe_layout(struct moe_op *op)
 {
-    op->kalign = op->fmt == MOE_INT8 && op->group ? op->group : MOE_KALIGN;
+    op->kalign = op->fmt == MOE_INT8 && op->group ? op->group : op->fmt == MOE_FP8 ? MOE_FP8_G : MOE_KALIGN;
     op->kp = round_up(op->d_model, op->kalign);
     op->np = round_up(op->d_model, 32);
     int units = (op->d_ff + op->kalign - 1) / op->kalign, off = 0;
@@ -196,7 +196,7 @@ int moe_check_desc(const moe_desc *d, pool *p, int isa, struct moe_op *op, char 
     if (d->d_model < 1 || d->d_model > MOE_MAX_K || d->d_ff < 1 || d->d_ff > MOE_MAX_K)
         return td_err(err, errlen, TANDEM_EINVAL, "moe: d_model %d / d_ff %d out of range 1..%d", d->d_model,
                       d->d_ff, MOE_MAX_K);
-    if (d->fmt != MOE_BF16 && d->fmt != MOE_INT8 && d->fmt != MOE_INT4)
+    if (d->fmt != MOE_BF16 && d->fmt != MOE_INT8 && d->fmt != MOE_INT4 && d->fmt != MOE_FP8)
         return td_err(err, errlen, TANDEM_EINVAL, "moe: unknown packed format %d", (int)d->fmt);
     if (d->src < MOE_SRC_BF16 || d->src > MOE_SRC_FN)
         return td_err(err, errlen, TANDEM_EINVAL, "moe: unknown source dtype %d", (int)d->src);

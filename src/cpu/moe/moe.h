@@ -45,6 +45,23 @@
  *       but for INT4 on the AMX tile kernels, which by default (moe_tuning.i4)
  *       take result = sx * sum xq * bf16(fma(q, s, m)) in fp32 tile order:
  *       each weight rounded to bf16 (TANDEM_MOE_TUNE=i4=0: the exact path).
+ * FP8   weights W = s * q, q an E4M3 byte (e4m3fn: max 448, no infinities),
+ *       one fp32 scale s per row and group of 128 columns along K (d_ff
+ *       slices and K padding are multiples of 128). Packed from an FP8
+ *       source whose column blocks hold whole 128-groups (block_k a multiple
+ *       of 128, e.g. DeepSeek's 128 x 128 weight_scale_inv), q and s are the
+ *       checkpoint's, copied bit for bit (any block_n: the scale is stored
+ *       per row). From any other source (or blocks that do not map): s =
+ *       amax / 448 over the row's group in fp32, q = E4M3(x / s), rounded to
+ *       nearest even and saturated to +-448 (s = 0: q = 0). Activations x
+ *       rounded to bf16 (RNE); each q widened to bf16 exactly (every E4M3
+ *       value is a bf16 value; the NaN codes 0x7f / 0xff, which only a NaN
+ *       source value gives, read as +-480); per group g: D_g = sum of the bf16 * bf16
+ *       products in fp32 from 0, pairs in K order, odd element first (as
+ *       BF16: VDPBF16PS); acc = fma(s_g, D_g, acc) in group order;
+ *       h = bf16(silu(g) * u); down the same with h. AVX-512 matches the
+ *       reference to the bit; the AVX2 and tile (AMX) sets have no FP8 body
+ *       and decline it (the reference / the AVX-512 vector kernel run).
  * silu(g) = g / (1 + e(-g)) with e() a shared fma polynomial (moe_impl.h),
  * argument clamped to [-87, 87]. Output: out[t] = fma(w, y, out[t]) over the
  * token's (expert, weight) pairs: first the experts with fewer than amx_min
@@ -115,8 +132,12 @@ size_t moe_packed_expert_bytes(int d_model, int d_ff, moe_fmt fmt, int group, in
 #define MOE_AMX_MIN_BF16 8
 #define MOE_AMX_MIN_INT8 24
 #define MOE_AMX_MIN_INT4 40
-#define MOE_AMX_MIN_DEFAULT(fmt) \
-    ((fmt) == MOE_INT4 ? MOE_AMX_MIN_INT4 : (fmt) == MOE_INT8 ? MOE_AMX_MIN_INT8 : MOE_AMX_MIN_BF16)
+/* FP8 has no tile kernel yet: the vector kernel runs every expert, so the
+ * switch only orders the schedule (as BF16's; not swept) */
+#define MOE_AMX_MIN_FP8 8
+#define MOE_AMX_MIN_DEFAULT(fmt)                                                                              \
+    ((fmt) == MOE_INT4 ? MOE_AMX_MIN_INT4 : (fmt) == MOE_INT8 ? MOE_AMX_MIN_INT8 : (fmt) == MOE_FP8 ? MOE_AMX_MIN_FP8 \
+                                                                                                    : MOE_AMX_MIN_BF16)
 
 typedef struct moe_op moe_op;           /* packed weights, immutable after create */
 typedef struct moe_scratch moe_scratch; /* per session: sized once, no allocation per call */

@@ -1,6 +1,6 @@
 /*
- * moe_avx512.c - the AVX-512 vector kernels (VDPBF16PS for BF16, VPDPBUSD for
- * INT8/INT4): decode on every AVX-512 machine, and prefill where there is no
+ * moe_avx512.c - the AVX-512 vector kernels (VDPBF16PS for BF16 and FP8,
+ * VPDPBUSD for INT8/INT4): decode on every AVX-512 machine, and prefill where there is no
  * AMX. Compiled with the AVX-512 flags (file name); selected at run time only.
  *
  * A register lane is an output row: one 64-byte load is one packed tile row
@@ -208,6 +208,59 @@ MOE_AI void core_int4(const int NM, const int T, const uint8_t *w0, const uint8_
     }
 }
 
+/* FP8: each 64-byte line gives two bf16 tile rows (two pairs of K) after
+ * unpacking against zero and widening (moe_e4m3x32_bf16); per 128-group the
+ * pair products are summed by VDPBF16PS in K order from zero (the order of
+ * BF16), then acc = fma(scale, D_g, acc). The widening is paid once per
+ * weight and shared by the T tokens; decode streams ~1 byte per weight. */
+MOE_AI void core_fp8(const int NM, const int T, const uint8_t *w0, const uint8_t *w1, int kp, const uint16_t *x,
+                     size_t ldx, __m512 *acc)
+{
+    const size_t pfd = (size_t)moe_tuning.pfd;
+    const int pfh = moe_tuning.pfh;
+    const __m512i sub = _mm512_loadu_si512(moe_e4m3_sub), zero = _mm512_setzero_si512();
+    __m512 d[2 * MOE_TB_FP8];
+#pragma GCC unroll 12
+    for (int i = 0; i < NM * T; i++)
+        acc[i] = _mm512_setzero_ps();
+    for (int g = 0; g < kp / MOE_FP8_G; g++) {
+        const uint8_t *p0 = w0 + (size_t)g * MOE_FP8_GBYTES, *p1 = w1 + (size_t)g * MOE_FP8_GBYTES;
+        const uint16_t *xg = x + (size_t)g * MOE_FP8_G;
+#pragma GCC unroll 12
+        for (int i = 0; i < NM * T; i++)
+            d[i] = _mm512_setzero_ps();
+        for (int l = 0; l < MOE_FP8_G / 4; l++) {
+            MOE_PF((p0 + l * 64 + PFD), _MM_HINT_T0);
+            __m512i v0 = _mm512_load_si512(p0 + l * 64);
+            __m512bh a0 = (__m512bh)moe_e4m3x32_bf16(_mm512_unpacklo_epi8(v0, zero), sub);
+            __m512bh b0 = (__m512bh)moe_e4m3x32_bf16(_mm512_unpackhi_epi8(v0, zero), sub), a1 = a0, b1 = b0;
+            if (NM == 2) {
+                MOE_PF((p1 + l * 64 + PFD), _MM_HINT_T0);
+                __m512i v1 = _mm512_load_si512(p1 + l * 64);
+                a1 = (__m512bh)moe_e4m3x32_bf16(_mm512_unpacklo_epi8(v1, zero), sub);
+                b1 = (__m512bh)moe_e4m3x32_bf16(_mm512_unpackhi_epi8(v1, zero), sub);
+            }
+#pragma GCC unroll 6
+            for (int t = 0; t < T; t++) {
+                __m512bh xa = (__m512bh)moe_bcast4(xg + (size_t)t * ldx + 4 * l);
+                __m512bh xb = (__m512bh)moe_bcast4(xg + (size_t)t * ldx + 4 * l + 2);
+                d[t] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(d[t], a0, xa), b0, xb);
+                if (NM == 2)
+                    d[T + t] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(d[T + t], a1, xa), b1, xb);
+            }
+        }
+        __m512 s0 = _mm512_load_ps(p0 + 2048), s1 = s0;
+        if (NM == 2)
+            s1 = _mm512_load_ps(p1 + 2048);
+#pragma GCC unroll 6
+        for (int t = 0; t < T; t++) {
+            acc[t] = _mm512_fmadd_ps(s0, d[t], acc[t]);
+            if (NM == 2)
+                acc[T + t] = _mm512_fmadd_ps(s1, d[T + t], acc[T + t]);
+        }
+    }
+}
+
 /* ---- instantiations per T ---------------------------------------------- */
 
 typedef struct {
@@ -232,6 +285,8 @@ MOE_AI void run_blk(const int FMT, const int NM, const int T, const blk_args *b)
     const moe_act *a = b->a;
     if (FMT == MOE_BF16)
         core_bf16(NM, T, b->w0, b->w1, b->kp, (const uint16_t *)a->x + (size_t)b->i0 * a->ld, a->ld, acc);
+    else if (FMT == MOE_FP8)
+        core_fp8(NM, T, b->w0, b->w1, b->kp, (const uint16_t *)a->x + (size_t)b->i0 * a->ld, a->ld, acc);
     else if (FMT == MOE_INT8)
         core_int8(NM, T, b->w0, b->w1, b->kp, b->group, (const int8_t *)a->x + (size_t)b->i0 * a->ld, a->ld, b->corr,
                   a->sx + b->i0, acc);
@@ -241,7 +296,7 @@ MOE_AI void run_blk(const int FMT, const int NM, const int T, const blk_args *b)
 #pragma GCC unroll 12
     for (int t = 0; t < T; t++) {
         if (NM == 2) {
-            size_t esz = FMT == MOE_BF16 ? 2 : 4;
+            size_t esz = moe_act_bf16(FMT) ? 2 : 4;
             moe_store_h512(FMT, (uint8_t *)b->h + (size_t)t * b->ldh * esz, acc[t], acc[T + t]);
         } else {
             int i = b->i0 + t;
@@ -258,23 +313,29 @@ INST(MOE_BF16, 1) INST(MOE_BF16, 2) INST(MOE_BF16, 3) INST(MOE_BF16, 4) INST(MOE
 INST(MOE_BF16, 7) INST(MOE_BF16, 8) INST(MOE_BF16, 9) INST(MOE_BF16, 10) INST(MOE_BF16, 11) INST(MOE_BF16, 12)
 INST(MOE_INT8, 1) INST(MOE_INT8, 2) INST(MOE_INT8, 3) INST(MOE_INT8, 4) INST(MOE_INT8, 5) INST(MOE_INT8, 6)
 INST(MOE_INT4, 1) INST(MOE_INT4, 2) INST(MOE_INT4, 3) INST(MOE_INT4, 4)
+INST(MOE_FP8, 1) INST(MOE_FP8, 2) INST(MOE_FP8, 3) INST(MOE_FP8, 4) INST(MOE_FP8, 5) INST(MOE_FP8, 6)
 #undef INST
 
 typedef void (*blk_fn)(const blk_args *);
-static const blk_fn up_tab[3][13] = {
+static const blk_fn up_tab[4][13] = {
     { NULL, up_MOE_BF16_1, up_MOE_BF16_2, up_MOE_BF16_3, up_MOE_BF16_4, up_MOE_BF16_5, up_MOE_BF16_6, up_MOE_BF16_7,
       up_MOE_BF16_8, up_MOE_BF16_9, up_MOE_BF16_10, up_MOE_BF16_11, up_MOE_BF16_12 },
     { NULL, up_MOE_INT8_1, up_MOE_INT8_2, up_MOE_INT8_3, up_MOE_INT8_4, up_MOE_INT8_5, up_MOE_INT8_6 },
     { NULL, up_MOE_INT4_1, up_MOE_INT4_2, up_MOE_INT4_3, up_MOE_INT4_4 },
+    { NULL, up_MOE_FP8_1, up_MOE_FP8_2, up_MOE_FP8_3, up_MOE_FP8_4, up_MOE_FP8_5, up_MOE_FP8_6 },
 };
-static const blk_fn down_tab[3][13] = {
+static const blk_fn down_tab[4][13] = {
     { NULL, down_MOE_BF16_1, down_MOE_BF16_2, down_MOE_BF16_3, down_MOE_BF16_4, down_MOE_BF16_5, down_MOE_BF16_6,
       down_MOE_BF16_7, down_MOE_BF16_8, down_MOE_BF16_9, down_MOE_BF16_10, down_MOE_BF16_11, down_MOE_BF16_12 },
     { NULL, down_MOE_INT8_1, down_MOE_INT8_2, down_MOE_INT8_3, down_MOE_INT8_4, down_MOE_INT8_5, down_MOE_INT8_6 },
     { NULL, down_MOE_INT4_1, down_MOE_INT4_2, down_MOE_INT4_3, down_MOE_INT4_4 },
+    { NULL, down_MOE_FP8_1, down_MOE_FP8_2, down_MOE_FP8_3, down_MOE_FP8_4, down_MOE_FP8_5, down_MOE_FP8_6 },
 };
 
-static int tb_of(int fmt) { return fmt == MOE_BF16 ? MOE_TB_BF16 : fmt == MOE_INT8 ? MOE_TB_INT : MOE_TB_INT4; }
+static int tb_of(int fmt)
+{
+    return fmt == MOE_BF16 ? MOE_TB_BF16 : fmt == MOE_INT8 ? MOE_TB_INT : fmt == MOE_FP8 ? MOE_TB_FP8 : MOE_TB_INT4;
+}
 
 /* INT8: 128 x the activation sum of each group, for T rows */
 static void int8_corr(const moe_act *a, int i0, int T, int kp, int group, int32_t *corr)
@@ -296,7 +357,7 @@ static void avx512_up(int fmt, const moe_mat *g, const moe_mat *u, int rb0, int 
     (void)ts;
     int32_t corr[MOE_TB_INT * MOE_MAX_GROUPS];
     int tb = tb_of(fmt);
-    size_t esz = fmt == MOE_BF16 ? 2 : 4;
+    size_t esz = moe_act_bf16(fmt) ? 2 : 4;
     for (int i0 = 0; i0 < a->m; i0 += tb) {
         int T = a->m - i0 < tb ? a->m - i0 : tb;
         if (fmt == MOE_INT8)

@@ -205,7 +205,7 @@ static void scratch_carve(moe_scratch *s, const moe_op *op, uint8_t *base, size_
 {
     size_t at = 0, pairs = (size_t)s->max_tokens * (size_t)s->top_k, rows = (size_t)s->rows_max;
     size_t E = (size_t)op->n_expert, kp = (size_t)op->kp, ff = (size_t)op->ffpad;
-    int q = op->fmt != MOE_BF16;
+    int q = !moe_act_bf16(op->fmt);
     s->cnt = carve(base, &at, E * 4);
     s->off = carve(base, &at, E * 4);
     s->fill = carve(base, &at, E * 4);
@@ -396,7 +396,7 @@ static void gather_item(const fwd_ctx *c, int g)
 {
     const struct moe_op *op = c->op;
     moe_scratch *s = c->s;
-    size_t kp = (size_t)op->kp, esz = op->fmt == MOE_BF16 ? 2 : 1, rb = kp * esz;
+    size_t kp = (size_t)op->kp, esz = moe_act_bf16(op->fmt) ? 2 : 1, rb = kp * esz;
     uint8_t *xg = s->xg, *buf = rowbuf(s);
     if (g >= s->n_tg) { /* padding rows of the (g - n_tg)-th tiled expert */
         int k = g - s->n_tg;
@@ -453,7 +453,7 @@ static moe_act x_rows(const struct moe_op *op, const moe_scratch *s, int e)
 {
     moe_act a;
     size_t r = (size_t)s->off[e], kp = (size_t)op->kp;
-    a.x = (const uint8_t *)s->xg + r * kp * (op->fmt == MOE_BF16 ? 2 : 1); /* r is a multiple of 16 */
+    a.x = (const uint8_t *)s->xg + r * kp * (moe_act_bf16(op->fmt) ? 2 : 1); /* r is a multiple of 16 */
     a.sx = s->xsx + r;
     a.s32 = s->xs32 + r * (kp / 32);
     a.ld = kp;
@@ -469,7 +469,7 @@ static moe_act h_rows(const struct moe_op *op, const moe_scratch *s, int p, int 
     moe_act a;
     size_t r = (size_t)s->off[e], ff = (size_t)op->ffpad, col = (size_t)op->sl[p].off;
     int tiled = is_tiled(op, s, e);
-    if (op->fmt == MOE_BF16) {
+    if (moe_act_bf16(op->fmt)) {
         a.x = tiled ? (const uint8_t *)s->h + r * ff * 2 + col / 32 * 1024 : (const uint8_t *)s->h + (r * ff + col) * 2;
         a.sx = NULL;
         a.s32 = NULL;
@@ -512,7 +512,7 @@ static int up_item(const fwd_ctx *c, int p, int64_t it)
     moe_act a = x_rows(op, s, ex);
     size_t r = (size_t)s->off[ex], ff = (size_t)op->ffpad, col = (size_t)op->sl[p].off;
     void *h;
-    if (op->fmt != MOE_BF16)
+    if (!moe_act_bf16(op->fmt))
         h = (float *)s->h + r * ff + col;
     else if (is_tiled(op, s, ex))
         h = (uint8_t *)s->h + r * ff * 2 + col / 32 * 1024;
@@ -591,7 +591,7 @@ static int down_item(const fwd_ctx *c, int p, int64_t it)
     int nrb = (op->d_model + 15) / 16, rb0 = cgi * s->cg, rb1 = rb0 + s->cg < nrb ? rb0 + s->cg : nrb;
     int c0 = rb0 * 16, c1 = rb1 * 16 < op->d_model ? rb1 * 16 : op->d_model;
     float *dst = dest_of(c, p);
-    if (op->fmt == MOE_BF16)
+    if (moe_act_bf16(op->fmt))
         wait_for(&s->p1done[e], s->p1tot[e]);
     else
         wait_for(&s->qdone[e], s->nq[e]);
@@ -735,7 +735,7 @@ static void plan(struct moe_op *op, moe_scratch *s, pool *p, int n)
     for (int i = 0; i < s->n_ord; i++) {
         int e = s->order[i];
         ntiled += is_tiled(op, s, e) && s->cnt[e] % 16;
-        s->nq[e] = op->fmt == MOE_BF16 ? 0 : (s->cnt[e] + 15) / 16;
+        s->nq[e] = moe_act_bf16(op->fmt) ? 0 : (s->cnt[e] + 15) / 16;
         s->preq[i + 1] = s->preq[i] + s->nq[e];
         s->p1tot[e] = 0;
         atomic_store_explicit(&s->p1done[e], 0, memory_order_relaxed);

@@ -20,6 +20,17 @@
  *         q[n][4c+j] in its low half and q[n][4(c+4)+j] in its high half, so
  *         one 64-byte load gives two VNNI quad rows (c and c+4) after an AND
  *         and a shift.
+ *   FP8   rb = kp/128 groups of 2112 B: 32 lines of 64 B holding E4M3 bytes,
+ *         then the 16 rows' fp32 scales of the group (64 B). Line l holds
+ *         K columns 4l..4l+3 of the group for the 16 rows, ordered for
+ *         VPUNPCK{L,H}BW: byte 16(n/4) + 8(j/2) + 2(n%4) + (j%2) is
+ *         q[n][4l+j], so in each 128-bit lane the low 8 bytes are the pair
+ *         (4l, 4l+1) of rows 4(n/4)..+3 and the high 8 bytes the pair
+ *         (4l+2, 4l+3): one load, two unpacks against zero and a widening
+ *         give two BF16 tile rows (lane n = row n), as VDPBF16PS and an AMX
+ *         B tile read them. K is padded to 128 and d_ff is cut into slices
+ *         of 128 (kalign), so a DeepSeek 128 x 128 block scale maps onto
+ *         one group of 16-row blocks exactly.
  *
  * Every block and tile starts on a 64-byte boundary.
  *
@@ -54,11 +65,15 @@
 #define MOE_TB_BF16 12      /* tokens per pass of the vector kernels */
 #define MOE_TB_INT 6        /* INT8 */
 #define MOE_TB_INT4 4
+#define MOE_TB_FP8 6        /* FP8: a group's partial sums and the totals both stay in registers */
 #define MOE_MAX_GROUPS (MOE_MAX_K / 64)
 
 /* ---- layout ----------------------------------------------------------- */
 
 static inline size_t moe_int8_group_bytes(int group) { return (size_t)group / 64 * 1024 + 64; }
+
+#define MOE_FP8_G 128        /* FP8 scale group along K (and its K / slice alignment) */
+#define MOE_FP8_GBYTES 2112  /* one group of one row block: 16 x 128 E4M3 + 16 fp32 scales */
 
 /* bytes of one row block of a matrix with kp padded columns */
 static inline size_t moe_rb_bytes(int fmt, int kp, int group)
@@ -66,6 +81,7 @@ static inline size_t moe_rb_bytes(int fmt, int kp, int group)
     switch (fmt) {
     case MOE_BF16: return (size_t)kp * 32;
     case MOE_INT8: return (size_t)(kp / group) * moe_int8_group_bytes(group);
+    case MOE_FP8: return (size_t)(kp / MOE_FP8_G) * MOE_FP8_GBYTES;
     default: return (size_t)(kp / 32) * 320;
     }
 }
@@ -90,6 +106,32 @@ static inline size_t moe_off_int4(int n, int k, int *shift)
     int r = (k % 32) / 4;
     *shift = r >= 4 ? 4 : 0;
     return (size_t)(k / 32) * 320 + (size_t)(r % 4) * 64 + (size_t)n * 4 + (size_t)(k % 4);
+}
+
+/* FP8: byte of q[n][k], and the fp32 scale of row n, group g */
+static inline size_t moe_off_fp8(int n, int k)
+{
+    int j = k % 4;
+    return (size_t)(k / MOE_FP8_G) * MOE_FP8_GBYTES + (size_t)((k % MOE_FP8_G) / 4) * 64 + (size_t)(n / 4) * 16 +
+           (size_t)(j / 2) * 8 + (size_t)(n % 4) * 2 + (size_t)(j % 2);
+}
+static inline size_t moe_off_fp8_scale(int n, int g)
+{
+    return (size_t)g * MOE_FP8_GBYTES + 2048 + (size_t)n * 4;
+}
+
+/* An E4M3 byte widened to bf16 bits, exactly (every E4M3 value is a bf16
+ * value), with the integer steps the vector kernels use on 32 words at a
+ * time: normal numbers rebias the exponent (7 -> 127) by one shift and one
+ * add; exponent 0 (zero and the subnormals m * 2^-9) comes from an 8-entry
+ * table; the sign is or-ed in. The NaN codes 0x7f / 0xff are not weights
+ * (only a NaN source value packs to one); they read as +-480 in every
+ * kernel set. */
+static const uint16_t moe_e4m3_sub[32] = { 0x0000, 0x3b00, 0x3b80, 0x3bc0, 0x3c00, 0x3c20, 0x3c40, 0x3c60 };
+static inline uint16_t moe_e4m3_to_bf16(uint8_t q)
+{
+    uint16_t mag = (q & 0x78) ? (uint16_t)(((q & 0x7f) << 4) + 0x3c00) : moe_e4m3_sub[q & 7];
+    return (uint16_t)(mag | ((q & 0x80) << 8));
 }
 
 /* byte address of 64-byte chunk c of activation row r in an array of rows
@@ -170,7 +212,7 @@ typedef struct {
     size_t rb_bytes;
     int nrb;            /* row blocks */
     int kp;             /* padded K (multiple of 64) */
-    int group;          /* INT8: K per scale group (divides kp); INT4: 32; BF16: kp */
+    int group;          /* INT8: K per scale group (divides kp); INT4: 32; FP8: 128; BF16: kp */
 } moe_mat;
 
 /* activation rows of one product (an expert's rows: gathered x, or h);
@@ -255,7 +297,10 @@ static inline moe_mat moe_mat_of(const struct moe_op *op, int p, int e, int whic
         m.kp = op->sl[p].pad;
         m.nrb = op->np / MOE_RB;
     }
-    m.group = op->fmt == MOE_INT4 ? 32 : op->fmt == MOE_INT8 ? (op->group ? op->group : m.kp) : m.kp;
+    m.group = op->fmt == MOE_INT4  ? 32
+              : op->fmt == MOE_INT8 ? (op->group ? op->group : m.kp)
+              : op->fmt == MOE_FP8  ? MOE_FP8_G
+                                    : m.kp;
     m.rb_bytes = m.kp ? moe_rb_bytes(op->fmt, m.kp, m.group) : 0;
     return m;
 }
@@ -314,6 +359,11 @@ void moe_bf16_row_f32(const float *x, int k, int kp, uint16_t *out);
 
 /* scalar fp32 <-> fp16 (RNE), for packing INT4 scales */
 uint16_t moe_f32_to_f16(float f);
+/* fp32 -> E4M3 (RNE, saturating to +-448; NaN -> 0x7f), for packing FP8 */
+uint8_t moe_f32_to_e4m3(float f);
+
+/* activations and h of this format are bf16 (BF16, FP8), not int8 */
+static inline int moe_act_bf16(int fmt) { return fmt == MOE_BF16 || fmt == MOE_FP8; }
 
 /* pack one expert (all partitions) from the source rows (moe_pack.c);
  * rb-granular so that moe_create can spread it over the pool */

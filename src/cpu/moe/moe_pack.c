@@ -46,6 +46,30 @@ uint16_t moe_f32_to_f16(float f)
     return (uint16_t)(sign | h);
 }
 
+uint8_t moe_f32_to_e4m3(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u)
+        return (uint8_t)(sign | 0x7f);                   /* NaN */
+    float x = fabsf(f);
+    if (x >= 448.0f)
+        return (uint8_t)(sign | 0x7e);                   /* saturate (inf too) */
+    if (x < 0.015625f)                                   /* below 2^-6: subnormal, step 2^-9 (8 -> 2^-6, 0x08) */
+        return (uint8_t)(sign | (int)nearbyintf(x * 512.0f));
+    int e = (int)(a >> 23) - 127;                        /* -6..8 */
+    uint32_t m = (a >> 20) & 7, rem = a & 0xfffffu;
+    if (rem > 0x80000u || (rem == 0x80000u && (m & 1)))
+        m++;
+    if (m == 8)
+        m = 0, e++;
+    if (e > 8 || (e == 8 && m > 6))
+        return (uint8_t)(sign | 0x7e);
+    return (uint8_t)(sign | ((e + 7) << 3) | m);
+}
+
 /* The mapping from a packed (row n, column k) to the source: returns 0 for
  * padding. which 0/1: rows are d_ff (slice), columns d_model; 2: rows d_model,
  * columns the d_ff slice. Source rows are read a row (or a row's slice) at a
@@ -265,6 +289,55 @@ static void pack_int4(const src_view *v, int rb, int kp, const float *rows, uint
     }
 }
 
+/* FP8 from an FP8 source whose column blocks hold whole 128-groups: the
+ * E4M3 bytes and the block scales are copied, so the packed weights are the
+ * checkpoint's, bit for bit. Padding: q = 0 (+0), scale 0. */
+static void pack_fp8_copy(const src_view *v, int rb, int kp, uint8_t *dst)
+{
+    for (int g = 0; g < kp / MOE_FP8_G; g++) {
+        uint8_t *gb = dst + (size_t)g * MOE_FP8_GBYTES;
+        float *scale = (float *)(gb + 2048);
+        memset(gb, 0, 2048);
+        for (int n = 0; n < 16; n++) {
+            int row = rb * 16 + n, r = v->row0 + row;
+            scale[n] = 0.0f;
+            if (row >= v->nrow)
+                continue;
+            int c0 = g * MOE_FP8_G, c1 = c0 + MOE_FP8_G < v->ncol ? c0 + MOE_FP8_G : v->ncol;
+            if (c0 >= c1)
+                continue;
+            scale[n] = v->scale[(size_t)(r / v->bn) * (size_t)v->nbk + (size_t)((v->col0 + c0) / v->bk)];
+            const uint8_t *q = (const uint8_t *)v->m + (size_t)r * v->ld + (size_t)v->col0;
+            for (int k = c0; k < c1; k++)
+                gb[moe_off_fp8(n, k) - (size_t)g * MOE_FP8_GBYTES] = q[k];
+        }
+    }
+}
+
+/* FP8 from any other source: per row and 128-group s = amax / 448 (fp32),
+ * q = E4M3(x / s) rounded to nearest even and saturated (s = 0: q = 0) */
+static void pack_fp8_quant(const src_view *v, int rb, int kp, const float *rows, uint8_t *dst)
+{
+    for (int g = 0; g < kp / MOE_FP8_G; g++) {
+        uint8_t *gb = dst + (size_t)g * MOE_FP8_GBYTES;
+        float *scale = (float *)(gb + 2048);
+        for (int n = 0; n < 16; n++) {
+            const float *x = rows + (size_t)n * kp + (size_t)g * MOE_FP8_G;
+            float amax = rb * 16 + n < v->nrow ? amax_of(x, MOE_FP8_G) : 0.0f, s = amax / 448.0f;
+            scale[n] = s;
+            for (int k = 0; k < MOE_FP8_G; k++)
+                gb[moe_off_fp8(n, k)] = s > 0.0f ? moe_f32_to_e4m3(x[k] / s) : 0;
+        }
+    }
+}
+
+/* an FP8 source maps onto the packed groups when no 128-group straddles two
+ * column blocks (slices and K start on multiples of 128) */
+static int fp8_lossless(const src_view *v)
+{
+    return v->src == MOE_SRC_FP8 && (v->bk % MOE_FP8_G == 0 || v->bk >= v->full_cols);
+}
+
 int moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int which, int rb)
 {
     moe_mat m = moe_mat_of(op, p, e, which);
@@ -274,6 +347,10 @@ int moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int
     uint8_t *dst = (uint8_t *)m.w + (size_t)rb * m.rb_bytes;
     if (op->fmt == MOE_BF16 && v.src == MOE_SRC_BF16) {
         pack_bf16(&v, NULL, rb, m.kp, dst);
+        return 0;
+    }
+    if (op->fmt == MOE_FP8 && fp8_lossless(&v)) {
+        pack_fp8_copy(&v, rb, m.kp, dst);
         return 0;
     }
     /* the block's rows as floats once (malloc: up to 4 MB; glibc keeps such
@@ -290,6 +367,8 @@ int moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int
         pack_bf16(&v, rows, rb, m.kp, dst);
     else if (op->fmt == MOE_INT8)
         pack_int8(&v, rb, m.kp, m.group, whole_row ? amax : NULL, rows, dst);
+    else if (op->fmt == MOE_FP8)
+        pack_fp8_quant(&v, rb, m.kp, rows, dst);
     else
         pack_int4(&v, rb, m.kp, rows, dst);
     free(rows);

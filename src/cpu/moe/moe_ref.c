@@ -27,6 +27,25 @@ static float row_bf16(const moe_mat *W, int rb, int n, const uint16_t *x)
     return acc;
 }
 
+/* FP8: per 128-group a sum as in row_bf16 of the weights widened to bf16
+ * (exact), then fma with the group's scale */
+static float row_fp8(const moe_mat *W, int rb, int n, const uint16_t *x)
+{
+    const uint8_t *b = W->w + (size_t)rb * W->rb_bytes;
+    float acc = 0.0f;
+    for (int g = 0; g < W->kp / MOE_FP8_G; g++) {
+        float d = 0.0f;
+        for (int k = g * MOE_FP8_G; k < (g + 1) * MOE_FP8_G; k += 2) {
+            d += bf16_to_f32(x[k + 1]) * bf16_to_f32(moe_e4m3_to_bf16(b[moe_off_fp8(n, k + 1)]));
+            d += bf16_to_f32(x[k]) * bf16_to_f32(moe_e4m3_to_bf16(b[moe_off_fp8(n, k)]));
+        }
+        float s;
+        memcpy(&s, b + moe_off_fp8_scale(n, g), 4);
+        acc = fmaf(s, d, acc);
+    }
+    return acc;
+}
+
 static float row_int8(const moe_mat *W, int rb, int n, const int8_t *x, float sx)
 {
     const uint8_t *b = W->w + (size_t)rb * W->rb_bytes;
@@ -68,6 +87,8 @@ static float row_dot(int fmt, const moe_mat *W, int rb, int n, const moe_act *a,
 {
     if (fmt == MOE_BF16)
         return row_bf16(W, rb, n, (const uint16_t *)a->x + (size_t)i * a->ld);
+    if (fmt == MOE_FP8)
+        return row_fp8(W, rb, n, (const uint16_t *)a->x + (size_t)i * a->ld);
     const int8_t *x = (const int8_t *)a->x + (size_t)i * a->ld;
     if (fmt == MOE_INT8)
         return row_int8(W, rb, n, x, a->sx[i]);
@@ -84,7 +105,7 @@ static void ref_up(int fmt, const moe_mat *g, const moe_mat *u, int rb0, int rb1
                 float gv = row_dot(fmt, g, rb, n, a, i), uv = row_dot(fmt, u, rb, n, a, i);
                 float hv = moe_silu(gv) * uv;
                 size_t o = (size_t)i * ldh + (size_t)rb * 16 + (size_t)n;
-                if (fmt == MOE_BF16)
+                if (moe_act_bf16(fmt))
                     ((uint16_t *)h)[o] = f32_to_bf16(hv);
                 else
                     ((float *)h)[o] = hv;

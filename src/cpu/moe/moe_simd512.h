@@ -44,7 +44,7 @@ MOE_AI __m512 moe_silu512(__m512 g)
 MOE_AI void moe_store_h512(int fmt, void *h, __m512 g, __m512 u)
 {
     __m512 v = _mm512_mul_ps(moe_silu512(g), u);
-    if (fmt == MOE_BF16)
+    if (moe_act_bf16(fmt))
         _mm256_storeu_si256((__m256i *)h, (__m256i)_mm512_cvtneps_pbh(v));
     else
         _mm512_storeu_ps((float *)h, v);
@@ -57,6 +57,18 @@ MOE_AI void moe_acc_out512(float *out, int col0, int ncols, float w, __m512 y)
     __mmask16 m = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
     __m512 o = _mm512_maskz_loadu_ps(m, out + col0);
     _mm512_mask_storeu_ps(out + col0, m, _mm512_fmadd_ps(_mm512_set1_ps(w), y, o));
+}
+
+/* 32 E4M3 weights, one per 16-bit word (zero-extended byte), widened to
+ * bf16 exactly as moe_e4m3_to_bf16() does; sub = moe_e4m3_sub as a vector.
+ * vpermw reads the low 5 bits of the word as the index, so a negative
+ * subnormal (0x80..0x87) finds its magnitude like a positive one. */
+MOE_AI __m512i moe_e4m3x32_bf16(__m512i z, __m512i sub)
+{
+    __m512i mag = _mm512_add_epi16(_mm512_slli_epi16(_mm512_and_si512(z, _mm512_set1_epi16(0x7f)), 4),
+                                   _mm512_set1_epi16(0x3c00));
+    mag = _mm512_mask_permutexvar_epi16(mag, _mm512_testn_epi16_mask(z, _mm512_set1_epi16(0x78)), z, sub);
+    return _mm512_ternarylogic_epi32(mag, _mm512_slli_epi16(z, 8), _mm512_set1_epi16((short)0x8000), 0xf8);
 }
 
 /* a 4-byte group of activations (bf16 pair or int8 quad) in every lane */
