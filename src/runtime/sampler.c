@@ -5,6 +5,10 @@
  *   penalties (repetition, presence, frequency over the last N tokens)
  *   -> greedy if temperature <= 0
  *   -> temperature -> top-k -> softmax -> top-p -> min-p -> draw.
+ * The softmax is over every candidate top-k leaves (the whole vocabulary when
+ * it is off), and top-p and min-p are measured on it: top-p keeps the shortest
+ * ranked head holding top_p of that mass, min-p then drops tokens below
+ * min_p x p(top). Ranking is by logit, ties by id, so cuts are deterministic.
  * The RNG is a splitmix64 stream from the seed, so a seed repeats a run.
  * All buffers are sized at creation; sampling allocates nothing.
  */
@@ -15,11 +19,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+typedef struct {
+    float w; /* logit / temperature */
+    int32_t id;
+} cand;
+
 struct tandem_sampler {
     tandem_sampling p;
     int n_vocab;
-    float *work;       /* [n_vocab] logits after penalties */
-    int32_t *idx;      /* [n_vocab] candidate ids */
+    float *work;       /* [n_vocab] logits after penalties, then divided by the temperature */
+    float *ex;         /* [n_vocab] exp(w - max w) of the candidates: p(token) / p(top) */
+    cand *cand;        /* [n_vocab] candidates, ranked as far as the cuts need */
     int32_t *count;    /* [n_vocab] occurrences in the window */
     int32_t *hist;     /* ring buffer of the last max_history tokens */
     int hist_cap, hist_len, hist_head;
@@ -53,10 +63,11 @@ int tandem_sampler_create(const tandem_sampling *p, int n_vocab, int max_history
     s->n_vocab = n_vocab;
     s->hist_cap = p->penalty_last_n > 0 ? p->penalty_last_n : (max_history > 0 ? max_history : 1);
     s->work = malloc((size_t)n_vocab * sizeof *s->work);
-    s->idx = malloc((size_t)n_vocab * sizeof *s->idx);
+    s->ex = malloc((size_t)n_vocab * sizeof *s->ex);
+    s->cand = malloc((size_t)n_vocab * sizeof *s->cand);
     s->count = calloc((size_t)n_vocab, sizeof *s->count);
     s->hist = malloc((size_t)s->hist_cap * sizeof *s->hist);
-    if (!s->work || !s->idx || !s->count || !s->hist) {
+    if (!s->work || !s->ex || !s->cand || !s->count || !s->hist) {
         tandem_sampler_free(s);
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
     }
@@ -70,7 +81,8 @@ void tandem_sampler_free(tandem_sampler *s)
     if (!s)
         return;
     free(s->work);
-    free(s->idx);
+    free(s->ex);
+    free(s->cand);
     free(s->count);
     free(s->hist);
     free(s);
@@ -106,23 +118,35 @@ static uint64_t next_u64(uint64_t *st)
     return z ^ (z >> 31);
 }
 
-/* Move the k largest work[idx[.]] to idx[0..k), sorted descending
- * (quickselect, then a sort of the k). */
-static void select_top(const float *w, int32_t *idx, int n, int k)
+/* ---- the cuts ------------------------------------------------------------------ */
+
+/* Candidates are ranked by scaled logit, descending, ties by ascending id: a
+ * total order, so a cut and a draw do not depend on how a sort moved ties. */
+static int before(cand a, cand b) { return a.w > b.w || (a.w == b.w && a.id < b.id); }
+
+static int cmp_cand(const void *x, const void *y)
+{
+    const cand *a = x, *b = y;
+    return before(*a, *b) ? -1 : before(*b, *a) ? 1 : 0;
+}
+
+/* Move the k first candidates (in the order above) to c[0..k), sorted
+ * (quickselect, then a sort of those k): top-k. */
+static void select_top(cand *c, int n, int k)
 {
     int lo = 0, hi = n - 1;
     while (lo < hi) {
-        float pivot = w[idx[(lo + hi) / 2]];
+        cand pivot = c[(lo + hi) / 2];
         int i = lo, j = hi;
         while (i <= j) {
-            while (w[idx[i]] > pivot)
+            while (before(c[i], pivot))
                 i++;
-            while (w[idx[j]] < pivot)
+            while (before(pivot, c[j]))
                 j--;
             if (i <= j) {
-                int32_t t = idx[i];
-                idx[i] = idx[j];
-                idx[j] = t;
+                cand t = c[i];
+                c[i] = c[j];
+                c[j] = t;
                 i++;
                 j--;
             }
@@ -134,15 +158,136 @@ static void select_top(const float *w, int32_t *idx, int n, int k)
         else
             break;
     }
-    for (int a = 1; a < k; a++) { /* insertion sort of the head; k is small */
-        int32_t v = idx[a];
-        int b = a - 1;
-        while (b >= 0 && (w[idx[b]] < w[v] || (w[idx[b]] == w[v] && idx[b] > v))) {
-            idx[b + 1] = idx[b];
-            b--;
-        }
-        idx[b + 1] = v;
+    qsort(c, (size_t)k, sizeof *c, cmp_cand);
+}
+
+/* The largest of w[0..n): eight running maxima, so the loop is not one chain
+ * of dependent compares. */
+static float max_of(const float *w, int n)
+{
+    float m[8];
+    for (int j = 0; j < 8; j++)
+        m[j] = w[0];
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++)
+            m[j] = w[i + j] > m[j] ? w[i + j] : m[j];
+    for (; i < n; i++)
+        m[0] = w[i] > m[0] ? w[i] : m[0];
+    for (int j = 1; j < 8; j++)
+        m[0] = m[j] > m[0] ? m[j] : m[0];
+    return m[0];
+}
+
+/* Draw from n candidates, ids c[i].id (or i when c is NULL), of weights
+ * ex[id] that sum, in this order, to z. */
+static int32_t draw(tandem_sampler *s, const cand *c, int n, double z)
+{
+    double u = (double)(next_u64(&s->rng) >> 11) / 9007199254740992.0 * z, acc = 0;
+    int32_t pick = 0;
+    for (int i = 0; i < n; i++) {
+        int32_t id = c ? c[i].id : i;
+        float e = s->ex[id];
+        if (e > 0) /* if rounding leaves u at the total, the last token of nonzero weight */
+            pick = id;
+        acc += e;
+        if (u < acc)
+            break;
     }
+    return pick;
+}
+
+/* Buckets of weight (p(token) / p(top), in (0, 1]) for finding the head the
+ * cuts fall in: 4 per octave from 1 down to 2^-63, smaller weights in the
+ * last. A larger weight never lands in a later bucket, so the tokens of the
+ * first buckets are a head of the ranking. */
+#define N_BUCKET 256
+
+static int bucket_of(float e)
+{
+    uint32_t b;
+    memcpy(&b, &e, sizeof b);
+    uint32_t k = (0x3f800000u - b) >> 21; /* 1.0f is 0x3f800000; 0 and NaN wrap past the end */
+    return k < N_BUCKET ? (int)k : N_BUCKET - 1;
+}
+
+/* The chain after the penalties, on w = logits / temperature: top-k, then
+ * softmax over the candidates left (the whole vocabulary, or the top k), then
+ * top-p and min-p measured on that softmax: top-p's mass is a fraction of
+ * every candidate's, not of a sorted head's (a head-relative cut keeps too
+ * few tokens). Only the head the cuts can reach is sorted: without top-k it
+ * is found from the mass per weight bucket, in two passes over the vocabulary. */
+static int32_t sample_dist(tandem_sampler *s)
+{
+    const tandem_sampling *p = &s->p;
+    const int V = s->n_vocab;
+    const float *w = s->work;
+    cand *c = s->cand;
+    float *ex = s->ex;
+    if (p->top_k > 0 && p->top_k < V) {
+        for (int i = 0; i < V; i++)
+            c[i] = (cand){ w[i], i };
+        select_top(c, V, p->top_k);
+    }
+    const int n = p->top_k > 0 && p->top_k < V ? p->top_k : V;
+    const float mx = n < V ? c[0].w : max_of(w, V);
+    /* weights relative to the top token (whose weight is 1), exp once per
+     * token; summed in a loop of their own, since a running sum would be
+     * spilled around every expf call */
+    double z = 0;
+    if (n < V) {
+        for (int i = 0; i < n; i++)
+            ex[c[i].id] = expf(c[i].w - mx);
+        for (int i = 0; i < n; i++)
+            z += ex[c[i].id];
+    } else {
+        for (int i = 0; i < V; i++)
+            ex[i] = expf(w[i] - mx);
+        for (int i = 0; i < V; i++)
+            z += ex[i];
+    }
+    const int cut = p->top_p < 1 || p->min_p > 0;
+    if (!cut)
+        return draw(s, n < V ? c : NULL, n, z);
+    const double want = p->top_p < 1 ? p->top_p * z : INFINITY;
+    int h = n; /* c[0..h) ranked: a head that holds both cuts */
+    if (n == V) {
+        int last = N_BUCKET - 1; /* the bucket where the mass reaches top_p */
+        if (p->top_p < 1) {
+            /* four histograms in turn: neighbours often share a bucket, and one
+             * histogram would chain their adds through memory */
+            double mass[4][N_BUCKET] = { { 0 } }, cum = 0;
+            int i = 0;
+            for (; i + 4 <= V; i += 4)
+                for (int j = 0; j < 4; j++)
+                    mass[j][bucket_of(ex[i + j])] += ex[i + j];
+            for (; i < V; i++)
+                mass[0][bucket_of(ex[i])] += ex[i];
+            for (last = 0; last < N_BUCKET - 1; last++)
+                if ((cum += mass[0][last] + mass[1][last] + mass[2][last] + mass[3][last]) >= want)
+                    break;
+        }
+        h = 0;
+        for (int i = 0; i < V; i++)
+            if (bucket_of(ex[i]) <= last && ex[i] >= p->min_p)
+                c[h++] = (cand){ w[i], i };
+        qsort(c, (size_t)h, sizeof *c, cmp_cand);
+    }
+    int keep = h;
+    double zk = 0;
+    for (int i = 0; i < h; i++) {
+        float e = ex[c[i].id];
+        if (i > 0 && e < p->min_p) { /* e is p(token) / p(top) */
+            keep = i;
+            break;
+        }
+        zk += e;
+        if (zk >= want) {
+            keep = i + 1;
+            break;
+        }
+    }
+    return draw(s, c, keep, zk);
 }
 
 int32_t tandem_sample(tandem_sampler *s, const float *logits, float *logprob)
@@ -176,71 +321,10 @@ int32_t tandem_sample(tandem_sampler *s, const float *logits, float *logprob)
             if (w[i] > w[pick])
                 pick = i;
     } else {
-        int n = V;
+        const float t = p->temperature; /* a local: w might alias p, which keeps the loop scalar */
         for (int i = 0; i < V; i++)
-            s->idx[i] = i;
-        for (int i = 0; i < V; i++)
-            w[i] /= p->temperature;
-        int k = p->top_k > 0 && p->top_k < V ? p->top_k : 0;
-        if (k) {
-            select_top(w, s->idx, V, k);
-            n = k;
-        } else if (p->top_p < 1 || p->min_p > 0) {
-            /* sort enough of the head to cover top_p / min_p: grow until it does */
-            int m = 64 < V ? 64 : V;
-            for (;;) {
-                select_top(w, s->idx, V, m);
-                float mx = w[s->idx[0]];
-                double z = 0, head = 0;
-                for (int i = 0; i < V; i++)
-                    z += exp((double)w[i] - mx);
-                for (int i = 0; i < m; i++)
-                    head += exp((double)w[s->idx[i]] - mx);
-                double tail_max = m < V ? exp((double)w[s->idx[m - 1]] - mx) : 0;
-                int enough_p = p->top_p >= 1 || head / z >= p->top_p;
-                int enough_min = p->min_p <= 0 || tail_max < p->min_p;
-                if (m == V || (enough_p && enough_min))
-                    break;
-                m = m * 4 < V ? m * 4 : V;
-            }
-            n = m;
-        }
-        float mx = w[s->idx[0]];
-        if (!k && n == V)
-            for (int i = 1; i < V; i++)
-                mx = w[i] > mx ? w[i] : mx;
-        double z = 0;
-        for (int i = 0; i < n; i++)
-            z += exp((double)w[s->idx[i]] - mx);
-        /* top-p and min-p cut the (sorted) head */
-        int keep = n;
-        if (p->top_p < 1 || p->min_p > 0) {
-            double cum = 0, p_top = 1.0 / z; /* idx is sorted here: idx[0] holds mx */
-            for (int i = 0; i < n; i++) {
-                double pr = exp((double)w[s->idx[i]] - mx) / z;
-                if (p->min_p > 0 && i > 0 && pr < p->min_p * p_top) {
-                    keep = i;
-                    break;
-                }
-                cum += pr;
-                if (cum >= p->top_p) {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        double zk = 0;
-        for (int i = 0; i < keep; i++)
-            zk += exp((double)w[s->idx[i]] - mx);
-        double u = (double)(next_u64(&s->rng) >> 11) / 9007199254740992.0 * zk, acc = 0;
-        pick = s->idx[keep - 1];
-        for (int i = 0; i < keep; i++) {
-            acc += exp((double)w[s->idx[i]] - mx);
-            if (u < acc) {
-                pick = s->idx[i];
-                break;
-            }
-        }
+            w[i] /= t;
+        pick = sample_dist(s);
     }
     if (logprob) {
         float mx = logits[0];
