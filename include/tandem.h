@@ -71,6 +71,8 @@ typedef struct {
      * with GB/s. */
     void (*progress)(const char *what, float done, double bytes, void *user);
     void *progress_user;
+    double host_mem_gb;   /* host memory the memory plan is checked against (see tandem_plan_check);
+                             0 = MemAvailable of /proc/meminfo */
 } tandem_engine_params;
 
 /* CPU expert formats. BF16/INT8/INT4/FP8 pack the experts for the MoE
@@ -249,6 +251,65 @@ void tandem_print_placement(const tandem_engine *e, void *out);
  * layers. A directory made from another checkpoint is an error unless
  * repack, which rebuilds it. p's n_threads and progress apply. */
 int tandem_convert_experts(const char *path, const tandem_engine_params *p, int repack, char *err, size_t errlen);
+
+/* ---- memory plan ------------------------------------------------------------ *
+ * What a run needs, host and GPU, item by item, computed from config.json
+ * (and, when the checkpoint is there, its safetensors headers for the dtypes;
+ * no weight is read or allocated): routed experts in the CPU format, the
+ * non-expert weights as held, converted copies, the KV cache at n_ctx,
+ * scratch, pinned staging, GPU weights, activations and workspaces.
+ * tandem_engine_open() and tandem_session_create() check their part against
+ * free memory (engine parameter host_mem_gb, else MemAvailable) before
+ * allocating, and fail with TANDEM_ENOMEM and one message saying what is
+ * needed, what is there, the biggest items and an option that would fit. */
+enum { TANDEM_PLAN_HOST = 0, TANDEM_PLAN_GPU = 1 };
+enum { TANDEM_PLAN_ENGINE = 0, TANDEM_PLAN_SESSION = 1 };
+#define TANDEM_PLAN_MAX_ITEMS 32
+
+typedef struct {
+    const char *name;     /* what it is, e.g. "routed experts" (a static string) */
+    char detail[112];     /* how it is made up, e.g. "58 layers x 256 experts x 27.5 MB, int4 packed" */
+    int where;            /* TANDEM_PLAN_HOST or TANDEM_PLAN_GPU */
+    int part;             /* TANDEM_PLAN_ENGINE (once, at load) or TANDEM_PLAN_SESSION (per session) */
+    int counted;          /* 0: shown, not in the totals (file pages read once for the GPU upload,
+                             which the kernel may drop) */
+    int approx;           /* 1: an estimate, not the size of an allocation tandem makes */
+    int ctx_scaled;       /* grows with n_ctx (KV cache, attention scratch) */
+    int64_t bytes;
+} tandem_plan_item;
+
+typedef struct {
+    int n_items;
+    tandem_plan_item item[TANDEM_PLAN_MAX_ITEMS];
+    int64_t host_bytes[2];      /* counted host bytes: [TANDEM_PLAN_ENGINE], [TANDEM_PLAN_SESSION] */
+    int64_t gpu_bytes[2];       /* the same on the GPU */
+    int gpu;                    /* 1: the hybrid plan (GPU + CPU); 0: CPU only */
+    int cpu_experts;            /* TANDEM_FMT_* of the CPU experts */
+    int gpu_experts;            /* routed experts per MoE layer on the GPU */
+    int n_ctx, n_seq, n_batch, n_threads, n_parts;
+    int n_moe_layers, n_expert;
+    int64_t expert_bytes[5];    /* one routed expert as the CPU holds it, per TANDEM_FMT_* (0: not possible) */
+    int64_t gpu_expert_bytes;   /* one routed expert on the GPU */
+    const char *dtypes_from;    /* "safetensors headers", "config.json" or "dummy weights" */
+    const char *expert_dtype;   /* the routed experts as the checkpoint stores them ("BF16", "F8_E4M3" ...) */
+    char note[240];             /* what is approximate or not possible, in words ("" when nothing) */
+    char arch[64];              /* architectures[0] (model.arch points here) */
+    tandem_model_info model;    /* what tandem_engine_info() says, without an engine (isa: the kernels
+                                   this machine would use; weight_bytes: the weights as held) */
+} tandem_plan;
+
+/* The plan for the model directory `path` (config.json; the safetensors
+ * headers too when present and not dummy_weights) under ep and sp (NULL:
+ * defaults). ep->gpu == 1 plans the hybrid run (GPU + CPU), 0 the CPU-only
+ * run, -1 the hybrid run where a CUDA device is there; the layer limit,
+ * formats, threads and gpu_experts apply. */
+int tandem_plan_make(const char *path, const tandem_engine_params *ep, const tandem_session_params *sp,
+                     tandem_plan *out, char *err, size_t errlen);
+/* Write the plan, item by item, to out (a FILE *). */
+void tandem_plan_print(const tandem_plan *p, void *out);
+/* Check the whole plan against host_gb (0 = MemAvailable) and gpu_gb (0 = the
+ * GPU is not checked): 0, or TANDEM_ENOMEM with the message. */
+int tandem_plan_check(const tandem_plan *p, double host_gb, double gpu_gb, char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

@@ -11,6 +11,7 @@
 #include "cpu/moe/moe.h"
 #include "runtime/engine.h"
 #include "runtime/hybrid.h"
+#include "runtime/plan.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -143,6 +144,8 @@ int engine_open(const char *path, const tandem_engine_params *p, int with_expert
     }
     if (!rc)
         rc = isa_select(err, errlen);
+    if (!rc && with_experts) /* refuse a load that cannot fit, before allocating (runtime/plan.h) */
+        rc = plan_check_engine(e, err, errlen);
     if (!rc) {
         e->isa = isa_current();
         rc = pool_create(&e->pool, e->params.n_threads, 0, err, errlen);

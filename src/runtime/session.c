@@ -8,7 +8,9 @@
 #include "cpu/moe/moe.h"
 #include "runtime/engine.h"
 #include "runtime/hybrid.h"
+#include "runtime/plan.h"
 
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -69,6 +71,9 @@ int tandem_session_create(tandem_engine *e, const tandem_session_params *p, tand
     }
     if (n_out > p->n_batch)
         n_out = p->n_batch;
+    int prc = plan_check_session(e, p, err, errlen); /* before the first big allocation (runtime/plan.h) */
+    if (prc)
+        return prc;
 
     tandem_session *s = calloc(1, sizeof *s);
     if (!s)
@@ -163,6 +168,23 @@ int tandem_session_create(tandem_engine *e, const tandem_session_params *p, tand
     }
     *out = s;
     return 0;
+}
+
+int64_t session_host_bytes(const tandem_session *s)
+{
+    /* malloc_usable_size: what the allocator really gave, padding included */
+    const void *bufs[] = { s->x, s->h, s->q, s->kvbuf, s->att, s->ff1, s->ff2, s->y, s->rope_cs, s->tok_seq,
+                           s->tok_pos, s->ids, s->wts, s->router_logits, s->route_scratch, s->exp_count, s->exp_tok,
+                           s->exp_w, s->gx, s->gg, s->gu, s->gy, s->attn_scratch, s->logits, s->logits_row };
+    int64_t n = 0;
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        n += bufs[i] ? (int64_t)malloc_usable_size((void *)bufs[i]) : 0;
+    for (int l = 0; s->kv && l < s->e->d.n_layer; l++) {
+        const void *kv[] = { s->kv[l].k, s->kv[l].v, s->kv[l].ckv, s->kv[l].kpe };
+        for (int i = 0; i < 4; i++)
+            n += kv[i] ? (int64_t)malloc_usable_size((void *)kv[i]) : 0;
+    }
+    return n;
 }
 
 int tandem_kv_len(const tandem_session *s, int seq)
