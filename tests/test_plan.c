@@ -20,7 +20,9 @@
 #include "test.h"
 #include "tandem.h"
 #include "cpu/moe/moe.h"
+#include "cuda/gpu.h"
 #include "runtime/engine.h"
+#include "runtime/hybrid_impl.h"
 #include "runtime/plan.h"
 
 #include <stdio.h>
@@ -294,9 +296,57 @@ static void plan_full_size(void)
     full("bench/configs/qwen3-30b-a3b", TANDEM_FMT_INT4, 1, &p);
 }
 
+/* ---- GPU (where there is one) ----------------------------------------------------- *
+ * The weights the hybrid engine uploads (hy->gpu_bytes) against the plan's
+ * GPU weights; the session's device memory (free memory before and after,
+ * so allocation granularity and cuBLAS's own memory are in it) is printed
+ * beside the plan's session part. */
+static void plan_gpu(void)
+{
+    char why[256];
+    if (gpu_device_count(why, sizeof why) == 0) {
+        SKIP("GPU plan vs uploads", why);
+        return;
+    }
+    for (size_t m = 0; m < sizeof models / sizeof models[0]; m++)
+        for (int g = 0; g <= 4; g += 4) {
+            tandem_engine_params ep;
+            tandem_engine_params_default(&ep);
+            ep.gpu = 1;
+            ep.n_threads = 2;
+            ep.cpu_experts = TANDEM_FMT_INT4;
+            ep.gpu_experts = g;
+            char err[1024];
+            tandem_engine *e = NULL;
+            int rc = tandem_engine_open(models[m], &ep, &e, err, sizeof err);
+            CHECKF(rc == 0, "%s gpu_experts %d: %s", models[m], g, err);
+            static tandem_plan p;
+            int prc = tandem_plan_make(models[m], &ep, NULL, &p, err, sizeof err);
+            CHECKF(prc == 0, "%s: plan: %s", models[m], err);
+            if (!rc && !prc && e->hy) {
+                size_t f0 = 0, f1 = 0, total;
+                gpu_mem_info(&f0, &total, NULL, 0);
+                tandem_session *s = NULL;
+                rc = tandem_session_create(e, NULL, &s, err, sizeof err);
+                CHECKF(rc == 0, "%s: session: %s", models[m], err);
+                gpu_mem_info(&f1, &total, NULL, 0);
+                int64_t up = e->hy->gpu_bytes, plan = p.gpu_bytes[TANDEM_PLAN_ENGINE];
+                printf("  plan gpu %-36s gpu_experts %d: weights plan %lld uploaded %lld (%.3f); session plan %lld, "
+                       "device memory taken %lld\n",
+                       models[m], g, (long long)plan, (long long)up, (double)plan / (double)up,
+                       (long long)p.gpu_bytes[TANDEM_PLAN_SESSION], (long long)f0 - (long long)f1);
+                CHECKF(plan >= 0.95 * up && plan <= 1.05 * up, "%s: GPU weights plan %lld, uploaded %lld", models[m],
+                       (long long)plan, (long long)up);
+                tandem_session_free(s);
+            }
+            tandem_engine_close(e);
+        }
+}
+
 TEST_GROUP(plan)
 {
     plan_check_cases();
     plan_full_size();
     plan_fixtures();
+    plan_gpu();
 }
