@@ -1,5 +1,6 @@
 /*
- * test_core.c - the thread pool, number conversions and error helpers.
+ * test_core.c - the thread pool (work split, partitions, a job that runs
+ * another), number conversions and error helpers.
  */
 #include "test.h"
 #include "core/bf16.h"
@@ -28,6 +29,56 @@ static void count_parts(void *arg, int64_t b, int64_t e)
 {
     count_ctx *c = arg;
     atomic_fetch_add(&c->part_hits[pool_part()], (int)(e - b));
+}
+
+/* A job whose items each run a job on the same pool: pool_run from inside a
+ * job must run there and then, not wait for the pool its caller belongs to. */
+typedef struct {
+    pool *p;
+    atomic_int *hits; /* [8][100] */
+    int parts;        /* inner job: 0 = pool_run, 1 = pool_run_parts */
+} nest_ctx;
+
+static void nest_outer(void *arg, int64_t b, int64_t e)
+{
+    nest_ctx *n = arg;
+    for (int64_t i = b; i < e; i++) {
+        count_ctx c = { .hits = n->hits + i * 100 };
+        if (n->parts) {
+            pool_run_parts(n->p, 100, 7, count_parts, &c);
+            atomic_fetch_add(&n->hits[i * 100], atomic_load(&c.part_hits[0]) == 100 &&
+                                                    atomic_load(&c.part_hits[1]) == 100);
+        } else {
+            pool_run(n->p, 100, 7, count_items, &c);
+        }
+    }
+}
+
+static void test_nested(void)
+{
+    pool *p = NULL;
+    char err[256];
+    CHECKF(pool_create(&p, 2, 2, err, sizeof err) == 0, "%s", err);
+    if (!p)
+        return;
+    atomic_int *hits = calloc(8 * 100, sizeof *hits);
+    nest_ctx n = { p, hits, 0 };
+    pool_run(p, 8, 1, nest_outer, &n);
+    int bad = 0;
+    for (int i = 0; i < 8 * 100; i++)
+        bad += atomic_load(&hits[i]) != 1;
+    CHECKF(bad == 0, "nested pool_run: %d items not run exactly once", bad);
+    if (pool_nparts(p) == 2) {
+        memset(hits, 0, 8 * 100 * sizeof *hits);
+        n.parts = 1;
+        pool_run(p, 8, 1, nest_outer, &n);
+        bad = 0;
+        for (int i = 0; i < 8; i++)
+            bad += atomic_load(&hits[i * 100]) != 1;
+        CHECKF(bad == 0, "nested pool_run_parts: %d of 8 did not run the range once per partition", bad);
+    }
+    free(hits);
+    pool_free(p);
 }
 
 TEST_GROUP(pool)
@@ -66,6 +117,7 @@ TEST_GROUP(pool)
     CHECK(pool_create(&p, 2, 5, err, sizeof err) == TANDEM_EINVAL);
     CHECK(strstr(err, "partitions") != NULL);
     free(hits);
+    test_nested();
 }
 
 TEST_GROUP(convert)

@@ -7,6 +7,15 @@
  * short while before sleeping on the futex of `gen`, because in a forward
  * pass jobs follow each other within microseconds and a futex wake costs
  * several. `n_sleep` lets the caller skip the wake syscall when nobody sleeps.
+ *
+ * One job at a time: the job lives in the pool, so `run_mu` is held over a
+ * whole pool_run (publishing the job, the caller's share, the wait). Threads
+ * that share a pool, such as sessions of one engine on threads of their own,
+ * serialise there: each job gets every core, but they share the cores one
+ * job, and so one forward pass step, at a time (no faster together than one
+ * after the other). A job that calls pool_run runs that call inline on its
+ * own thread (`tls_in_job`), since waiting for the pool it is part of would
+ * never end.
  */
 #include "core/pool.h"
 #include "core/err.h"
@@ -46,6 +55,7 @@ struct pool {
     int64_t n, chunk;
     int per_part;
     part_counter cnt[POOL_MAX_PARTS];
+    pthread_mutex_t run_mu; /* held by the thread whose job the pool runs */
     _Alignas(64) atomic_uint gen;
     _Alignas(64) atomic_int done;
     _Alignas(64) atomic_int n_sleep;
@@ -53,6 +63,7 @@ struct pool {
 };
 
 static _Thread_local int tls_tid, tls_part, tls_part_tid;
+static _Thread_local int tls_in_job; /* this thread is running chunks of a job */
 
 int pool_tid(void) { return tls_tid; }
 int pool_part(void) { return tls_part; }
@@ -140,7 +151,9 @@ static void *worker_main(void *arg)
         seen = g;
         if (atomic_load_explicit(&p->quit, memory_order_acquire))
             break;
+        tls_in_job = 1;
         work(p, w->part);
+        tls_in_job = 0;
         atomic_fetch_add_explicit(&p->done, 1, memory_order_release);
     }
     return NULL;
@@ -156,9 +169,23 @@ static void run(pool *p, int64_t n, int64_t chunk, pool_fn fn, void *ctx, int pe
             chunk = 1;
     }
     if (p->size == 1 || (n <= chunk && !per_part)) {
-        fn(ctx, 0, n);
+        fn(ctx, 0, n); /* on the caller's thread; the pool is not touched, so no lock */
         return;
     }
+    if (tls_in_job) {
+        /* nested: this thread is a worker of a running job (maybe of this very
+         * pool), so run the items here, once per partition as the pool would */
+        int part = tls_part, part_tid = tls_part_tid;
+        for (int i = 0; i < (per_part ? p->nparts : 1); i++) {
+            tls_part = per_part ? i : part;
+            tls_part_tid = per_part ? 0 : part_tid;
+            fn(ctx, 0, n);
+        }
+        tls_part = part;
+        tls_part_tid = part_tid;
+        return;
+    }
+    pthread_mutex_lock(&p->run_mu);
     p->fn = fn;
     p->ctx = ctx;
     p->n = n;
@@ -170,9 +197,12 @@ static void run(pool *p, int64_t n, int64_t chunk, pool_fn fn, void *ctx, int pe
     atomic_fetch_add_explicit(&p->gen, 1, memory_order_release);
     if (atomic_load(&p->n_sleep) > 0)
         futex_wake_all(&p->gen);
+    tls_in_job = 1;
     work(p, 0);
+    tls_in_job = 0;
     while (atomic_load_explicit(&p->done, memory_order_acquire) < p->size - 1)
         cpu_relax();
+    pthread_mutex_unlock(&p->run_mu);
 }
 
 void pool_run(pool *p, int64_t n, int64_t chunk, pool_fn fn, void *ctx)
@@ -233,6 +263,7 @@ int pool_create(pool **out, int n_threads, int n_parts, char *err, size_t errlen
     }
     p->size = n_threads;
     p->nparts = n_parts;
+    pthread_mutex_init(&p->run_mu, NULL);
     /* Sort the CPUs by NUMA node so contiguous partitions follow nodes. */
     int *order = cpus;
     if (numa_nodes > 1 && n_parts == numa_nodes) {
@@ -278,6 +309,7 @@ void pool_free(pool *p)
     futex_wake_all(&p->gen);
     for (int t = 1; t < p->size; t++)
         pthread_join(p->w[t].th, NULL);
+    pthread_mutex_destroy(&p->run_mu);
     free(p->w);
     free(p);
 }

@@ -15,7 +15,11 @@
  * every partition, each with its own counter: a kernel reads pool_part() to
  * pick its slice (NUMA tensor parallelism: each node computes its slice of
  * every expert). Workers are pinned to cores, spin briefly after a job and
- * then sleep on a futex. pool_run() must not be called from inside a job.
+ * then sleep on a futex.
+ *
+ * Any thread may call pool_run(); calls from several threads take turns, a
+ * whole job each (sessions of one engine share its cores one forward step at
+ * a time). A pool_run() from inside a job runs on the calling thread alone.
  */
 #ifndef TD_POOL_H
 #define TD_POOL_H
