@@ -1,17 +1,22 @@
 /*
  * test_core.c - the thread pool (work split, partitions, a job that runs
- * another), number conversions and error helpers.
+ * another, the thread count capped at the cores allowed), number conversions
+ * and error helpers.
  */
 #include "test.h"
 #include "core/bf16.h"
 #include "core/err.h"
 #include "core/isa.h"
+#include "core/log.h"
 #include "core/pool.h"
 
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct {
     atomic_int *hits;
@@ -81,6 +86,47 @@ static void test_nested(void)
     pool_free(p);
 }
 
+/* More threads than the cores sched_getaffinity allows: the pool has as many
+ * as there are cores, and a warning names both numbers. */
+static void test_thread_cap(void)
+{
+    cpu_set_t set;
+    CHECK(sched_getaffinity(0, sizeof set, &set) == 0);
+    const int ncpu = CPU_COUNT(&set);
+    char path[] = "/tmp/tandem-test-log-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    if (fd < 0)
+        return;
+    fflush(stderr);
+    int saved = dup(STDERR_FILENO), level = td_log_level();
+    dup2(fd, STDERR_FILENO);
+    td_log_set_level(TD_LOG_WARN);
+    pool *p = NULL;
+    char err[256] = "";
+    int rc = pool_create(&p, ncpu + 3, 0, err, sizeof err);
+    fflush(stderr);
+    dup2(saved, STDERR_FILENO);
+    close(saved);
+    td_log_set_level(level);
+    char log[1024] = "";
+    ssize_t got = pread(fd, log, sizeof log - 1, 0);
+    log[got > 0 ? got : 0] = 0;
+    close(fd);
+    unlink(path);
+    CHECKF(rc == 0, "%s", err);
+    CHECKF(p && pool_size(p) == ncpu, "pool of %d threads on %d cores", p ? pool_size(p) : -1, ncpu);
+    char want_req[32], want_cores[64];
+    snprintf(want_req, sizeof want_req, "%d requested", ncpu + 3);
+    snprintf(want_cores, sizeof want_cores, "may run on %d core", ncpu);
+    CHECKF(strstr(log, "warn") && strstr(log, want_req) && strstr(log, want_cores),
+           "expected a warning naming %d and %d, got \"%s\"", ncpu + 3, ncpu, log);
+    pool_free(p);
+    /* at or below the cores: no warning needed, the count is kept */
+    CHECK(pool_create(&p, ncpu, 0, err, sizeof err) == 0 && pool_size(p) == ncpu);
+    pool_free(p);
+}
+
 TEST_GROUP(pool)
 {
     enum { N = 10007 };
@@ -118,6 +164,7 @@ TEST_GROUP(pool)
     CHECK(strstr(err, "partitions") != NULL);
     free(hits);
     test_nested();
+    test_thread_cap();
 }
 
 TEST_GROUP(convert)

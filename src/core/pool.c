@@ -247,6 +247,16 @@ int pool_create(pool **out, int n_threads, int n_parts, char *err, size_t errlen
         return td_err(err, errlen, TANDEM_EINVAL, "threads: %d is out of range (0 = all cores)", n_threads);
     if (n_threads == 0)
         n_threads = ncpu;
+    /* More threads than cores only slows a job down: workers spin waiting for
+     * the job, and a job ends when its slowest thread does, one that may be
+     * waiting for a core. */
+    if (n_threads > ncpu) {
+        td_log(TD_LOG_WARN, "threads: %d requested, but this process may run on %d core(s); using %d", n_threads,
+               ncpu, ncpu);
+        n_threads = ncpu;
+        if (n_parts > n_threads)
+            n_parts = n_threads; /* partitions asked for with the threads asked for */
+    }
     int numa_nodes = numa_available() >= 0 ? numa_num_configured_nodes() : 1;
     if (numa_nodes < 1)
         numa_nodes = 1;
@@ -280,8 +290,7 @@ int pool_create(pool **out, int n_threads, int n_parts, char *err, size_t errlen
         w->tid = t;
         w->part = (int)((int64_t)t * n_parts / n_threads);
         w->part_tid = p->part_size[w->part]++;
-        /* pin only when there is a core per thread; oversubscribed runs float */
-        w->cpu = (n_threads <= ncpu && cpus[0] >= 0) ? order[t] : -1;
+        w->cpu = cpus[0] >= 0 ? order[t] : -1; /* a core per thread: the count is capped above */
     }
     /* The caller is thread 0 of partition 0. */
     tls_tid = 0;

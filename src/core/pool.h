@@ -30,8 +30,10 @@
 typedef struct pool pool;
 typedef void (*pool_fn)(void *ctx, int64_t begin, int64_t end);
 
-/* n_threads 0 = one per core the process may run on. n_parts 0 = one per
- * NUMA node holding those cores. */
+/* n_threads 0 = one per core the process may run on; more than that is
+ * reduced to it, with a warning (spinning workers without a core of their
+ * own slow every job down). n_parts 0 = one per NUMA node holding those
+ * cores. */
 int pool_create(pool **out, int n_threads, int n_parts, char *err, size_t errlen);
 void pool_free(pool *p);
 
