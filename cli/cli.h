@@ -46,6 +46,8 @@ int cmd_bench(int argc, char **argv);
 int cmd_ppl(int argc, char **argv);
 int cmd_calibrate(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
+/* `tandem bench mem` (bench_mem.c): peak RSS against the memory plan */
+int tandem_cli_bench_mem(int argc, char **argv);
 /* `tandem serve`: the OpenAI-compatible server (server/serve.c) */
 int cmd_serve(int argc, char **argv);
 

@@ -160,6 +160,10 @@ int engine_open(const char *path, const tandem_engine_params *p, int with_expert
         rc = td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
     if (!rc && with_experts)
         rc = hybrid_engine_open(e, err, errlen);
+    if (!rc && e->hy)
+        engine_release_dense(e);
+    else if (!rc && with_experts)
+        rc = engine_materialise_dense(e, err, errlen);
     if (!rc && !e->hy && with_experts)
         rc = engine_pack_experts(e, err, errlen);
     if (rc) {

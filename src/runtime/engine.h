@@ -133,6 +133,12 @@ int pack_write_manifest(const tandem_engine *e, int fmt, const char *dir, char *
 /* 1 when dir's manifest describes e's checkpoint for fmt (message in err when not) */
 int pack_manifest_matches(const tandem_engine *e, int fmt, const char *dir, char *err, size_t errlen);
 int engine_load_weights(tandem_engine *e, char *err, size_t errlen);
+/* After engine_load_weights, F16 and FP8 matrices are still views of the
+ * checkpoint (load.c). A CPU-only engine converts the non-expert ones for the
+ * CPU ops (F16 -> F32, FP8 -> BF16); a hybrid one, whose GPU now holds them,
+ * drops their checkpoint pages from the process instead. */
+int engine_materialise_dense(tandem_engine *e, char *err, size_t errlen);
+void engine_release_dense(tandem_engine *e);
 /* tandem_engine_open; with_experts = 0 binds the weights but neither packs
  * the CPU experts nor opens the GPU (`tandem convert` packs them a layer at a
  * time itself) */

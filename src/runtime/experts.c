@@ -51,6 +51,31 @@ static void mat_rows(void *user, const void *m, int expert, int which, int row, 
     mat_row_range_f32(m, row, col0, ncol, out);
 }
 
+/* the source pages of one expert of one layer, dropped as soon as it is packed */
+typedef struct {
+    tandem_engine *e;
+    int l;
+} release_ctx;
+
+static void release_mat(const tandem_engine *e, const mat *m)
+{
+    if (!m->data)
+        return;
+    st_release(e->st, m->data, (size_t)(m->rows * m->cols) * dtype_size(m->dt));
+    if (m->scale)
+        st_release(e->st, m->scale,
+                   (size_t)(((m->rows + m->bn - 1) / m->bn) * ((m->cols + m->bk - 1) / m->bk)) * sizeof(float));
+}
+
+static void release_expert(void *user, int x)
+{
+    const release_ctx *r = user;
+    const layer_weights *L = &r->e->layers[r->l];
+    release_mat(r->e, &L->exp_gate[x]);
+    release_mat(r->e, &L->exp_up[x]);
+    release_mat(r->e, &L->exp_down[x]);
+}
+
 static int open_layer_pack(tandem_engine *e, int l, int fmt, moe_op **out, char *err, size_t errlen)
 {
     char path[1200];
@@ -133,6 +158,11 @@ int experts_cpu_op(tandem_engine *e, int l, const int32_t *gpu_slot, int fmt, in
         md.block_n = d->fp8_block[0];
         md.block_k = d->fp8_block[1];
         md.src_rows = mat_rows;
+        release_ctx rel = { e, l };
+        if (!keep_source && e->st) {
+            md.on_packed = release_expert;
+            md.on_packed_user = &rel;
+        }
         rc = moe_create(out, &md, e->pool, err, errlen);
         if (rc)
             td_err_prefix(err, errlen, rc, "packing CPU experts");
@@ -148,19 +178,9 @@ void experts_release(tandem_engine *e, int l)
 {
     if (!e->st || !e->d.layer_moe[l])
         return;
-    const layer_weights *L = &e->layers[l];
-    for (int x = 0; x < e->d.n_expert; x++) {
-        const mat *m[3] = { &L->exp_gate[x], &L->exp_up[x], &L->exp_down[x] };
-        for (int w = 0; w < 3; w++) {
-            if (!m[w]->data)
-                continue;
-            st_release(e->st, m[w]->data, (size_t)(m[w]->rows * m[w]->cols) * dtype_size(m[w]->dt));
-            if (m[w]->scale)
-                st_release(e->st, m[w]->scale,
-                           (size_t)(((m[w]->rows + m[w]->bn - 1) / m[w]->bn) * ((m[w]->cols + m[w]->bk - 1) / m[w]->bk)) *
-                               sizeof(float));
-        }
-    }
+    release_ctx r = { e, l };
+    for (int x = 0; x < e->d.n_expert; x++)
+        release_expert(&r, x);
 }
 
 int64_t experts_source_bytes(const tandem_engine *e, int l, int x)

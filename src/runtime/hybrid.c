@@ -35,7 +35,8 @@
  * cuBLAS workspace and the CUDA context of a session of moderate size. */
 #define HY_RESERVE_BYTES (4ll << 30)
 
-static int64_t esz(const mat *m) { return m->dt == DT_F32 ? 4 : 2; }
+/* bytes per element on the GPU: F32, and F16 widened to F32 as the CPU path does; BF16 and FP8 (dequantised) as BF16 */
+static int64_t esz(const mat *m) { return m->dt == DT_F32 || m->dt == DT_F16 ? 4 : 2; }
 
 /* a matrix the model has (dummy experts have no data but a shape) */
 static int present(const mat *m) { return m && (m->data || m->rows); }
@@ -177,7 +178,7 @@ static int up_mats(hybrid_engine *hy, gpu_mat *dst, const mat *const *parts, int
                           (long long)cols, (long long)parts[i]->cols);
         cols = parts[i]->cols;
         rows += parts[i]->rows;
-        f32 |= parts[i]->dt == DT_F32 && parts[i]->data;
+        f32 |= esz(parts[i]) == 4 && parts[i]->data;
     }
     memset(dst, 0, sizeof *dst);
     if (rows == 0)

@@ -133,27 +133,36 @@ static int fp8_scales(tandem_engine *e, const tensor_spec *s, const st_tensor *t
     return 0;
 }
 
-static int dequant_fp8(tandem_engine *e, const tensor_spec *s, const st_tensor *t, mat *m, char *err, size_t errlen)
+/* A view (F16, or FP8 with its scales) made a matrix the CPU ops read:
+ * F16 -> F32 (exact), FP8 -> BF16 (q * scale rounded once), owned by e. */
+static int convert_view(tandem_engine *e, mat *m, const char *name, char *err, size_t errlen)
 {
-    const float *scale;
-    int rc = fp8_scales(e, s, t, &scale, err, errlen);
-    if (rc)
-        return rc;
-    int64_t bc = e->d.fp8_block[1], scc = (s->cols + bc - 1) / bc;
-    uint16_t *out = own(e, (size_t)(s->rows * s->cols) * 2);
+    int f16 = m->dt == DT_F16;
+    size_t n = (size_t)(m->rows * m->cols);
+    void *out = own(e, n * (f16 ? 4 : 2));
     if (!out)
-        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory dequantising '%s'", s->name);
-    fp8_ctx c = { t->data, scale, out, s->rows, s->cols, scc, e->d.fp8_block[0], (int)bc };
-    pool_run(e->pool, s->rows, 16, fp8_job, &c);
-    *m = (mat){ .data = out, .dt = DT_BF16, .rows = s->rows, .cols = s->cols };
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory converting '%s' (%lld x %lld)", name,
+                      (long long)m->rows, (long long)m->cols);
+    if (f16) {
+        for (size_t i = 0; i < n; i++)
+            ((float *)out)[i] = f16_to_f32(((const uint16_t *)m->data)[i]);
+    } else {
+        fp8_ctx c = { m->data, m->scale, out, m->rows, m->cols, (m->cols + m->bk - 1) / m->bk, m->bn, m->bk };
+        pool_run(e->pool, m->rows, 16, fp8_job, &c);
+    }
+    if (e->st) /* the source pages are not read again */
+        st_release(e->st, m->data, n * dtype_size(m->dt));
+    *m = (mat){ .data = out, .dt = f16 ? DT_F32 : DT_BF16, .rows = m->rows, .cols = m->cols };
+    e->weight_bytes += (int64_t)n * (f16 ? 4 : 2);
     return 0;
 }
 
-/* A routed expert's matrix that is only packed for the CPU MoE operator (or
- * uploaded to the GPU) is not converted here: it stays a view of the
- * checkpoint in its own dtype, and packing reads it a row block at a time,
- * so no second copy of the experts is ever made. */
-static int bind_expert_view(tandem_engine *e, const tensor_spec *s, const st_tensor *t, mat *m, char *err,
+/* F16 and FP8 matrices stay views of the checkpoint until it is known who
+ * reads them: the GPU upload converts them a matrix at a time (hybrid.c), the
+ * MoE operator packs routed experts from them (experts.c), and a CPU-only
+ * engine converts the rest once (engine_materialise_dense). So no converted
+ * copy is made that would then only be uploaded and dropped. */
+static int bind_view(tandem_engine *e, const tensor_spec *s, const st_tensor *t, mat *m, char *err,
                             size_t errlen)
 {
     *m = (mat){ .data = t->data, .dt = t->dtype, .rows = s->rows, .cols = s->cols };
@@ -198,8 +207,6 @@ static int bind_tensor(tandem_engine *e, const tensor_spec *s, const st_tensor *
         e->weight_bytes += n * 4;
         return 0;
     }
-    if (s->expert >= 0 && !e->experts_materialised && (t->dtype == DT_F16 || (t->dtype == DT_F8_E4M3 && e->d.fp8)))
-        return bind_expert_view(e, s, t, m, err, errlen);
     switch (t->dtype) {
     case DT_BF16:
     case DT_F32:
@@ -209,24 +216,19 @@ static int bind_tensor(tandem_engine *e, const tensor_spec *s, const st_tensor *
             e->mapped_bytes += (int64_t)t->nbytes;
         }
         return 0;
-    case DT_F16: {
-        float *out = own(e, (size_t)n * 4);
-        if (!out)
-            return td_err(err, errlen, TANDEM_ENOMEM, "out of memory converting '%s'", s->name);
-        for (int64_t i = 0; i < n; i++)
-            out[i] = f16_to_f32(((const uint16_t *)t->data)[i]);
-        *m = (mat){ .data = out, .dt = DT_F32, .rows = s->rows, .cols = s->cols };
-        e->weight_bytes += n * 4;
-        return 0;
-    }
     case DT_F8_E4M3:
         if (!e->d.fp8 || !s->linear)
             return td_err(err, errlen, TANDEM_EFORMAT,
                           "%s: tensor '%s' is FP8 but %s", file, s->name,
                           e->d.fp8 ? "only linear projections may be FP8"
                                    : "config.json has no fp8 quantization_config");
-        e->weight_bytes += n * 2;
-        return dequant_fp8(e, s, t, m, err, errlen);
+        /* fall through */
+    case DT_F16: {
+        int rc = bind_view(e, s, t, m, err, errlen);
+        if (!rc && s->expert >= 0 && e->experts_materialised)
+            rc = convert_view(e, m, s->name, err, errlen); /* the reference loop multiplies by them */
+        return rc;
+    }
     default:
         return td_err(err, errlen, TANDEM_EFORMAT, "%s: tensor '%s' has dtype %s, expected BF16, F16 or F32%s", file,
                       s->name, dtype_name(t->dtype), e->d.fp8 ? " (or F8_E4M3)" : "");
@@ -367,10 +369,57 @@ int engine_load_weights(tandem_engine *e, char *err, size_t errlen)
         return rc;
     if (d->tie_embed)
         e->lm_head = e->embed;
-    if (e->embed.dt != DT_BF16 && e->embed.dt != DT_F32)
+    if (e->embed.dt != DT_BF16 && e->embed.dt != DT_F32 && e->embed.dt != DT_F16) /* F16: converted with the rest */
         return td_err(err, errlen, TANDEM_EFORMAT, "embedding has an unsupported dtype");
     td_log(TD_LOG_INFO, "weights: %.2f GB held", (double)e->weight_bytes / 1e9);
     return 0;
+}
+
+/* the non-expert matrices of e, visited once each (a tied lm_head is the embedding) */
+static int each_dense(tandem_engine *e, int (*fn)(tandem_engine *, mat *, const char *, char *, size_t), char *err,
+                      size_t errlen)
+{
+    tensor_spec *specs;
+    int n, rc = model_tensors(&e->d, &specs, &n, err, errlen);
+    for (int i = 0; i < n && !rc; i++) {
+        float **vec;
+        mat *m;
+        if (specs[i].expert >= 0)
+            continue;
+        slot_target(e, &specs[i], &vec, &m);
+        if (m && m->data)
+            rc = fn(e, m, specs[i].name, err, errlen);
+    }
+    if (!rc && e->d.tie_embed)
+        e->lm_head = e->embed;
+    free(specs);
+    return rc;
+}
+
+static int materialise_one(tandem_engine *e, mat *m, const char *name, char *err, size_t errlen)
+{
+    return m->dt == DT_F16 || m->dt == DT_F8_E4M3 ? convert_view(e, m, name, err, errlen) : 0;
+}
+
+int engine_materialise_dense(tandem_engine *e, char *err, size_t errlen)
+{
+    if (e->params.progress)
+        e->params.progress("converting", 0.0f, 0, e->params.progress_user);
+    return each_dense(e, materialise_one, err, errlen);
+}
+
+static int release_one(tandem_engine *e, mat *m, const char *name, char *err, size_t errlen)
+{
+    (void)name, (void)err, (void)errlen;
+    if (e->st)
+        st_release(e->st, m->data, (size_t)(m->rows * m->cols) * dtype_size(m->dt));
+    return 0;
+}
+
+void engine_release_dense(tandem_engine *e)
+{
+    char err[256];
+    each_dense(e, release_one, err, sizeof err);
 }
 
 void engine_free_weights(tandem_engine *e)

@@ -84,6 +84,7 @@ typedef struct {
     int64_t per_exp;        /* items per expert */
     int64_t part_start[MOE_MAX_PARTS + 1];
     atomic_int failed;      /* a block ran out of memory */
+    atomic_int *left;       /* [n_held] items still to pack per expert (when d->on_packed is set) */
 } pack_ctx;
 
 static void pack_job(void *arg, int64_t b, int64_t e)
@@ -104,6 +105,8 @@ static void pack_job(void *arg, int64_t b, int64_t e)
         moe_src_exp s = { c->d->gate[ex], c->d->up[ex], c->d->down[ex], c->d->src, c->d };
         if (moe_pack_rb(op, &s, p, ex, which, rb))
             atomic_store(&c->failed, 1);
+        if (c->left && atomic_fetch_sub(&c->left[slot], 1) == 1)
+            c->d->on_packed(c->d->on_packed_user, ex);
     }
 }
 
@@ -161,11 +164,14 @@ static int alloc_bufs(struct moe_op *op, char *err, size_t errlen)
 void moe_pick_kernels(struct moe_op *op)
 {
     int isa = op->isa;
+    /* a fallback is said at warn once per process (a model makes one op per
+     * layer, all alike), at debug after */
+    static atomic_int said_fallback;
     const moe_kernel *k = kernel_of(isa == ISA_AMX ? ISA_AVX512 : isa);
     while (!k->accepts(op->fmt, op->group) && k->isa > ISA_REF) {
         const moe_kernel *next = kernel_of(k->isa - 1);
-        td_log(TD_LOG_WARN, "moe: kernel '%s' declines format %d (group %d); using '%s'", k->name, op->fmt,
-               op->group, next->name);
+        td_log(atomic_exchange(&said_fallback, 1) ? TD_LOG_DEBUG : TD_LOG_WARN,
+               "moe: kernel '%s' declines format %d (group %d); using '%s'", k->name, op->fmt, op->group, next->name);
         k = next;
     }
     op->small = k;
@@ -174,8 +180,9 @@ void moe_pick_kernels(struct moe_op *op)
         if (moe_kernel_amx.accepts(op->fmt, op->group))
             op->big = &moe_kernel_amx;
         else
-            td_log(TD_LOG_WARN, "moe: kernel 'amx' declines format %d (group %d); using '%s' for prefill", op->fmt,
-                   op->group, k->name);
+            td_log(atomic_exchange(&said_fallback, 1) ? TD_LOG_DEBUG : TD_LOG_WARN,
+                   "moe: kernel 'amx' declines format %d (group %d); using '%s' for prefill", op->fmt, op->group,
+                   k->name);
     }
     /* once per process at info (one op per layer would repeat it for every layer) */
     static atomic_int said;
@@ -280,7 +287,18 @@ int moe_create_isa(moe_op **out, const moe_desc *d, pool *p, int isa, char *err,
     for (int q = 0; q < op->nparts; q++)
         c.part_start[q + 1] = c.part_start[q] + 2 * (op->sl[q].pad / MOE_RB) + (op->sl[q].pad ? op->np / MOE_RB : 0);
     c.per_exp = c.part_start[op->nparts];
+    if (d->on_packed) {
+        c.left = malloc((size_t)(op->n_held ? op->n_held : 1) * sizeof *c.left);
+        if (!c.left) {
+            free(held);
+            rc = td_err(err, errlen, TANDEM_ENOMEM, "moe: out of memory");
+            goto fail;
+        }
+        for (int i = 0; i < op->n_held; i++)
+            atomic_init(&c.left[i], (int)c.per_exp);
+    }
     pool_run(p, (int64_t)op->n_held * c.per_exp, 0, pack_job, &c);
+    free(c.left);
     free(held);
     if (atomic_load(&c.failed)) {
         rc = td_err(err, errlen, TANDEM_ENOMEM, "moe: out of memory while packing");

@@ -106,6 +106,11 @@ typedef struct {
        still say which experts are held). Called from pool threads, concurrently. */
     void (*src_rows)(void *user, const void *m, int expert, int which, int row, int col0, int ncol, float *out);
     void *src_user;
+    /* optional: called once per held expert, from a pool thread, as soon as all of it is packed (the
+       loader drops that expert's checkpoint pages then, so packing a layer never holds the layer's
+       whole source resident beside its packed copy) */
+    void (*on_packed)(void *user, int expert);
+    void *on_packed_user;
 } moe_desc;
 
 /* Packed bytes of one expert (gate, up and down, all partitions) for a shape
