@@ -21,7 +21,8 @@
  * at least 3; the median is reported. Bytes = packed bytes of the distinct
  * experts a call touches; FLOPs = 2 * 3 * d_model * d_ff * tokens * top_k;
  * roofline time = max(FLOPs / peak of the format, bytes / DRAM bandwidth).
- * INT8/INT4 use the INT8 peak. Lines carry the op's amx_min; with --tune
+ * INT8/INT4 use the INT8 peak, FP8 (bf16 dot products) the BF16 one; FP8
+ * packs from the bf16 sources (the quantising path). Lines carry the op's amx_min; with --tune
  * each case runs once per tile-kernel setting and says which (tune=).
  */
 #include "tandem.h"
@@ -58,7 +59,7 @@ typedef struct {
     shape_def shapes[MAX_SHAPES];
     char shape_names[MAX_SHAPES][64];
     int n_shapes;
-    int fmts[3], n_fmts;
+    int fmts[4], n_fmts;
     int tokens[MAX_TOKENS], n_tokens;
     int threads, isa, amx_min, group, reps, layers;
     double mem_gb, min_s;
@@ -83,7 +84,10 @@ static uint64_t mix64(uint64_t z)
     return z ^ (z >> 31);
 }
 
-static const char *fmt_name(int f) { return f == MOE_BF16 ? "bf16" : f == MOE_INT8 ? "int8" : "int4"; }
+static const char *fmt_name(int f)
+{
+    return f == MOE_BF16 ? "bf16" : f == MOE_INT8 ? "int8" : f == MOE_FP8 ? "fp8" : "int4";
+}
 
 /* ---- options ------------------------------------------------------------ */
 
@@ -105,7 +109,7 @@ static int parse_list(const char *s, int *out, int max)
 
 static void usage(void)
 {
-    printf("usage: tandem bench moe [--shape deepseek-v3,qwen3-30b-a3b|custom:DM,FF,E,K] [--fmt bf16,int8,int4]\n"
+    printf("usage: tandem bench moe [--shape deepseek-v3,qwen3-30b-a3b|custom:DM,FF,E,K] [--fmt bf16,int8,int4,fp8]\n"
            "         [--tokens 1,4,32,128,512,2048,8192] [--threads N] [--isa ref|avx2|avx512|amx]\n"
            "         [--amx-min N] [--group N] [--reps N] [--layers N] [--mem-gb G] [--torch FILE]\n"
            "         [--tune 'kc_bf16=512,np_up=8;kc_bf16=1024' (each case once per setting; keys kc_bf16,\n"
@@ -171,8 +175,12 @@ static int parse_opts(bench_opts *o, int argc, char **argv)
             char buf[64];
             snprintf(buf, sizeof buf, "%s", v);
             for (char *t = strtok(buf, ","); t; t = strtok(NULL, ",")) {
-                int f = !strcmp(t, "bf16") ? MOE_BF16 : !strcmp(t, "int8") ? MOE_INT8 : !strcmp(t, "int4") ? MOE_INT4 : -1;
-                if (f < 0 || o->n_fmts >= 3)
+                int f = !strcmp(t, "bf16")   ? MOE_BF16
+                        : !strcmp(t, "int8") ? MOE_INT8
+                        : !strcmp(t, "int4") ? MOE_INT4
+                        : !strcmp(t, "fp8")  ? MOE_FP8
+                                             : -1;
+                if (f < 0 || o->n_fmts >= 4)
                     goto bad;
                 o->fmts[o->n_fmts++] = f;
             }
@@ -490,7 +498,7 @@ static void bench_fmt(pool *p, const bench_opts *o, const shape_def *s, int fmt,
     int isa = o->isa >= 0 ? o->isa : isa_current();
     char err[512];
     /* layers: enough to exceed ~4 GB, within the memory budget */
-    double exp_bytes = 3.0 * s->d_model * s->d_ff * (fmt == MOE_BF16 ? 2 : fmt == MOE_INT8 ? 1.02 : 0.63);
+    double exp_bytes = 3.0 * s->d_model * s->d_ff * (fmt == MOE_BF16 ? 2 : fmt == MOE_INT8 ? 1.02 : fmt == MOE_FP8 ? 1.03 : 0.63);
     double layer_gb = exp_bytes * s->n_expert / 1e9;
     int L = o->layers > 0 ? o->layers : (int)ceil(4.0 / layer_gb);
     L = L < 1 ? 1 : L > 16 ? 16 : L;
@@ -580,10 +588,10 @@ static void bench_fmt(pool *p, const bench_opts *o, const shape_def *s, int fmt,
         qsort(times, (size_t)reps, sizeof times[0], cmp_double);
         double t = times[reps / 2], b = bsum / reps;
         double flops = 2.0 * 3.0 * s->d_model * (double)s->d_ff * n * s->top_k;
-        double pk = (fmt == MOE_BF16 ? ce->peak_bf16 : ce->peak_int8) * 1e12;
+        double pk = (moe_act_bf16(fmt) ? ce->peak_bf16 : ce->peak_int8) * 1e12;
         double roof = fmax(pk > 0 ? flops / pk : 0, ce->dram > 0 ? b / (ce->dram * 1e9) : 0);
         double tms = torch_ms(o->torch_file, s->name, n);
-        double pk_ld = (fmt == MOE_BF16 ? ce->ld_bf16 : ce->ld_int8) * 1e12;
+        double pk_ld = (moe_act_bf16(fmt) ? ce->ld_bf16 : ce->ld_int8) * 1e12;
         char ldf[32] = "";
         if (pk_ld > 0) /* the compute time over the with-loads tile ceiling, DRAM aside */
             snprintf(ldf, sizeof ldf, " ld_frac=%.3f", flops / pk_ld / t);

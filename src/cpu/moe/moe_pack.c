@@ -46,6 +46,11 @@ uint16_t moe_f32_to_f16(float f)
     return (uint16_t)(sign | h);
 }
 
+/* Integer rounding (no libm call: packing quantises every weight once):
+ * normal results round the fp32 mantissa to 3 bits by adding half an ulp
+ * (plus the kept bit, for ties to even) and rebias the exponent; below
+ * 2^-6 the step is 2^-9 and adding 2^23 to x * 512 rounds to the integer
+ * (RNE, the default rounding mode). */
 uint8_t moe_f32_to_e4m3(float f)
 {
     uint32_t u;
@@ -54,20 +59,17 @@ uint8_t moe_f32_to_e4m3(float f)
     uint32_t a = u & 0x7fffffffu;
     if (a > 0x7f800000u)
         return (uint8_t)(sign | 0x7f);                   /* NaN */
-    float x = fabsf(f);
-    if (x >= 448.0f)
-        return (uint8_t)(sign | 0x7e);                   /* saturate (inf too) */
-    if (x < 0.015625f)                                   /* below 2^-6: subnormal, step 2^-9 (8 -> 2^-6, 0x08) */
-        return (uint8_t)(sign | (int)nearbyintf(x * 512.0f));
-    int e = (int)(a >> 23) - 127;                        /* -6..8 */
-    uint32_t m = (a >> 20) & 7, rem = a & 0xfffffu;
-    if (rem > 0x80000u || (rem == 0x80000u && (m & 1)))
-        m++;
-    if (m == 8)
-        m = 0, e++;
-    if (e > 8 || (e == 8 && m > 6))
-        return (uint8_t)(sign | 0x7e);
-    return (uint8_t)(sign | ((e + 7) << 3) | m);
+    if (a >= 0x43e00000u)
+        return (uint8_t)(sign | 0x7e);                   /* >= 448 (inf too): saturate */
+    if (a < 0x3c800000u) {                               /* below 2^-6: subnormal (8 -> 2^-6, code 0x08) */
+        float x;
+        memcpy(&x, &a, 4);
+        volatile float big = 8388608.0f;                 /* kept from being folded away */
+        return (uint8_t)(sign | (int)((x * 512.0f + big) - big));
+    }
+    uint32_t r = (a + 0x7ffffu + ((a >> 20) & 1)) >> 20; /* fp32 exponent * 8 + 3-bit mantissa, rounded */
+    r -= (127 - 7) << 3;
+    return (uint8_t)(sign | (r > 0x7e ? 0x7e : r));
 }
 
 /* The mapping from a packed (row n, column k) to the source: returns 0 for
