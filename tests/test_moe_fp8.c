@@ -440,7 +440,10 @@ static int run_fwd(const moe_desc *d, pool *p, int isa, int n, int top_k, const 
 {
     moe_op *op = NULL;
     moe_scratch *s = NULL;
-    int rc = moe_create_isa(&op, d, p, isa, err, errlen);
+    int emu = isa < 0; /* -1: AVX-512 with the tile kernel on the emulator */
+    int rc = moe_create_isa(&op, d, p, emu ? ISA_AVX512 : isa, err, errlen);
+    if (!rc && emu)
+        op->big = &moe_kernel_amx_emu; /* before the scratch: it sizes the tile buffers */
     if (!rc && names) {
         names[0] = op->small->name;
         names[1] = op->big->name;
@@ -543,11 +546,13 @@ static void test_kernels(pool *p1, pool *p2)
 {
     static const struct { int dm, ff, n, top_k, mode; } cases[] = {
         { 200, 136, 1, 1, 0 }, { 200, 136, 1, 8, 0 }, { 200, 136, 3, 4, 2 }, { 200, 136, 7, 8, 0 },
-        { 100, 72, 40, 1, 1 }, { 130, 264, 37, 4, 0 }, { 256, 128, 13, 6, 2 },
+        { 100, 72, 40, 1, 1 }, { 130, 264, 37, 4, 0 }, { 256, 128, 13, 6, 2 }, { 600, 520, 40, 1, 1 },
+        { 200, 136, 300, 2, 0 },
     };
     int best = isa_detect(), E = 10;
-    double worst[ISA_COUNT] = { 0 };
-    int ncase[ISA_COUNT] = { 0 };
+    double worst[ISA_COUNT + 1] = { 0 }; /* [ISA_COUNT]: the tile emulator */
+    int ncase[ISA_COUNT + 1] = { 0 };
+    moe_tune keep = moe_tuning;
     int level = td_log_level();
     td_log_set_level(TD_LOG_ERROR); /* the fallback warning, once per op created below */
     for (int c = 0; c < (int)(sizeof cases / sizeof cases[0]); c++) {
@@ -566,30 +571,42 @@ static void test_kernels(pool *p1, pool *p2)
             int act = (c + parts) % 2;
             int rc = run_fwd(&d, p, ISA_REF, n, top_k, x, act, ids, wt, b, NULL, err, sizeof err);
             CHECKF(rc == 0, "fp8 ref: %s", err);
-            for (int isa = ISA_AVX2; isa <= best && !rc; isa++) {
+            /* every set, then the tile code on the emulator (twice: the plain and
+             * the software-pipelined step loop) */
+            int last = best >= ISA_AVX512 ? ISA_COUNT + 1 : best;
+            for (int v = ISA_AVX2; v <= last && !rc; v++) {
+                if (v > best && v < ISA_COUNT)
+                    continue;
+                int isa = v >= ISA_COUNT ? -1 : v, slot = v >= ISA_COUNT ? ISA_COUNT : v;
+                moe_tuning.sp = v == ISA_COUNT + 1 ? !keep.sp : keep.sp;
                 const char *names[2];
                 rc = run_fwd(&d, p, isa, n, top_k, x, act, ids, wt, a, names, err, sizeof err);
-                CHECKF(rc == 0, "fp8 %s: %s", isa_name(isa), err);
+                CHECKF(rc == 0, "fp8 %s: %s", isa < 0 ? "amx-emu" : isa_name(isa), err);
                 if (rc)
                     break;
-                /* the sets without an FP8 body decline it: AVX2 -> ref, AMX tiles -> AVX-512 */
-                const char *want = isa == ISA_AVX2 ? "ref" : "avx512";
-                CHECKF(!strcmp(names[0], want) && !strcmp(names[1], want), "fp8 on %s runs '%s' / '%s', expected '%s'",
-                       isa_name(isa), names[0], names[1], want);
+                /* AVX2 has no FP8 body: it declines, and the reference runs */
+                const char *want0 = isa == ISA_AVX2 ? "ref" : "avx512";
+                const char *want1 = isa == ISA_AVX2 ? "ref" : isa == ISA_AMX ? "amx" : isa < 0 ? "amx-emu" : "avx512";
+                CHECKF(!strcmp(names[0], want0) && !strcmp(names[1], want1),
+                       "fp8 on %s runs '%s' / '%s', expected '%s' / '%s'", isa < 0 ? "amx-emu" : isa_name(isa),
+                       names[0], names[1], want0, want1);
                 double r = rel_diff(a, b, (size_t)n * dm);
                 CHECKF(r <= 2e-3, "fp8 %s %dx%d n=%d top%d parts=%d act=%s: max|fast - ref| / max|ref| = %.3g",
-                       isa_name(isa), dm, cases[c].ff, n, top_k, parts, act ? "bf16" : "f32", r);
-                worst[isa] = fmax(worst[isa], r);
-                ncase[isa]++;
+                       isa < 0 ? "amx-emu" : isa_name(isa), dm, cases[c].ff, n, top_k, parts, act ? "bf16" : "f32",
+                       r);
+                worst[slot] = fmax(worst[slot], r);
+                ncase[slot]++;
             }
+            moe_tuning = keep;
         }
         free(x), free(a), free(b), free(wt), free(ids);
         free_src(&s);
     }
     td_log_set_level(level);
-    for (int isa = ISA_AVX2; isa <= best; isa++)
-        printf("  moe fp8 %s vs ref: %d cases, worst max|diff|/max|ref| %.2e\n", isa_name(isa), ncase[isa],
-               worst[isa]);
+    for (int isa = ISA_AVX2; isa <= ISA_COUNT; isa++)
+        if (ncase[isa])
+            printf("  moe fp8 %s vs ref: %d cases, worst max|diff|/max|ref| %.2e\n",
+                   isa == ISA_COUNT ? "amx-emu" : isa_name(isa), ncase[isa], worst[isa]);
     if (best < ISA_AVX512)
         SKIP("moe fp8 avx512 kernels", "this CPU lacks AVX-512");
 }

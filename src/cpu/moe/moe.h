@@ -60,8 +60,9 @@
  *       products in fp32 from 0, pairs in K order, odd element first (as
  *       BF16: VDPBF16PS); acc = fma(s_g, D_g, acc) in group order;
  *       h = bf16(silu(g) * u); down the same with h. AVX-512 matches the
- *       reference to the bit; the AVX2 and tile (AMX) sets have no FP8 body
- *       and decline it (the reference / the AVX-512 vector kernel run).
+ *       reference to the bit; the AMX tile kernel sums D_g in tile order
+ *       (as BF16); the AVX2 set has no FP8 body and declines it (the
+ *       reference runs, logged).
  * silu(g) = g / (1 + e(-g)) with e() a shared fma polynomial (moe_impl.h),
  * argument clamped to [-87, 87]. Output: out[t] = fma(w, y, out[t]) over the
  * token's (expert, weight) pairs: first the experts with fewer than amx_min
@@ -137,8 +138,8 @@ size_t moe_packed_expert_bytes(int d_model, int d_ff, moe_fmt fmt, int group, in
 #define MOE_AMX_MIN_BF16 8
 #define MOE_AMX_MIN_INT8 24
 #define MOE_AMX_MIN_INT4 40
-/* FP8 has no tile kernel yet: the vector kernel runs every expert, so the
- * switch only orders the schedule (as BF16's; not swept) */
+/* FP8: BF16's value (its tile pass is BF16's plus a widening and a fold per
+ * 128-group); not swept on an AMX machine */
 #define MOE_AMX_MIN_FP8 8
 #define MOE_AMX_MIN_DEFAULT(fmt)                                                                              \
     ((fmt) == MOE_INT4 ? MOE_AMX_MIN_INT4 : (fmt) == MOE_INT8 ? MOE_AMX_MIN_INT8 : (fmt) == MOE_FP8 ? MOE_AMX_MIN_FP8 \

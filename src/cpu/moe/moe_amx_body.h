@@ -52,7 +52,9 @@
  * moe_tuning.g4 groups into int8 B tiles of 8 quad rows (K = 32, one
  * group), reused by every token tile, and folds each group's int32 tile
  * with fma(m, S, fma(s, D, acc)) into an accumulator block that stays in
- * L1: bit-identical to the reference, and bound by those folds.
+ * L1: bit-identical to the reference, and bound by those folds. FP8
+ * widens its E4M3 weights to bf16 tiles and folds per 128-group
+ * (pass_fp8).
  */
 #ifndef AMX_KERNEL
 #error "define the tile-operation macros and AMX_KERNEL before including moe_amx_body.h"
@@ -528,10 +530,70 @@ static void pass_int4_bf16(const amx_pass *P)
     }
 }
 
+/* ---- FP8: E4M3 widened to bf16 tiles, one fold per 128-group ----------
+ * Per group and pair the two row blocks' E4M3 lines are widened to bf16
+ * (exact, moe_e4m3x32_bf16: each line gives two K-pair tile rows) into 4
+ * B tiles per block; every token-tile pair then runs the 4 K steps from
+ * zeroed tiles and folds cf = fma(s, D_g, cf) with the group's column
+ * scales: the reference's numerics, with D_g summed in tile order (as
+ * BF16). A fold of a 32 x 32 block per 128 K, a quarter of the exact INT4
+ * pass's rate. */
+static void stage_b_fp8(const amx_pass *P, int j, int g)
+{
+    const __m512i sub = _mm512_loadu_si512(moe_e4m3_sub), zero = _mm512_setzero_si512();
+    for (int n = 0; n < 2; n++) {
+        const uint8_t *src = P->b[2 * j + n] + (size_t)g * MOE_FP8_GBYTES;
+        uint8_t *dst = P->bbf + (size_t)n * 4096;
+        for (int l = 0; l < MOE_FP8_G / 4; l++) {
+            __m512i v = _mm512_load_si512(src + l * 64);
+            uint8_t *row = dst + (size_t)(l / 8) * 1024 + (size_t)((2 * l) % 16) * 64;
+            _mm512_store_si512(row, moe_e4m3x32_bf16(_mm512_unpacklo_epi8(v, zero), sub));
+            _mm512_store_si512(row + 64, moe_e4m3x32_bf16(_mm512_unpackhi_epi8(v, zero), sub));
+        }
+    }
+}
+
+/* cf = fma(s_n, D, cf) for the fp32 tiles in P->tmp (C[mm][n] at tmp + (2 mm + n) KB) */
+static void fold_fp8(const amx_pass *P, int mt, int two, int j, const __m512 *sc)
+{
+    size_t ncol = (size_t)P->npair * 32;
+    for (int mm = 0; mm < 1 + two; mm++)
+        for (int r = 0; r < 16; r++) {
+            float *c = P->cf + (size_t)((mt + mm) * 16 + r) * ncol + (size_t)j * 32;
+            for (int n = 0; n < 2; n++) {
+                __m512 d = _mm512_load_ps(P->tmp + (size_t)(2 * mm + n) * 1024 + (size_t)r * 64);
+                _mm512_storeu_ps(c + n * 16, _mm512_fmadd_ps(sc[n], d, _mm512_loadu_ps(c + n * 16)));
+            }
+        }
+}
+
+static void pass_fp8(const amx_pass *P)
+{
+    int ng = P->W->kp / MOE_FP8_G, pf = moe_tuning.pf, sp = moe_tuning.sp;
+    zero_cf(P);
+    for (int g = 0; g < ng; g++)
+        for (int j = 0; j < P->npair; j++) {
+            stage_b_fp8(P, j, g);
+            const uint8_t *b0 = P->bbf, *b1 = P->bbf + 4096;
+            __m512 sc[2] = { _mm512_load_ps(P->b[2 * j] + (size_t)g * MOE_FP8_GBYTES + 2048),
+                             _mm512_load_ps(P->b[2 * j + 1] + (size_t)g * MOE_FP8_GBYTES + 2048) };
+            for (int mt = 0; mt < P->nmt; mt += 2) {
+                int two = mt + 1 < P->nmt;
+                const uint8_t *a0 = P->x + (size_t)mt * P->mstride + (size_t)g * 4096;
+                zero_tiles(two);
+                AMX_STEPS(AMX_DP_BF16, two, a0, P->mstride, b0, b1, 4, b0, b1, 0, pf, sp);
+                store_tmp(two, P->tmp);
+                fold_fp8(P, mt, two, j, sc);
+            }
+        }
+}
+
 static void run_pass(int fmt, const amx_pass *P)
 {
     if (fmt == MOE_BF16)
         pass_bf16(P);
+    else if (fmt == MOE_FP8)
+        pass_fp8(P);
     else if (fmt == MOE_INT8)
         pass_int8(P);
     else if (moe_tuning.i4)
@@ -557,12 +619,12 @@ static void pass_bufs(amx_pass *P, void *ts)
 /* tiled activation rows [mt0*16, ...) of a as a pass's A operand */
 static void pass_rows(amx_pass *P, int fmt, const moe_act *a, int mt0, int nmt)
 {
-    size_t esz = fmt == MOE_BF16 ? 2 : 1;
+    size_t esz = moe_act_bf16(fmt) ? 2 : 1;
     P->nmt = nmt;
     P->mstride = 16 * a->ld * esz;
     P->x = (const uint8_t *)a->x + (size_t)mt0 * P->mstride;
     P->lds = a->lds;
-    P->s32 = fmt == MOE_BF16 ? NULL : a->s32 + (size_t)mt0 * 16 * a->lds;
+    P->s32 = moe_act_bf16(fmt) ? NULL : a->s32 + (size_t)mt0 * 16 * a->lds;
 }
 
 /* Phase 1. Writes h for every row of the 16-row tiles, padding rows included
@@ -589,12 +651,12 @@ static void amx_up(int fmt, const moe_mat *g, const moe_mat *u, int rb0, int rb1
         run_pass(fmt, &P);
         for (int r = 0; r < nmt * 16; r++) {
             int row = mt0 * 16 + r;
-            __m512 sx = _mm512_set1_ps(fmt == MOE_BF16 ? 1.0f : a->sx[row]);
+            __m512 sx = _mm512_set1_ps(moe_act_bf16(fmt) ? 1.0f : a->sx[row]);
             for (int j = 0; j < P.npair; j++) {
                 __m512 gv = _mm512_loadu_ps(P.cf + (size_t)r * ncol + (size_t)j * 32);
                 __m512 uv = _mm512_loadu_ps(P.cf + (size_t)r * ncol + (size_t)j * 32 + 16);
                 uint8_t *dst;
-                if (fmt == MOE_BF16) {
+                if (moe_act_bf16(fmt)) {
                     int c = (rb0 + j) * 16;
                     dst = (uint8_t *)h + (size_t)(row / 16) * 16 * ldh * 2 + (size_t)(c / 32) * 1024 +
                           (size_t)(row % 16) * 64 + (size_t)(c % 32) * 2;
@@ -634,13 +696,13 @@ static void amx_down(int fmt, const moe_mat *d, int rb0, int rb1, const moe_act 
         int nrow = a->m - mt0 * 16 < nmt * 16 ? a->m - mt0 * 16 : nmt * 16;
         for (int r = 0; r < nrow; r++) {
             int row = mt0 * 16 + r;
-            __m512 sx = _mm512_set1_ps(fmt == MOE_BF16 ? 1.0f : a->sx[row]);
+            __m512 sx = _mm512_set1_ps(moe_act_bf16(fmt) ? 1.0f : a->sx[row]);
             for (int j = 0; j < 2 * P.npair; j++) {
                 int col0 = (rb0 + j) * 16;
                 if (col0 >= ncols)
                     break;
                 __m512 y = _mm512_loadu_ps(P.cf + (size_t)r * ncol + (size_t)j * 16);
-                if (fmt != MOE_BF16)
+                if (!moe_act_bf16(fmt))
                     y = _mm512_mul_ps(sx, y);
                 moe_acc_out512(out + (size_t)tok[row] * ldo, col0, ncols, wt[row], y);
             }
@@ -649,11 +711,11 @@ static void amx_down(int fmt, const moe_mat *d, int rb0, int rb1, const moe_act 
     AMX_RELEASE();
 }
 
-/* FP8 has no tile body: declined, so moe_pick_kernels falls back (logged) */
 static int amx_accepts(int fmt, int group)
 {
+    (void)fmt;
     (void)group;
-    return fmt != MOE_FP8;
+    return 1;
 }
 
 const moe_kernel AMX_KERNEL = { AMX_KNAME, ISA_AMX, amx_accepts, amx_up, amx_down, 1 };
