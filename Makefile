@@ -4,6 +4,7 @@
 #   make cpu        the same without CUDA (src/cuda/gpu_none.c stands in)
 #   make test       build and run every test group; last line "N passed, N failed"
 #   make test-asan  the tests under AddressSanitizer + UBSan (objects in build-asan/)
+#   make test-tsan  the concurrency tests under ThreadSanitizer (objects in build-tsan/)
 #   make bench      build the benchmark programs
 #   make help       this list
 #
@@ -52,14 +53,14 @@ TEST_OBJ := $(patsubst %.c,$(BUILD)/%.o,$(shell find tests -name '*.c' | sort))
 BENCH_SRC := $(shell find dev -name '*.c' 2>/dev/null | sort)
 BENCH_BIN := $(BENCH_SRC:dev/%.c=$(BUILD)/dev/%)
 
-.PHONY: all cpu test test-asan bench help clean
+.PHONY: all cpu test test-asan test-tsan bench help clean
 all: $(BUILD)/tandem
 
 cpu:
 	@$(MAKE) --no-print-directory CUDA=0 all
 
 help:
-	@sed -n '3,9p' Makefile | sed 's/^# //'
+	@sed -n '3,10p' Makefile | sed 's/^# //'
 
 # The stamp makes a switch between `make` and `make cpu` rebuild the archive.
 $(BUILD)/.cuda-$(CUDA):
@@ -86,10 +87,21 @@ test-asan:
 	@$(MAKE) --no-print-directory CUDA=0 BUILD=build-asan OPT=-O1 \
 	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" test
 
+# Sessions of one engine on threads of their own (tests/test_concurrency.c)
+# under TSan. Only the library and the test runner are built and only that
+# group runs: the other groups drive the pool from one thread, and under TSan
+# they would add minutes to CI. setarch -R (no address randomisation): TSan's
+# fixed shadow layout rejects the randomised mappings of some kernels.
+TSAN_RUN = $(shell setarch -R true 2>/dev/null && echo setarch -R)
+test-tsan:
+	@$(MAKE) --no-print-directory CUDA=0 BUILD=build-tsan OPT=-O1 \
+	  SAN="-fsanitize=thread -fno-omit-frame-pointer" build-tsan/run_tests
+	TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" $(TSAN_RUN) build-tsan/run_tests --concurrency
+
 bench: $(BENCH_BIN) $(BUILD)/tandem
 
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-tsan
 
 $(BUILD)/%_avx2.o: %_avx2.c
 	@mkdir -p $(dir $@)
