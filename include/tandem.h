@@ -58,6 +58,10 @@ typedef struct {
     int n_layer_limit;    /* > 0: build only the first N layers (benchmarks at full width) */
     int ignore_packs;     /* nonzero: pack the CPU experts in memory even where `tandem convert` wrote packs
                              (which are otherwise mapped, after checking they belong to this checkpoint) */
+    int dummy_bf16_experts; /* with dummy_weights, for benchmarks of expert streaming only: also build the
+                               routed experts as BF16 matrices (a full BF16 copy beside the packed one), since
+                               streaming copies experts from BF16 source pages; otherwise dummy experts are
+                               generated straight into their packed form */
     int defer_experts;    /* expert deferral d (0 = exact, the default): per token the d routed experts
                              of lowest router weight are deferred, their output added to the residual one
                              layer later (after the next layer's attention), so the CPU computes them while

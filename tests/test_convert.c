@@ -8,6 +8,7 @@
  */
 #include "test.h"
 #include "tandem.h"
+#include "cuda/gpu.h"
 #include "io/safetensors.h"
 
 #include <fcntl.h>
@@ -207,4 +208,68 @@ TEST_GROUP(convert_fp8)
     CHECKF(logits_of(dir, &ep, b, &V, err, sizeof err) == 0, "%s", err);
     CHECK(V > 0 && memcmp(a, b, (size_t)V * sizeof *a) == 0);
     sh("rm -rf %s%s", dir, "");
+}
+
+/* with a GPU: packs are the load path of hybrid engines too (GPU-held experts
+ * masked out of a full pack), and the GPU takes F16/FP8/dummy matrices from
+ * their views (hybrid.c up_mats) with no host copy */
+
+static double max_rel_diff(const float *a, const float *b, int n)
+{
+    double m = 0, r = 0;
+    for (int i = 0; i < n; i++) {
+        double d = a[i] > b[i] ? a[i] - b[i] : b[i] - a[i], x = b[i] < 0 ? -b[i] : b[i];
+        m = d > m ? d : m;
+        r = x > r ? x : r;
+    }
+    return r > 0 ? m / r : m;
+}
+
+TEST_GROUP(convert_hybrid)
+{
+    char why[256];
+    if (gpu_device_count(why, sizeof why) == 0) {
+        char msg[300];
+        snprintf(msg, sizeof msg, "no GPU (%s)", why);
+        SKIP("hybrid engines on packs and views", msg);
+        return;
+    }
+    static const char *fixtures[] = { "qwen3_moe", "deepseek_v3_fp8" };
+    static float a[4096], b[4096];
+    char err[1024];
+    for (int f = 0; f < 2; f++) {
+        char dir[] = "/tmp/tandem-convert-gpu-XXXXXX";
+        CHECK(mkdtemp(dir) != NULL);
+        char src[256];
+        snprintf(src, sizeof src, "tests/fixtures/%s", fixtures[f]);
+        CHECK(sh("cp %s/config.json %s/", src, dir) == 0);
+        CHECK(sh("cp %s/model.safetensors %s/", src, dir) == 0);
+        tandem_engine_params ep;
+        params(&ep, TANDEM_FMT_INT4);
+        ep.gpu = 1;
+        ep.gpu_experts = 2;
+        int V = 0;
+        CHECKF(logits_of(dir, &ep, a, &V, err, sizeof err) == 0, "%s: %s", fixtures[f], err);
+        CHECKF(convert(dir, TANDEM_FMT_INT4, 0, err, sizeof err) == 0, "%s", err);
+        CHECKF(logits_of(dir, &ep, b, &V, err, sizeof err) == 0, "%s: %s", fixtures[f], err);
+        CHECKF(V > 0 && memcmp(a, b, (size_t)V * sizeof *a) == 0, "%s: hybrid logits differ on the pack",
+               fixtures[f]);
+        /* the same model on the CPU alone: the GPU's matrices came from the views */
+        params(&ep, TANDEM_FMT_INT4);
+        CHECKF(logits_of(dir, &ep, b, &V, err, sizeof err) == 0, "%s", err);
+        double d = max_rel_diff(a, b, V);
+        CHECKF(d < 2e-2, "%s: hybrid vs CPU max rel diff %.3g", fixtures[f], d);
+        sh("rm -rf %s%s", dir, "");
+    }
+    /* dummy weights: generated for the upload, packed for the CPU, no BF16 copy; GPU vs CPU agree */
+    tandem_engine_params ep;
+    params(&ep, TANDEM_FMT_BF16);
+    ep.dummy_weights = 1;
+    int V = 0;
+    CHECKF(logits_of("tests/fixtures/qwen3_moe", &ep, b, &V, err, sizeof err) == 0, "%s", err);
+    ep.gpu = 1;
+    ep.gpu_experts = 3;
+    CHECKF(logits_of("tests/fixtures/qwen3_moe", &ep, a, &V, err, sizeof err) == 0, "%s", err);
+    double d = max_rel_diff(a, b, V);
+    CHECKF(d < 2e-2, "dummy weights: hybrid vs CPU max rel diff %.3g", d);
 }

@@ -7,6 +7,7 @@
 #include "core/isa.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <string.h>
 
 /* splitmix64's output function; the generator's state after j steps is
@@ -37,10 +38,19 @@ void mat_dummy_row(uint64_t seed, int64_t r, int64_t c0, int64_t n, float amp, u
 
 float mat_dummy_amp(int64_t cols) { return sqrtf(3.0f / (float)cols); }
 
+/* the 256 E4M3 values: packing reads every FP8 weight once through here */
+static float fp8_lut[256];
+static pthread_once_t fp8_once = PTHREAD_ONCE_INIT;
+static void fp8_lut_init(void)
+{
+    for (int q = 0; q < 256; q++)
+        fp8_lut[q] = fp8e4m3_to_f32((uint8_t)q);
+}
+
 void mat_row_range_f32(const mat *m, int64_t r, int64_t c0, int64_t n, float *out)
 {
     if (!m->data) {
-        mat_dummy_row(m->seed, r, c0, n, mat_dummy_amp(m->cols), NULL, out);
+        mat_dummy_row(m->seed, r, c0, n, m->amp > 0 ? m->amp : mat_dummy_amp(m->cols), NULL, out);
         return;
     }
     size_t at = (size_t)(r * m->cols + c0);
@@ -53,9 +63,15 @@ void mat_row_range_f32(const mat *m, int64_t r, int64_t c0, int64_t n, float *ou
             out[i] = f16_to_f32(((const uint16_t *)m->data)[at + (size_t)i]);
         break;
     case DT_F8_E4M3: {
+        pthread_once(&fp8_once, fp8_lut_init);
         const float *srow = m->scale + (r / m->bn) * ((m->cols + m->bk - 1) / m->bk);
-        for (int64_t i = 0; i < n; i++)
-            out[i] = fp8e4m3_to_f32(((const uint8_t *)m->data)[at + (size_t)i]) * srow[(c0 + i) / m->bk];
+        const uint8_t *q = (const uint8_t *)m->data + at;
+        for (int64_t i = 0; i < n;) {
+            int64_t blk = (c0 + i) / m->bk, end = (blk + 1) * m->bk - c0;
+            float sc = srow[blk];
+            for (end = end < n ? end : n; i < end; i++)
+                out[i] = fp8_lut[q[i]] * sc;
+        }
         break;
     }
     default:

@@ -24,6 +24,7 @@ typedef struct {
     const float *scale; /* F8_E4M3: [ceil(rows / bn)][ceil(cols / bk)] fp32 block scales */
     int bn, bk;
     uint64_t seed;      /* data == NULL: the dummy weights' seed (mat_dummy_row) */
+    float amp;          /* data == NULL: their amplitude; 0 = mat_dummy_amp(cols) */
 } mat;
 
 /* Dummy weights: row r of a matrix seeded by seed, columns [c0, c0 + n):

@@ -72,7 +72,7 @@ int hybrid_plan_make(const tandem_engine *e, int64_t budget, hybrid_plan *p, cha
     int64_t b = 0;
     const mat *emb[1] = { &e->embed }, *lm[1] = { &e->lm_head };
     b += fused_bytes(emb, 1) + vec_bytes(e->out_norm, D);
-    if (e->lm_head.data != e->embed.data)
+    if (!d->tie_embed)
         b += fused_bytes(lm, 1);
     for (int l = 0; l < d->n_layer; l++) {
         const layer_weights *L = &e->layers[l];
@@ -547,7 +547,7 @@ int hybrid_engine_open(tandem_engine *e, char *err, size_t errlen)
     }
     double t0 = secs();
     rc = up_mat(hy, &hy->embed, &e->embed, err, errlen);
-    if (!rc && e->lm_head.data == e->embed.data)
+    if (!rc && d->tie_embed)
         hy->lm_head = hy->embed; /* tied */
     else if (!rc)
         rc = up_mat(hy, &hy->lm_head, &e->lm_head, err, errlen);

@@ -447,6 +447,7 @@ int tandem_bench_e2e(int argc, char **argv)
     ep.cpu_experts = o.fmt;
     ep.n_threads = o.threads;
     ep.gpu = 0; /* the CPU engine first; the GPU side is opened below */
+    ep.dummy_bf16_experts = o.dummy && o.mode_hybrid && o.stream_min > 0; /* streaming reads BF16 experts */
     double t0 = now_s();
     tandem_engine *e = NULL;
     int rc = tandem_engine_open(o.model, &ep, &e, err, sizeof err);

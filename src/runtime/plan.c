@@ -185,42 +185,12 @@ static int scan_weights(const model_desc *d, const st_set *st, const char *cfg_p
  * in src/cpu/moe/moe_fwd.c lays it out (each piece 64-byte aligned), mapped
  * whole in 2 MB pages by moe_huge_alloc(). moe.h has no size function for
  * it, so this restates the layout. */
-static int64_t moe_scratch_bytes(int64_t E, int64_t D, int64_t F, int fmt, int nparts, int nthreads, int isa,
-                                 int64_t T, int64_t K, int64_t held)
+/* the CPU MoE operator's scratch, as moe_scratch_create maps it */
+static int64_t plan_moe_scratch(int64_t E, int64_t D, int64_t F, int fmt, int nparts, int nthreads, int isa, int64_t T,
+                                int64_t K, int64_t held)
 {
-    const int64_t pairs = T * K, rows = pairs + 15 * min64(pairs, held > 0 ? held : 1);
-    const int64_t kp = up64(D, 64), np = up64(D, 32), ff = up64(F, 64);
-    const int q = fmt == TANDEM_FMT_INT8 || fmt == TANDEM_FMT_INT4;
-    int64_t at = 0;
-#define CARVE(n) (at += up64((n), 64))
-    for (int i = 0; i < 8; i++)
-        CARVE(E * 4); /* cnt off fill order dorder early nq p1tot */
-    CARVE(rows * 4);
-    CARVE(rows * 4);
-    CARVE(pairs * 4);
-    CARVE((int64_t)nparts * (E + 1) * 8);
-    CARVE((E + 1) * 8);
-    CARVE(rows * kp * (q ? 1 : 2));
-    CARVE(rows * 4);
-    CARVE(rows * kp / 32 * 4);
-    CARVE(rows * ff * (q ? 4 : 2));
-    if (q) {
-        CARVE(rows * ff);
-        CARVE(rows * 4);
-        CARVE(rows * ff / 32 * 4);
-    }
-    if (nparts > 1)
-        CARVE((int64_t)(nparts - 1) * T * D * 4);
-    if (isa == ISA_AMX && fmt != TANDEM_FMT_FP8) /* the tile kernels' per-thread scratch (MOE_TSCRATCH); they
-                                                    decline FP8 (amx_accepts in moe_amx_body.h) */
-        CARVE((int64_t)nthreads * 1572 * 1024);
-    CARVE((int64_t)nthreads * up64(max64(kp * 2, ff), 64));
-    CARVE(4);
-    CARVE(E * 4);
-    CARVE(E * 4);
-    CARVE((int64_t)nparts * ((np / 32 + 15) / 16 * 16) * 4);
-#undef CARVE
-    return up64(at, 2 << 20);
+    return (int64_t)moe_scratch_bytes((int)E, (int)D, (int)F, (moe_fmt)(fmt == TANDEM_FMT_FP8 ? MOE_FP8 : fmt), nparts,
+                                      nthreads, isa, (int)held, (int)T, (int)K);
 }
 
 /* Packed bytes of one expert in fmt; FP8 through moe_packed_expert_bytes
@@ -295,6 +265,9 @@ static void compose_engine(tandem_plan *p, const model_desc *d, const wscan *w, 
     if (n_moe > 0 && fmt != TANDEM_FMT_F32) {
         add(p, "routed experts", H, ENG, 1, approx_fp8, 0, (int64_t)n_moe * n_cpu * p->expert_bytes[fmt],
             "%d layers x %d experts x %.1f MB, %s packed", n_moe, n_cpu, p->expert_bytes[fmt] / 1e6, fmt_name[fmt]);
+        if (o->dummy_bf16)
+            add(p, "dummy BF16 experts", H, ENG, 1, 0, 0, (int64_t)n_moe * E * 3 * D * F * 2,
+                "the source expert streaming copies from (dummy_bf16_experts, benchmarks only)");
         if (approx_fp8)
             note(p, "fp8 expert size estimated (1 byte per weight + 128x128 block scales): the packer does not size "
                     "FP8 yet");
@@ -309,10 +282,16 @@ static void compose_engine(tandem_plan *p, const model_desc *d, const wscan *w, 
     add(p, "non-expert weights", H, ENG, !p->gpu, 0, 0, w->inplace,
         p->gpu ? "BF16/F32 file pages, read once for the upload (not counted: the kernel may drop them)"
                : "BF16/F32 matrices used in place from the mapped safetensors");
-    add(p, "F16 -> F32 copies", H, ENG, 1, 0, 0, w->f16_copy, "F16 matrices converted at load");
-    add(p, "FP8 -> BF16 copies", H, ENG, 1, 0, 0, w->fp8_copy, "FP8 matrices dequantised at load%s",
-        p->gpu ? ", kept after the upload" : "");
-    add(p, "dummy weights", H, ENG, 1, 0, 0, w->dummy, "non-expert matrices as BF16 buffers");
+    /* a hybrid engine uploads F16/FP8/dummy matrices from the checkpoint's pages (or the generator) a
+     * matrix at a time and keeps no host copy; a CPU-only one converts them once (load.c) */
+    if (p->gpu) {
+        add(p, "F16/FP8 matrices", H, ENG, 0, 0, 0, w->f16_copy / 2 + w->fp8_copy / 2,
+            "file pages converted a matrix at a time for the upload, then dropped (not counted)");
+    } else {
+        add(p, "F16 -> F32 copies", H, ENG, 1, 0, 0, w->f16_copy, "F16 matrices converted at load");
+        add(p, "FP8 -> BF16 copies", H, ENG, 1, 0, 0, w->fp8_copy, "FP8 matrices dequantised at load");
+        add(p, "dummy weights", H, ENG, 1, 0, 0, w->dummy, "non-expert matrices as BF16 buffers");
+    }
     add(p, "norms and biases", H, ENG, 1, 0, 0, w->vec, "F32 copies");
     if (!p->gpu)
         return;
@@ -391,7 +370,7 @@ static void compose_session(tandem_plan *p, const model_desc *d, const wscan *w,
     if (!p->gpu) {
         if (n_moe > 0 && fmt != TANDEM_FMT_F32)
             add(p, "MoE scratch", H, SES, 1, 0, 0,
-                moe_scratch_bytes(E, D, Fe, fmt, o->n_parts, o->n_threads, o->isa, o->n_batch, K, n_cpu),
+                plan_moe_scratch(E, D, Fe, fmt, o->n_parts, o->n_threads, o->isa, o->n_batch, K, n_cpu),
                 "the CPU MoE operator, %d tokens x top-%lld", o->n_batch, (long long)K);
         return;
     }
@@ -399,16 +378,16 @@ static void compose_session(tandem_plan *p, const model_desc *d, const wscan *w,
     /* ---- hybrid: hybrid_session.c, hybrid_cpu.c, hybrid_stream.c ---- */
     hybrid_opts ho;
     hybrid_opts_default(&ho);
-    const int streams = ho.stream_min > 0 && n_moe > 0 && !o->dummy && !w->exp_mixed &&
+    const int streams = ho.stream_min > 0 && n_moe > 0 && (!o->dummy || o->dummy_bf16) && !w->exp_mixed &&
                         (w->exp_dt == DT_BF16 || w->exp_dt == DT_F32);
     const int64_t C = hybrid_chunk(&ho, streams, o->n_batch), H_ = d->n_head;
     const int64_t n_out_g = n_out < C ? n_out : C;
     const int defer = o->defer > 0;
     if (n_moe > 0 && n_cpu > 0) {
-        int64_t ms = moe_scratch_bytes(E, D, Fe, fmt, o->n_parts, o->n_threads, o->isa, C, K, n_cpu);
+        int64_t ms = plan_moe_scratch(E, D, Fe, fmt, o->n_parts, o->n_threads, o->isa, C, K, n_cpu);
         if (defer && ho.handoff == HY_HANDOFF_MEMOP) { /* a deferring layer's two halves in one call */
             const int64_t T2 = 2 * min64(C, 64);
-            ms += moe_scratch_bytes(E, D, Fe, fmt, o->n_parts, o->n_threads, o->isa, T2, K, n_cpu) +
+            ms += plan_moe_scratch(E, D, Fe, fmt, o->n_parts, o->n_threads, o->isa, T2, K, n_cpu) +
                   td_alloc_size(T2 * D * 2) + 2 * td_alloc_size(T2 * K * 4) + td_alloc_size(T2 * D * 4);
         }
         add(p, "MoE scratch", H, SES, 1, 0, 0, ms, "the CPU MoE operator, passes of %lld tokens", (long long)C);
@@ -544,6 +523,7 @@ void plan_opts_from(plan_opts *o, const model_desc *d, const tandem_engine_param
     o->gpu_experts = ep->gpu_experts > 0 ? ep->gpu_experts : 0;
     o->defer = ep->defer_experts;
     o->dummy = ep->dummy_weights;
+    o->dummy_bf16 = ep->dummy_weights && ep->dummy_bf16_experts;
     o->n_seq = sp->n_seq > 0 ? sp->n_seq : 1;
     o->n_ctx = sp->n_ctx ? sp->n_ctx : (d->max_ctx < 4096 ? d->max_ctx : 4096);
     o->n_batch = sp->n_batch > 0 ? sp->n_batch : 512;

@@ -38,7 +38,8 @@ typedef struct {
     int gpu;                /* 1: the hybrid plan (GPU + CPU) */
     int gpu_experts;        /* routed experts per MoE layer on the GPU (hybrid) */
     int defer;              /* expert deferral d (sizes a few hybrid buffers) */
-    int dummy;              /* dummy weights: every matrix a BF16 buffer, nothing read */
+    int dummy;              /* dummy weights: generated where they are read, nothing read from files */
+    int dummy_bf16;         /* dummy weights with dummy_bf16_experts: the experts as BF16 buffers too */
     int n_ctx, n_seq, n_batch, n_outputs; /* session (resolved as session.c does) */
 } plan_opts;
 

@@ -166,6 +166,10 @@ void moe_shape(const moe_op *op, int *n_expert, int *d_model, int *d_ff, moe_fmt
 
 int moe_scratch_create(const moe_op *op, int max_tokens, int top_k, moe_scratch **out, char *err, size_t errlen);
 void moe_scratch_free(moe_scratch *s);
+/* The bytes moe_scratch_create would map for an op of this shape, format and
+ * pool on kernel set isa holding n_held experts (the memory plan's figure). */
+size_t moe_scratch_bytes(int n_expert, int d_model, int d_ff, moe_fmt fmt, int nparts, int nthreads, int isa,
+                         int n_held, int max_tokens, int top_k);
 
 /* out[t][:] = sum_k w[t][k] * E_{ids[t][k]}(x[t]),  E(x) = down( silu(gate x) * (up x) ),
  * skipping ids[t][k] < 0. x [n][d_model] fp32; ids/w [n][top_k]; out [n][d_model] fp32, overwritten.

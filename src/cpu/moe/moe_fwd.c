@@ -31,6 +31,7 @@
  */
 #include "cpu/moe/moe_impl.h"
 #include "core/err.h"
+#include "core/isa.h"
 #include "core/log.h"
 
 #include <emmintrin.h>
@@ -237,6 +238,31 @@ static void scratch_carve(moe_scratch *s, const moe_op *op, uint8_t *base, size_
     s->ticket_stride = (op->np / 32 + 15) / 16 * 16; /* column groups of >= 2 row blocks, padded to a line */
     s->ticket = carve(base, &at, (size_t)op->nparts * (size_t)s->ticket_stride * sizeof(atomic_int));
     *total = at;
+}
+
+size_t moe_scratch_bytes(int n_expert, int d_model, int d_ff, moe_fmt fmt, int nparts, int nthreads, int isa,
+                         int n_held, int max_tokens, int top_k)
+{
+    struct moe_op op;
+    memset(&op, 0, sizeof op);
+    op.n_expert = n_expert;
+    op.d_model = d_model;
+    op.d_ff = d_ff;
+    op.fmt = fmt;
+    op.nparts = nparts < 1 ? 1 : nparts > MOE_MAX_PARTS ? MOE_MAX_PARTS : nparts;
+    op.nthreads = nthreads;
+    op.isa = isa;
+    moe_layout(&op);
+    /* what moe_pick_kernels would choose, as far as the scratch cares: tiles or not */
+    op.big = isa == ISA_AMX && moe_kernel_amx.accepts(fmt, 0) ? &moe_kernel_amx : &moe_kernel_ref;
+    moe_scratch s;
+    memset(&s, 0, sizeof s);
+    size_t pairs = (size_t)max_tokens * (size_t)top_k, held = (size_t)(n_held > 0 ? n_held : 1), total = 0;
+    s.max_tokens = max_tokens;
+    s.top_k = top_k;
+    s.rows_max = (int)(pairs + 15 * (pairs < held ? pairs : held));
+    scratch_carve(&s, &op, NULL, &total);
+    return (total + ((size_t)2 << 20) - 1) / ((size_t)2 << 20) * ((size_t)2 << 20); /* moe_huge_alloc's rounding */
 }
 
 /* One huge-page region for all of it: the big arrays (gathered activations,
