@@ -327,16 +327,22 @@ size_t moe_bytes(const moe_op *op)
     return b;
 }
 
+void moe_layout_shape(struct moe_op *op, int n_expert, int d_model, int d_ff, int fmt, int group, int nparts)
+{
+    memset(op, 0, sizeof *op);
+    op->n_expert = n_expert;
+    op->d_model = d_model;
+    op->d_ff = d_ff;
+    op->fmt = fmt;
+    op->group = group;
+    op->nparts = nparts < 1 ? 1 : nparts > MOE_MAX_PARTS ? MOE_MAX_PARTS : nparts;
+    moe_layout(op);
+}
+
 size_t moe_packed_expert_bytes(int d_model, int d_ff, moe_fmt fmt, int group, int nparts)
 {
     struct moe_op op;
-    memset(&op, 0, sizeof op);
-    op.d_model = d_model;
-    op.d_ff = d_ff;
-    op.fmt = fmt;
-    op.group = group;
-    op.nparts = nparts < 1 ? 1 : nparts > MOE_MAX_PARTS ? MOE_MAX_PARTS : nparts;
-    moe_layout(&op);
+    moe_layout_shape(&op, 1, d_model, d_ff, fmt, group, nparts);
     return moe_bytes(&op);
 }
 

@@ -240,27 +240,30 @@ static void scratch_carve(moe_scratch *s, const moe_op *op, uint8_t *base, size_
     *total = at;
 }
 
+/* rows of the gathered arrays: every (token, expert) pair, plus up to 15
+ * rows of padding per expert used (tile kernels start an expert's rows on a
+ * multiple of 16) */
+static void scratch_rows(moe_scratch *s, int max_tokens, int top_k, int n_held)
+{
+    size_t pairs = (size_t)max_tokens * (size_t)top_k, held = (size_t)(n_held > 0 ? n_held : 1);
+    s->max_tokens = max_tokens;
+    s->top_k = top_k;
+    s->rows_max = (int)(pairs + 15 * (pairs < held ? pairs : held));
+}
+
 size_t moe_scratch_bytes(int n_expert, int d_model, int d_ff, moe_fmt fmt, int nparts, int nthreads, int isa,
                          int n_held, int max_tokens, int top_k)
 {
     struct moe_op op;
-    memset(&op, 0, sizeof op);
-    op.n_expert = n_expert;
-    op.d_model = d_model;
-    op.d_ff = d_ff;
-    op.fmt = fmt;
-    op.nparts = nparts < 1 ? 1 : nparts > MOE_MAX_PARTS ? MOE_MAX_PARTS : nparts;
+    moe_layout_shape(&op, n_expert, d_model, d_ff, fmt, 0, nparts);
     op.nthreads = nthreads;
     op.isa = isa;
-    moe_layout(&op);
     /* what moe_pick_kernels would choose, as far as the scratch cares: tiles or not */
     op.big = isa == ISA_AMX && moe_kernel_amx.accepts(fmt, 0) ? &moe_kernel_amx : &moe_kernel_ref;
     moe_scratch s;
     memset(&s, 0, sizeof s);
-    size_t pairs = (size_t)max_tokens * (size_t)top_k, held = (size_t)(n_held > 0 ? n_held : 1), total = 0;
-    s.max_tokens = max_tokens;
-    s.top_k = top_k;
-    s.rows_max = (int)(pairs + 15 * (pairs < held ? pairs : held));
+    size_t total = 0;
+    scratch_rows(&s, max_tokens, top_k, n_held);
     scratch_carve(&s, &op, NULL, &total);
     return (total + ((size_t)2 << 20) - 1) / ((size_t)2 << 20) * ((size_t)2 << 20); /* moe_huge_alloc's rounding */
 }
@@ -276,11 +279,7 @@ int moe_scratch_create(const moe_op *op, int max_tokens, int top_k, moe_scratch 
     moe_scratch *s = calloc(1, sizeof *s);
     if (!s)
         return td_err(err, errlen, TANDEM_ENOMEM, "moe: out of memory");
-    size_t pairs = (size_t)max_tokens * (size_t)top_k;
-    size_t held = (size_t)(op->n_held ? op->n_held : 1);
-    s->max_tokens = max_tokens;
-    s->top_k = top_k;
-    s->rows_max = (int)(pairs + 15 * (pairs < held ? pairs : held));
+    scratch_rows(s, max_tokens, top_k, op->n_held);
     s->n_expert = op->n_expert;
     s->nparts = op->nparts;
     scratch_carve(s, op, NULL, &s->region_bytes);

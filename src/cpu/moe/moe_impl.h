@@ -308,6 +308,8 @@ static inline moe_mat moe_mat_of(const struct moe_op *op, int p, int e, int whic
 /* Fill sizes, slices and padding of op from n_expert/d_model/d_ff/fmt/group/
  * nparts (moe.c); shared with moe_open_packed to check a file. */
 void moe_layout(struct moe_op *op);
+/* op zeroed and laid out for a shape alone (sizes without an op: the plan) */
+void moe_layout_shape(struct moe_op *op, int n_expert, int d_model, int d_ff, int fmt, int group, int nparts);
 /* Apply TANDEM_MOE_TUNE (moe_tune_env), validate d (shape, format, isa
  * against this CPU, pool) and fill the plain fields of op;
  * moe_pick_kernels() then sets small/big for op->isa. */
