@@ -40,8 +40,9 @@ TEST_GROUP(demo)
     } fm[] = { { TANDEM_FMT_F32, "f32", 1e-4, 1e-6 },
                { TANDEM_FMT_BF16, "bf16", 5e-3, 1e-3 },
                { TANDEM_FMT_INT8, "int8", 2e-2, 5e-3 },
-               { TANDEM_FMT_INT4, "int4", 1.5e-1, 5e-2 } };
-    enum { NF = 4 };
+               { TANDEM_FMT_INT4, "int4", 1.5e-1, 5e-2 },
+               { TANDEM_FMT_FP8, "fp8", 2e-2, 1e-2 } };
+    enum { NF = 5 };
     tandem_engine *es[NF] = { 0 };
     tandem_session *ss[NF] = { 0 };
     char err[512];

@@ -101,6 +101,7 @@ static const struct {
     { TANDEM_FMT_BF16, "bf16", 2e-2, 1 },
     { TANDEM_FMT_INT8, "int8", 2.5e-1, 0 },
     { TANDEM_FMT_INT4, "int4", 5e-1, 0 },
+    { TANDEM_FMT_FP8, "fp8", 5e-1, 0 },
 };
 
 static void report(const char *name, const char *what, int f, const cmp_stats *st)
