@@ -257,8 +257,8 @@ TEST_GROUP(convert_hybrid)
         /* the same model on the CPU alone: the GPU's matrices came from the views */
         params(&ep, TANDEM_FMT_INT4);
         CHECKF(logits_of(dir, &ep, b, &V, err, sizeof err) == 0, "%s", err);
-        double d = max_rel_diff(a, b, V);
-        CHECKF(d < 2e-2, "%s: hybrid vs CPU max rel diff %.3g", fixtures[f], d);
+        double d = max_rel_diff(a, b, V); /* the bound of test_gpu's bf16 end-to-end modes */
+        CHECKF(d < 3e-2, "%s: hybrid vs CPU max rel diff %.3g", fixtures[f], d);
         sh("rm -rf %s%s", dir, "");
     }
     /* dummy weights: generated for the upload, packed for the CPU, no BF16 copy; GPU vs CPU agree */
@@ -271,5 +271,5 @@ TEST_GROUP(convert_hybrid)
     ep.gpu_experts = 3;
     CHECKF(logits_of("tests/fixtures/qwen3_moe", &ep, a, &V, err, sizeof err) == 0, "%s", err);
     double d = max_rel_diff(a, b, V);
-    CHECKF(d < 2e-2, "dummy weights: hybrid vs CPU max rel diff %.3g", d);
+    CHECKF(d < 3e-2, "dummy weights: hybrid vs CPU max rel diff %.3g", d);
 }

@@ -138,6 +138,10 @@ int engine_load_weights(tandem_engine *e, char *err, size_t errlen);
  * CPU ops (F16 -> F32, FP8 -> BF16); a hybrid one, whose GPU now holds them,
  * drops their checkpoint pages from the process instead. */
 int engine_materialise_dense(tandem_engine *e, char *err, size_t errlen);
+/* The routed experts as BF16/F32 matrices (F16 -> F32, FP8 and dummy -> BF16),
+ * for the reference loop when it is chosen after load (TANDEM_HYBRID_CPU=ref
+ * set for hybrid_engine_open alone); sets experts_materialised. */
+int engine_materialise_experts(tandem_engine *e, char *err, size_t errlen);
 void engine_release_dense(tandem_engine *e);
 /* tandem_engine_open; with_experts = 0 binds the weights but neither packs
  * the CPU experts nor opens the GPU (`tandem convert` packs them a layer at a

@@ -444,8 +444,7 @@ static int pack_cpu_experts(hybrid_engine *hy, tandem_engine *e, int l, char *er
      * (hybrid_stream.c), so those stay; any other source is released */
     hybrid_opts o;
     hybrid_opts_default(&o);
-    const mat *m0 = &e->layers[l].exp_gate[0];
-    int keep = o.stream_min > 0 && m0->data && (m0->dt == DT_BF16 || m0->dt == DT_F32);
+    int keep = o.stream_min > 0 && hybrid_stream_source_ok(e);
     return experts_cpu_op(e, l, H->slot_host, hy->moe_fmt, keep, &H->moe, err, errlen);
 }
 
@@ -524,6 +523,13 @@ int hybrid_engine_open(tandem_engine *e, char *err, size_t errlen)
     }
     const char *ref = getenv("TANDEM_HYBRID_CPU");
     hy->cpu_ref = ref && !strcmp(ref, "ref");
+    if (hy->cpu_ref && !e->experts_materialised) { /* the loop multiplies by the matrices themselves */
+        rc = engine_materialise_experts(e, err, errlen);
+        if (rc) {
+            hy_free(hy, d->n_layer);
+            return rc;
+        }
+    }
     hy->moe_fmt = e->params.cpu_experts;
     if (hy->moe_fmt != TANDEM_FMT_BF16 && hy->moe_fmt != TANDEM_FMT_INT8 && hy->moe_fmt != TANDEM_FMT_INT4 &&
         hy->moe_fmt != TANDEM_FMT_FP8) {

@@ -105,6 +105,11 @@ typedef struct {
  * CPU alone at 256 tokens, 1.6x at 512, 2.1x at 1024. */
 enum { HY_STREAM_MIN_DEFAULT = 256, HY_SPLIT_MAX_T = 2048 };
 void hybrid_opts_default(hybrid_opts *o);   /* defaults, then the environment */
+/* Whether e's experts can be streamed at all: the copy reads BF16/F32 experts
+ * from the checkpoint's own pages; a BF16 copy of FP8, F16 or dummy experts
+ * would be a second resident copy of every expert, which the load path never
+ * makes, so such models do not stream (until the GPU reads the packs). */
+int hybrid_stream_source_ok(const tandem_engine *e);
 int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *err, size_t errlen);
 /* Change graphs / exact / cpu_skip / no_handoff of a live session (drops its
  * graphs); the hand-off mechanism, chunk and stream_min are fixed at creation. */

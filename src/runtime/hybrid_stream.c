@@ -129,6 +129,15 @@ void hy_stream_unpin(hybrid_engine *hy)
     hy->pin_state = 0;
 }
 
+int hybrid_stream_source_ok(const tandem_engine *e)
+{
+    const int l0 = first_moe(&e->d);
+    if (l0 < 0)
+        return 0;
+    const mat *m = &e->layers[l0].exp_gate[0];
+    return m->data && (m->dt == DT_BF16 || m->dt == DT_F32);
+}
+
 /* Whether this session can stream: one staging layout for every layer's
  * experts (a model whose layers keep them in different dtypes cannot share
  * one), and the experts page-locked. Otherwise streaming stays off, with a
@@ -141,9 +150,7 @@ int hy_stream_usable(hybrid_session *hs)
     if (l0 < 0)
         return 0;
     const td_dtype dt = e->layers[l0].exp_gate[0].dt;
-    if (!e->layers[l0].exp_gate[0].data || (dt != DT_BF16 && dt != DT_F32)) {
-        /* the copy reads the checkpoint's own pages; a BF16 copy of FP8, F16 or dummy experts would be a second
-         * resident copy of every expert, which the load path never makes */
+    if (!hybrid_stream_source_ok(e)) {
         td_log(TD_LOG_WARN, "expert streaming off: it copies BF16 experts from the checkpoint's own pages, and this "
                             "model's experts are %s",
                e->layers[l0].exp_gate[0].data ? dtype_name(dt) : "dummy weights (generated while packing)");

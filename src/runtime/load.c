@@ -411,6 +411,23 @@ static int materialise_one(tandem_engine *e, mat *m, const char *name, char *err
     return m->dt == DT_F16 || m->dt == DT_F8_E4M3 ? convert_view(e, m, name, err, errlen) : 0;
 }
 
+int engine_materialise_experts(tandem_engine *e, char *err, size_t errlen)
+{
+    int rc = 0;
+    for (int l = 0; l < e->d.n_layer && !rc; l++) {
+        if (!e->d.layer_moe[l])
+            continue;
+        layer_weights *L = &e->layers[l];
+        for (int x = 0; x < e->d.n_expert && !rc; x++) {
+            mat *m[3] = { &L->exp_gate[x], &L->exp_up[x], &L->exp_down[x] };
+            for (int w = 0; w < 3 && !rc; w++)
+                rc = materialise_one(e, m[w], "routed expert", err, errlen);
+        }
+    }
+    e->experts_materialised = !rc;
+    return rc;
+}
+
 int engine_materialise_dense(tandem_engine *e, char *err, size_t errlen)
 {
     if (e->params.progress)
