@@ -85,6 +85,7 @@ typedef struct {
     int64_t part_start[MOE_MAX_PARTS + 1];
     atomic_int failed;      /* a block ran out of memory */
     atomic_int *left;       /* [n_held] items still to pack per expert (when d->on_packed is set) */
+    atomic_llong inexact;   /* I4SYM into INT4: (row, group) pairs requantised */
 } pack_ctx;
 
 static void pack_job(void *arg, int64_t b, int64_t e)
@@ -103,8 +104,11 @@ static void pack_job(void *arg, int64_t b, int64_t e)
         int rb = (int)(which < 2 ? r - (int64_t)which * nrb_up : r - 2 * (int64_t)nrb_up);
         int ex = c->held[slot];
         moe_src_exp s = { c->d->gate[ex], c->d->up[ex], c->d->down[ex], c->d->src, c->d };
-        if (moe_pack_rb(op, &s, p, ex, which, rb))
+        int rc = moe_pack_rb(op, &s, p, ex, which, rb);
+        if (rc < 0)
             atomic_store(&c->failed, 1);
+        else if (rc > 0)
+            atomic_fetch_add(&c->inexact, rc);
         if (c->left && atomic_fetch_sub(&c->left[slot], 1) == 1)
             c->d->on_packed(c->d->on_packed_user, ex);
     }
@@ -205,7 +209,7 @@ int moe_check_desc(const moe_desc *d, pool *p, int isa, struct moe_op *op, char 
                       d->d_ff, MOE_MAX_K);
     if (d->fmt != MOE_BF16 && d->fmt != MOE_INT8 && d->fmt != MOE_INT4 && d->fmt != MOE_FP8)
         return td_err(err, errlen, TANDEM_EINVAL, "moe: unknown packed format %d", (int)d->fmt);
-    if (d->src < MOE_SRC_BF16 || d->src > MOE_SRC_FN)
+    if (d->src < MOE_SRC_BF16 || d->src > MOE_SRC_I4SYM)
         return td_err(err, errlen, TANDEM_EINVAL, "moe: unknown source dtype %d", (int)d->src);
     if (d->src == MOE_SRC_FP8 && (d->block_n < 1 || d->block_k < 1))
         return td_err(err, errlen, TANDEM_EINVAL, "moe: FP8 source with block %d x %d (both must be >= 1)",
@@ -272,6 +276,13 @@ int moe_create_isa(moe_op **out, const moe_desc *d, pool *p, int isa, char *err,
             rc = td_err(err, errlen, TANDEM_EINVAL, "moe: FP8 expert %d has no gate/up/down block scales", e);
             goto fail;
         }
+        if (have && d->src == MOE_SRC_I4SYM &&
+            (!d->gate_scale_bf16 || !d->up_scale_bf16 || !d->down_scale_bf16 || !d->gate_scale_bf16[e] ||
+             !d->up_scale_bf16[e] || !d->down_scale_bf16[e])) {
+            free(held);
+            rc = td_err(err, errlen, TANDEM_EINVAL, "moe: INT4 (I4SYM) expert %d has no gate/up/down group scales", e);
+            goto fail;
+        }
         op->slot[e] = have ? op->n_held : -1;
         if (have)
             held[op->n_held++] = e;
@@ -304,6 +315,12 @@ int moe_create_isa(moe_op **out, const moe_desc *d, pool *p, int isa, char *err,
         rc = td_err(err, errlen, TANDEM_ENOMEM, "moe: out of memory while packing");
         goto fail;
     }
+    op->inexact = (int64_t)atomic_load(&c.inexact);
+    if (op->inexact)
+        td_log(TD_LOG_WARN,
+               "moe: %lld (row, 32-group) pairs of INT4 experts have a scale fp16 cannot hold exactly; those were "
+               "requantised (the rest are the checkpoint's values, bit for bit)",
+               (long long)op->inexact);
     static atomic_int said; /* once per process at info, like the kernels line */
     td_log(atomic_exchange(&said, 1) ? TD_LOG_DEBUG : TD_LOG_INFO, "moe: packed %d experts (%d x %d, format %d): %.1f MB each",
            op->n_held, op->d_model, op->d_ff, op->fmt, moe_bytes(op) / 1e6);
@@ -356,3 +373,4 @@ void moe_shape(const moe_op *op, int *n_expert, int *d_model, int *d_ff, moe_fmt
 
 int moe_isa(const moe_op *op) { return op->isa; }
 int moe_n_held(const moe_op *op) { return op->n_held; }
+int64_t moe_inexact_groups(const moe_op *op) { return op->inexact; }

@@ -35,6 +35,15 @@
  * INT4  group 32 along K: W = s * q + m, q in 0..15, s and m fp16 per row and
  *       group (a GGUF Q4_K block repacks with q exact and s, m rounded to fp16,
  *       relative error <= 2^-11 of the scale, i.e. under 1/1000 of a q step).
+ *       From an I4SYM source (symmetric int4, W = q * scale, q in [-8, 7], a
+ *       bf16 scale per row and 32-group: compressed-tensors pack-quantized)
+ *       nothing is requantised: q' = q + 8, s = fp16(scale), m = fp16(-8 * s),
+ *       so s * q' + m = q * scale exactly whenever s and m are exact in fp16
+ *       (every bf16 scale in fp16's normal range is, and m = -8s is then too,
+ *       but past |s| = 8188). A (row, group) whose s or m is not exact
+ *       falls back to the float path above for that row and group alone,
+ *       from the exact values q * scale, and is counted (moe_inexact_groups,
+ *       logged at warn); packing never fails for it.
  * INT8/INT4 activations: per row (token for gate/up, token-expert pair for
  *       down) a = amax|x|, xq = rint(x * (127 / a)) in [-127, 127], sx = a / 127.
  *       Per group g: D_g = sum xq * q (int32, exact), S_g = sum xq (int32).
@@ -85,7 +94,20 @@ typedef enum { MOE_BF16 = 0, MOE_INT8 = 1, MOE_INT4 = 2, MOE_FP8 = 3 } moe_fmt;
  * fp8e4m3_to_f32(q) * scale, in fp32. FN: no pointer view at all; the
  * packer asks src_rows() for the rows it needs (dummy weights, sources whose
  * rows must be computed), so no copy of a whole layer is ever made. */
-typedef enum { MOE_SRC_BF16 = 0, MOE_SRC_F32 = 1, MOE_SRC_F16 = 2, MOE_SRC_FP8 = 3, MOE_SRC_FN = 4 } moe_src;
+/* I4SYM: symmetric INT4 in compressed-tensors' pack-quantized layout: row r
+ * is ceil(cols / 8) little-endian int32 words, column c in word c / 8 at bits
+ * 4 * (c % 8) (low nibble first), stored as u = q + 8 in 0..15 (q in [-8, 7]);
+ * one bf16 scale per row and group of 32 columns ([rows][ceil(cols / 32)]);
+ * the value is q * scale, in fp32. */
+typedef enum {
+    MOE_SRC_BF16 = 0,
+    MOE_SRC_F32 = 1,
+    MOE_SRC_F16 = 2,
+    MOE_SRC_FP8 = 3,
+    MOE_SRC_FN = 4,
+    MOE_SRC_I4SYM = 5
+} moe_src;
+#define MOE_I4SYM_GROUP 32
 
 typedef struct {
     int n_expert, d_model, d_ff;
@@ -102,6 +124,8 @@ typedef struct {
        of gate, up and down (rows x cols as the matrices above) */
     const float *const *gate_scale, *const *up_scale, *const *down_scale;
     int block_n, block_k;
+    /* MOE_SRC_I4SYM: [n_expert] -> [rows][ceil(cols / 32)] bf16 group scales of gate, up and down */
+    const uint16_t *const *gate_scale_bf16, *const *up_scale_bf16, *const *down_scale_bf16;
     /* MOE_SRC_FN: out[0..ncol) = source row `row`, columns [col0, col0 + ncol) of matrix `which`
        (0 gate, 1 up, 2 down) of `expert`; m is that expert's gate/up/down entry (non-NULL entries
        still say which experts are held). Called from pool threads, concurrently. */
@@ -160,6 +184,9 @@ void moe_free(moe_op *op);
 size_t moe_bytes(const moe_op *op);  /* packed bytes of one expert (all partitions) */
 int moe_isa(const moe_op *op);       /* kernel set in use */
 int moe_n_held(const moe_op *op);    /* experts held on the CPU */
+/* INT4 from an I4SYM source: (row, 32-group) pairs whose scale was not exact
+ * in fp16 and were requantised (see the numerics above); 0 otherwise */
+int64_t moe_inexact_groups(const moe_op *op);
 /* the shape and format an op was packed with (for checking a pack read from
  * disk against the model that is to use it) */
 void moe_shape(const moe_op *op, int *n_expert, int *d_model, int *d_ff, moe_fmt *fmt);

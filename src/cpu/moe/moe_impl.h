@@ -279,6 +279,7 @@ struct moe_op {
     int buf_kind[MOE_MAX_PARTS];
     int32_t *slot;  /* [n_expert] index among held experts, -1 if not held */
     int n_held;
+    int64_t inexact; /* INT4 from I4SYM: (row, group) pairs requantised (moe_inexact_groups) */
     void *map;      /* moe_open_packed: the file mapping */
     size_t map_len;
 };
@@ -372,10 +373,12 @@ static inline int moe_act_bf16(int fmt) { return fmt == MOE_BF16 || fmt == MOE_F
 typedef struct {
     const void *gate, *up, *down;  /* one expert's source matrices (FN: the desc's entries, passed back) */
     int src;                       /* moe_src */
-    const moe_desc *d;             /* FP8: scales and block shape; FN: src_rows and src_user */
+    const moe_desc *d;             /* FP8, I4SYM: scales (and block shape); FN: src_rows and src_user */
 } moe_src_exp;
 /* pack row block rb of matrix `which` (0 gate, 1 up, 2 down) of expert e
- * into partition p; -1 when out of memory for its staging rows */
+ * into partition p; -1 when out of memory for its staging rows, else the
+ * number of (row, group) pairs of an I4SYM source that could not be copied
+ * exactly into INT4 and were requantised (0 for every other case) */
 int moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int which, int rb);
 
 /* Large buffers (packed experts, scratch): a 2 MB-aligned anonymous mapping

@@ -8,9 +8,11 @@
  * Quantisation scales are computed over the FULL source row (INT8 whole-row
  * scale) or over full-row groups, never over a partition slice, so the packed
  * values do not depend on how d_ff is split across partitions.
- * Every source dtype (bf16, f32, f16, FP8 with block scales, a row callback)
- * is read one source row at a time into fp32 staging for the 16 rows of the
- * block being packed; a whole matrix is never widened.
+ * Every source dtype (bf16, f32, f16, FP8 with block scales, symmetric INT4
+ * with bf16 group scales, a row callback) is read one source row at a time
+ * into fp32 staging for the 16 rows of the block being packed; a whole
+ * matrix is never widened. Two sources are copied instead, bit for bit:
+ * FP8 into FP8 and symmetric INT4 into INT4 (moe.h, numerics).
  */
 #include "cpu/moe/moe_impl.h"
 
@@ -85,6 +87,8 @@ typedef struct {
     int full_cols;      /* columns of the full source row (for whole-row scales) */
     const float *scale; /* FP8: [ceil(rows / bn)][nbk] block scales of the full matrix */
     int bn, bk, nbk;
+    const uint16_t *scale16; /* I4SYM: [rows][nbk] bf16 scales of 32-groups (bk = 32) */
+    size_t ldw;         /* I4SYM: int32 words per source row */
     const moe_desc *d;  /* FN: the callback */
     int expert, which;
 } src_view;
@@ -121,12 +125,29 @@ static src_view view_of(const struct moe_op *op, const moe_src_exp *s, int p, in
         v.bk = s->d->block_k;
         v.nbk = (v.full_cols + v.bk - 1) / v.bk;
     }
+    if (v.src == MOE_SRC_I4SYM) {
+        v.scale16 = which == 0   ? s->d->gate_scale_bf16[e]
+                    : which == 1 ? s->d->up_scale_bf16[e]
+                                 : s->d->down_scale_bf16[e];
+        v.bn = 1;
+        v.bk = MOE_I4SYM_GROUP;
+        v.nbk = (v.full_cols + MOE_I4SYM_GROUP - 1) / MOE_I4SYM_GROUP;
+        v.ldw = ((size_t)v.full_cols + 7) / 8;
+    }
     return v;
+}
+
+/* I4SYM: the stored nibble u = q + 8 of source (row r, column c) */
+static int i4sym_u(const src_view *v, int r, int c)
+{
+    uint32_t w = ((const uint32_t *)v->m)[(size_t)r * v->ldw + (size_t)(c / 8)];
+    return (int)((w >> (4 * (c % 8))) & 15u);
 }
 
 /* out[0..n) = source row r (full-matrix coordinates), columns [c0, c0 + n),
  * as fp32: bf16 / f16 widened exactly, FP8 as fp8e4m3_to_f32(q) * scale of
- * the (r, c) block in fp32, FN from the callback (one call) */
+ * the (r, c) block in fp32, I4SYM as q * scale (exact: a 4-bit integer times
+ * a bf16), FN from the callback (one call) */
 static void read_row(const src_view *v, int r, int c0, int n, float *out)
 {
     if (n <= 0)
@@ -152,6 +173,14 @@ static void read_row(const src_view *v, int r, int c0, int n, float *out)
             float sc = srow[c / v->bk];
             for (end = end < n ? end : n; k < end; k++)
                 out[k] = fp8e4m3_to_f32(q[k]) * sc;
+        }
+        break;
+    }
+    case MOE_SRC_I4SYM: {
+        const uint16_t *srow = v->scale16 + (size_t)r * (size_t)v->nbk;
+        for (int k = 0; k < n; k++) {
+            int c = c0 + k;
+            out[k] = (float)(i4sym_u(v, r, c) - 8) * bf16_to_f32(srow[c / MOE_I4SYM_GROUP]);
         }
         break;
     }
@@ -252,45 +281,94 @@ static void pack_int8(const src_view *v, int rb, int kp, int group, const float 
     }
 }
 
+/* the float path of INT4 for row n of group b of a row block: s = (hi - lo) / 15,
+ * m = lo over the row's real values, q = rint((x - m) / s) clamped to 0..15 */
+static void int4_quant_row(const src_view *v, int row, int b, const float *x, uint16_t *s_out, uint16_t *m_out,
+                           uint8_t *q)
+{
+    float lo = 0.0f, hi = 0.0f;
+    int first = 1;
+    for (int k = 0; k < 32; k++) {
+        if (row >= v->nrow || b * 32 + k >= v->ncol)
+            continue;
+        if (first || x[k] < lo)
+            lo = x[k];
+        if (first || x[k] > hi)
+            hi = x[k];
+        first = 0;
+    }
+    uint16_t s16 = moe_f32_to_f16((hi - lo) / 15.0f), m16 = moe_f32_to_f16(lo);
+    float s = f16_to_f32(s16), m = f16_to_f32(m16);
+    *s_out = s16;
+    *m_out = m16;
+    for (int k = 0; k < 32; k++) {
+        int real = row < v->nrow && b * 32 + k < v->ncol;
+        float qq = s > 0.0f && real ? nearbyintf((x[k] - m) / s) : 0.0f;
+        qq = qq < 0.0f ? 0.0f : qq > 15.0f ? 15.0f : qq;
+        q[k] = (uint8_t)qq;
+    }
+}
+
+/* the 16 x 32 nibbles of one block in the interleaved layout of moe_impl.h */
+static void int4_store_q(uint8_t *blk, uint8_t q[16][32])
+{
+    for (int c = 0; c < 4; c++)
+        for (int n = 0; n < 16; n++)
+            for (int j = 0; j < 4; j++)
+                blk[c * 64 + n * 4 + j] = (uint8_t)(q[n][4 * c + j] | (q[n][4 * (c + 4) + j] << 4));
+}
+
+/* INT4 from an I4SYM source, without requantising (moe.h, numerics): the
+ * stored u = q + 8 is q', s = fp16(scale), m = fp16(-8 s). Padding columns of
+ * a real row get u = 8 (the weight is exactly 0), padding rows s = m = 0 and
+ * u = 0, as the float path gives them. A row whose s or m does not round-trip
+ * through fp16 takes the float path from q * scale. Slices start on a
+ * multiple of 64 (MOE_KALIGN), so packed group b is source group
+ * (col0 / 32 + b). Returns the (row, group) pairs requantised. */
+static int pack_int4_i4sym(const src_view *v, int rb, int kp, uint8_t *dst)
+{
+    int inexact = 0;
+    for (int b = 0; b < kp / 32; b++) {
+        uint8_t *blk = dst + (size_t)b * 320;
+        uint16_t *sc = (uint16_t *)(blk + 256), *mn = (uint16_t *)(blk + 288);
+        uint8_t q[16][32];
+        for (int n = 0; n < 16; n++) {
+            int row = rb * 16 + n, r = v->row0 + row;
+            sc[n] = mn[n] = 0;
+            memset(q[n], 0, 32);
+            if (row >= v->nrow || b * 32 >= v->ncol)
+                continue; /* a padding row, or a group past the real columns: all zero */
+            int c0 = v->col0 + b * 32, nreal = v->ncol - b * 32 < 32 ? v->ncol - b * 32 : 32;
+            float scale = bf16_to_f32(v->scale16[(size_t)r * (size_t)v->nbk + (size_t)(c0 / MOE_I4SYM_GROUP)]);
+            uint16_t s16 = moe_f32_to_f16(scale), m16 = moe_f32_to_f16(-8.0f * scale);
+            if (f16_to_f32(s16) == scale && f16_to_f32(m16) == -8.0f * scale) {
+                sc[n] = s16;
+                mn[n] = m16;
+                for (int k = 0; k < 32; k++)
+                    q[n][k] = (uint8_t)(k < nreal ? i4sym_u(v, r, c0 + k) : 8);
+            } else {
+                float x[32] = { 0 };
+                read_row(v, r, c0, nreal, x);
+                int4_quant_row(v, row, b, x, &sc[n], &mn[n], q[n]);
+                inexact++;
+            }
+        }
+        int4_store_q(blk, q);
+    }
+    return inexact;
+}
+
 static void pack_int4(const src_view *v, int rb, int kp, const float *rows, uint8_t *dst)
 {
     for (int b = 0; b < kp / 32; b++) {
         uint8_t *blk = dst + (size_t)b * 320;
         uint16_t *sc = (uint16_t *)(blk + 256), *mn = (uint16_t *)(blk + 288);
         uint8_t q[16][32];
-        for (int n = 0; n < 16; n++) {
-            int row = rb * 16 + n;
-            float lo = 0.0f, hi = 0.0f;
-            int first = 1;
-            for (int k = 0; k < 32; k++) {
-                if (row >= v->nrow || b * 32 + k >= v->ncol)
-                    continue;
-                float x = rows[(size_t)n * kp + (size_t)(b * 32 + k)];
-                if (first || x < lo)
-                    lo = x;
-                if (first || x > hi)
-                    hi = x;
-                first = 0;
-            }
-            uint16_t s16 = moe_f32_to_f16((hi - lo) / 15.0f), m16 = moe_f32_to_f16(lo);
-            float s = f16_to_f32(s16), m = f16_to_f32(m16);
-            sc[n] = s16;
-            mn[n] = m16;
-            for (int k = 0; k < 32; k++) {
-                int real = row < v->nrow && b * 32 + k < v->ncol;
-                float x = rows[(size_t)n * kp + (size_t)(b * 32 + k)];
-                float qq = s > 0.0f && real ? nearbyintf((x - m) / s) : 0.0f;
-                qq = qq < 0.0f ? 0.0f : qq > 15.0f ? 15.0f : qq;
-                q[n][k] = (uint8_t)qq;
-            }
-        }
-        for (int c = 0; c < 4; c++)
-            for (int n = 0; n < 16; n++)
-                for (int j = 0; j < 4; j++)
-                    blk[c * 64 + n * 4 + j] = (uint8_t)(q[n][4 * c + j] | (q[n][4 * (c + 4) + j] << 4));
+        for (int n = 0; n < 16; n++)
+            int4_quant_row(v, rb * 16 + n, b, rows + (size_t)n * kp + (size_t)b * 32, &sc[n], &mn[n], q[n]);
+        int4_store_q(blk, q);
     }
 }
-
 /* FP8 from an FP8 source whose column blocks hold whole 128-groups: the
  * E4M3 bytes and the block scales are copied, so the packed weights are the
  * checkpoint's, bit for bit. Padding: q = 0 (+0), scale 0. */
@@ -355,6 +433,8 @@ int moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int
         pack_fp8_copy(&v, rb, m.kp, dst);
         return 0;
     }
+    if (op->fmt == MOE_INT4 && v.src == MOE_SRC_I4SYM)
+        return pack_int4_i4sym(&v, rb, m.kp, dst);
     /* the block's rows as floats once (malloc: up to 4 MB; glibc keeps such
      * blocks in its arena after the first free), plus one full source row
      * when a whole-row INT8 scale spans partitions */
