@@ -295,7 +295,7 @@ typedef struct {
     int64_t expert_bytes[5];    /* one routed expert as the CPU holds it, per TANDEM_FMT_* (0: not possible) */
     int64_t gpu_expert_bytes;   /* one routed expert on the GPU */
     const char *dtypes_from;    /* "safetensors headers", "config.json" or "dummy weights" */
-    const char *expert_dtype;   /* the routed experts as the checkpoint stores them ("BF16", "F8_E4M3" ...) */
+    const char *expert_dtype;   /* the routed experts as the checkpoint stores them ("BF16", "F8_E4M3", "INT4-G32" ...) */
     char note[240];             /* what is approximate or not possible, in words ("" when nothing) */
     char arch[64];              /* architectures[0] (model.arch points here) */
     tandem_model_info model;    /* what tandem_engine_info() says, without an engine (isa: the kernels

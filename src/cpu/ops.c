@@ -47,6 +47,24 @@ static void fp8_lut_init(void)
         fp8_lut[q] = fp8e4m3_to_f32((uint8_t)q);
 }
 
+size_t mat_data_bytes(const mat *m)
+{
+    if (!m->data)
+        return 0;
+    if (m->dt == DT_I32) /* packed INT4: whole int32 words per row */
+        return (size_t)m->rows * (size_t)((m->cols + 7) / 8) * 4;
+    return (size_t)(m->rows * m->cols) * dtype_size(m->dt);
+}
+
+size_t mat_scale_bytes(const mat *m)
+{
+    if (m->dt == DT_I32 && m->scale_bf16)
+        return (size_t)m->rows * (size_t)((m->cols + MAT_I4_GROUP - 1) / MAT_I4_GROUP) * 2;
+    if (m->scale)
+        return (size_t)((m->rows + m->bn - 1) / m->bn) * (size_t)((m->cols + m->bk - 1) / m->bk) * sizeof(float);
+    return 0;
+}
+
 void mat_row_range_f32(const mat *m, int64_t r, int64_t c0, int64_t n, float *out)
 {
     if (!m->data) {
@@ -71,6 +89,17 @@ void mat_row_range_f32(const mat *m, int64_t r, int64_t c0, int64_t n, float *ou
             float sc = srow[blk];
             for (end = end < n ? end : n; i < end; i++)
                 out[i] = fp8_lut[q[i]] * sc;
+        }
+        break;
+    }
+    case DT_I32: { /* packed INT4: q = u - 8, times the row's group scale (a 4-bit integer times a bf16: exact) */
+        const int64_t words = (m->cols + 7) / 8, groups = (m->cols + MAT_I4_GROUP - 1) / MAT_I4_GROUP;
+        const uint32_t *w = (const uint32_t *)m->data + r * words;
+        const uint16_t *srow = m->scale_bf16 + r * groups;
+        for (int64_t i = 0; i < n; i++) {
+            int64_t c = c0 + i;
+            int u = (int)((w[c / 8] >> (4 * (c % 8))) & 15u);
+            out[i] = (float)(u - 8) * bf16_to_f32(srow[c / MAT_I4_GROUP]);
         }
         break;
     }

@@ -15,14 +15,22 @@
 #include "core/dtype.h"
 #include "core/pool.h"
 
+/* Routed experts stored as compressed-tensors pack-quantized INT4 (symmetric,
+ * group 32) are views with dt = DT_I32: data is the checkpoint's weight_packed,
+ * [rows][ceil(cols / 8)] int32, column c at bits 4 * (c % 8) of word c / 8 as
+ * u = q + 8 (q in [-8, 7]), and scale_bf16 its weight_scale; the value is
+ * q * scale (moe.h's MOE_SRC_I4SYM is the same layout). */
+#define MAT_I4_GROUP 32
+
 typedef struct {
     const void *data;   /* [rows][cols], BF16 or F32. Routed experts that are only packed (never run by
-                           op_matmul) may also be F16 or F8_E4M3 views of the checkpoint, or NULL: dummy
-                           weights, generated from `seed` whenever they are read */
+                           op_matmul) may also be F16, F8_E4M3 or I32 (packed INT4, above) views of the
+                           checkpoint, or NULL: dummy weights, generated from `seed` whenever they are read */
     td_dtype dt;
     int64_t rows, cols;
     const float *scale; /* F8_E4M3: [ceil(rows / bn)][ceil(cols / bk)] fp32 block scales */
     int bn, bk;
+    const uint16_t *scale_bf16; /* I32 (packed INT4): [rows][ceil(cols / 32)] bf16 group scales */
     uint64_t seed;      /* data == NULL: the dummy weights' seed (mat_dummy_row) */
     float amp;          /* data == NULL: their amplitude; 0 = mat_dummy_amp(cols) */
 } mat;
@@ -35,10 +43,15 @@ void mat_dummy_row(uint64_t seed, int64_t r, int64_t c0, int64_t n, float amp, u
 /* the amplitude dummy matrices of `cols` inputs get: variance 1/cols */
 float mat_dummy_amp(int64_t cols);
 
+/* Bytes of a view's data and of its scales as the checkpoint stores them
+ * (packed INT4: half a byte per weight; 0 for dummy weights). */
+size_t mat_data_bytes(const mat *m);
+size_t mat_scale_bytes(const mat *m);
+
 /* One row of a mat converted to fp32. */
 void mat_row_f32(const mat *m, int64_t r, float *out);
-/* Columns [c0, c0 + n) of row r, fp32, for every kind of mat above (F16 and
- * FP8 exactly: q * block scale in fp32). */
+/* Columns [c0, c0 + n) of row r, fp32, for every kind of mat above (F16,
+ * FP8 and packed INT4 exactly: q * scale in fp32). */
 void mat_row_range_f32(const mat *m, int64_t r, int64_t c0, int64_t n, float *out);
 
 /* y[t][0..W->rows) = x[t][0..W->cols) . W^T (+ bias), for t < T.

@@ -180,6 +180,98 @@ static int token_id(const cfg_ctx *c, const char *key, int *out)
     return 0;
 }
 
+/* ---- compressed-tensors ------------------------------------------------- */
+
+/* A field of a compressed-tensors weights scheme that must have one value. */
+static int ct_need(const cfg_ctx *c, const char *where, json_t *obj, const char *key, json_t *want)
+{
+    json_t *v = json_object_get(obj, key);
+    int ok = v && json_equal(v, want);
+    if (!ok) {
+        char *have = v ? json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT) : NULL;
+        char *w = json_dumps(want, JSON_ENCODE_ANY | JSON_COMPACT);
+        td_err(c->err, c->errlen, TANDEM_EUNSUPPORTED,
+               "%s: quantization_config %s.%s is %s: not supported yet (compressed-tensors: only %s, as in "
+               "pack-quantized INT4 group-32 symmetric weights)",
+               c->file, where, key, have ? have : "missing", w ? w : "?");
+        free(have);
+        free(w);
+    }
+    json_decref(want);
+    return ok ? 0 : TANDEM_EUNSUPPORTED;
+}
+
+/* quant_method "compressed-tensors": only the scheme Kimi-K2-Thinking / K2.5
+ * release their routed experts in, weight-only INT4 in format
+ * "pack-quantized", symmetric, one scale per 32 columns (W = q * scale). The
+ * config names the quantised layers by `targets` and an `ignore` list of
+ * names and regular expressions; instead of evaluating those, the loader
+ * takes each routed expert as INT4 where the checkpoint holds its
+ * weight_packed, and refuses any other quantised tensor by name. */
+static int parse_compressed_tensors(model_desc *d, const cfg_ctx *c, json_t *q)
+{
+    cfg_ctx qc = *c;
+    qc.root = q;
+    const char *fmt;
+    TRY(cfg_str(&qc, "format", "", &fmt));
+    if (strcmp(fmt, "pack-quantized"))
+        return td_err(c->err, c->errlen, TANDEM_EUNSUPPORTED,
+                      "%s: quantization_config.format '%s' is not supported yet (compressed-tensors: "
+                      "pack-quantized only)",
+                      c->file, fmt);
+    json_t *kv = json_object_get(q, "kv_cache_scheme");
+    if (kv && !json_is_null(kv))
+        return td_err(c->err, c->errlen, TANDEM_EUNSUPPORTED,
+                      "%s: quantization_config.kv_cache_scheme is not supported yet", c->file);
+    json_t *groups = json_object_get(q, "config_groups");
+    if (!json_is_object(groups) || json_object_size(groups) == 0)
+        return td_err(c->err, c->errlen, TANDEM_EFORMAT,
+                      "%s: quantization_config.config_groups must be a non-empty object", c->file);
+    const char *name;
+    json_t *g;
+    json_object_foreach(groups, name, g) {
+        char where[128];
+        snprintf(where, sizeof where, "config_groups.%.64s", name);
+        if (!json_is_object(g))
+            return td_err(c->err, c->errlen, TANDEM_EFORMAT, "%s: quantization_config %s must be an object", c->file,
+                          where);
+        json_t *gf = json_object_get(g, "format");
+        if (gf && !json_is_null(gf))
+            TRY(ct_need(c, where, g, "format", json_string("pack-quantized")));
+        static const char *const acts[] = { "input_activations", "output_activations" };
+        for (int i = 0; i < 2; i++) {
+            json_t *a = json_object_get(g, acts[i]);
+            if (a && !json_is_null(a))
+                return td_err(c->err, c->errlen, TANDEM_EUNSUPPORTED,
+                              "%s: quantization_config %s.%s: quantised activations are not supported yet "
+                              "(weight-only INT4 only)",
+                              c->file, where, acts[i]);
+        }
+        json_t *w = json_object_get(g, "weights");
+        if (!json_is_object(w))
+            return td_err(c->err, c->errlen, TANDEM_EUNSUPPORTED,
+                          "%s: quantization_config %s.weights is missing: not supported yet", c->file, where);
+        snprintf(where, sizeof where, "config_groups.%.64s.weights", name);
+        TRY(ct_need(c, where, w, "type", json_string("int")));
+        TRY(ct_need(c, where, w, "num_bits", json_integer(4)));
+        TRY(ct_need(c, where, w, "strategy", json_string("group")));
+        TRY(ct_need(c, where, w, "group_size", json_integer(MODEL_INT4_GROUP)));
+        TRY(ct_need(c, where, w, "symmetric", json_true()));
+        /* activation reordering stores a permutation (weight_g_idx) we do not apply */
+        json_t *ao = json_object_get(w, "actorder");
+        if (ao && !json_is_null(ao) && !json_is_false(ao))
+            TRY(ct_need(c, where, w, "actorder", json_null()));
+        json_t *dyn = json_object_get(w, "dynamic");
+        if (dyn && !json_is_false(dyn))
+            TRY(ct_need(c, where, w, "dynamic", json_false()));
+    }
+    json_t *ign = json_object_get(q, "ignore");
+    if (ign && !json_is_null(ign) && !json_is_array(ign))
+        return td_err(c->err, c->errlen, TANDEM_EFORMAT, "%s: quantization_config.ignore must be a list", c->file);
+    d->expert_int4 = 1;
+    return 0;
+}
+
 static int parse(model_desc *d, const cfg_ctx *c)
 {
     long long v;
@@ -402,13 +494,15 @@ static int parse(model_desc *d, const cfg_ctx *c)
     if (d->n_layer_moe < d->n_layer && d->d_ff <= 0)
         return td_err(c->err, c->errlen, TANDEM_EFORMAT, "%s: dense layers need intermediate_size > 0", c->file);
 
-    /* ---- FP8 checkpoints ---- */
+    /* ---- quantised checkpoints: FP8 with block scales, or INT4 experts ---- */
     json_t *q = json_object_get(c->root, "quantization_config");
     if (json_is_object(q)) {
         cfg_ctx qc = *c;
         qc.root = q;
         const char *method, *fmt;
         TRY(cfg_str(&qc, "quant_method", "", &method));
+        if (!strcmp(method, "compressed-tensors"))
+            return parse_compressed_tensors(d, c, q);
         TRY(cfg_str(&qc, "fmt", "e4m3", &fmt));
         if (strcmp(method, "fp8") || strcmp(fmt, "e4m3"))
             return td_err(c->err, c->errlen, TANDEM_EUNSUPPORTED,

@@ -36,6 +36,8 @@ typedef enum {
     ROUTE_SIGMOID_GROUP,  /* DeepSeek-V3 / GLM-4.5 noaux_tc: sigmoid + bias, groups by top-2 sum */
 } route_kind;
 
+#define MODEL_INT4_GROUP 32   /* columns per scale of compressed-tensors INT4 experts */
+
 typedef struct {
     model_arch arch;
     char arch_name[64];       /* architectures[0], e.g. "DeepseekV3ForCausalLM" */
@@ -79,6 +81,10 @@ typedef struct {
     /* storage */
     int fp8;                  /* checkpoint weights are FP8 E4M3 with block scales */
     int fp8_block[2];         /* [rows, cols] of one scale block */
+    int expert_int4;          /* routed experts may be compressed-tensors pack-quantized INT4, symmetric,
+                                 group 32 (Kimi-K2-Thinking / K2.5): X.weight_packed [rows][cols/8] I32,
+                                 X.weight_scale [rows][cols/32] BF16, X.weight_shape [2] I32 (load.c);
+                                 every other tensor is stored unquantised */
 
     int bos_id, eos_id;       /* -1 if unknown */
 } model_desc;

@@ -111,7 +111,7 @@ int experts_cpu_op(tandem_engine *e, int l, const int32_t *gpu_slot, int fmt, in
                    char *err, size_t errlen);
 /* drop layer l's expert source pages from the process (no-op for dummy weights) */
 void experts_release(tandem_engine *e, int l);
-/* bytes one expert's three matrices take in the checkpoint as stored */
+/* bytes one expert's three matrices (and their FP8 / INT4 scales) take in the checkpoint as stored */
 int64_t experts_source_bytes(const tandem_engine *e, int l, int x);
 
 /* ---- packs on disk (pack.c) ---------------------------------------------

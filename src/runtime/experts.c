@@ -3,7 +3,8 @@
  * with at most one resident copy of every expert.
  *
  * The loader leaves routed experts as views of the checkpoint in its own
- * dtype (BF16, F32, F16, FP8 with block scales) or, with dummy weights, as
+ * dtype (BF16, F32, F16, FP8 with block scales, packed INT4 with bf16 group
+ * scales) or, with dummy weights, as
  * generators (load.c). Here a layer is either mapped from `tandem convert`'s
  * pack (pack.c has checked that the pack belongs to this checkpoint) or
  * packed from those views by the operator itself, a row block at a time, so
@@ -41,6 +42,9 @@ static int src_of(const mat *m, int fmt)
     /* FP8 into FP8 copies q and scales as they are (lossless); into other
      * formats, and F16, rows are read through mat_row_range_f32 */
     case DT_F8_E4M3: return fmt == TANDEM_FMT_FP8 ? MOE_SRC_FP8 : MOE_SRC_FN;
+    /* packed INT4 into INT4 copies q and scales (lossless, moe.h); into other formats through
+     * mat_row_range_f32 (q * scale, exact) */
+    case DT_I32: return fmt == TANDEM_FMT_INT4 ? MOE_SRC_I4SYM : MOE_SRC_FN;
     default: return MOE_SRC_FN;
     }
 }
@@ -61,10 +65,9 @@ static void release_mat(const tandem_engine *e, const mat *m)
 {
     if (!m->data)
         return;
-    st_release(e->st, m->data, (size_t)(m->rows * m->cols) * dtype_size(m->dt));
-    if (m->scale)
-        st_release(e->st, m->scale,
-                   (size_t)(((m->rows + m->bn - 1) / m->bn) * ((m->cols + m->bk - 1) / m->bk)) * sizeof(float));
+    st_release(e->st, m->data, mat_data_bytes(m));
+    if (m->scale || m->scale_bf16)
+        st_release(e->st, m->scale ? (const void *)m->scale : (const void *)m->scale_bf16, mat_scale_bytes(m));
 }
 
 static void release_expert(void *user, int x)
@@ -118,9 +121,11 @@ int experts_cpu_op(tandem_engine *e, int l, const int32_t *gpu_slot, int fmt, in
                       dtype_name(L->exp_gate[0].dt));
     const void **ptr = calloc((size_t)E * 3, sizeof *ptr);
     const float **sc = calloc((size_t)E * 3, sizeof *sc);
-    if (!ptr || !sc) {
+    const uint16_t **sc16 = calloc((size_t)E * 3, sizeof *sc16);
+    if (!ptr || !sc || !sc16) {
         free(ptr);
         free(sc);
+        free(sc16);
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
     }
     int src = -1, rc = 0;
@@ -140,6 +145,7 @@ int experts_cpu_op(tandem_engine *e, int l, const int32_t *gpu_slot, int fmt, in
             /* the operator reads a source row-major matrix through these; FN sources get the mat itself */
             ptr[w * E + x] = s == MOE_SRC_FN ? (const void *)m[w] : m[w]->data;
             sc[w * E + x] = m[w]->scale;
+            sc16[w * E + x] = m[w]->scale_bf16;
         }
     }
     if (!rc) {
@@ -155,6 +161,9 @@ int experts_cpu_op(tandem_engine *e, int l, const int32_t *gpu_slot, int fmt, in
         md.gate_scale = (const float *const *)sc;
         md.up_scale = (const float *const *)(sc + E);
         md.down_scale = (const float *const *)(sc + 2 * E);
+        md.gate_scale_bf16 = (const uint16_t *const *)sc16;
+        md.up_scale_bf16 = (const uint16_t *const *)(sc16 + E);
+        md.down_scale_bf16 = (const uint16_t *const *)(sc16 + 2 * E);
         md.block_n = d->fp8_block[0];
         md.block_k = d->fp8_block[1];
         md.src_rows = mat_rows;
@@ -169,6 +178,7 @@ int experts_cpu_op(tandem_engine *e, int l, const int32_t *gpu_slot, int fmt, in
     }
     free(ptr);
     free(sc);
+    free(sc16);
     if (!rc && !keep_source)
         experts_release(e, l);
     return rc;
@@ -189,6 +199,6 @@ int64_t experts_source_bytes(const tandem_engine *e, int l, int x)
     const mat *m[3] = { &L->exp_gate[x], &L->exp_up[x], &L->exp_down[x] };
     int64_t b = 0;
     for (int w = 0; w < 3; w++)
-        b += m[w]->rows * m[w]->cols * (int64_t)(m[w]->data ? dtype_size(m[w]->dt) : 2);
+        b += m[w]->data ? (int64_t)(mat_data_bytes(m[w]) + mat_scale_bytes(m[w])) : m[w]->rows * m[w]->cols * 2;
     return b;
 }

@@ -7,6 +7,9 @@
  * from the mmap'd file (no copy, no load time); F16 matrices become F32 and
  * FP8 E4M3 matrices with 128x128-style block scales (weight_scale_inv)
  * become BF16 at load. Vectors (norms, biases) are always copied to F32.
+ * Routed experts in compressed-tensors' pack-quantized INT4 (Kimi-K2-Thinking)
+ * stay views of weight_packed and weight_scale (mat dt I32, ops.h) that the
+ * MoE packer copies into its INT4 format without requantising.
  *
  * With dummy weights nothing is read: each tensor is filled in parallel with
  * uniform noise of variance 1/cols (norm weights 1, biases 0), seeded by its
@@ -133,17 +136,22 @@ static int fp8_scales(tandem_engine *e, const tensor_spec *s, const st_tensor *t
     return 0;
 }
 
-/* A view (F16, or FP8 with its scales) made a matrix the CPU ops read:
- * F16 -> F32 (exact), FP8 -> BF16 (q * scale rounded once), owned by e. */
+/* A view (F16, FP8 with its scales, packed INT4) made a matrix the CPU ops
+ * read: F16 -> F32 (exact), FP8 -> BF16 (q * scale rounded once), INT4 ->
+ * F32 (exact: q * a bf16 scale needs up to 12 significant bits, more than
+ * BF16 has), owned by e. */
 static int convert_view(tandem_engine *e, mat *m, const char *name, char *err, size_t errlen)
 {
-    int f16 = m->dt == DT_F16;
+    int f16 = m->dt == DT_F16 || m->dt == DT_I32;
     size_t n = (size_t)(m->rows * m->cols);
     void *out = own(e, n * (f16 ? 4 : 2));
     if (!out)
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory converting '%s' (%lld x %lld)", name,
                       (long long)m->rows, (long long)m->cols);
-    if (f16) {
+    if (m->dt == DT_I32) {
+        for (int64_t r = 0; r < m->rows; r++)
+            mat_row_f32(m, r, (float *)out + r * m->cols);
+    } else if (f16) {
         for (size_t i = 0; i < n; i++)
             ((float *)out)[i] = f16_to_f32(((const uint16_t *)m->data)[i]);
     } else {
@@ -151,7 +159,7 @@ static int convert_view(tandem_engine *e, mat *m, const char *name, char *err, s
         pool_run(e->pool, m->rows, 16, fp8_job, &c);
     }
     if (e->st) /* the source pages are not read again */
-        st_release(e->st, m->data, n * dtype_size(m->dt));
+        st_release(e->st, m->data, mat_data_bytes(m));
     *m = (mat){ .data = out, .dt = f16 ? DT_F32 : DT_BF16, .rows = m->rows, .cols = m->cols };
     e->weight_bytes += (int64_t)n * (f16 ? 4 : 2);
     return 0;
@@ -171,6 +179,89 @@ static int bind_view(tandem_engine *e, const tensor_spec *s, const st_tensor *t,
     m->bn = e->d.fp8_block[0];
     m->bk = e->d.fp8_block[1];
     return fp8_scales(e, s, t, &m->scale, err, errlen);
+}
+
+/* ---- compressed-tensors INT4 experts ---------------------------------------- */
+
+/* tensor `<s->name>_<suffix>` ("X.weight_packed" for "X.weight") */
+static const st_tensor *find_suffixed(const tandem_engine *e, const tensor_spec *s, const char *suffix, char *name,
+                                      size_t n)
+{
+    snprintf(name, n, "%s_%s", s->name, suffix);
+    return st_find(e->st, name);
+}
+
+static int int4_bad(const tandem_engine *e, const st_tensor *t, const char *name, const char *want_dt,
+                    const int64_t *want, int ndim, char *err, size_t errlen)
+{
+    char sh[64], wsh[64];
+    return td_err(err, errlen, TANDEM_EFORMAT, "%s: tensor '%s' is %s %s, expected %s %s", st_file_path(e->st, t->file),
+                  name, dtype_name(t->dtype), st_shape_str(t->shape, t->ndim, sh, sizeof sh), want_dt,
+                  st_shape_str(want, ndim, wsh, sizeof wsh));
+}
+
+/* Routed expert s from its weight_packed tensor tp: checks weight_packed,
+ * weight_scale and weight_shape against config.json's shape, then binds a
+ * view (dt I32, ops.h): nothing is read or converted here. */
+static int bind_int4(tandem_engine *e, const tensor_spec *s, const st_tensor *tp, const char *pname, char *err,
+                     size_t errlen)
+{
+    char name[160];
+    const int64_t words = (s->cols + 7) / 8, groups = (s->cols + MODEL_INT4_GROUP - 1) / MODEL_INT4_GROUP;
+    int64_t want[2] = { s->rows, words };
+    if (tp->dtype != DT_I32 || tp->ndim != 2 || tp->shape[0] != s->rows || tp->shape[1] != words)
+        return int4_bad(e, tp, pname, "I32", want, 2, err, errlen);
+    const st_tensor *ts = find_suffixed(e, s, "scale", name, sizeof name);
+    if (!ts)
+        return td_err(err, errlen, TANDEM_EFORMAT, "%s: INT4 tensor '%s' has no group scales '%s'",
+                      st_file_path(e->st, tp->file), pname, name);
+    want[1] = groups;
+    if (ts->dtype != DT_BF16 || ts->ndim != 2 || ts->shape[0] != s->rows || ts->shape[1] != groups)
+        return int4_bad(e, ts, name, "BF16", want, 2, err, errlen);
+    const uint16_t *scale = ts->data;
+    const st_tensor *tw = find_suffixed(e, s, "shape", name, sizeof name);
+    if (!tw)
+        return td_err(err, errlen, TANDEM_EFORMAT, "%s: INT4 tensor '%s' has no '%s'", st_file_path(e->st, tp->file),
+                      pname, name);
+    int64_t two = 2, have[2] = { -1, -1 };
+    if ((tw->dtype != DT_I32 && tw->dtype != DT_I64) || tw->ndim != 1 || tw->shape[0] != 2)
+        return int4_bad(e, tw, name, "I32", &two, 1, err, errlen);
+    for (int i = 0; i < 2; i++)
+        have[i] = tw->dtype == DT_I32 ? ((const int32_t *)tw->data)[i] : ((const int64_t *)tw->data)[i];
+    if (have[0] != s->rows || have[1] != s->cols)
+        return td_err(err, errlen, TANDEM_EFORMAT, "%s: tensor '%s' says [%lld,%lld], expected [%lld,%lld] (config.json)",
+                      st_file_path(e->st, tw->file), name, (long long)have[0], (long long)have[1],
+                      (long long)s->rows, (long long)s->cols);
+    float **vec;
+    mat *m;
+    slot_target(e, s, &vec, &m);
+    *m = (mat){ .data = tp->data, .dt = DT_I32, .rows = s->rows, .cols = s->cols, .scale_bf16 = scale };
+    if (e->experts_materialised) /* the reference loop multiplies by them */
+        return convert_view(e, m, s->name, err, errlen);
+    return 0;
+}
+
+/* A tensor missing under its plain name but present as `X.weight_packed`:
+ * a routed expert of a compressed-tensors INT4 checkpoint, or an error that
+ * says why it cannot be used. 1 = no such tensor either. */
+static int bind_packed(tandem_engine *e, const tensor_spec *s, char *err, size_t errlen)
+{
+    char pname[160];
+    const st_tensor *tp = find_suffixed(e, s, "packed", pname, sizeof pname);
+    if (!tp)
+        return 1;
+    const char *file = st_file_path(e->st, tp->file);
+    if (!e->d.expert_int4)
+        return td_err(err, errlen, TANDEM_EUNSUPPORTED,
+                      "%s: tensor '%s' is quantised (compressed-tensors) but config.json has no compressed-tensors "
+                      "quantization_config",
+                      file, pname);
+    if (s->expert < 0)
+        return td_err(err, errlen, TANDEM_EUNSUPPORTED,
+                      "%s: tensor '%s' is quantised: only routed experts may be INT4 (quantised non-expert tensors "
+                      "are not supported yet)",
+                      file, pname);
+    return bind_int4(e, s, tp, pname, err, errlen);
 }
 
 /* ---- binding one tensor --------------------------------------------------- */
@@ -365,6 +456,8 @@ int engine_load_weights(tandem_engine *e, char *err, size_t errlen)
         const st_tensor *t = st_find(e->st, s->name);
         if (t) {
             rc = bind_tensor(e, s, t, err, errlen);
+        } else if ((rc = bind_packed(e, s, err, errlen)) <= 0) {
+            /* an INT4 expert bound, or a quantised tensor refused */
         } else if (s->expert >= 0 && (rc = bind_fused_expert(e, s, err, errlen)) <= 0) {
             /* bound from a fused tensor, or a fused tensor was malformed */
         } else {
@@ -408,7 +501,7 @@ static int materialise_one(tandem_engine *e, mat *m, const char *name, char *err
 {
     if (!m->data)
         return make_dummy(e, m, name, err, errlen);
-    return m->dt == DT_F16 || m->dt == DT_F8_E4M3 ? convert_view(e, m, name, err, errlen) : 0;
+    return m->dt == DT_F16 || m->dt == DT_F8_E4M3 || m->dt == DT_I32 ? convert_view(e, m, name, err, errlen) : 0;
 }
 
 int engine_materialise_experts(tandem_engine *e, char *err, size_t errlen)

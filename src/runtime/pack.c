@@ -14,7 +14,7 @@
  *   file <name> <size> <mtime ns> <header hash>      (one per shard)
  *   layer <l> <hash of sampled expert bytes>          (one per MoE layer)
  * The sampled bytes are 32 at a quarter, half and three quarters of every
- * expert tensor (gate, up, down) and of its FP8 scales: a rewritten shard
+ * expert tensor (gate, up, down) and of its FP8 or INT4 scales: a rewritten shard
  * with the same header and size but new weights is still caught, at the
  * cost of a few pages read per tensor (released again with the layer).
  * A line that differs is named in the error with both values.
@@ -61,10 +61,12 @@ static uint64_t layer_hash(const tandem_engine *e, int l)
     for (int x = 0; x < e->d.n_expert; x++) {
         const mat *m[3] = { &L->exp_gate[x], &L->exp_up[x], &L->exp_down[x] };
         for (int w = 0; w < 3; w++) {
-            h = sample(h, m[w]->data, (size_t)(m[w]->rows * m[w]->cols) * dtype_size(m[w]->dt));
+            /* mat_data_bytes: a packed INT4 view is half a byte per weight, its scales bf16 */
+            h = sample(h, m[w]->data, mat_data_bytes(m[w]));
             if (m[w]->scale)
-                h = sample(h, m[w]->scale, (size_t)((m[w]->rows + m[w]->bn - 1) / m[w]->bn) *
-                                               (size_t)((m[w]->cols + m[w]->bk - 1) / m[w]->bk) * sizeof(float));
+                h = sample(h, m[w]->scale, mat_scale_bytes(m[w]));
+            else if (m[w]->scale_bf16)
+                h = sample(h, m[w]->scale_bf16, mat_scale_bytes(m[w]));
         }
     }
     return h;

@@ -51,7 +51,8 @@ typedef struct {
     int64_t dummy;          /* dummy weights: non-expert matrices as BF16 buffers */
     int64_t gpu_dense;      /* the non-expert weights as hybrid.c uploads them */
     int64_t n_params;       /* as stored, for the description */
-    int exp_dt;             /* td_dtype of the routed experts in the checkpoint; -1: no experts */
+    int exp_dt;             /* td_dtype of the routed experts in the checkpoint; -1: no experts; DT_I32:
+                               compressed-tensors packed INT4 (ops.h) */
     int exp_mixed;          /* experts of more than one dtype */
     int64_t exp_src_bytes;  /* all routed experts, bytes in the checkpoint */
     int64_t exp_elems;      /* all routed experts, elements */
@@ -95,9 +96,16 @@ static td_dtype config_dtype(const char *cfg_path)
 }
 
 /* A tensor's dtype: its header, the fused expert tensor's (load.c's fallback
- * for 3-D experts), else what config.json says. */
+ * for 3-D experts), else what config.json says. A routed expert held as
+ * compressed-tensors INT4 ("X.weight_packed", load.c) is DT_I32, as its mat. */
 static td_dtype tensor_dtype(const model_desc *d, const st_set *st, const tensor_spec *s, td_dtype cfg_dt)
 {
+    if (d->expert_int4 && is_expert(s->slot)) {
+        char name[160];
+        snprintf(name, sizeof name, "%s_packed", s->name);
+        if (!st || st_find(st, name))
+            return DT_I32;
+    }
     if (st) {
         const st_tensor *t = st_find(st, s->name);
         if (!t && s->expert >= 0) {
@@ -147,7 +155,11 @@ static int scan_weights(const model_desc *d, const st_set *st, const char *cfg_p
                 w->exp_dt = dt;
             else if (w->exp_dt != (int)dt)
                 w->exp_mixed = 1;
-            w->exp_src_bytes += elems * (int64_t)dtype_size(dt);
+            if (dt == DT_I32) /* weight_packed (half a byte per weight) and weight_scale (bf16 per 32) */
+                w->exp_src_bytes += s->rows * ((s->cols + 7) / 8) * 4 +
+                                    s->rows * ((s->cols + MODEL_INT4_GROUP - 1) / MODEL_INT4_GROUP) * 2;
+            else
+                w->exp_src_bytes += elems * (int64_t)dtype_size(dt);
             w->exp_elems += elems;
             continue;
         }
@@ -253,11 +265,13 @@ static void compose_engine(tandem_plan *p, const model_desc *d, const wscan *w, 
     const int64_t D = d->d_model, F = d->d_ff_expert, E = d->n_expert;
     const int fmt = o->cpu_experts, n_moe = d->n_layer_moe;
     const int es_held = w->exp_dt == DT_F32 || w->exp_dt == DT_F16 ? 4 : 2; /* FP8 -> BF16 (load.c) */
+    /* the reference loop's copies: packed INT4 becomes F32 (exact, load.c); the GPU takes it as BF16 (hybrid.c) */
+    const int es_ref = w->exp_dt == DT_I32 ? 4 : es_held;
     const int n_gpu = p->gpu ? p->gpu_experts : 0, n_cpu = (int)E - n_gpu;
     int approx_fp8 = 0;
     for (int f = 0; f < 5; f++) {
         int a = 0;
-        p->expert_bytes[f] = f == TANDEM_FMT_F32 ? 3 * D * F * es_held : packed_expert(D, F, f, o->n_parts, &a);
+        p->expert_bytes[f] = f == TANDEM_FMT_F32 ? 3 * D * F * es_ref : packed_expert(D, F, f, o->n_parts, &a);
         if (f == fmt)
             approx_fp8 = a;
     }
@@ -273,9 +287,9 @@ static void compose_engine(tandem_plan *p, const model_desc *d, const wscan *w, 
                     "FP8 yet");
     } else if (n_moe > 0) { /* the reference loop reads the checkpoint's matrices (F16 -> F32, FP8 -> BF16 copies) */
         const int inplace = !o->dummy && (w->exp_dt == DT_BF16 || w->exp_dt == DT_F32);
-        add(p, "routed experts", H, ENG, 1, 0, 0, inplace ? w->exp_src_bytes : w->exp_elems * es_held,
+        add(p, "routed experts", H, ENG, 1, 0, 0, inplace ? w->exp_src_bytes : w->exp_elems * es_ref,
             "%d layers x %lld experts, %s, %s (reference loop)", n_moe, (long long)E,
-            es_held == 4 ? "F32" : "BF16", inplace ? "in place from the checkpoint" : "copies made at load");
+            es_ref == 4 ? "F32" : "BF16", inplace ? "in place from the checkpoint" : "copies made at load");
     }
     if (w->exp_mixed)
         note(p, "the experts mix dtypes: the load will refuse them");
@@ -482,7 +496,9 @@ int plan_make(const model_desc *d, const st_set *st, const char *cfg_path, const
     out->n_moe_layers = d->n_layer_moe;
     out->n_expert = d->n_expert;
     out->dtypes_from = o->dummy ? "dummy weights" : st ? "safetensors headers" : "config.json";
-    out->expert_dtype = w.exp_dt < 0 ? "none" : dtype_name((td_dtype)w.exp_dt);
+    out->expert_dtype = w.exp_dt < 0              ? "none"
+                        : w.exp_dt == DT_I32 ? "INT4-G32" /* compressed-tensors pack-quantized, symmetric */
+                                             : dtype_name((td_dtype)w.exp_dt);
     if (o->gpu && (o->cpu_experts == TANDEM_FMT_F32 || o->cpu_experts == TANDEM_FMT_FP8))
         note(out, "the hybrid engine takes bf16, int8 or int4 CPU experts only (hybrid.c)");
     compose_engine(out, d, &w, o);
