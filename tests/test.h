@@ -13,6 +13,7 @@
 #define TD_TEST_H
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 
 void test_register(const char *name, void (*fn)(void));
@@ -41,5 +42,22 @@ int test_failed_count(void);
                     fabs(a_ - b_), (double)(tol));                                \
     } while (0)
 #define SKIP(what, why) test_skip(what, why)
+
+/* splitmix64 random numbers for test data: one stream per state word, so
+ * each test file keeps its own and its cases do not move when another file's
+ * change */
+static inline uint64_t test_rng(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+static inline double test_unif(uint64_t *s) { return (double)(test_rng(s) >> 11) / 9007199254740992.0; }
+static inline double test_gauss(uint64_t *s)
+{
+    double u = test_unif(s), v = test_unif(s);
+    return sqrt(-2.0 * log(u + 1e-300)) * cos(6.283185307179586 * v);
+}
 
 #endif
