@@ -581,6 +581,7 @@ static float *run_logits(const char *dir, int fmt, int *rows, int *V, char *err,
     tandem_engine_params ep;
     tandem_engine_params_default(&ep);
     ep.n_threads = 2;
+    ep.gpu = 0; /* the CPU engine is what these compare (f32 experts run on the CPU only) */
     ep.cpu_experts = fmt;
     ep.ignore_packs = 1;
     tandem_engine *e = NULL;
@@ -633,6 +634,7 @@ static void check_engine_lossless(const char *dir, named_q *nq, int n_q)
     tandem_engine_params ep;
     tandem_engine_params_default(&ep);
     ep.n_threads = 2;
+    ep.gpu = 0; /* the CPU engine is what these compare (f32 experts run on the CPU only) */
     ep.cpu_experts = TANDEM_FMT_INT4;
     ep.ignore_packs = 1;
     tandem_engine *e = NULL;
@@ -702,6 +704,7 @@ static void expect_error(const char *dir, const char *needle, const char *what)
     tandem_engine_params ep;
     tandem_engine_params_default(&ep);
     ep.n_threads = 2;
+    ep.gpu = 0; /* the CPU engine is what these compare (f32 experts run on the CPU only) */
     ep.cpu_experts = TANDEM_FMT_INT4;
     ep.ignore_packs = 1;
     tandem_engine *e = NULL;
