@@ -497,6 +497,9 @@ int hybrid_engine_open(tandem_engine *e, char *err, size_t errlen)
     e->hy = NULL;
     if (e->params.gpu == 0)
         return 0;
+    if (e->params.cpu_experts == TANDEM_FMT_F32) /* the exact reference loop: a CPU-only engine (forward.c) */
+        return no_gpu(e, TANDEM_EUNSUPPORTED, "--cpu-experts f32 (the exact reference loop) runs CPU-only", err,
+                      errlen);
     char why[512];
     if (gpu_device_count(why, sizeof why) == 0) {
         char msg[600];

@@ -546,6 +546,15 @@ void plan_opts_from(plan_opts *o, const model_desc *d, const tandem_engine_param
     o->n_outputs = sp->n_outputs;
 }
 
+/* whether the engine these parameters open runs hybrid: a GPU asked for or
+ * found, and experts the GPU engine takes (f32 is the CPU-only reference) */
+static int plan_wants_gpu(const tandem_engine_params *ep)
+{
+    if (ep->gpu == 0 || (ep->gpu == -1 && ep->cpu_experts == TANDEM_FMT_F32))
+        return 0;
+    return ep->gpu == 1 || gpu_device_count(NULL, 0) > 0;
+}
+
 int64_t plan_mem_available(void)
 {
     FILE *f = fopen("/proc/meminfo", "r");
@@ -721,7 +730,7 @@ int plan_check_engine(const tandem_engine *e, char *err, size_t errlen)
     const tandem_engine_params *ep = &e->params;
     /* gpu -1 plans the GPU run when a device is there: a fallback to the CPU
      * then needs more host memory, which the session's check still sees */
-    int gpu = ep->gpu == 1 || (ep->gpu == -1 && gpu_device_count(NULL, 0) > 0);
+    int gpu = plan_wants_gpu(ep);
     plan_opts o;
     plan_opts_from(&o, &e->d, ep, NULL, gpu);
     st_set *st = NULL;
@@ -797,7 +806,7 @@ int tandem_plan_make(const char *path, const tandem_engine_params *ep, const tan
     if (isa_select(why, sizeof why) != 0) /* the kernels this machine would use (sizes tile scratch) */
         why[0] = 0;
     plan_opts o;
-    plan_opts_from(&o, &d, ep, sp, ep->gpu == 1 || (ep->gpu == -1 && gpu_device_count(NULL, 0) > 0));
+    plan_opts_from(&o, &d, ep, sp, plan_wants_gpu(ep));
     st_set *st = NULL;
     if (!ep->dummy_weights && st_open(&st, path, why, sizeof why) != 0)
         st = NULL; /* no checkpoint (a bare config.json): dtypes from config.json */
