@@ -21,13 +21,13 @@
 
 static const char *usage =
     "usage: tandem bench mem -m DIR [--name NAME] [--cpu-experts FMT[,FMT...]] [-t N] [--dummy-weights]\n"
-    "                        [--layers N]\n"
+    "                        [--layers N] [--gpu]\n"
     "\n"
     "For each format: load with the experts packed in memory, convert (write the\n"
     "pack), load from the pack; each in its own process. Prints bench=mem lines:\n"
     "the plan's host bytes, the measured peak RSS and their ratio, the packing\n"
     "speed (GB/s of checkpoint expert bytes read) and the time to the first token\n"
-    "of a 16-token prompt.\n";
+    "of a 16-token prompt. --gpu: the hybrid engine (GPU + CPU) instead of CPU-only.\n";
 
 static double now_s(void)
 {
@@ -60,6 +60,7 @@ static void note_bytes(const char *what, float done, double bytes, void *user)
 typedef struct {
     const char *dir, *name;
     int fmt, threads, dummy, layers, n_layers; /* layers: the --layers limit (0 = all) */
+    int gpu;                                   /* 1: the hybrid engine (the GPU holds the non-expert weights) */
 } mem_case;
 
 static const char *fmt_name(int f)
@@ -72,7 +73,7 @@ static void params(const mem_case *c, tandem_engine_params *p, int ignore_packs)
 {
     tandem_engine_params_default(p);
     p->n_threads = c->threads;
-    p->gpu = 0;
+    p->gpu = c->gpu;
     p->cpu_experts = c->fmt;
     p->dummy_weights = c->dummy;
     p->n_layer_limit = c->layers;
@@ -137,9 +138,9 @@ static int run_case(const mem_case *c, const char *mode)
         return 1;
     }
     double rss = peak_rss() / 1e9;
-    printf("bench=mem model=%s fmt=%s layers=%d mode=%s plan_host_GB=%.2f rss_peak_GB=%.2f rss_plan=%.3f "
+    printf("bench=mem model=%s fmt=%s layers=%d engine=%s mode=%s plan_host_GB=%.2f rss_peak_GB=%.2f rss_plan=%.3f "
            "pack_GBps=%.2f %s=%.2f\n",
-           c->name, fmt_name(c->fmt), c->n_layers, mode, plan_gb, rss, rss / plan_gb, pack_gbps,
+           c->name, fmt_name(c->fmt), c->n_layers, c->gpu ? "hybrid" : "cpu", mode, plan_gb, rss, rss / plan_gb, pack_gbps,
            !strcmp(mode, "convert") ? "convert_s" : "ttft_s", secs);
     fflush(stdout);
     return 0;
@@ -180,6 +181,8 @@ int tandem_cli_bench_mem(int argc, char **argv)
             c.dummy = 1;
         else if (!strcmp(a, "--layers") && v)
             c.layers = atoi(v), i++;
+        else if (!strcmp(a, "--gpu"))
+            c.gpu = 1;
         else {
             fprintf(stderr, "tandem: bench mem: unknown or incomplete option '%s'\n%s", a, usage);
             return 2;

@@ -219,6 +219,14 @@ static int up_mats(hybrid_engine *hy, gpu_mat *dst, const mat *const *parts, int
         if (rc)
             return rc;
         off += count * es;
+        /* on the GPU now: its checkpoint pages leave the process, so the load's peak holds one matrix of them,
+         * not all of them (reading them again, as a CPU fallback would, brings them back from the file) */
+        if (hy->st && m->data) {
+            st_release(hy->st, m->data, count * dtype_size(m->dt));
+            if (m->scale)
+                st_release(hy->st, m->scale,
+                           (size_t)((m->rows + m->bn - 1) / m->bn) * (size_t)((m->cols + m->bk - 1) / m->bk) * 4);
+        }
     }
     *dst = (gpu_mat){ base, f32 ? GPU_F32 : GPU_BF16, rows, cols };
     return 0;
@@ -513,6 +521,7 @@ int hybrid_engine_open(tandem_engine *e, char *err, size_t errlen)
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
     }
     hy->device = e->params.gpu_device;
+    hy->st = e->st;
     int rc = gpu_open(hy->device, &hy->info, why, sizeof why);
     if (rc) {
         hy_free(hy, d->n_layer);

@@ -58,6 +58,8 @@ typedef struct {
 
 typedef struct hybrid_engine {
     int device;
+    const struct st_set *st;              /* the checkpoint, whose pages each upload drops once on the GPU
+                                             (NULL with dummy weights) */
     gpu_info info;
     hybrid_plan plan;
     int cpu_ref;                          /* CPU experts by the plain loop, not the MoE operator */
