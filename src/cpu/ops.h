@@ -2,7 +2,7 @@
  * ops.h - the CPU reference ops of the forward pass, fp32 activations.
  *
  * Weights arrive as `mat`: a row-major [rows][cols] matrix in BF16 or F32
- * (the dtypes the loader keeps; F16 and FP8 are converted at load). All
+ * (a CPU-only engine converts F16 and FP8 matrices once after load). All
  * arithmetic accumulates in fp32 or better. Ops that are worth it run on the
  * pool; the others work on one row and are called from pool jobs.
  */
@@ -23,9 +23,10 @@
 #define MAT_I4_GROUP 32
 
 typedef struct {
-    const void *data;   /* [rows][cols], BF16 or F32. Routed experts that are only packed (never run by
-                           op_matmul) may also be F16, F8_E4M3 or I32 (packed INT4, above) views of the
-                           checkpoint, or NULL: dummy weights, generated from `seed` whenever they are read */
+    const void *data;   /* [rows][cols], BF16 or F32: what op_matmul reads. Until the engine knows who reads a
+                           matrix (runtime/load.c), it may also be an F16 or F8_E4M3 view of the checkpoint
+                           (routed experts also I32, packed INT4 as above), or NULL: dummy weights, generated
+                           from `seed` whenever they are read; mat_row_range_f32 reads every kind */
     td_dtype dt;
     int64_t rows, cols;
     const float *scale; /* F8_E4M3: [ceil(rows / bn)][ceil(cols / bk)] fp32 block scales */

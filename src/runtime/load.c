@@ -4,16 +4,22 @@
  * Every tensor the model description lists (model_tensors) must be present
  * with the expected shape and a supported dtype; anything else is an error
  * naming the tensor and the file. BF16 and F32 matrices are used in place
- * from the mmap'd file (no copy, no load time); F16 matrices become F32 and
- * FP8 E4M3 matrices with 128x128-style block scales (weight_scale_inv)
- * become BF16 at load. Vectors (norms, biases) are always copied to F32.
- * Routed experts in compressed-tensors' pack-quantized INT4 (Kimi-K2-Thinking)
- * stay views of weight_packed and weight_scale (mat dt I32, ops.h) that the
- * MoE packer copies into its INT4 format without requantising.
+ * from the mmap'd file (no copy, no load time). F16 and FP8 E4M3 matrices
+ * (with 128x128-style block scales, weight_scale_inv) stay views of the
+ * checkpoint until it is known who reads them: the MoE packer (routed
+ * experts, runtime/experts.c), the GPU upload (hybrid.c, a matrix at a time),
+ * or the CPU ops, for which a CPU-only engine converts them once
+ * (engine_materialise_dense: F16 -> F32, FP8 -> BF16). So no converted copy
+ * is made that would only be packed, or uploaded, and dropped. Vectors
+ * (norms, biases) are always copied to F32. Routed experts in
+ * compressed-tensors' pack-quantized INT4 (Kimi-K2-Thinking) stay views of
+ * weight_packed and weight_scale (mat dt I32, ops.h) that the MoE packer
+ * copies into its INT4 format without requantising.
  *
- * With dummy weights nothing is read: each tensor is filled in parallel with
- * uniform noise of variance 1/cols (norm weights 1, biases 0), seeded by its
- * name, so benchmarks run at full size without a checkpoint.
+ * With dummy weights nothing is read: every matrix is a generator (data
+ * NULL, a seed from its name; uniform noise of variance 1/cols, the embedding
+ * of amplitude 1) made where it is read, the same way; norm weights are 1,
+ * biases 0. So benchmarks run at full size without a checkpoint.
  */
 #include "core/bf16.h"
 #include "core/err.h"
