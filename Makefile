@@ -120,3 +120,22 @@ $(BUILD)/%.o: %.cu
 	$(NVCC) $(NVFLAGS) -c $< -o $@
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+
+# ---- fuzzing (fuzz/*.c, bench/fuzz.sh) -----------------------------------
+# `make fuzz` builds one libFuzzer program per fuzz/NAME.c as build-fuzz/fuzz/NAME:
+# clang, the library compiled with -fsanitize=fuzzer-no-link,address,undefined
+# (coverage for the fuzzer, no main), CUDA off. The server's request parser is
+# linked from its objects without http.c/serve.c (no libmicrohttpd, no main).
+# -Wno-string-concatenation: clang flags the split literal in text.c's table
+# of end tokens (split so the \x escape ends), which gcc does not check.
+FUZZ_SAN  = -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined \
+            -Wno-string-concatenation
+FUZZ_BIN  = $(patsubst fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard fuzz/*.c))
+FUZZ_SRV  = $(patsubst %.c,$(BUILD)/%.o,server/request.c server/sched.c server/respond.c server/textout.c)
+.PHONY: fuzz fuzz-bins
+fuzz:
+	@$(MAKE) --no-print-directory CC=clang CUDA=0 BUILD=build-fuzz OPT=-O1 SAN="$(FUZZ_SAN)" fuzz-bins
+fuzz-bins: $(FUZZ_BIN)
+$(BUILD)/fuzz/%: fuzz/%.c $(FUZZ_SRV) $(BUILD)/libtandem.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_BASE) -Iserver -fsanitize=fuzzer -o $@ $< $(FUZZ_SRV) $(BUILD)/libtandem.a $(LDLIBS)

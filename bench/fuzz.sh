@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# bench/fuzz.sh - run the libFuzzer targets of fuzz/ for a given time each.
+#
+#   bench/fuzz.sh TARGET SECONDS     one target (a name in fuzz/, e.g. jinja)
+#   bench/fuzz.sh all SECONDS        every target, one after the other
+#
+# Builds them first (make fuzz, into build-fuzz/). Each target runs on one core
+# for SECONDS (-max_total_time) from the committed seeds in fuzz/corpus/TARGET;
+# what it learns goes to build-fuzz/corpus/TARGET (kept between runs, never
+# into the committed seeds). Per input: 10 s at most (-timeout), 2 GB of RSS at
+# most (-rss_limit_mb; the parsers need tens of MB, and two of these fit the
+# 24 GB machine next to anything else). One line per target:
+#   bench=fuzz target=NAME seconds=S execs=N crashes=N
+# A crash, leak, timeout or out-of-memory input stops that target; its file is
+# kept as build-fuzz/crashes/TARGET-crash-<sha1> (replay it with
+# build-fuzz/fuzz/TARGET FILE) and the script exits 1 after the other targets.
+# The full libFuzzer log of each run is in build-fuzz/logs/TARGET.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ $# -ne 2 ] || ! [[ "$2" =~ ^[0-9]+$ ]]; then
+    echo "usage: bench/fuzz.sh TARGET|all SECONDS" >&2
+    exit 2
+fi
+if [ "$1" = all ]; then
+    targets=$(ls fuzz/*.c | sed 's|fuzz/||; s|\.c$||')
+else
+    [ -f "fuzz/$1.c" ] || { echo "bench/fuzz.sh: no target fuzz/$1.c" >&2; exit 2; }
+    targets=$1
+fi
+secs=$2
+make -s fuzz -j"${JOBS:-2}" >/dev/null || { echo "bench/fuzz.sh: make fuzz failed" >&2; exit 2; }
+
+failed=0
+mkdir -p build-fuzz/crashes build-fuzz/logs
+for t in $targets; do
+    work=build-fuzz/corpus/$t log=build-fuzz/logs/$t.log
+    mkdir -p "$work"
+    before=$(ls build-fuzz/crashes | grep -c "^$t-" || true)
+    build-fuzz/fuzz/"$t" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+        -artifact_prefix=build-fuzz/crashes/"$t"- "$work" fuzz/corpus/"$t" >"$log" 2>&1
+    rc=$?
+    after=$(ls build-fuzz/crashes | grep -c "^$t-" || true)
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+    # a crashed run prints no final stats: take its last status line ("#N ...")
+    [ -n "$execs" ] || execs=$(grep -oE '^#[0-9]+' "$log" | tail -n 1 | tr -d '#')
+    crashes=$((after - before))
+    [ $rc -ne 0 ] && [ $crashes -eq 0 ] && crashes=1 # died without an artifact (e.g. a trap in init)
+    echo "bench=fuzz target=$t seconds=$secs execs=${execs:-0} crashes=$crashes"
+    if [ $crashes -ne 0 ]; then
+        failed=1
+        grep -m 3 -E 'ERROR: |runtime error|SUMMARY' "$log" | sed 's/^/  /'
+        ls -t build-fuzz/crashes | grep "^$t-" | head -n 1 | sed 's|^|  kept: build-fuzz/crashes/|'
+    fi
+done
+exit $failed
