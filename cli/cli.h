@@ -38,6 +38,9 @@ int cli_parse(int argc, char **argv, int first, cli_opts *o, const char *allowed
 void cli_engine_params(const cli_opts *o, tandem_engine_params *p);
 /* Open the engine with those parameters. */
 int cli_open_engine(const cli_opts *o, tandem_engine **e);
+/* --gpu-experts / --expert-counts given but the engine runs without a GPU:
+ * print why, close e and return TANDEM_EINVAL; else 0. */
+int cli_check_gpu_opts(tandem_engine *e, int gpu_experts, const char *expert_counts);
 
 int cmd_run(int argc, char **argv);
 int cmd_chat(int argc, char **argv);

@@ -97,6 +97,11 @@ int cli_parse(int argc, char **argv, int first, cli_opts *o, const char *allowed
         }
         int is_flag = !strcmp(name, "--dummy-weights") || !strcmp(name, "-v") || !strcmp(name, "--raw") ||
                       !strcmp(name, "--no-think") || !strcmp(name, "--greedy") || !strcmp(name, "--cpu-only");
+        if (is_flag && eq) {
+            /* "--greedy=0" would otherwise be read as --greedy */
+            fprintf(stderr, "tandem: %s takes no value (got '%s')\n", name, a);
+            return -1;
+        }
         if (!is_flag) {
             if (eq)
                 v = eq + 1;
@@ -154,8 +159,9 @@ int cli_parse(int argc, char **argv, int first, cli_opts *o, const char *allowed
         } else if (!strcmp(name, "--seed")) {
             char *end;
             errno = 0;
+            /* strtoull takes "-1" as 2^64 - 1: only digits are a seed */
             unsigned long long s = strtoull(v, &end, 10);
-            if (errno || *end || end == v) {
+            if (errno || *end || end == v || *v < '0' || *v > '9') {
                 fprintf(stderr, "tandem: --seed expects a non-negative integer, got '%s'\n", v);
                 rc = -1;
             }
@@ -203,6 +209,15 @@ int cli_parse(int argc, char **argv, int first, cli_opts *o, const char *allowed
     }
     if (!o->model)
         o->model = "models/demo";
+    if ((o->gpu_experts > 0 || o->expert_counts) && o->gpu == 0) {
+        fprintf(stderr, "tandem: %s places experts on the GPU, but --cpu-only is set\n",
+                o->gpu_experts > 0 ? "--gpu-experts" : "--expert-counts");
+        return -1;
+    }
+    if (o->expert_counts && access(o->expert_counts, R_OK) != 0) {
+        fprintf(stderr, "tandem: --expert-counts %s: %s\n", o->expert_counts, strerror(errno));
+        return -1;
+    }
     return 0;
 }
 
@@ -259,7 +274,22 @@ int cli_open_engine(const cli_opts *o, tandem_engine **e)
         fprintf(stderr, "tandem: %s\n", err);
         return rc;
     }
-    return 0;
+    if ((rc = cli_check_gpu_opts(*e, o->gpu_experts, o->expert_counts)))
+        *e = NULL;
+    return rc;
+}
+
+int cli_check_gpu_opts(tandem_engine *e, int gpu_experts, const char *expert_counts)
+{
+    tandem_model_info in;
+    tandem_engine_info(e, &in);
+    if (in.gpu || (gpu_experts <= 0 && !expert_counts))
+        return 0;
+    /* the engine found no GPU (or was told to use none): the option would do nothing */
+    fprintf(stderr, "tandem: %s places experts on the GPU, but this run has no GPU\n",
+            gpu_experts > 0 ? "--gpu-experts" : "--expert-counts");
+    tandem_engine_close(e);
+    return TANDEM_EINVAL;
 }
 
 int main(int argc, char **argv)

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static const char *usage =
     "usage: tandem perplexity [-m MODEL] --tokens FILE [--ctx N] [--windows N]\n"
@@ -22,7 +23,11 @@ static const char *usage =
     "  --tokens FILE        the token windows (default MODEL/heldout_tokens.u16)\n"
     "  -c, --ctx N          window length (default 512)\n"
     "  --windows N          only the first N windows\n"
-    "  -t, --threads N      CPU threads\n";
+    "  -t, --threads N      CPU threads\n"
+    "  --cpu-experts FMT    bf16 (default), int8, int4, fp8, or f32 (exact reference)\n"
+    "  -v                   print each window's NLL\n"
+    "\n"
+    "Progress (windows done, perplexity so far, tokens/s) goes to stderr.\n";
 
 int cmd_ppl(int argc, char **argv)
 {
@@ -35,12 +40,19 @@ int cmd_ppl(int argc, char **argv)
     for (int i = 0; i < argc; i++) {
         if (i >= 2 && !strcmp(argv[i], "--tokens") && i + 1 < argc)
             file = argv[++i];
-        else if (i >= 2 && !strcmp(argv[i], "--windows") && i + 1 < argc)
-            windows = atoi(argv[++i]);
-        else
+        else if (i >= 2 && !strcmp(argv[i], "--windows") && i + 1 < argc) {
+            char *end;
+            long w = strtol(argv[++i], &end, 10);
+            if (*end || end == argv[i] || w < 1 || w > 1 << 30) {
+                fprintf(stderr, "tandem: --windows expects a positive integer, got '%s'\n", argv[i]);
+                free(rest);
+                return 2;
+            }
+            windows = (int)w;
+        } else
             rest[nrest++] = argv[i];
     }
-    int rc = cli_parse(nrest, rest, 2, &o, "-m --model -c --ctx -t --threads -v", usage);
+    int rc = cli_parse(nrest, rest, 2, &o, "-m --model -c --ctx -t --threads --cpu-experts -v", usage);
     free(rest);
     if (rc)
         return rc > 0 ? 0 : 2;
@@ -87,6 +99,7 @@ int cmd_ppl(int argc, char **argv)
     int V = tandem_n_vocab(e);
     double sum = 0;
     struct timespec t0, t1;
+    int tty = isatty(2);
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (int w = 0; w < n_win; w++) {
         for (int i = 0; i < ctx; i++) {
@@ -104,7 +117,15 @@ int cmd_ppl(int argc, char **argv)
         sum += nll;
         if (o.verbose)
             printf("window %d nll %.6f\n", w, nll);
+        /* a run takes minutes: say how far it is (redrawn on a terminal) */
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        double el = (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+        fprintf(stderr, "%sperplexity: %d/%d windows, ppl %.4f so far, %.0f tokens/s%s", tty ? "\r" : "", w + 1,
+                n_win, exp(sum / (w + 1)), (w + 1) * (double)ctx / (el > 0 ? el : 1e-9), tty ? "" : "\n");
+        fflush(stderr);
     }
+    if (tty)
+        fputc('\n', stderr);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double secs = (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
     printf("windows=%d ctx=%d tokens=%d nll=%.6f ppl=%.4f seconds=%.1f\n", n_win, ctx, n_win * ctx, sum / n_win,

@@ -132,6 +132,13 @@ static void lie_offsets(json_t *h)
     json_array_set_new(off, 0, json_integer(b + (1 << 30)));
     json_array_set_new(off, 1, json_integer(e + (1 << 30)));
 }
+/* a shape whose byte count overflows 64 bits (the message must not say "needs 0") */
+static void huge_shape(json_t *h)
+{
+    json_t *sh = json_object_get(json_object_get(h, victim), "shape");
+    json_array_set_new(sh, 0, json_integer((json_int_t)1 << 40));
+    json_array_set_new(sh, 1, json_integer((json_int_t)1 << 40));
+}
 static void keep_header(json_t *h) { (void)h; }
 static void bad_dtype(json_t *h)
 {
@@ -229,6 +236,11 @@ TEST_GROUP(badinput)
     make_copy(dir, sizeof dir);
     CHECK(edit_header(dir, lie_offsets) == 0);
     expect_open_error(dir, TANDEM_EFORMAT, victim, "offsets past the end");
+    remove_copy(dir);
+
+    make_copy(dir, sizeof dir);
+    CHECK(edit_header(dir, huge_shape) == 0);
+    expect_open_error(dir, TANDEM_EFORMAT, "more than 2^64 bytes", "shape overflowing 64 bits");
     remove_copy(dir);
 
     make_copy(dir, sizeof dir);

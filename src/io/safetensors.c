@@ -241,7 +241,13 @@ static int open_file(st_set *s, const char *path, char *err, size_t errlen)
         }
         uint64_t ob = (uint64_t)json_integer_value(b), oe = (uint64_t)json_integer_value(e);
         size_t esz = dtype_size(t.dtype);
-        if (overflow || count > UINT64_MAX / esz || oe - ob != count * esz) {
+        if (overflow || count > UINT64_MAX / esz) {
+            char sh[96];
+            rc = td_err(err, errlen, TANDEM_EFORMAT, "%s: tensor '%s': shape %s of %s has more than 2^64 bytes",
+                        path, name, st_shape_str(t.shape, t.ndim, sh, sizeof sh), dtype_name(t.dtype));
+            goto done;
+        }
+        if (oe - ob != count * esz) {
             char sh[96];
             rc = td_err(err, errlen, TANDEM_EFORMAT,
                         "%s: tensor '%s': %llu bytes in data_offsets, but shape %s of %s needs %llu",
