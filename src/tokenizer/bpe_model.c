@@ -623,16 +623,18 @@ static int regex_find(pcre2_code *re, const char *s, size_t len, bpe_span **out,
             break;
         if (r == PCRE2_ERROR_JIT_STACKLIMIT || r == PCRE2_ERROR_HEAPLIMIT ||
             r == PCRE2_ERROR_MATCHLIMIT || r == PCRE2_ERROR_DEPTHLIMIT) {
-            /* a pathological run for JIT's small default stack: redo it in the interpreter
-             * with generous limits */
+            /* a run too deep for JIT's small default stack: redo it in the
+             * interpreter, whose backtracking lives on the heap. Its work stays
+             * bounded (the text may come from a client): PCRE2's default match
+             * limit, and a heap of 64 MiB; past them the text is refused. */
             if (!mc) {
                 mc = pcre2_match_context_create(NULL);
                 if (!mc) {
                     rc = TANDEM_ENOMEM;
                     break;
                 }
-                pcre2_set_heap_limit(mc, 1u << 22);        /* KiB: 4 GiB */
-                pcre2_set_match_limit(mc, UINT32_MAX);
+                pcre2_set_heap_limit(mc, 64u << 10);       /* KiB */
+                pcre2_set_match_limit(mc, 10000000u);
                 opts |= PCRE2_NO_JIT;
                 continue;
             }
