@@ -15,11 +15,26 @@
  * up (POLLRDHUP / POLLHUP) is cancelled at once, which frees its KV slot at
  * the next step (or drops it from the queue), even if no byte was to be sent.
  *
- * Limits: bodies over max_body get 413 after being read and discarded, so
- * that a client still sending sees the answer; past 16 x max_body (by
- * Content-Length, or while reading) the answer comes at once or the
- * connection closes. Connections beyond max_conns are refused by
- * libmicrohttpd; idle keep-alive connections close after 120 s.
+ * Admission comes first. Once a completion request's headers are in, and
+ * before its body is kept or parsed: the API key (every route but /health,
+ * which load balancers probe without credentials), then a place in the
+ * scheduler's queue (srv_sched_reserve). A request refused there gets its
+ * answer (401, 503 with Retry-After) after its body has been read and
+ * discarded, so that a client still sending sees the answer instead of a
+ * reset connection. Only then is the body kept, and the parse (JSON, chat
+ * template, tokenisation) runs for at most PARSE_MAX requests at a time,
+ * each bounded by the template engine's step and memory limits and PCRE2's
+ * match limits (400 when exceeded). The places in the queue bound how many
+ * bodies are held at once to max_seqs + queue.
+ *
+ * Limits: bodies over max_body (by Content-Length or as they arrive, chunked
+ * too) get 413 after being read and discarded; a Content-Length past
+ * 16 x max_body is answered at once. Connections beyond max_conns are
+ * refused by libmicrohttpd. A connection idle for timeout_s (before its
+ * headers, or between keep-alive requests) is closed, and a body must
+ * arrive within 3 x timeout_s, so idle or slow clients free their
+ * connection soon; a request being generated has no timeout (its client is
+ * watched for hang-ups instead).
  */
 #include "server.h"
 
@@ -32,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -43,7 +59,18 @@ struct srv_http {
     long long started; /* unix time, for /v1/models */
     atomic_int draining;
     atomic_int active; /* completion requests accepted and not yet fully answered */
+    pthread_mutex_t parse_mu;
+    pthread_cond_t parse_cv;
+    int n_parsing; /* requests in srv_parse_request now, at most PARSE_MAX */
 };
+
+/* Parses at once: each may take a Jinja arena and a tokenisation of up to
+ * max_body bytes, so this bounds their memory and lets the engine thread
+ * keep a core. */
+#define PARSE_MAX 4
+
+/* Why a request is refused once its body has been discarded. */
+enum { REJ_NONE, REJ_AUTH, REJ_LARGE, REJ_FULL, REJ_CLOSED };
 
 enum { R_NONE, R_HEALTH, R_MODELS, R_MODEL, R_CHAT, R_COMPLETION };
 
@@ -51,7 +78,9 @@ typedef struct {
     int route;
     srv_buf body;
     size_t seen;   /* body bytes received */
-    int too_large; /* over max_body: discarding */
+    double t0;     /* when the headers were in (the body deadline counts from here) */
+    int reject;    /* REJ_*: the body is discarded, then this is the answer */
+    int reserved;  /* holds a place in the scheduler's queue */
     int active;    /* counted in srv_http.active until libmicrohttpd is done with it */
 } srv_conn;
 
@@ -72,7 +101,8 @@ static const char OOM_JSON[] =
     "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\",\"param\":null,\"code\":null}}";
 
 /* Send json (malloc'd, taken; NULL = out of memory) with status. */
-static enum MHD_Result send_json(struct MHD_Connection *c, int status, char *json, const char *allow)
+static enum MHD_Result send_json(struct MHD_Connection *c, int status, char *json, const char *hname,
+                                 const char *hval)
 {
     struct MHD_Response *resp;
     if (json) {
@@ -86,18 +116,20 @@ static enum MHD_Result send_json(struct MHD_Connection *c, int status, char *jso
     if (!resp)
         return MHD_NO;
     MHD_add_response_header(resp, "Content-Type", "application/json");
-    if (allow)
-        MHD_add_response_header(resp, "Allow", allow);
+    if (hname)
+        MHD_add_response_header(resp, hname, hval);
     enum MHD_Result rc = MHD_queue_response(c, (unsigned)status, resp);
     MHD_destroy_response(resp);
     return rc;
 }
 
+/* An OpenAI error; hname: one extra header (Allow, Retry-After, ...) or NULL. */
 static enum MHD_Result send_error(struct MHD_Connection *c, int status, const char *param, const char *code,
-                                  const char *allow, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+                                  const char *hname, const char *hval, const char *fmt, ...)
+    __attribute__((format(printf, 7, 8)));
 
 static enum MHD_Result send_error(struct MHD_Connection *c, int status, const char *param, const char *code,
-                                  const char *allow, const char *fmt, ...)
+                                  const char *hname, const char *hval, const char *fmt, ...)
 {
     char msg[600];
     va_list ap;
@@ -108,7 +140,7 @@ static enum MHD_Result send_error(struct MHD_Connection *c, int status, const ch
     srv_utf8_clean(msg, strlen(msg), &clean); /* the URL in a message may be any bytes */
     char *j = srv_error_json(status, clean.p ? clean.p : "error", param, code);
     srv_buf_free(&clean);
-    return send_json(c, status, j, allow);
+    return send_json(c, status, j, hname, hval);
 }
 
 /* ---- routes ---------------------------------------------------------------- */
@@ -159,12 +191,12 @@ static enum MHD_Result get_route(srv_http *h, struct MHD_Connection *c, int rout
         v = json_pack("{s:s,s:[o]}", "object", "list", "data", model_obj(h));
     } else {
         if (strcmp(model, h->pc.model_id) && strcmp(model, h->pc.model_dir))
-            return send_error(c, 404, "model", "model_not_found", NULL, "the model '%.200s' does not exist", model);
+            return send_error(c, 404, "model", "model_not_found", NULL, NULL, "the model '%.200s' does not exist", model);
         v = model_obj(h);
     }
     char *s = v ? json_dumps(v, JSON_COMPACT) : NULL;
     json_decref(v);
-    return send_json(c, status, s, NULL);
+    return send_json(c, status, s, NULL, NULL);
 }
 
 /* ---- waiting for the engine -------------------------------------------------- */
@@ -239,7 +271,7 @@ static enum MHD_Result start_stream(srv_http *h, struct MHD_Connection *c, srv_r
     if (!st) {
         srv_sched_cancel(h->sc, r);
         srv_sched_release(h->sc, r);
-        return send_json(c, 500, NULL, NULL);
+        return send_json(c, 500, NULL, NULL, NULL);
     }
     st->h = h;
     st->r = r;
@@ -248,7 +280,7 @@ static enum MHD_Result start_stream(srv_http *h, struct MHD_Connection *c, srv_r
                                                                   stream_free);
     if (!resp) {
         stream_free(st);
-        return send_json(c, 500, NULL, NULL);
+        return send_json(c, 500, NULL, NULL, NULL);
     }
     MHD_add_response_header(resp, "Content-Type", "text/event-stream");
     MHD_add_response_header(resp, "Cache-Control", "no-cache");
@@ -274,11 +306,11 @@ static enum MHD_Result finish_blocking(srv_http *h, struct MHD_Connection *c, sr
     }
     enum MHD_Result rc;
     if (srv_finish_str(fin))
-        rc = send_json(c, 200, srv_response_json(r, h->pc.model_id, &o, fin, n_comp), NULL);
+        rc = send_json(c, 200, srv_response_json(r, h->pc.model_id, &o, fin, n_comp), NULL, NULL);
     else if (fin == SRV_FIN_CANCELLED)
-        rc = send_error(c, 503, NULL, "shutting_down", NULL, "%s", *msg ? msg : "the request was cancelled");
+        rc = send_error(c, 503, NULL, "shutting_down", NULL, NULL, "%s", *msg ? msg : "the request was cancelled");
     else
-        rc = send_error(c, 500, NULL, NULL, NULL, "%s", *msg ? msg : "the generation failed");
+        rc = send_error(c, 500, NULL, NULL, NULL, NULL, "%s", *msg ? msg : "the generation failed");
     if (h->p.verbose)
         fprintf(stderr, "tandem serve: %s prompt=%d generated=%d finish=%s %.0f ms\n", r->id, r->n_prompt, n_comp,
                 srv_finish_str(fin) ? srv_finish_str(fin) : "error", (srv_now() - r->t_submit) * 1e3);
@@ -287,32 +319,83 @@ static enum MHD_Result finish_blocking(srv_http *h, struct MHD_Connection *c, sr
     return rc;
 }
 
+static void parse_enter(srv_http *h)
+{
+    pthread_mutex_lock(&h->parse_mu);
+    while (h->n_parsing >= PARSE_MAX)
+        pthread_cond_wait(&h->parse_cv, &h->parse_mu);
+    h->n_parsing++;
+    pthread_mutex_unlock(&h->parse_mu);
+}
+
+static void parse_leave(srv_http *h)
+{
+    pthread_mutex_lock(&h->parse_mu);
+    h->n_parsing--;
+    pthread_cond_signal(&h->parse_cv);
+    pthread_mutex_unlock(&h->parse_mu);
+}
+
+/* The body is in and the request holds a place in the queue: parse, submit. */
 static enum MHD_Result handle_completion(srv_http *h, struct MHD_Connection *c, srv_conn *cc)
 {
-    if (atomic_load(&h->draining))
-        return send_error(c, 503, NULL, "shutting_down", NULL, "the server is shutting down");
     srv_error e;
+    parse_enter(h);
     srv_req *r = srv_parse_request(&h->pc, cc->route == R_CHAT ? SRV_CHAT : SRV_COMPLETION,
                                    cc->body.p ? cc->body.p : "", cc->body.n, &e);
+    parse_leave(h);
     srv_buf_free(&cc->body);
-    if (!r)
-        return send_error(c, e.status, e.param, e.code, NULL, "%s", e.message);
+    cc->reserved = 0; /* given back below, by srv_sched_submit or srv_sched_unreserve */
+    if (!r) {
+        srv_sched_unreserve(h->sc);
+        return send_error(c, e.status, e.param, e.code, NULL, NULL, "%s", e.message);
+    }
     r->refs = 1; /* this connection's */
-    int rc = srv_sched_submit(h->sc, r);
-    if (rc == SRV_SUBMIT_OK) {
-        cc->active = 1;
-        atomic_fetch_add(&h->active, 1);
-    }
-    if (rc == SRV_SUBMIT_FULL) {
+    if (srv_sched_submit(h->sc, r) != SRV_SUBMIT_OK) {
         srv_req_free(r);
-        return send_error(c, 429, NULL, "queue_full", NULL,
-                          "the server is busy: every sequence slot is taken and the queue is full; retry later");
+        return send_error(c, 503, NULL, "shutting_down", NULL, NULL, "the server is shutting down");
     }
-    if (rc == SRV_SUBMIT_CLOSED) {
-        srv_req_free(r);
-        return send_error(c, 503, NULL, "shutting_down", NULL, "the server is shutting down");
-    }
+    cc->active = 1;
+    atomic_fetch_add(&h->active, 1);
+    /* generation may take longer than the idle timeout between two tokens;
+     * a client that hangs up is noticed by client_gone instead */
+    MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
     return r->stream ? start_stream(h, c, r) : finish_blocking(h, c, r);
+}
+
+/* The answer to a request refused at admission, its body discarded. */
+static enum MHD_Result send_reject(srv_http *h, struct MHD_Connection *c, int why)
+{
+    switch (why) {
+    case REJ_AUTH:
+        return send_error(c, 401, NULL, "invalid_api_key", "WWW-Authenticate", "Bearer",
+                          "a valid API key is required: send the header 'Authorization: Bearer KEY'");
+    case REJ_LARGE:
+        return send_error(c, 413, NULL, "request_too_large", NULL, NULL, "the body has more than %zu bytes",
+                          h->p.max_body);
+    case REJ_FULL:
+        return send_error(c, 503, NULL, "queue_full", "Retry-After", "1",
+                          "the server is busy: every sequence slot is taken and the queue is full; retry later");
+    default:
+        return send_error(c, 503, NULL, "shutting_down", NULL, NULL, "the server is shutting down");
+    }
+}
+
+/* Constant-time in the key: every byte of the expected key is compared,
+ * whatever the header holds, so the time says nothing about how much of a
+ * guess was right. */
+static int key_ok(const char *want, const char *hdr)
+{
+    if (!hdr || strncasecmp(hdr, "Bearer ", 7) != 0)
+        return 0;
+    const char *got = hdr + 7;
+    while (*got == ' ')
+        got++;
+    size_t nw = strlen(want), ng = strlen(got);
+    volatile unsigned d = nw != ng;
+    for (size_t i = 0; i < nw; i++)
+        d |= (unsigned char)want[i] ^ (unsigned char)(i < ng ? got[i] : 0);
+    return d == 0;
 }
 
 /* ---- libmicrohttpd callbacks --------------------------------------------------- */
@@ -327,53 +410,74 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         const char *model = NULL;
         int route = match_route(url, &model);
         if (route == R_NONE)
-            return send_error(c, 404, NULL, "not_found", NULL, "Invalid URL (%.20s %.200s)", method, url);
+            return send_error(c, 404, NULL, "not_found", NULL, NULL, "Invalid URL (%.20s %.200s)", method, url);
         int post = route == R_CHAT || route == R_COMPLETION;
         int get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
         if (post ? strcmp(method, "POST") != 0 : !get)
-            return send_error(c, 405, NULL, "method_not_allowed", post ? "POST" : "GET, HEAD",
+            return send_error(c, 405, NULL, "method_not_allowed", "Allow", post ? "POST" : "GET, HEAD",
                               "%.20s is not allowed on %.200s (use %s)", method, url, post ? "POST" : "GET");
+        int authed = !h->p.api_key || route == R_HEALTH ||
+                     key_ok(h->p.api_key, MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization"));
         if (!post)
-            return get_route(h, c, route, model);
+            return authed ? get_route(h, c, route, model) : send_reject(h, c, REJ_AUTH);
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         /* far too large: answer now (the client may see the connection close
          * while it still sends); else read and discard, then answer 413 */
         if (cl && strtoull(cl, NULL, 10) / 16 > h->p.max_body)
-            return send_error(c, 413, NULL, "request_too_large", NULL, "the body has %.30s bytes, the limit is %zu",
-                              cl, h->p.max_body);
+            return send_error(c, 413, NULL, "request_too_large", NULL, NULL,
+                              "the body has %.30s bytes, the limit is %zu", cl, h->p.max_body);
         if (!(cc = calloc(1, sizeof *cc)))
             return MHD_NO;
         cc->route = route;
+        cc->t0 = srv_now();
         *con_cls = cc;
+        if (!authed)
+            cc->reject = REJ_AUTH;
+        else if (atomic_load(&h->draining))
+            cc->reject = REJ_CLOSED;
+        else if (cl && strtoull(cl, NULL, 10) > h->p.max_body)
+            cc->reject = REJ_LARGE;
+        else {
+            int rc = srv_sched_reserve(h->sc);
+            if (rc == SRV_SUBMIT_OK)
+                cc->reserved = 1;
+            else
+                cc->reject = rc == SRV_SUBMIT_FULL ? REJ_FULL : REJ_CLOSED;
+        }
         return MHD_YES;
     }
     if (*upload_size) {
+        /* a body that takes too long holds a connection thread: close it */
+        if (srv_now() - cc->t0 > 3.0 * h->p.timeout_s)
+            return MHD_NO;
         cc->seen += *upload_size;
-        if (!cc->too_large && cc->body.n + *upload_size > h->p.max_body) {
-            cc->too_large = 1;
+        if (!cc->reject && cc->body.n + *upload_size > h->p.max_body) {
+            cc->reject = REJ_LARGE;
             srv_buf_free(&cc->body);
         }
-        if (!cc->too_large && srv_buf_put(&cc->body, upload, *upload_size))
+        if (!cc->reject && srv_buf_put(&cc->body, upload, *upload_size))
             return MHD_NO;
         *upload_size = 0;
-        /* stop reading a body that will not end (it is discarded anyway) */
-        return cc->seen / 16 > h->p.max_body ? MHD_NO : MHD_YES;
+        return MHD_YES;
     }
-    if (cc->too_large)
-        return send_error(c, 413, NULL, "request_too_large", NULL, "the body has more than %zu bytes", h->p.max_body);
+    if (cc->reject)
+        return send_reject(h, c, cc->reject);
     return handle_completion(h, c, cc);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe)
 {
     srv_http *h = cls;
-    (void)c;
     (void)toe;
     srv_conn *cc = *con_cls;
     if (!cc)
         return;
     if (cc->active)
         atomic_fetch_sub(&h->active, 1);
+    if (cc->reserved)
+        srv_sched_unreserve(h->sc);
+    /* the connection may stay open for the next request: idle again */
+    MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, (unsigned)h->p.timeout_s);
     srv_buf_free(&cc->body);
     free(cc);
     *con_cls = NULL;
@@ -410,17 +514,21 @@ int srv_http_start(const srv_http_params *p, srv_sched *sc, const srv_parse_ctx 
     h->pc = *pc;
     h->p = *p;
     h->started = (long long)time(NULL);
+    pthread_mutex_init(&h->parse_mu, NULL);
+    pthread_cond_init(&h->parse_cv, NULL);
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL |
                      MHD_USE_ERROR_LOG | (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0);
     h->d = MHD_start_daemon(flags, (uint16_t)p->port, NULL, NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER,
                             on_mhd_log, h, MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_NOTIFY_COMPLETED,
                             on_completed, h, MHD_OPTION_CONNECTION_LIMIT, (unsigned)p->max_conns,
-                            MHD_OPTION_CONNECTION_TIMEOUT, 120u, MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
+                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)p->timeout_s, MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
                             MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!h->d) {
         snprintf(err, errlen, "cannot listen on %s port %d (in use, or not an address of this machine?)", p->host,
                  p->port);
+        pthread_mutex_destroy(&h->parse_mu);
+        pthread_cond_destroy(&h->parse_cv);
         free(h);
         return TANDEM_EIO;
     }
@@ -439,5 +547,7 @@ void srv_http_stop(srv_http *h)
     if (!h)
         return;
     MHD_stop_daemon(h->d);
+    pthread_mutex_destroy(&h->parse_mu);
+    pthread_cond_destroy(&h->parse_cv);
     free(h);
 }

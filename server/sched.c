@@ -44,6 +44,7 @@ struct srv_sched {
     int q_head, q_len, queue_cap;
     srv_req **slot;       /* [n_seq] the request holding each KV slot */
     int n_running, closed, quit, joined;
+    int n_reserved;       /* places promised by srv_sched_reserve, not yet submitted */
     pthread_t th;
     long long n_requests, n_tokens, n_steps;
 
@@ -506,15 +507,36 @@ void srv_sched_free(srv_sched *s)
     free(s);
 }
 
-int srv_sched_submit(srv_sched *s, srv_req *r)
+/* A place is free when the waiting requests, those about to wait (reserved)
+ * and this one fit in the free slots plus queue_max. */
+int srv_sched_reserve(srv_sched *s)
 {
     pthread_mutex_lock(&s->mu);
     int rc = SRV_SUBMIT_OK;
     int free_slots = s->p.n_seq - s->n_running;
     if (s->closed)
         rc = SRV_SUBMIT_CLOSED;
-    else if (s->q_len - free_slots >= s->p.queue_max || s->q_len == s->queue_cap)
+    else if (s->q_len + s->n_reserved - free_slots >= s->p.queue_max ||
+             s->q_len + s->n_reserved >= s->queue_cap)
         rc = SRV_SUBMIT_FULL;
+    else
+        s->n_reserved++;
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+}
+
+void srv_sched_unreserve(srv_sched *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->n_reserved--;
+    pthread_mutex_unlock(&s->mu);
+}
+
+int srv_sched_submit(srv_sched *s, srv_req *r)
+{
+    pthread_mutex_lock(&s->mu);
+    int rc = s->closed ? SRV_SUBMIT_CLOSED : SRV_SUBMIT_OK;
+    s->n_reserved--; /* the place reserved for r: the queue has room for it */
     if (rc == SRV_SUBMIT_OK) {
         s->queue[(s->q_head + s->q_len) % s->queue_cap] = r;
         s->q_len++;

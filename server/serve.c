@@ -37,13 +37,19 @@ static const char *usage =
     "  --port N                 TCP port (default 8080; 0 = any free port, printed at start)\n"
     "  --max-seqs N             sequences decoded together, one KV slot each (default 16)\n"
     "  -c, --ctx N              tokens per sequence (default min(model, 4096))\n"
-    "  --queue N                requests waiting for a slot before 429 (default 64)\n"
+    "  --queue N                requests waiting for a slot; beyond, 503 with Retry-After\n"
+    "                           (default 64)\n"
     "  --prefill-chunk N        prompt tokens per step, so long prompts do not stall\n"
     "                           running streams (default 256)\n"
     "  --alias NAME             model name clients use (default the directory's name)\n"
     "  --tokenizer DIR          tokenizer from another directory (e.g. for --dummy-weights)\n"
     "  --max-body BYTES         largest request body (default 8388608)\n"
     "  --max-conns N            open connections at most (default 512)\n"
+    "  --timeout S              close a connection idle this long, before its request or\n"
+    "                           between requests; a body must arrive within 3 S (default 10)\n"
+    "  --api-key KEY            require 'Authorization: Bearer KEY' on every route but\n"
+    "                           /health (401 otherwise); default: the environment variable\n"
+    "                           TANDEM_API_KEY, else none\n"
     "  --drain-timeout S        on SIGINT/SIGTERM, let requests finish this long (default 30);\n"
     "                           a second signal cancels them at once\n"
     "  -t, --threads N          CPU threads (default: all cores)\n"
@@ -56,8 +62,8 @@ static const char *usage =
     "  -v                       log each request\n";
 
 typedef struct {
-    const char *model, *host, *alias, *tokenizer;
-    int port, max_seqs, ctx, queue, prefill_chunk, max_conns, drain_timeout, threads, verbose, dummy;
+    const char *model, *host, *alias, *tokenizer, *api_key;
+    int port, max_seqs, ctx, queue, prefill_chunk, max_conns, timeout, drain_timeout, threads, verbose, dummy;
     long long max_body;
     tandem_engine_params ep;
 } serve_opts;
@@ -96,6 +102,9 @@ static int parse(int argc, char **argv, serve_opts *o)
     o->prefill_chunk = 256;
     o->max_conns = 512;
     o->drain_timeout = 30;
+    o->timeout = 10;
+    /* the environment is read here, at the edge; --api-key overrides it */
+    o->api_key = getenv("TANDEM_API_KEY");
     o->max_body = 8 << 20;
     tandem_engine_params_default(&o->ep);
     for (int i = 2; i < argc; i++) {
@@ -149,6 +158,10 @@ static int parse(int argc, char **argv, serve_opts *o)
             rc = parse_int(name, v, 1, 1 << 16, &o->prefill_chunk);
         else if (!strcmp(name, "--max-conns"))
             rc = parse_int(name, v, 4, 1 << 16, &o->max_conns);
+        else if (!strcmp(name, "--timeout"))
+            rc = parse_int(name, v, 1, 3600, &o->timeout);
+        else if (!strcmp(name, "--api-key"))
+            o->api_key = v;
         else if (!strcmp(name, "--drain-timeout"))
             rc = parse_int(name, v, 0, 1 << 20, &o->drain_timeout);
         else if (!strcmp(name, "--max-body"))
@@ -194,6 +207,19 @@ static int parse(int argc, char **argv, serve_opts *o)
         (void)ll;
         if (rc)
             return -1;
+    }
+    if ((o->ep.gpu_experts > 0 || o->ep.expert_counts) && o->ep.gpu == 0) {
+        fprintf(stderr, "tandem: %s places experts on the GPU, but --cpu-only is set\n",
+                o->ep.gpu_experts > 0 ? "--gpu-experts" : "--expert-counts");
+        return -1;
+    }
+    if (o->ep.expert_counts && access(o->ep.expert_counts, R_OK) != 0) {
+        fprintf(stderr, "tandem: --expert-counts %s: %s\n", o->ep.expert_counts, strerror(errno));
+        return -1;
+    }
+    if (o->api_key && !*o->api_key) {
+        fprintf(stderr, "tandem: the API key (--api-key or TANDEM_API_KEY) is empty; set a key or unset it\n");
+        return -1;
     }
     return 0;
 }
@@ -281,6 +307,11 @@ int cmd_serve(int argc, char **argv)
     }
     tandem_model_info in;
     tandem_engine_info(e, &in);
+    if (!in.gpu && (o.ep.gpu_experts > 0 || o.ep.expert_counts)) {
+        fprintf(stderr, "tandem: %s places experts on the GPU, but this run has no GPU\n",
+                o.ep.gpu_experts > 0 ? "--gpu-experts" : "--expert-counts");
+        goto done;
+    }
     int ctx = o.ctx ? o.ctx : (in.max_ctx > 0 && in.max_ctx < 4096 ? in.max_ctx : 4096);
     srv_sched_params sp = { o.max_seqs, ctx, o.queue, o.prefill_chunk };
     if (srv_sched_start(e, tok, &sp, &sc, err, sizeof err)) {
@@ -290,15 +321,17 @@ int cmd_serve(int argc, char **argv)
     }
     model_name(&o, name, sizeof name);
     srv_parse_ctx pc = { tok, name, o.model, ctx, tandem_n_vocab(e), tandem_token_id(tok, "<think>") >= 0 };
-    srv_http_params hp = { o.host, o.port, (size_t)o.max_body, o.verbose, o.max_conns };
+    srv_http_params hp = { o.host, o.port, (size_t)o.max_body, o.verbose, o.max_conns, o.timeout, o.api_key };
     if (srv_http_start(&hp, sc, &pc, &h, &port, err, sizeof err)) {
         fprintf(stderr, "tandem: %s\n", err);
         goto done;
     }
     fprintf(stderr,
             "tandem serve: model %s (%s, %s kernels), %d sequences x %d tokens (KV cache %.1f MB), queue %d\n"
+            "tandem serve: %s\n"
             "tandem serve: listening on http://%s%s%s:%d\n",
             name, in.arch, in.isa, o.max_seqs, ctx, (double)in.kv_bytes_per_token * ctx * o.max_seqs / 1e6, o.queue,
+            o.api_key ? "API key required (Authorization: Bearer), /health open" : "no API key (--api-key)",
             strchr(o.host, ':') ? "[" : "", o.host, strchr(o.host, ':') ? "]" : "", port);
     fflush(stderr);
     wait_for_shutdown(&set, h, sc, o.drain_timeout);

@@ -165,7 +165,14 @@ void srv_sched_stop(srv_sched *s);
 void srv_sched_free(srv_sched *s);
 
 enum { SRV_SUBMIT_OK = 0, SRV_SUBMIT_FULL = 1, SRV_SUBMIT_CLOSED = 2 };
-/* Queue r (the scheduler takes one reference; the caller keeps its own). */
+/* Admission, before any parsing work: promise a place in the queue to a
+ * request whose body is still to be read and parsed. SRV_SUBMIT_OK (a place
+ * is held until srv_sched_submit or srv_sched_unreserve), FULL or CLOSED. */
+int srv_sched_reserve(srv_sched *s);
+void srv_sched_unreserve(srv_sched *s);
+/* Queue r in the place reserved for it (the scheduler takes one reference;
+ * the caller keeps its own). SRV_SUBMIT_OK or CLOSED; the place is given
+ * back either way. */
 int srv_sched_submit(srv_sched *s, srv_req *r);
 /* The client is gone: drop r from the queue or free its slot at the next step. */
 void srv_sched_cancel(srv_sched *s, srv_req *r);
@@ -233,6 +240,8 @@ typedef struct {
     size_t max_body;
     int verbose;
     int max_conns;
+    int timeout_s;          /* a connection idle this long, or a body taking longer to arrive, is closed */
+    const char *api_key;    /* NULL: no authentication */
 } srv_http_params;
 
 int srv_http_start(const srv_http_params *p, srv_sched *sc, const srv_parse_ctx *pc, srv_http **out, int *port,

@@ -12,7 +12,12 @@ Sections (each prints "ok ..." / "FAIL ..." lines and exits 1 on any failure):
   hostile      200 malformed or hostile requests all get a 4xx; still healthy
   drop         clients that hang up mid-stream or while waiting leave no
                sequence behind (/health running and queued return to 0)
-  queue        a full queue answers 429 in the OpenAI error format
+  queue        a full queue answers 503 with Retry-After in the OpenAI error format,
+               before the body is parsed (malformed JSON gets 503 too while full)
+  limits       a 200 MB chunked body gets 413; 600 idle connections do not keep
+               /health from answering for long
+  auth         (server started with an API key KEY) 401 without it or with a
+               wrong one, /health open, 200 with it
   reasoning    a template that opens <think> puts the reply in reasoning_content
 Only the standard library is needed, except for the openai section.
 """
@@ -42,8 +47,8 @@ class Base:
     def conn(self, timeout=120):
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
-    def request(self, method, path, body=None, headers=None, timeout=120):
-        """-> (status, parsed JSON or raw bytes)"""
+    def request(self, method, path, body=None, headers=None, timeout=120, want_headers=False):
+        """-> (status, parsed JSON or raw bytes[, response headers])"""
         c = self.conn(timeout)
         try:
             if isinstance(body, (dict, list)):
@@ -56,9 +61,10 @@ class Base:
             r = c.getresponse()
             data = r.read()
             try:
-                return r.status, json.loads(data)
+                data = json.loads(data)
             except ValueError:
-                return r.status, data
+                pass
+            return (r.status, data, dict(r.getheaders())) if want_headers else (r.status, data)
         finally:
             c.close()
 
@@ -406,23 +412,100 @@ def sec_drop(base, args):
 
 
 def sec_queue(base, args):
-    """Server started with --max-seqs 1 --queue 1: of 6 concurrent long requests some get 429."""
+    """Server started with --max-seqs 1 --queue 1: of 6 concurrent long requests some get 503."""
     res = []
+    long_req = {"prompt": "Package: vim\n", "max_tokens": 400, "ignore_eos": True}
 
     def one():
-        res.append(base.post("/v1/completions", {"prompt": "Package: vim\n", "max_tokens": 400, "ignore_eos": True}))
+        res.append(base.post("/v1/completions", long_req, want_headers=True))
 
     ts = [threading.Thread(target=one) for _ in range(6)]
     for t in ts:
         t.start()
+    # while one runs and one waits, admission refuses before parsing: even a
+    # malformed body gets 503, not the 400 its parse would give
+    t0, h = time.time(), base.health()
+    while not (h["running"] == 1 and h["queued"] == 1) and time.time() - t0 < 30:
+        time.sleep(0.02)
+        h = base.health()
+    st, body = base.post("/v1/completions", "{not json")
+    check(st == 503 and is_openai_error(body) and body["error"]["code"] == "queue_full",
+          "queue: full -> 503 before the body is parsed (malformed JSON got %d %s)" % (st, str(body)[:100]))
     for t in ts:
         t.join()
-    codes = sorted(st for st, _ in res)
-    full = [b for st, b in res if st == 429]
+    codes = sorted(st for st, _, _ in res)
+    full = [(b, hd) for st, b, hd in res if st == 503]
     check(codes.count(200) >= 2 and len(full) >= 1 and codes.count(200) + len(full) == 6,
           "queue: 1 slot + 1 queued: %s" % codes)
-    check(all(is_openai_error(b) and b["error"]["type"] == "rate_limit_error" for b in full),
-          "queue: 429 bodies are OpenAI errors")
+    check(all(is_openai_error(b) and b["error"]["type"] == "server_error" and b["error"]["code"] == "queue_full"
+              for b, _ in full), "queue: 503 bodies are OpenAI errors (server_error, queue_full)")
+    check(all(hd.get("Retry-After", "").isdigit() for _, hd in full), "queue: 503 carries Retry-After")
+
+
+def sec_limits(base, args):
+    # 200 MB chunked: read and discarded, then 413 (not a closed connection)
+    chunk = b"a" * (1 << 20)
+
+    def body():
+        yield b'{"prompt": "'
+        for _ in range(200):
+            yield chunk
+        yield b'"}'
+
+    try:
+        st, r = base.post("/v1/completions", body(), timeout=60)
+    except Exception as e:  # a reset or a closed connection is the failure tested here
+        st, r = 0, repr(e)
+    check(st == 413 and is_openai_error(r) and r["error"]["code"] == "request_too_large",
+          "limits: a 200 MB chunked body -> 413 (%s %s)" % (st, str(r)[:100]))
+
+    # 600 idle connections (more than --max-conns): /health must answer soon,
+    # within the idle timeout, not after the minutes they could hold
+    idle = []
+    try:
+        for _ in range(600):
+            try:
+                idle.append(socket.create_connection((base.host, base.port), timeout=5))
+            except OSError:
+                break
+        t0, ok = time.time(), False
+        while not ok and time.time() - t0 < 30:
+            try:
+                ok = base.request("GET", "/health", timeout=30)[0] == 200
+            except OSError:
+                time.sleep(0.2)
+        secs = time.time() - t0
+    finally:
+        for s in idle:
+            s.close()
+    check(ok and secs < 25, "limits: /health answers %.1f s after %d idle connections were opened" %
+          (secs, len(idle)))
+    st, _ = base.post("/v1/completions", {"prompt": "Package: vim\n", "max_tokens": 4, "temperature": 0})
+    check(st == 200, "limits: the server still answers")
+
+
+def sec_auth(base, args):
+    key = args.get("key", "")
+    auth = {"Authorization": "Bearer " + key}
+    ok_body = {"prompt": "Package: vim\n", "max_tokens": 4, "temperature": 0}
+    st, b, hd = base.post("/v1/completions", ok_body, want_headers=True)
+    check(st == 401 and is_openai_error(b) and b["error"]["code"] == "invalid_api_key" and
+          hd.get("WWW-Authenticate") == "Bearer", "auth: no key -> 401 with WWW-Authenticate (%d)" % st)
+    for bad in ["Bearer " + key[:-1], "Bearer " + key + "x", "Bearer", "Basic " + key, key, "Bearer x" + key[1:]]:
+        st, b = base.post("/v1/completions", ok_body, headers={"Authorization": bad})
+        check(st == 401 and is_openai_error(b), "auth: %r -> 401 (%d)" % (bad[:12] + "...", st))
+    st, b = base.post("/v1/completions", "{bad json", headers={"Authorization": "Bearer nope"})
+    check(st == 401, "auth: refused before the body is parsed (%d)" % st)
+    st, _ = base.request("GET", "/v1/models")
+    check(st == 401, "auth: GET /v1/models without the key -> 401 (%d)" % st)
+    st, h = base.request("GET", "/health")
+    check(st == 200 and h["status"] == "ok", "auth: /health is open (%d)" % st)
+    st, _ = base.request("GET", "/v1/models", headers=auth)
+    check(st == 200, "auth: GET /v1/models with the key (%d)" % st)
+    st, b = base.post("/v1/completions", ok_body, headers=auth)
+    check(st == 200 and b["choices"][0]["text"] is not None, "auth: a completion with the key -> 200 (%d)" % st)
+    st, b = base.post("/v1/completions", ok_body, headers={"Authorization": "bearer  " + key})
+    check(st == 200, "auth: the scheme is case-insensitive (%d)" % st)
 
 
 def sec_reasoning(base, args):
@@ -447,6 +530,8 @@ def main():
     for a in sys.argv[3:]:
         if a.startswith("--tag="):
             args["tag"] = a[6:] + ": "
+        if a.startswith("--key="):
+            args["key"] = a[6:]
     globals()["sec_" + section](base, args)
     sys.exit(1 if FAILS else 0)
 
