@@ -36,6 +36,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         bpe_decode(t, ids, n, 1, out, sizeof out, &len);
         bpe_stream *s = NULL;
         if (bpe_stream_create(t, 0, &s) == 0) {
+            bpe_stream_flush(s, out, sizeof out); /* nothing queued yet (a crash once: NULL + 0) */
             for (int i = 0; i < n; i++)
                 bpe_stream_push(s, ids[i], out, sizeof out);
             while (bpe_stream_flush(s, out, sizeof out) > 0)

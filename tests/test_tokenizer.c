@@ -480,6 +480,26 @@ static void check_threads(void)
     bpe_free(t);
 }
 
+/* Found by fuzz/tokenizer: a stream asked for text before any was queued (a flush first, or
+ * an unknown id pushed first) computed NULL + 0, undefined behaviour (UBSan in the fuzz build). */
+static void check_stream_empty(void)
+{
+    char err[256], out[16];
+    bpe *t;
+    bpe_stream *s;
+    if (bpe_load(&t, FIXDIR "qwen2.tokenizer.json", err, sizeof err)) {
+        CHECKF(0, "load: %s", err);
+        return;
+    }
+    CHECK(bpe_stream_create(t, 1, &s) == 0);
+    CHECK(bpe_stream_flush(s, out, sizeof out) == 0);
+    CHECK(bpe_stream_push(s, -1, out, sizeof out) == 0);
+    CHECK(bpe_stream_push(s, bpe_n_vocab(t) + 5, out, sizeof out) == 0);
+    CHECK(bpe_stream_flush(s, out, sizeof out) == 0);
+    bpe_stream_free(s);
+    bpe_free(t);
+}
+
 TEST_GROUP(tokenizer)
 {
     for (size_t f = 0; f < sizeof FAMILIES / sizeof FAMILIES[0]; f++)
@@ -487,6 +507,7 @@ TEST_GROUP(tokenizer)
     check_lookups();
     check_errors();
     check_fuzz();
+    check_stream_empty();
     check_threads();
     bench_1mb();
     bench_pathological();

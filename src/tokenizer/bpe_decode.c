@@ -392,6 +392,10 @@ void bpe_stream_free(bpe_stream *s)
 static int deliver(bpe_stream *s, char *out, size_t cap)
 {
     size_t avail = s->ready.n - s->ready_off, k = avail < cap ? avail : cap;
+    if (!avail) { /* nothing queued yet: ready.p may be NULL, and NULL + 0 is undefined */
+        s->ready.n = s->ready_off = 0;
+        return 0;
+    }
     if (k > INT_MAX)
         k = INT_MAX;
     const char *p = s->ready.p + s->ready_off;
