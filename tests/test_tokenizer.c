@@ -500,6 +500,27 @@ static void check_stream_empty(void)
     bpe_free(t);
 }
 
+/* Found by fuzz/tokenizer: a first word that gives no ids (characters outside the vocabulary,
+ * no unk token, no byte fallback) was cached from NULL + 0, undefined behaviour. */
+static void check_word_without_ids(void)
+{
+    static const char js[] =
+        "{\"added_tokens\":[],\"normalizer\":null,\"pre_tokenizer\":null,\"post_processor\":null,"
+        "\"decoder\":null,\"model\":{\"type\":\"BPE\",\"dropout\":null,\"unk_token\":null,"
+        "\"fuse_unk\":false,\"byte_fallback\":false,\"vocab\":{\"a\":0},\"merges\":[]}}";
+    char err[256];
+    bpe *t;
+    if (bpe_load_from_string(&t, js, strlen(js), "no-unk", err, sizeof err)) {
+        CHECKF(0, "load: %s", err);
+        return;
+    }
+    int32_t ids[8];
+    int n = -1;
+    CHECK(bpe_encode(t, "z", 1, 0, ids, 8, &n, err, sizeof err) == 0 && n == 0);
+    CHECK(bpe_encode(t, "za", 2, 0, ids, 8, &n, err, sizeof err) == 0 && n == 1 && ids[0] == 0);
+    bpe_free(t);
+}
+
 TEST_GROUP(tokenizer)
 {
     for (size_t f = 0; f < sizeof FAMILIES / sizeof FAMILIES[0]; f++)
@@ -508,6 +529,7 @@ TEST_GROUP(tokenizer)
     check_errors();
     check_fuzz();
     check_stream_empty();
+    check_word_without_ids();
     check_threads();
     bench_1mb();
     bench_pathological();

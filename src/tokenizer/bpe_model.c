@@ -528,7 +528,8 @@ int bpe_model_word(const bpe *t, bpe_work *w, const char *s, size_t len, int32_t
     }
     size_t n0 = *n;
     int rc = merge_word(t, w, s, len, ids, n, cap);
-    if (!rc && w->n_cids < UINT32_MAX / 2 && cache_put(w, s, len, *ids + n0, *n - n0))
+    /* a word of unknown characters without an unk token adds no ids: *ids may still be NULL */
+    if (!rc && w->n_cids < UINT32_MAX / 2 && cache_put(w, s, len, *ids ? *ids + n0 : NULL, *n - n0))
         rc = TANDEM_ENOMEM;
     return rc;
 }
