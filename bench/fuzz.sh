@@ -11,6 +11,7 @@
 # most (-rss_limit_mb; the parsers need tens of MB, and two of these fit the
 # 24 GB machine next to anything else). One line per target:
 #   bench=fuzz target=NAME seconds=S execs=N crashes=N
+# (S: the seconds it ran, less than SECONDS when it stopped at a crash)
 # A crash, leak, timeout or out-of-memory input stops that target; its file is
 # kept as build-fuzz/crashes/TARGET-crash-<sha1> (replay it with
 # build-fuzz/fuzz/TARGET FILE) and the script exits 1 after the other targets.
@@ -36,17 +37,18 @@ mkdir -p build-fuzz/crashes build-fuzz/logs
 for t in $targets; do
     work=build-fuzz/corpus/$t log=build-fuzz/logs/$t.log
     mkdir -p "$work"
-    before=$(ls build-fuzz/crashes | grep -c "^$t-" || true)
+    before=$(ls build-fuzz/crashes | grep -c "^$t-" || true) start=$(date +%s)
     build-fuzz/fuzz/"$t" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         -artifact_prefix=build-fuzz/crashes/"$t"- "$work" fuzz/corpus/"$t" >"$log" 2>&1
     rc=$?
+    ran=$(($(date +%s) - start)) # what it ran: less than SECONDS when it stopped at a crash
     after=$(ls build-fuzz/crashes | grep -c "^$t-" || true)
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
     # a crashed run prints no final stats: take its last status line ("#N ...")
     [ -n "$execs" ] || execs=$(grep -oE '^#[0-9]+' "$log" | tail -n 1 | tr -d '#')
     crashes=$((after - before))
     [ $rc -ne 0 ] && [ $crashes -eq 0 ] && crashes=1 # died without an artifact (e.g. a trap in init)
-    echo "bench=fuzz target=$t seconds=$secs execs=${execs:-0} crashes=$crashes"
+    echo "bench=fuzz target=$t seconds=$ran execs=${execs:-0} crashes=$crashes"
     if [ $crashes -ne 0 ]; then
         failed=1
         grep -m 3 -E 'ERROR: |runtime error|SUMMARY' "$log" | sed 's/^/  /'
