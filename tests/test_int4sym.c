@@ -40,15 +40,9 @@
 
 static uint64_t rng = 0x243f6a8885a308d3ull;
 
-static uint64_t rnd(void)
-{
-    uint64_t z = (rng += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
+static uint64_t rnd(void) { return test_rng(&rng); }
 
-static double unif(void) { return (double)(rnd() >> 11) / 9007199254740992.0; }
+static double unif(void) { return test_unif(&rng); }
 
 /* ---- compressed-tensors packing, as pack_to_int32 lays it out -------------- */
 

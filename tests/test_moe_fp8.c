@@ -38,21 +38,11 @@
 
 static uint64_t rng_state = 0x6a09e667f3bcc909ull;
 
-static uint64_t rng_next(void)
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
+static uint64_t rng_next(void) { return test_rng(&rng_state); }
 
-static double rng_unif(void) { return (double)(rng_next() >> 11) / 9007199254740992.0; }
+static double rng_unif(void) { return test_unif(&rng_state); }
 
-static double rng_gauss(void)
-{
-    double u = rng_unif(), v = rng_unif();
-    return sqrt(-2.0 * log(u + 1e-300)) * cos(6.283185307179586 * v);
-}
+static double rng_gauss(void) { return test_gauss(&rng_state); }
 
 /* a random E4M3 byte, never NaN (0x7f / 0xff) */
 static uint8_t rand_e4m3(void)

@@ -150,5 +150,12 @@ int engine_open(const char *path, const tandem_engine_params *p, int with_expert
                 size_t errlen);
 void engine_free_weights(tandem_engine *e);
 int forward_batch(tandem_session *s, const tandem_batch *b, char *err, size_t errlen);
+/* Row widths of a session's per-token scratch (session.c; the memory plan
+ * sizes the same buffers from them): q, the K/V (or MLA latent) rows, the
+ * attention output, and the widest MLP. */
+typedef struct {
+    int64_t q, kv, att, ff;
+} session_dims;
+void session_dims_of(const model_desc *d, session_dims *out);
 
 #endif

@@ -320,17 +320,9 @@ static void compose_engine(tandem_plan *p, const model_desc *d, const wscan *w, 
 static void session_scratch(const model_desc *d, const plan_opts *o, int n_out, int64_t out[3])
 {
     const int64_t B = o->n_batch, D = d->d_model, E = d->n_expert, K = d->n_expert_used, Fe = d->d_ff_expert;
-    int64_t qdim, kvdim, attdim;
-    if (d->attn == ATTN_GQA) {
-        qdim = (int64_t)d->n_head * d->head_dim;
-        kvdim = 2 * (int64_t)d->n_kv_head * d->head_dim;
-        attdim = qdim;
-    } else {
-        qdim = (int64_t)d->n_head * (d->qk_nope_dim + d->qk_rope_dim);
-        kvdim = d->kv_lora_rank + d->qk_rope_dim + d->q_lora_rank;
-        attdim = (int64_t)d->n_head * d->v_head_dim;
-    }
-    const int64_t ff = max64(max64(d->d_ff, d->d_ff_shared), Fe);
+    session_dims dm;
+    session_dims_of(d, &dm);
+    const int64_t qdim = dm.q, kvdim = dm.kv, attdim = dm.att, ff = dm.ff;
     const int64_t sizes[] = { B * D, B * D, B * qdim, B * kvdim, B * attdim, B * ff, B * ff, B * D,
                               B * max64(d->rope_dim, 2), B, B, B * K, B * K, B * E, 3 * E, E, E * B, E * B,
                               B * D, B * Fe, B * Fe, B * D, D };

@@ -47,6 +47,20 @@ void tandem_session_free(tandem_session *s)
     free(s);
 }
 
+void session_dims_of(const model_desc *d, session_dims *out)
+{
+    if (d->attn == ATTN_GQA) {
+        out->q = (int64_t)d->n_head * d->head_dim;
+        out->kv = 2 * (int64_t)d->n_kv_head * d->head_dim;
+        out->att = out->q;
+    } else {
+        out->q = (int64_t)d->n_head * (d->qk_nope_dim + d->qk_rope_dim);
+        out->kv = d->kv_lora_rank + d->qk_rope_dim + d->q_lora_rank;
+        out->att = (int64_t)d->n_head * d->v_head_dim;
+    }
+    out->ff = max64(max64(d->d_ff, d->d_ff_shared), d->d_ff_expert);
+}
+
 int tandem_session_create(tandem_engine *e, const tandem_session_params *p, tandem_session **out, char *err,
                           size_t errlen)
 {
@@ -84,17 +98,9 @@ int tandem_session_create(tandem_engine *e, const tandem_session_params *p, tand
     s->n_batch = p->n_batch;
     s->n_outputs = n_out;
     const int64_t B = p->n_batch, D = d->d_model, E = d->n_expert, K = d->n_expert_used;
-    int64_t qdim, kvdim = 0, attdim;
-    if (d->attn == ATTN_GQA) {
-        qdim = (int64_t)d->n_head * d->head_dim;
-        kvdim = 2 * (int64_t)d->n_kv_head * d->head_dim;
-        attdim = qdim;
-    } else {
-        qdim = (int64_t)d->n_head * (d->qk_nope_dim + d->qk_rope_dim);
-        kvdim = d->kv_lora_rank + d->qk_rope_dim + d->q_lora_rank;
-        attdim = (int64_t)d->n_head * d->v_head_dim;
-    }
-    int64_t ff = max64(max64(d->d_ff, d->d_ff_shared), d->d_ff_expert);
+    session_dims dm;
+    session_dims_of(d, &dm);
+    const int64_t qdim = dm.q, kvdim = dm.kv, attdim = dm.att, ff = dm.ff;
     int threads = pool_size(e->pool);
     s->attn_scratch_stride = attn_scratch_floats(n_ctx, d->attn == ATTN_MLA ? d->kv_lora_rank : 0,
                                                  d->attn == ATTN_GQA ? d->head_dim : 0);
