@@ -38,9 +38,11 @@ for t in $targets; do
     work=build-fuzz/corpus/$t log=build-fuzz/logs/$t.log
     mkdir -p "$work"
     before=$(ls build-fuzz/crashes | grep -c "^$t-" || true) start=$(date +%s)
-    build-fuzz/fuzz/"$t" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-        -artifact_prefix=build-fuzz/crashes/"$t"- "$work" fuzz/corpus/"$t" >"$log" 2>&1
+    TIMEFORMAT='%U %S'
+    { time build-fuzz/fuzz/"$t" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+        -artifact_prefix=build-fuzz/crashes/"$t"- "$work" fuzz/corpus/"$t" >"$log" 2>&1; } 2>"$log.cpu"
     rc=$?
+    cpu=$(awk '{printf "%.0f", $1 + $2}' "$log.cpu")
     ran=$(($(date +%s) - start)) # what it ran: less than SECONDS when it stopped at a crash
     after=$(ls build-fuzz/crashes | grep -c "^$t-" || true)
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
@@ -48,7 +50,7 @@ for t in $targets; do
     [ -n "$execs" ] || execs=$(grep -oE '^#[0-9]+' "$log" | tail -n 1 | tr -d '#')
     crashes=$((after - before))
     [ $rc -ne 0 ] && [ $crashes -eq 0 ] && crashes=1 # died without an artifact (e.g. a trap in init)
-    echo "bench=fuzz target=$t seconds=$ran execs=${execs:-0} crashes=$crashes"
+    echo "bench=fuzz target=$t seconds=$ran cpu_s=$cpu execs=${execs:-0} crashes=$crashes"
     if [ $crashes -ne 0 ]; then
         failed=1
         grep -m 3 -E 'ERROR: |runtime error|SUMMARY' "$log" | sed 's/^/  /'
