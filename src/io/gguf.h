@@ -71,7 +71,7 @@ typedef enum {
     GGUF_T_I64 = 27,
     GGUF_T_F64 = 28,
     GGUF_T_BF16 = 30,
-    GGUF_T_COUNT = 40 /* bound for tables indexed by type */
+    GGUF_T_COUNT = 48 /* bound for tables indexed by type */
 } gguf_ttype;
 
 /* One metadata pair. Scalars: u (unsigned), i (signed), f (float) hold the
@@ -190,8 +190,8 @@ size_t gguf_row_bytes(int type, int64_t n);
 
 /* ---- reading values (gguf_quant.c) ------------------------------------ */
 
-/* 1 when gguf_dequant() reads this type: F32, F16, BF16, Q8_0, Q4_0, Q4_1,
- * Q4_K, Q5_K, Q6_K, IQ4_XS. */
+/* 1 when gguf_dequant() reads this type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+ * Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS. */
 int gguf_type_readable(int type);
 /* Dequantise n elements (a multiple of the block size) at src into dst[n],
  * exactly as ggml's reference dequantisation computes them (float
