@@ -30,11 +30,13 @@
  * Limits: bodies over max_body (by Content-Length or as they arrive, chunked
  * too) get 413 after being read and discarded; a Content-Length past
  * 16 x max_body is answered at once. Connections beyond max_conns are
- * refused by libmicrohttpd. A connection idle for timeout_s (before its
- * headers, or between keep-alive requests) is closed, and a body must
- * arrive within 3 x timeout_s, so idle or slow clients free their
- * connection soon; a request being generated has no timeout (its client is
- * watched for hang-ups instead).
+ * refused by libmicrohttpd. A connection idle for timeout_s is closed; one
+ * whose headers (or next keep-alive request) have not all arrived within
+ * timeout_s in all is closed too, however slowly it trickles bytes, and with
+ * more than 3/4 of max_conns open a waiting connection gets about a second
+ * (conns.c); a body must arrive within 3 x timeout_s. So idle or slow
+ * clients free their connection soon; a request being generated has no
+ * timeout (its client is watched for hang-ups instead).
  */
 #include "server.h"
 
@@ -62,6 +64,7 @@ struct srv_http {
     pthread_mutex_t parse_mu;
     pthread_cond_t parse_cv;
     int n_parsing; /* requests in srv_parse_request now, at most PARSE_MAX */
+    srv_conns *conns;
 };
 
 /* Parses at once: each may take a Jinja arena and a tokenisation of up to
@@ -181,12 +184,17 @@ static enum MHD_Result get_route(srv_http *h, struct MHD_Connection *c, int rout
     if (route == R_HEALTH) {
         srv_stats st;
         srv_sched_stats(h->sc, &st);
+        int open;
+        long cut_header, cut_pressure;
+        srv_conns_counts(h->conns, &open, &cut_header, &cut_pressure);
         int draining = atomic_load(&h->draining) || st.closed;
         status = draining ? 503 : 200;
-        v = json_pack("{s:s,s:i,s:i,s:i,s:i,s:i,s:I,s:I,s:I}", "status", draining ? "draining" : "ok", "running",
-                      st.running, "queued", st.queued, "max_seqs", st.n_seq, "queue_max", st.queue_max, "ctx",
-                      st.n_ctx, "requests", (json_int_t)st.requests, "tokens_generated",
-                      (json_int_t)st.tokens_generated, "steps", (json_int_t)st.steps);
+        v = json_pack("{s:s,s:i,s:i,s:i,s:i,s:i,s:I,s:I,s:I,s:i,s:I,s:I}", "status", draining ? "draining" : "ok",
+                      "running", st.running, "queued", st.queued, "max_seqs", st.n_seq, "queue_max", st.queue_max,
+                      "ctx", st.n_ctx, "requests", (json_int_t)st.requests, "tokens_generated",
+                      (json_int_t)st.tokens_generated, "steps", (json_int_t)st.steps, "connections", open,
+                      "closed_slow_headers", (json_int_t)cut_header, "closed_idle_under_load",
+                      (json_int_t)cut_pressure);
     } else if (route == R_MODELS) {
         v = json_pack("{s:s,s:[o]}", "object", "list", "data", model_obj(h));
     } else {
@@ -407,6 +415,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     srv_conn *cc = *con_cls;
     (void)version;
     if (!cc) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+        if (ci)
+            srv_conns_request(h->conns, ci->socket_context, 1);
         const char *model = NULL;
         int route = match_route(url, &model);
         if (route == R_NONE)
@@ -469,6 +480,9 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
 {
     srv_http *h = cls;
     (void)toe;
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    if (ci)
+        srv_conns_request(h->conns, ci->socket_context, 0);
     srv_conn *cc = *con_cls;
     if (!cc)
         return;
@@ -481,6 +495,19 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
     srv_buf_free(&cc->body);
     free(cc);
     *con_cls = NULL;
+}
+
+static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    srv_http *h = cls;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+        if (ci)
+            srv_conns_opened(h->conns, ci->connect_fd, socket_context);
+    } else if (toe == MHD_CONNECTION_NOTIFY_CLOSED) {
+        srv_conns_closed(h->conns, socket_context);
+    }
 }
 
 static void on_mhd_log(void *cls, const char *fmt, va_list ap)
@@ -516,17 +543,27 @@ int srv_http_start(const srv_http_params *p, srv_sched *sc, const srv_parse_ctx 
     h->started = (long long)time(NULL);
     pthread_mutex_init(&h->parse_mu, NULL);
     pthread_cond_init(&h->parse_cv, NULL);
+    if (srv_conns_start(p->max_conns, p->timeout_s, &h->conns)) {
+        freeaddrinfo(ai);
+        pthread_mutex_destroy(&h->parse_mu);
+        pthread_cond_destroy(&h->parse_cv);
+        free(h);
+        snprintf(err, errlen, "cannot start the connection watchdog thread");
+        return TANDEM_ENOMEM;
+    }
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL |
                      MHD_USE_ERROR_LOG | (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0);
     h->d = MHD_start_daemon(flags, (uint16_t)p->port, NULL, NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER,
                             on_mhd_log, h, MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_NOTIFY_COMPLETED,
-                            on_completed, h, MHD_OPTION_CONNECTION_LIMIT, (unsigned)p->max_conns,
+                            on_completed, h, MHD_OPTION_NOTIFY_CONNECTION, on_connection, h,
+                            MHD_OPTION_CONNECTION_LIMIT, (unsigned)p->max_conns,
                             MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)p->timeout_s, MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
                             MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!h->d) {
         snprintf(err, errlen, "cannot listen on %s port %d (in use, or not an address of this machine?)", p->host,
                  p->port);
+        srv_conns_stop(h->conns);
         pthread_mutex_destroy(&h->parse_mu);
         pthread_cond_destroy(&h->parse_cv);
         free(h);
@@ -547,6 +584,7 @@ void srv_http_stop(srv_http *h)
     if (!h)
         return;
     MHD_stop_daemon(h->d);
+    srv_conns_stop(h->conns);
     pthread_mutex_destroy(&h->parse_mu);
     pthread_cond_destroy(&h->parse_cv);
     free(h);

@@ -253,4 +253,19 @@ void srv_http_stop(srv_http *h);
 
 double srv_now(void);
 
+/* ---- the connection watchdog (conns.c) -------------------------------------- */
+/* Closes connections that wait too long for a request: header_s in all since
+ * they opened or finished their last request, or about a second when more
+ * than 3/4 of max_conns are open. `slot` is libmicrohttpd's socket context. */
+typedef struct srv_conns srv_conns;
+
+int srv_conns_start(int max_conns, double header_s, srv_conns **out);
+/* After the daemon stopped (every connection closed). */
+void srv_conns_stop(srv_conns *w);
+void srv_conns_opened(srv_conns *w, int fd, void **slot);
+void srv_conns_closed(srv_conns *w, void **slot);
+/* A request's headers are in (1), or its answer is done (0: waiting again). */
+void srv_conns_request(srv_conns *w, void *slot, int in_request);
+void srv_conns_counts(srv_conns *w, int *open, long *cut_header, long *cut_pressure);
+
 #endif

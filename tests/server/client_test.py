@@ -23,6 +23,7 @@ Only the standard library is needed, except for the openai section.
 """
 import http.client
 import json
+import select
 import socket
 import sys
 import threading
@@ -459,8 +460,24 @@ def sec_limits(base, args):
     check(st == 413 and is_openai_error(r) and r["error"]["code"] == "request_too_large",
           "limits: a 200 MB chunked body -> 413 (%s %s)" % (st, str(r)[:100]))
 
-    # 600 idle connections (more than --max-conns): /health must answer soon,
-    # within the idle timeout, not after the minutes they could hold
+    # headers trickled a line every half second: closed at the header deadline
+    # (the idle timeout, 10 s, in all), not kept alive by the trickle
+    s = socket.create_connection((base.host, base.port), timeout=5)
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    t0, closed = time.time(), False
+    try:
+        while not closed and time.time() - t0 < 20:
+            s.sendall(b"X-Slow: 1\r\n")
+            r, _, _ = select.select([s], [], [], 0.5)
+            closed = bool(r) and s.recv(4096) == b""
+    except OSError:
+        closed = True
+    secs = time.time() - t0
+    s.close()
+    check(closed and 8 < secs < 15, "limits: trickled headers closed after %.1f s (deadline 10 s)" % secs)
+
+    # 600 idle connections (more than --max-conns): past 3/4 of the limit a
+    # waiting connection gets about a second, so /health answers within seconds
     idle = []
     try:
         for _ in range(600):
@@ -478,7 +495,7 @@ def sec_limits(base, args):
     finally:
         for s in idle:
             s.close()
-    check(ok and secs < 25, "limits: /health answers %.1f s after %d idle connections were opened" %
+    check(ok and secs < 5, "limits: /health answers %.1f s after %d idle connections were opened" %
           (secs, len(idle)))
     st, _ = base.post("/v1/completions", {"prompt": "Package: vim\n", "max_tokens": 4, "temperature": 0})
     check(st == 200, "limits: the server still answers")
