@@ -6,6 +6,8 @@
 #   make test-asan  the tests under AddressSanitizer + UBSan (objects in build-asan/)
 #   make test-tsan  the concurrency tests under ThreadSanitizer (objects in build-tsan/)
 #   make bench      build the benchmark programs
+#   make install    PREFIX=/usr/local (DESTDIR too): headers, libtandem.so/.a, tandem.pc, the command
+#   make test-abi   the shared library's exports and ABI (tests/abi/check.sh)
 #   make help       this list
 #
 # Kernels are compiled once per ISA: a file named *_avx2.c, *_avx512.c or *_amx.c
@@ -49,18 +51,18 @@ else
 endif
 LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o) $(LIB_CU)
 CLI_OBJ  := $(patsubst %.c,$(BUILD)/%.o,$(shell find cli server -name '*.c' 2>/dev/null | sort))
-TEST_OBJ := $(patsubst %.c,$(BUILD)/%.o,$(shell find tests -name '*.c' | sort))
+TEST_OBJ := $(patsubst %.c,$(BUILD)/%.o,$(shell find tests -path tests/abi -prune -o -name '*.c' -print | sort))
 BENCH_SRC := $(shell find dev -name '*.c' 2>/dev/null | sort)
 BENCH_BIN := $(BENCH_SRC:dev/%.c=$(BUILD)/dev/%)
 
-.PHONY: all cpu test test-asan test-tsan bench help clean
-all: $(BUILD)/tandem
+.PHONY: all cpu test test-asan test-tsan test-abi bench help clean install
+all: $(BUILD)/tandem $(BUILD)/libtandem.so
 
 cpu:
 	@$(MAKE) --no-print-directory CUDA=0 all
 
 help:
-	@sed -n '3,10p' Makefile | sed 's/^# //'
+	@sed -n '3,12p' Makefile | sed 's/^# //'
 
 # The stamp makes a switch between `make` and `make cpu` rebuild the archive.
 $(BUILD)/.cuda-$(CUDA):
@@ -69,6 +71,17 @@ $(BUILD)/.cuda-$(CUDA):
 $(BUILD)/libtandem.a: $(LIB_OBJ) $(BUILD)/.cuda-$(CUDA)
 	@rm -f $@
 	ar rcs $@ $(LIB_OBJ)
+
+# The shared library: the same objects, only tandem_* exported (src/libtandem.map),
+# soname libtandem.so.MAJOR. The command and the tests keep the static archive:
+# the tests reach internal modules the .so hides.
+VERSION := $(shell sed -n 's/^\#define TANDEM_VERSION "\(.*\)"/\1/p' include/tandem.h)
+SOMAJOR := $(firstword $(subst ., ,$(VERSION)))
+$(BUILD)/libtandem.so.$(SOMAJOR): $(LIB_OBJ) $(BUILD)/.cuda-$(CUDA) src/libtandem.map
+	$(CC) $(CFLAGS_BASE) -shared -Wl,-soname,libtandem.so.$(SOMAJOR) -Wl,--version-script=src/libtandem.map \
+	  -Wl,--no-undefined -o $@ $(LIB_OBJ) $(LDLIBS)
+$(BUILD)/libtandem.so: $(BUILD)/libtandem.so.$(SOMAJOR)
+	ln -sf libtandem.so.$(SOMAJOR) $@
 
 $(BUILD)/tandem: $(CLI_OBJ) $(BUILD)/libtandem.a
 	$(CC) $(CFLAGS_BASE) -o $@ $(CLI_OBJ) $(BUILD)/libtandem.a $(LDLIBS) -ledit -lmicrohttpd
@@ -99,6 +112,26 @@ test-tsan:
 	TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" $(TSAN_RUN) build-tsan/run_tests --concurrency
 
 bench: $(BENCH_BIN) $(BUILD)/tandem
+
+test-abi: $(BUILD)/libtandem.so
+	CC="$(CC)" BUILD=$(BUILD) tests/abi/check.sh
+
+# pkg-config: the shared library by default; `pkg-config --static` adds what
+# libtandem.a needs. The rpath lets a program built against a PREFIX outside
+# the loader's paths run without LD_LIBRARY_PATH.
+PREFIX  ?= /usr/local
+LIBDIR  ?= $(PREFIX)/lib
+install: $(BUILD)/libtandem.so $(BUILD)/libtandem.a $(BUILD)/tandem
+	install -d $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/bin
+	install -m 644 include/tandem*.h $(DESTDIR)$(PREFIX)/include/
+	install -m 755 $(BUILD)/libtandem.so.$(SOMAJOR) $(DESTDIR)$(LIBDIR)/
+	ln -sf libtandem.so.$(SOMAJOR) $(DESTDIR)$(LIBDIR)/libtandem.so
+	install -m 644 $(BUILD)/libtandem.a $(DESTDIR)$(LIBDIR)/
+	install -m 755 $(BUILD)/tandem $(DESTDIR)$(PREFIX)/bin/
+	printf '%s\n' 'prefix=$(PREFIX)' 'libdir=$(LIBDIR)' 'includedir=$${prefix}/include' '' \
+	  'Name: tandem' 'Description: Mixture-of-Experts inference engine and CPU MoE operator' \
+	  'Version: $(VERSION)' 'Cflags: -I$${includedir}' 'Libs: -L$${libdir} -Wl,-rpath,$${libdir} -ltandem' \
+	  'Libs.private: $(strip $(LDLIBS))' > $(DESTDIR)$(LIBDIR)/pkgconfig/tandem.pc
 
 clean:
 	rm -rf build build-asan build-tsan

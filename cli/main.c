@@ -298,6 +298,16 @@ int main(int argc, char **argv)
         fputs(usage_main, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
+    /* the library reads no environment: TANDEM_LOG is the command's convenience */
+    const char *lv = getenv("TANDEM_LOG");
+    if (lv && *lv) {
+        int level = tandem_log_level_parse(lv);
+        if (level < 0) {
+            fprintf(stderr, "tandem: TANDEM_LOG=%s: unknown level (error, warn, info, debug)\n", lv);
+            return 2;
+        }
+        tandem_set_log_level(level);
+    }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "run"))
         return cmd_run(argc, argv);

@@ -29,6 +29,20 @@
 extern "C" {
 #endif
 
+/* ---- version -------------------------------------------------------------- *
+ * The ABI of libtandem.so.MAJOR: within one MAJOR, symbols are only added and
+ * the structs above only grow at their end, so a program built against an
+ * older header of the same MAJOR runs on a newer library (tests/abi checks it
+ * with a frozen copy of the 0.1 header). tandem_version() is the library's
+ * own version, which may be newer than the header a program was built with. */
+#define TANDEM_VERSION_MAJOR 0
+#define TANDEM_VERSION_MINOR 1
+#define TANDEM_VERSION_PATCH 0
+#define TANDEM_VERSION "0.1.0"
+#define TANDEM_VERSION_NUMBER (TANDEM_VERSION_MAJOR * 10000 + TANDEM_VERSION_MINOR * 100 + TANDEM_VERSION_PATCH)
+const char *tandem_version(void);   /* "0.1.0" */
+int tandem_version_number(void);    /* TANDEM_VERSION_NUMBER of the library */
+
 /* ---- error codes ------------------------------------------------------- */
 enum {
     TANDEM_OK           = 0,
@@ -41,6 +55,22 @@ enum {
     TANDEM_EGPU         = -7, /* a CUDA error */
 };
 const char *tandem_strerror(int code);
+
+/* ---- logging ---------------------------------------------------------------- *
+ * The library reports what it chose or worked around (kernel set, fallbacks,
+ * warnings) through one sink: by default stderr as "tandem: LEVEL: message".
+ * An embedder (a Python host, a server with its own log) sets a callback
+ * instead; it gets one line without the newline, from any library thread, so
+ * it must be thread-safe. fn = NULL restores stderr. Messages above the
+ * level are not formatted at all. The level is process-wide; the `tandem`
+ * command sets it from TANDEM_LOG. */
+enum { TANDEM_LOG_ERROR = 0, TANDEM_LOG_WARN = 1, TANDEM_LOG_INFO = 2, TANDEM_LOG_DEBUG = 3 };
+typedef void (*tandem_log_fn)(int level, const char *msg, void *user);
+void tandem_set_log(tandem_log_fn fn, void *user);
+void tandem_set_log_level(int level);  /* TANDEM_LOG_*; default TANDEM_LOG_WARN */
+int tandem_log_level(void);
+/* "error", "warn", "info" or "debug" -> TANDEM_LOG_*, or TANDEM_EINVAL */
+int tandem_log_level_parse(const char *name);
 
 /* ---- engine -------------------------------------------------------------- */
 typedef struct tandem_engine tandem_engine;

@@ -3,6 +3,7 @@
  * --name on the command line) and ends with "N passed, N failed".
  */
 #include "test.h"
+#include "tandem.h"
 
 #include <stdarg.h>
 #include <stdlib.h>
@@ -70,6 +71,10 @@ int main(int argc, char **argv)
 {
     /* sort by name so the order does not depend on link order */
     qsort(groups, (size_t)n_groups, sizeof groups[0], cmp_group);
+    /* TANDEM_LOG as the `tandem` command takes it (the library reads no environment) */
+    const char *lv = getenv("TANDEM_LOG");
+    if (lv && *lv && tandem_log_level_parse(lv) >= 0)
+        tandem_set_log_level(tandem_log_level_parse(lv));
     int ran = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--list") || !strcmp(argv[i], "--help")) {
