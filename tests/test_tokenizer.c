@@ -17,13 +17,14 @@
 #include "tandem.h"
 #include "test.h"
 #include "tokenizer/bpe.h"
+#include "tokenizer/bpe_impl.h"
 #include "tokenizer/utf8.h"
 
 #define FIXDIR "tests/fixtures/tokenizers/"
 
 static const char *FAMILIES[] = {"qwen2", "deepseek_v3", "glm45", "llama_sp", "llama_meta",
                                  "gpt2_misc", "suffix_misc", "blocks_a", "blocks_b", "blocks_c",
-                                 "blocks_d"};
+                                 "blocks_d", "kimi_k2"};
 
 static int json_ids(json_t *a, int32_t **out)
 {
@@ -167,9 +168,18 @@ static void check_family(const char *name)
         CHECKF(0, "%s: %s", path, je.text);
         return;
     }
-    snprintf(path, sizeof path, FIXDIR "%s.tokenizer.json", name);
     bpe *t = NULL;
-    int rc = bpe_load(&t, path, err, sizeof err);
+    int rc;
+    const char *tk = json_string_value(json_object_get(exp, "tiktoken"));
+    if (tk) { /* a tiktoken model directory (tools/make_tiktoken_fixtures.py) */
+        char cfg[256];
+        snprintf(path, sizeof path, FIXDIR "%s/tiktoken.model", tk);
+        snprintf(cfg, sizeof cfg, FIXDIR "%s/tokenizer_config.json", tk);
+        rc = bpe_load_tiktoken(&t, path, cfg, err, sizeof err);
+    } else {
+        snprintf(path, sizeof path, FIXDIR "%s.tokenizer.json", name);
+        rc = bpe_load(&t, path, err, sizeof err);
+    }
     CHECKF(rc == 0, "%s: %s", path, err);
     if (rc) {
         json_decref(exp);
@@ -521,6 +531,111 @@ static void check_word_without_ids(void)
     bpe_free(t);
 }
 
+/* A Kimi-K2 style directory (tiktoken.model, no tokenizer.json) through the public API: the loader
+ * is picked from the files, the chat template renders, the rendered text encodes like tiktoken and
+ * [EOS] / <|im_end|> end a generation. */
+static void check_tiktoken_dir(void)
+{
+    json_t *exp = json_load_file(FIXDIR "kimi_k2.expect.json", JSON_ALLOW_NUL, NULL);
+    json_t *chat = json_object_get(exp, "chat");
+    tandem_tokenizer *tk = NULL;
+    char err[512];
+    int rc = tandem_tokenizer_open(FIXDIR "kimi_k2", &tk, err, sizeof err);
+    CHECKF(rc == 0 && chat, "kimi_k2: %s", rc ? err : "no chat case in the fixture");
+    if (rc || !chat) {
+        json_decref(exp);
+        return;
+    }
+    char *msgs = json_dumps(json_object_get(chat, "messages"), 0), *text = NULL;
+    rc = tandem_chat_render(tk, msgs, NULL, 1, NULL, &text, err, sizeof err);
+    CHECKF(rc == 0, "kimi_k2 chat: %s", err);
+    const char *want = json_string_value(json_object_get(chat, "text"));
+    CHECKF(text && !strcmp(text, want), "kimi_k2 chat text:\n%s\nvs\n%s", text ? text : "", want);
+    int32_t *ids, got[1024];
+    int n = json_ids(json_object_get(chat, "ids"), &ids), n_got = -1;
+    rc = text ? tandem_tokenize(tk, text, strlen(text), 1, got, 1024, &n_got, err, sizeof err) : -1;
+    CHECKF(rc == 0 && n_got == n && !memcmp(got, ids, (size_t)n * sizeof *ids), "kimi_k2 chat ids (%d vs %d)",
+           n_got, n);
+    size_t i;
+    json_t *e;
+    json_array_foreach(json_object_get(chat, "eos"), i, e)
+        CHECKF(tandem_token_is_eog(tk, (int32_t)json_integer_value(e)), "kimi_k2: id %d ends a generation",
+               (int)json_integer_value(e));
+    CHECK(!tandem_token_is_eog(tk, ids[0]));
+    free(ids);
+    free(text);
+    free(msgs);
+    tandem_tokenizer_close(tk);
+    json_decref(exp);
+}
+
+/* Malformed tiktoken files: an error naming the file and line, never a crash. */
+static void check_tiktoken_errors(void)
+{
+    static const struct { const char *model, *cfg, *needle; } bad[] = {
+        {"", NULL, "no tokens"},
+        {"QQ== 0\n", NULL, "byte 0x00 has no rank"},
+        {"QQ==\n", NULL, "line 1: expected"},
+        {"QQ== x1\n", NULL, "line 1: rank"},
+        {"QQ= 1\n", NULL, "not base64"},
+        {"Q!== 1\n", NULL, "not base64"},
+        {"QQ== 99999999999\n", NULL, "line 1: rank"},
+        {"QQ== 1\nQQ== 2\n", NULL, "line 2: token 'QQ==' appears twice"},
+        {"QQ== 1\nQg== 1\n", NULL, "byte 0x00"},
+        {"QQ== 0\n", "{", "invalid JSON"},
+        {"QQ== 0\n", "[]", "must be an object"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        bpe *t = NULL;
+        char err[256] = "";
+        int rc = bpe_load_tiktoken_from_string(&t, bad[i].model, strlen(bad[i].model), bad[i].cfg,
+                                               bad[i].cfg ? strlen(bad[i].cfg) : 0, "x/tiktoken.model", err,
+                                               sizeof err);
+        CHECKF(rc < 0 && !t && strstr(err, bad[i].needle) && strstr(err, "x/tiktoken.model"),
+               "tiktoken bad[%zu]: rc %d, '%s'", i, rc, err);
+    }
+    /* all 256 bytes, two of them with one rank; then specials over a rank, then a bad name */
+    bpe_buf m = {0};
+    char line[32];
+    for (int b = 0; b < 256; b++) {
+        static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        int n = snprintf(line, sizeof line, "%c%c== %d\n", B64[b >> 2], B64[(b & 3) << 4], b == 7 ? 3 : b);
+        bpe_buf_put(&m, line, (size_t)n);
+    }
+    bpe *t = NULL;
+    char err[256] = "";
+    CHECK(bpe_load_tiktoken_from_string(&t, m.p, m.n, NULL, 0, "dup", err, sizeof err) < 0 &&
+          strstr(err, "rank 3 is given to two tokens"));
+    m.n = 0;
+    for (int b = 0; b < 256; b++) {
+        static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        int n = snprintf(line, sizeof line, "%c%c== %d\n", B64[b >> 2], B64[(b & 3) << 4], b == 7 ? 300 : b);
+        bpe_buf_put(&m, line, (size_t)n);
+    }
+    CHECK(bpe_load_tiktoken_from_string(&t, m.p, m.n, NULL, 0, "gap", err, sizeof err) < 0 &&
+          strstr(err, "rank 300 falls in the 256 special ids"));
+    static const char cfg[] = "{\"added_tokens_decoder\": {\"256\": {\"content\": 5}}}";
+    m.n = 0;
+    for (int b = 0; b < 256; b++) {
+        static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        int n = snprintf(line, sizeof line, "%c%c== %d\n", B64[b >> 2], B64[(b & 3) << 4], b);
+        bpe_buf_put(&m, line, (size_t)n);
+    }
+    CHECK(bpe_load_tiktoken_from_string(&t, m.p, m.n, cfg, strlen(cfg), "cfg", err, sizeof err) < 0 &&
+          strstr(err, "added_tokens_decoder['256']"));
+    /* bytes only, no config: every special is reserved; round trip of arbitrary bytes */
+    CHECKF(bpe_load_tiktoken_from_string(&t, m.p, m.n, NULL, 0, "bytes", err, sizeof err) == 0, "%s", err);
+    if (t) {
+        int32_t ids[16];
+        int n = 0;
+        CHECK(bpe_n_vocab(t) == 512);
+        CHECK(bpe_encode(t, "ab<|reserved_token_300|>", 24, 1, ids, 16, &n, err, sizeof err) == 0 && n == 3 &&
+              ids[2] == 300 && bpe_is_special(t, 300));
+        bpe_free(t);
+    }
+    bpe_buf_free(&m);
+}
+
 TEST_GROUP(tokenizer)
 {
     for (size_t f = 0; f < sizeof FAMILIES / sizeof FAMILIES[0]; f++)
@@ -530,6 +645,8 @@ TEST_GROUP(tokenizer)
     check_fuzz();
     check_stream_empty();
     check_word_without_ids();
+    check_tiktoken_dir();
+    check_tiktoken_errors();
     check_threads();
     bench_1mb();
     bench_pathological();

@@ -1,6 +1,7 @@
 /*
  * text.c - the public text API (tandem_tokenizer): the BPE tokenizer of
- * tokenizer.json, the chat template, and which tokens end a generation.
+ * tokenizer.json (or of tiktoken.model where a model ships only that, as
+ * Kimi-K2 does), the chat template, and which tokens end a generation.
  *
  * End-of-generation ids are gathered from every place models declare them:
  * eos_token_id in config.json and generation_config.json (an id or a list),
@@ -79,14 +80,20 @@ int tandem_tokenizer_open(const char *dir, tandem_tokenizer **out, char *err, si
     struct stat st;
     if (!dir || stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
         return td_err(err, errlen, TANDEM_EIO, "%s: no such model directory", dir ? dir : "(null)");
+    /* tokenizer.json first; Kimi-K2/K2.5 ship only tiktoken.model (+ tokenizer_config.json) */
+    char tk[1200], cfg[1200];
     snprintf(p, sizeof p, "%s/tokenizer.json", dir);
-    if (stat(p, &st) != 0)
-        return td_err(err, errlen, TANDEM_EIO, "%s: missing tokenizer.json (tandem reads Hugging Face tokenizers)",
-                      dir);
+    snprintf(tk, sizeof tk, "%s/tiktoken.model", dir);
+    snprintf(cfg, sizeof cfg, "%s/tokenizer_config.json", dir);
+    int tiktoken = stat(p, &st) != 0 && stat(tk, &st) == 0;
+    if (!tiktoken && stat(p, &st) != 0)
+        return td_err(err, errlen, TANDEM_EIO,
+                      "%s: missing tokenizer.json (tandem reads Hugging Face tokenizers, or tiktoken.model)", dir);
     tandem_tokenizer *t = calloc(1, sizeof *t);
     if (!t)
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
-    int rc = bpe_load(&t->bpe, p, err, errlen);
+    int rc = tiktoken ? bpe_load_tiktoken(&t->bpe, tk, stat(cfg, &st) == 0 ? cfg : NULL, err, errlen)
+                      : bpe_load(&t->bpe, p, err, errlen);
     if (rc) {
         free(t);
         return rc;

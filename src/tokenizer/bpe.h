@@ -40,6 +40,18 @@ int bpe_load_from_string(bpe **out, const char *json, size_t len, const char *na
                          char *err, size_t errlen);
 void bpe_free(bpe *t);
 
+/* Kimi-K2 / K2.5's tiktoken tokenizer (bpe_tiktoken.c): tiktoken.model ("<base64 bytes> <rank>" per
+ * line, rank = id) with the split pattern of moonshotai's tokenization_kimi.py, and the 256 special
+ * ids after the base vocabulary named by tokenizer_config.json's added_tokens_decoder (config may be
+ * NULL: all reserved names). Encodes like tiktoken's encode(text, allowed_special="all"). */
+int bpe_load_tiktoken(bpe **out, const char *model_path, const char *config_path, char *err,
+                      size_t errlen);
+int bpe_load_tiktoken_from_string(bpe **out, const char *model, size_t model_len,
+                                  const char *config_json, size_t config_len,
+                                  const char *name_for_errors, char *err, size_t errlen);
+/* Kimi's split pattern as bpe_* compiles it (PCRE2 syntax, \s meaning Unicode White_Space). */
+const char *bpe_kimi_pattern(void);
+
 /* Ids in use, added tokens included: max id + 1. */
 int bpe_n_vocab(const bpe *t);
 

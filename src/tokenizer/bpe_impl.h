@@ -251,6 +251,13 @@ int bpe_model_word(const bpe *t, bpe_work *w, const char *s, size_t len, int32_t
 /* Token string of id (added content first, then vocab) or NULL; *len gets its length. */
 const char *bpe_token_str(const bpe *t, int32_t id, size_t *len);
 
+/* Shared with the loaders that build a struct bpe without a tokenizer.json (bpe_load.c):
+ * compile an Oniguruma-syntax regex as bpe_load does (what names it in messages), and build the
+ * dense id tables and added-token tries once vocab, added and the normalizers are in place. */
+int bpe_compile_regex(bpe *t, const char *src, size_t len, const char *what, pcre2_code **out,
+                      char *err, size_t errlen);
+int bpe_index_tokens(bpe *t, char *err, size_t errlen);
+
 /* Push v to a growable int32 array. */
 int bpe_ids_push(int32_t **ids, size_t *n, size_t *cap, int32_t v);
 

@@ -796,6 +796,21 @@ static int index_tokens(ld *L)
     return 0;
 }
 
+/* ---- for the other loaders (bpe_tiktoken.c, bpe_gguf.c) ------------------ */
+
+int bpe_compile_regex(bpe *t, const char *src, size_t len, const char *what, pcre2_code **out,
+                      char *err, size_t errlen)
+{
+    ld L = {t, err, errlen};
+    return compile_regex(&L, src, len, what, out);
+}
+
+int bpe_index_tokens(bpe *t, char *err, size_t errlen)
+{
+    ld L = {t, err, errlen};
+    return index_tokens(&L);
+}
+
 /* ---- entry points -------------------------------------------------------- */
 
 int bpe_load_from_string(bpe **out, const char *json, size_t len, const char *name, char *err,
