@@ -302,8 +302,16 @@ static json_t *content_text(json_t *content, srv_error *e)
     json_array_foreach(content, i, part)
     {
         json_t *type = json_object_get(part, "type"), *text = json_object_get(part, "text");
-        if (!json_is_object(part) || !json_is_string(type) || strcmp(json_string_value(type), "text") ||
-            !json_is_string(text)) {
+        if (json_is_string(type) && strcmp(json_string_value(type), "text")) {
+            /* multimodal checkpoints (Kimi-K2.5, ...) load as their text model: say so plainly */
+            set_err(e, 400, "messages", "unsupported_value",
+                    "content part type '%.40s' is not supported: tandem runs the text model only (vision "
+                    "towers such as Kimi-K2.5's and audio encoders are not loaded); send text parts",
+                    json_string_value(type));
+            srv_buf_free(&b);
+            return NULL;
+        }
+        if (!json_is_object(part) || !json_is_string(type) || !json_is_string(text)) {
             set_err(e, 400, "messages", "unsupported_value",
                     "content parts must be {\"type\": \"text\", \"text\": ...}; images and audio are not supported");
             srv_buf_free(&b);
