@@ -305,9 +305,9 @@ static json_t *content_text(json_t *content, srv_error *e)
         if (json_is_string(type) && strcmp(json_string_value(type), "text")) {
             /* multimodal checkpoints (Kimi-K2.5, ...) load as their text model: say so plainly */
             set_err(e, 400, "messages", "unsupported_value",
-                    "content part type '%.40s' is not supported: tandem runs the text model only (vision "
+                    "content part type '%s' is not supported: tandem runs the text model only (vision "
                     "towers such as Kimi-K2.5's and audio encoders are not loaded); send text parts",
-                    json_string_value(type));
+                    json_string_length(type) <= 40 ? json_string_value(type) : "..."); /* whole chars only */
             srv_buf_free(&b);
             return NULL;
         }
