@@ -1,11 +1,16 @@
 /*
- * attn.c - GQA and MLA attention over the KV cache (reference, fp32).
+ * attn.c - GQA and MLA attention over the KV cache: the references (fp32)
+ * and the dispatch to the per-ISA GQA kernels (attn_avx512.c).
  *
- * Scores use a running max and fp32 exponentials, as transformers' eager
- * attention does after its matmul; sums of probabilities run in double so
- * long contexts do not lose the small terms.
+ * The references take the whole row of scores, their max and fp32
+ * exponentials, as transformers' eager attention does after its matmul; sums
+ * of probabilities run in double so long contexts do not lose the small
+ * terms. They are the truth the fast kernels are tested against (tests/
+ * test_attn.c) and what TANDEM_CPU=ref runs.
  */
 #include "cpu/attn.h"
+#include "core/isa.h"
+#include "cpu/attn_impl.h"
 
 #include <math.h>
 #include <string.h>
@@ -13,6 +18,10 @@
 int64_t attn_scratch_floats(int n_ctx, int mla_rank, int head_dim)
 {
     int64_t n = n_ctx + 3 * (int64_t)mla_rank + 2 * (int64_t)head_dim + 64;
+    if (head_dim > 0) { /* the flash kernels' work and partial areas (attn_impl.h) */
+        int64_t f = attn_work_floats(head_dim) + attn_part_items() * ATT_ROWS * ((int64_t)head_dim + 2);
+        n = f > n ? f : n;
+    }
     return (n + 15) & ~(int64_t)15;
 }
 
@@ -68,11 +77,20 @@ static void gqa_job(void *arg, int64_t b, int64_t e)
     }
 }
 
-void attn_gqa(pool *p, const attn_gqa_params *a, int T, const float *q, const int32_t *seq, const int32_t *pos,
-              float *out, float *scratch, int64_t scratch_stride)
+void attn_gqa_ref(pool *p, const attn_gqa_params *a, int T, const float *q, const int32_t *seq, const int32_t *pos,
+                  float *out, float *scratch, int64_t scratch_stride)
 {
     gqa_ctx c = { a, q, seq, pos, out, scratch, scratch_stride };
     pool_run(p, (int64_t)T * a->n_head, 1, gqa_job, &c);
+}
+
+void attn_gqa(pool *p, const attn_gqa_params *a, int T, const float *q, const int32_t *seq, const int32_t *pos,
+              float *out, float *scratch, int64_t scratch_stride)
+{
+    if (isa_current() >= ISA_AVX512 && a->head_dim % 16 == 0)
+        attn_gqa_avx512(p, a, T, q, seq, pos, out, scratch, scratch_stride);
+    else
+        attn_gqa_ref(p, a, T, q, seq, pos, out, scratch, scratch_stride);
 }
 
 typedef struct {

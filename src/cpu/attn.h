@@ -1,5 +1,5 @@
 /*
- * attn.h - causal attention over the KV cache, CPU reference (fp32).
+ * attn.h - causal attention over the KV cache, fp32 (reference and AVX-512).
  *
  * The cache is laid out per sequence: sequence s, position j starts at
  * base + s * seq_stride + j * row_stride. Each token t of the batch attends
@@ -7,7 +7,8 @@
  * caller has already written this batch's keys/values into the cache, so
  * tokens of one sequence in one batch see each other causally.
  *
- * Work is split over (token, head) pairs on the pool. Scratch: each pool
+ * The references split work over (token, head) pairs on the pool; the fast
+ * GQA kernel over (query tile, KV head) items (attn_avx512.c). Scratch: each pool
  * thread owns scratch + tid * scratch_stride floats, at least
  * attn_scratch_floats() of them.
  */
@@ -28,9 +29,16 @@ typedef struct {
     int64_t row_stride;        /* floats per position (n_kv_head * head_dim) */
 } attn_gqa_params;
 
-/* q [T][n_head*head_dim] (rope applied); out [T][n_head*head_dim]. */
+/* q [T][n_head*head_dim] (rope applied); out [T][n_head*head_dim]. The
+ * kernel set of isa_current(): on AVX-512, head_dim % 16 == 0, the
+ * flash-style kernel of attn_avx512.c (scratch_stride >= attn_scratch_floats
+ * with this head_dim); else the reference. */
 void attn_gqa(pool *p, const attn_gqa_params *a, int T, const float *q, const int32_t *seq, const int32_t *pos,
               float *out, float *scratch, int64_t scratch_stride);
+/* the scalar reference: one (token, head) pair per work item, the whole row
+ * of scores at once */
+void attn_gqa_ref(pool *p, const attn_gqa_params *a, int T, const float *q, const int32_t *seq, const int32_t *pos,
+                  float *out, float *scratch, int64_t scratch_stride);
 
 typedef struct {
     int n_head, nope, rope, v_dim, rank;
