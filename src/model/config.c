@@ -10,6 +10,7 @@
  */
 #include "model/model.h"
 #include "core/err.h"
+#include "model/families.h"
 #include "io/cfg.h"
 
 #include <math.h>
@@ -33,6 +34,8 @@ static const struct {
     { "DeepseekV2ForCausalLM", "deepseek_v2", ARCH_DEEPSEEK_V2 },
     { "DeepseekV3ForCausalLM", "deepseek_v3", ARCH_DEEPSEEK_V3 },
     { "Glm4MoeForCausalLM", "glm4_moe", ARCH_GLM4_MOE },
+    { "DeepseekV32ForCausalLM", "deepseek_v32", ARCH_DEEPSEEK_V32 },
+    { "GlmMoeDsaForCausalLM", "glm_moe_dsa", ARCH_GLM_MOE_DSA },
 };
 
 const char *model_route_name(route_kind r)
@@ -277,7 +280,7 @@ static int parse(model_desc *d, const cfg_ctx *c)
     long long v;
     static const char *const k_experts[] = { "num_local_experts", "num_experts", "n_routed_experts", NULL };
     static const char *const k_ff_expert[] = { "moe_intermediate_size", "intermediate_size", NULL };
-    int is_ds = d->arch == ARCH_DEEPSEEK_V2 || d->arch == ARCH_DEEPSEEK_V3;
+    int is_ds = d->arch == ARCH_DEEPSEEK_V2 || d->arch == ARCH_DEEPSEEK_V3 || model_is_dsa(d->arch);
 
     TRY(cfg_need_int(c, "num_hidden_layers", &v));
     TRY(cfg_check_range(c, "num_hidden_layers", v, 1, 1024));
@@ -434,6 +437,8 @@ static int parse(model_desc *d, const cfg_ctx *c)
         break;
     case ARCH_DEEPSEEK_V2:
     case ARCH_DEEPSEEK_V3:
+    case ARCH_DEEPSEEK_V32:
+    case ARCH_GLM_MOE_DSA:
     case ARCH_GLM4_MOE: {
         long long first_dense, step = 1, n_shared;
         TRY(cfg_int(c, "first_k_dense_replace", d->arch == ARCH_DEEPSEEK_V2 ? 0 : (d->arch == ARCH_GLM4_MOE ? 1 : 3),
@@ -489,6 +494,8 @@ static int parse(model_desc *d, const cfg_ctx *c)
         break;
     }
     }
+    if (model_is_dsa(d->arch))
+        TRY(model_parse_dsa(d, c));
     for (int l = 0; l < d->n_layer; l++)
         d->n_layer_moe += d->layer_moe[l];
     if (d->n_layer_moe < d->n_layer && d->d_ff <= 0)
@@ -549,7 +556,7 @@ int model_load_config(model_desc *d, const char *path, char *err, size_t errlen)
         rc = td_err(err, errlen, TANDEM_EUNSUPPORTED,
                     "%s: architecture '%s' (model_type '%s') is not supported; supported: Qwen3MoeForCausalLM, "
                     "Qwen2MoeForCausalLM, MixtralForCausalLM, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM "
-                    "(also Kimi-K2), Glm4MoeForCausalLM",
+                    "(also Kimi-K2), Glm4MoeForCausalLM, DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM",
                     path, arch ? arch : "?", mt ? mt : "?");
     } else {
         rc = parse(d, &c);
@@ -566,4 +573,6 @@ void model_desc_free(model_desc *d)
         return;
     free(d->layer_moe);
     d->layer_moe = NULL;
+    free(d->index_shared);
+    d->index_shared = NULL;
 }

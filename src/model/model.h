@@ -21,6 +21,8 @@ typedef enum {
     ARCH_DEEPSEEK_V2,
     ARCH_DEEPSEEK_V3,
     ARCH_GLM4_MOE,
+    ARCH_DEEPSEEK_V32,        /* DeepSeek-V3 + DeepSeek sparse attention (model_dsa.c) */
+    ARCH_GLM_MOE_DSA,         /* GLM-5: the same, indexer rope interleaved, indexer shared across layers */
 } model_arch;
 
 typedef enum { ATTN_GQA, ATTN_MLA } attn_kind;
@@ -86,6 +88,13 @@ typedef struct {
                                  X.weight_scale [rows][cols/32] BF16, X.weight_shape [2] I32 (load.c);
                                  every other tensor is stored unquantised */
 
+    /* DeepSeek sparse attention (DSA; model_dsa.c): per layer a lightning
+     * indexer scores the past positions and MLA attends to the index_topk best */
+    int dsa;
+    int index_n_heads, index_head_dim, index_topk;
+    int index_rope_pairs;     /* rope layout of the indexer's first qk_rope_dim dims (GLM-5: pairs) */
+    uint8_t *index_shared;    /* [n_layer] 1 = no indexer: reuse the previous layer's selection (GLM-5) */
+
     int bos_id, eos_id;       /* -1 if unknown */
 } model_desc;
 
@@ -103,6 +112,7 @@ typedef enum {
     TS_ROUTER, TS_ROUTER_BIAS,
     TS_EXP_GATE, TS_EXP_UP, TS_EXP_DOWN,
     TS_SH_GATE, TS_SH_UP, TS_SH_DOWN, TS_SH_GATE_BIAS, TS_SH_UP_BIAS, TS_SH_DOWN_BIAS, TS_SH_GATE_INP,
+    TS_IX_WQ_B, TS_IX_WK, TS_IX_K_NORM, TS_IX_K_NORM_BIAS, TS_IX_W, /* DSA indexer (model_dsa.c) */
     TS_COUNT
 } tensor_slot;
 
@@ -126,5 +136,15 @@ void model_fused_expert_prefix(const model_desc *d, int layer, char *buf, size_t
 void model_param_counts(const model_desc *d, int64_t *total, int64_t *active);
 
 const char *model_route_name(route_kind r);
+
+/* NULL when the hybrid (GPU) engine runs this model; else the feature its
+ * GPU path lacks, for a message ("DeepSeek sparse attention"): such models
+ * run CPU-only (families.c). */
+const char *model_gpu_unsupported(const model_desc *d);
+/* The attention kind in words ("GQA", "MLA", "MLA + DeepSeek sparse attention"). */
+const char *model_attn_name(const model_desc *d);
+/* fp32 cache values a token adds beyond the KV cache proper, all layers
+ * together (DSA's indexer keys) */
+int64_t model_extra_cache_floats(const model_desc *d);
 
 #endif

@@ -103,6 +103,14 @@ int model_tensors(const model_desc *d, tensor_spec **out, int *n_out, char *err,
             MAT(TS_KV_B, l, (int64_t)d->n_head * (d->qk_nope_dim + d->v_head_dim), d->kv_lora_rank,
                 "%sself_attn.kv_b_proj.weight", p);
             MAT(TS_O, l, D, (int64_t)d->n_head * d->v_head_dim, "%sself_attn.o_proj.weight", p);
+            if (d->dsa && !d->index_shared[l]) { /* the sparse-attention indexer (model_dsa.c) */
+                const int64_t IH = d->index_n_heads, ID = d->index_head_dim;
+                MAT(TS_IX_WQ_B, l, IH * ID, d->q_lora_rank, "%sself_attn.indexer.wq_b.weight", p);
+                MAT(TS_IX_WK, l, ID, D, "%sself_attn.indexer.wk.weight", p);
+                VEC(TS_IX_K_NORM, l, ID, "%sself_attn.indexer.k_norm.weight", p);
+                VEC(TS_IX_K_NORM_BIAS, l, ID, "%sself_attn.indexer.k_norm.bias", p);
+                add(&L, TS_IX_W, l, -1, IH, D, 0, "%sself_attn.indexer.weights_proj.weight", p);
+            }
         }
         if (!d->layer_moe[l]) {
             MAT(TS_FFN_GATE, l, d->d_ff, D, "%smlp.gate_proj.weight", p);

@@ -213,12 +213,12 @@ void tandem_engine_info(const tandem_engine *e, tandem_model_info *o)
     o->weight_bytes = e->weight_bytes;
     o->n_head = d->n_head;
     o->n_kv_head = d->attn == ATTN_GQA ? d->n_kv_head : 1;
-    o->attention = d->attn == ATTN_GQA ? "GQA" : "MLA";
+    o->attention = model_attn_name(d);
     o->routing = model_route_name(d->route);
     o->gpu = e->hy != NULL;
     int64_t per_layer = d->attn == ATTN_GQA ? 2 * (int64_t)d->n_kv_head * d->head_dim
                                             : (int64_t)d->kv_lora_rank + d->qk_rope_dim;
-    o->kv_bytes_per_token = per_layer * 4 * d->n_layer; /* fp32 cache */
+    o->kv_bytes_per_token = (per_layer * d->n_layer + model_extra_cache_floats(d)) * 4; /* fp32 cache */
 }
 
 int tandem_n_vocab(const tandem_engine *e) { return e->d.n_vocab; }

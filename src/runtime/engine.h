@@ -34,6 +34,9 @@ typedef struct {
     mat sh_gate, sh_up, sh_down;              /* [Fs][D], [Fs][D], [D][Fs] */
     float *sh_gate_bias, *sh_up_bias, *sh_down_bias;
     mat sh_gate_inp;                          /* [1][D] */
+    /* DSA indexer (DeepSeek-V3.2, GLM-5; forward_dsa.c) */
+    mat ix_wq_b, ix_wk, ix_w;                 /* [IH*ID][rq], [ID][D], [IH][D] */
+    float *ix_k_norm, *ix_k_norm_bias;        /* [ID] LayerNorm weight, bias */
 } layer_weights;
 
 struct tandem_engine {
@@ -90,6 +93,7 @@ struct tandem_session {
     struct hybrid_session *hys; /* GPU state of the session (runtime/hybrid.h); NULL = CPU only */
     int64_t *route_counts;      /* [n_layer][E] while tandem_count_routes is on (calib.c), else NULL */
     int64_t routed_tokens;
+    struct dsa_session *dsa;    /* DSA indexer key cache and scratch (forward_dsa.c); NULL for other families */
 };
 
 /* Where `tandem convert` puts a layer's packed experts, and the directory. */
@@ -150,6 +154,17 @@ int engine_open(const char *path, const tandem_engine_params *p, int with_expert
                 size_t errlen);
 void engine_free_weights(tandem_engine *e);
 int forward_batch(tandem_session *s, const tandem_batch *b, char *err, size_t errlen);
+
+/* ---- DeepSeek sparse attention (forward_dsa.c) --------------------------
+ * The session's indexer key cache ([n_layer][n_seq][n_ctx][index_head_dim]
+ * fp32, beside the latent cache) and scratch: made with the session, NULL
+ * for other families. dsa_attention runs after MLA has written layer l's
+ * latent cache rows for the batch (forward_dsa.h). */
+int dsa_session_create(tandem_session *s, char *err, size_t errlen);
+void dsa_session_free(tandem_session *s);
+int64_t dsa_session_bytes(const tandem_session *s);
+/* what dsa_session_create allocates, from the description alone (the memory plan) */
+int64_t dsa_plan_bytes(const model_desc *d, int n_seq, int n_ctx, int n_batch, int n_threads);
 /* Row widths of a session's per-token scratch (session.c; the memory plan
  * sizes the same buffers from them): q, the K/V (or MLA latent) rows, the
  * attention output, and the widest MLP. */

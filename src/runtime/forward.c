@@ -28,6 +28,7 @@
 #include "cpu/moe/moe.h"
 #include "cpu/router.h"
 #include "runtime/engine.h"
+#include "runtime/forward_dsa.h"
 
 #include <math.h>
 #include <string.h>
@@ -161,7 +162,10 @@ static void attention_mla(tandem_session *s, int l, int T)
     }
     attn_mla_params a = { H, nope, rope, d->v_head_dim, R, d->attn_scale, kv->ckv, kv->kpe,
                           (int64_t)s->n_ctx * R, (int64_t)s->n_ctx * rope, &L->kv_b };
-    attn_mla(e->pool, &a, T, s->q, s->tok_seq, s->tok_pos, s->att, s->attn_scratch, s->attn_scratch_stride);
+    if (d->dsa) /* sparse attention over the indexer's selection (forward_dsa.c) */
+        dsa_attention(s, l, T, &a, s->kvbuf + R + rope, kvd);
+    else
+        attn_mla(e->pool, &a, T, s->q, s->tok_seq, s->tok_pos, s->att, s->attn_scratch, s->attn_scratch_stride);
     op_matmul(e->pool, s->y, D, s->att, (int64_t)H * d->v_head_dim, T, &L->o, NULL);
 }
 

@@ -509,6 +509,12 @@ int hybrid_engine_open(tandem_engine *e, char *err, size_t errlen)
         return no_gpu(e, TANDEM_EUNSUPPORTED, "--cpu-experts f32 (the exact reference loop) runs CPU-only", err,
                       errlen);
     char why[512];
+    const char *lacks = model_gpu_unsupported(&e->d);
+    if (lacks) {
+        snprintf(why, sizeof why, "%s (%s) is not supported yet on the GPU path: it runs CPU-only (--cpu-only)",
+                 e->d.arch_name, lacks);
+        return no_gpu(e, TANDEM_EUNSUPPORTED, why, err, errlen);
+    }
     if (gpu_device_count(why, sizeof why) == 0) {
         char msg[600];
         snprintf(msg, sizeof msg, "no CUDA device: %s", why);

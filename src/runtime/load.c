@@ -96,6 +96,11 @@ static void slot_target(tandem_engine *e, const tensor_spec *s, float ***vec, ma
     case TS_SH_UP_BIAS: *vec = &L->sh_up_bias; break;
     case TS_SH_DOWN_BIAS: *vec = &L->sh_down_bias; break;
     case TS_SH_GATE_INP: *m = &L->sh_gate_inp; break;
+    case TS_IX_WQ_B: *m = &L->ix_wq_b; break;
+    case TS_IX_WK: *m = &L->ix_wk; break;
+    case TS_IX_W: *m = &L->ix_w; break;
+    case TS_IX_K_NORM: *vec = &L->ix_k_norm; break;
+    case TS_IX_K_NORM_BIAS: *vec = &L->ix_k_norm_bias; break;
     case TS_COUNT: break;
     }
 }

@@ -42,6 +42,15 @@ static int64_t td_alloc_size(int64_t n)
     return n > 0 ? up64(n, TD_ALIGN) : TD_ALIGN;
 }
 
+/* DSA layers without an indexer of their own (GLM-5 "shared") */
+static int n_shared_ix(const model_desc *d)
+{
+    int n = 0;
+    for (int l = 0; d->index_shared && l < d->n_layer; l++)
+        n += d->index_shared[l];
+    return n;
+}
+
 /* ---- step 1: the weights as the checkpoint stores them ------------------- */
 typedef struct {
     int64_t inplace;        /* non-expert matrices used from the mapping (BF16/F32 in the file) */
@@ -368,6 +377,11 @@ static void compose_session(tandem_plan *p, const model_desc *d, const wscan *w,
                                             td_alloc_size(cells * d->qk_rope_dim * 4);
         add(p, "KV cache", H, SES, 1, 0, 1, kv, "%d x %d tokens x %d layers x %lld floats (fp32)", o->n_seq, o->n_ctx,
             d->n_layer, (long long)kv_row);
+        if (d->dsa) /* forward_dsa.c */
+            add(p, "sparse-attention index", H, SES, 1, 0, 1,
+                dsa_plan_bytes(d, o->n_seq, o->n_ctx, o->n_batch, o->n_threads),
+                "indexer keys (%d floats a token, %d layers, fp32) for %d heads x top-%d, and scratch",
+                d->index_head_dim, d->n_layer - n_shared_ix(d), d->index_n_heads, d->index_topk);
     }
     add(p, "activations and scratch", H, SES, 1, 0, 0, sc[0], "batch of %d tokens", o->n_batch);
     add(p, "attention scratch", H, SES, 1, 0, 1, sc[1], "%d threads x %d tokens", o->n_threads, o->n_ctx);
@@ -452,12 +466,12 @@ static void describe(tandem_plan *p, const model_desc *d, const wscan *w, const 
     model_param_counts(d, &m->n_params, &m->n_params_active);
     m->n_head = d->n_head;
     m->n_kv_head = d->attn == ATTN_GQA ? d->n_kv_head : 1;
-    m->attention = d->attn == ATTN_GQA ? "GQA" : "MLA";
+    m->attention = model_attn_name(d);
     m->routing = model_route_name(d->route);
     m->gpu = p->gpu;
     int64_t row = d->attn == ATTN_GQA ? 2 * (int64_t)d->n_kv_head * d->head_dim
                                       : (int64_t)d->kv_lora_rank + d->qk_rope_dim;
-    m->kv_bytes_per_token = row * 4 * d->n_layer;
+    m->kv_bytes_per_token = (row * d->n_layer + model_extra_cache_floats(d)) * 4;
     m->weight_bytes = w->inplace + w->f16_copy + w->fp8_copy + w->dummy + w->vec;
     for (int i = 0; i < p->n_items; i++)
         if (!strcmp(p->item[i].name, "routed experts") || !strcmp(p->item[i].name, "GPU-held experts"))
@@ -540,9 +554,9 @@ void plan_opts_from(plan_opts *o, const model_desc *d, const tandem_engine_param
 
 /* whether the engine these parameters open runs hybrid: a GPU asked for or
  * found, and experts the GPU engine takes (f32 is the CPU-only reference) */
-static int plan_wants_gpu(const tandem_engine_params *ep)
+static int plan_wants_gpu(const tandem_engine_params *ep, const model_desc *d)
 {
-    if (ep->gpu == 0 || (ep->gpu == -1 && ep->cpu_experts == TANDEM_FMT_F32))
+    if (ep->gpu == 0 || (ep->gpu == -1 && (ep->cpu_experts == TANDEM_FMT_F32 || model_gpu_unsupported(d))))
         return 0;
     return ep->gpu == 1 || gpu_device_count(NULL, 0) > 0;
 }
@@ -722,7 +736,7 @@ int plan_check_engine(const tandem_engine *e, char *err, size_t errlen)
     const tandem_engine_params *ep = &e->params;
     /* gpu -1 plans the GPU run when a device is there: a fallback to the CPU
      * then needs more host memory, which the session's check still sees */
-    int gpu = plan_wants_gpu(ep);
+    int gpu = plan_wants_gpu(ep, &e->d);
     plan_opts o;
     plan_opts_from(&o, &e->d, ep, NULL, gpu);
     st_set *st = NULL;
@@ -798,7 +812,7 @@ int tandem_plan_make(const char *path, const tandem_engine_params *ep, const tan
     if (isa_select(why, sizeof why) != 0) /* the kernels this machine would use (sizes tile scratch) */
         why[0] = 0;
     plan_opts o;
-    plan_opts_from(&o, &d, ep, sp, plan_wants_gpu(ep));
+    plan_opts_from(&o, &d, ep, sp, plan_wants_gpu(ep, &d));
     st_set *st = NULL;
     if (!ep->dummy_weights && st_open(&st, path, why, sizeof why) != 0)
         st = NULL; /* no checkpoint (a bare config.json): dtypes from config.json */

@@ -28,6 +28,7 @@ void tandem_session_free(tandem_session *s)
     if (!s)
         return;
     hybrid_session_free(s); /* first: it unpins s->logits */
+    dsa_session_free(s);
     moe_scratch_free(s->moe_s);
     if (s->kv)
         for (int l = 0; l < s->e->d.n_layer; l++) {
@@ -172,6 +173,10 @@ int tandem_session_create(tandem_engine *e, const tandem_session_params *p, tand
                       "session: out of memory for %d sequence(s) x %d tokens of KV cache and a batch of %d", p->n_seq,
                       n_ctx, p->n_batch);
     }
+    if (!s->hys && (rc = dsa_session_create(s, err, errlen)) != 0) { /* DSA's indexer cache (forward_dsa.c) */
+        tandem_session_free(s);
+        return rc;
+    }
     *out = s;
     return 0;
 }
@@ -190,7 +195,7 @@ int64_t session_host_bytes(const tandem_session *s)
         for (int i = 0; i < 4; i++)
             n += kv[i] ? (int64_t)malloc_usable_size((void *)kv[i]) : 0;
     }
-    return n;
+    return n + dsa_session_bytes(s);
 }
 
 int tandem_kv_len(const tandem_session *s, int seq)

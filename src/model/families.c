@@ -1,0 +1,30 @@
+/*
+ * families.c - what the families added after the 2025 set need from the
+ * rest of tandem, in one place: today, which of them the GPU path does not
+ * run yet (their CPU forward is verified against transformers; the GPU
+ * kernels for sparse attention, linear attention and attention sinks are
+ * not written yet, so a GPU run would silently compute something else).
+ */
+#include "model/model.h"
+
+const char *model_gpu_unsupported(const model_desc *d)
+{
+    if (d->dsa)
+        return "DeepSeek sparse attention";
+    return NULL;
+}
+
+const char *model_attn_name(const model_desc *d)
+{
+    if (d->dsa)
+        return "MLA + DeepSeek sparse attention";
+    return d->attn == ATTN_GQA ? "GQA" : "MLA";
+}
+
+int64_t model_extra_cache_floats(const model_desc *d)
+{
+    int64_t n = 0;
+    for (int l = 0; d->dsa && l < d->n_layer; l++)
+        n += d->index_shared[l] ? 0 : d->index_head_dim;
+    return n;
+}

@@ -1,0 +1,22 @@
+/*
+ * families.h - config.json parsers of the families that live in their own
+ * files (model_dsa.c, ...), called by config.c once the fields every family
+ * shares are read. Internal to src/model/.
+ */
+#ifndef TD_MODEL_FAMILIES_H
+#define TD_MODEL_FAMILIES_H
+
+#include "io/cfg.h"
+#include "model/model.h"
+
+/* DeepSeek-V3.2 / GLM-5: MLA as DeepSeek-V3 plus the sparse-attention indexer. */
+static inline int model_is_dsa(model_arch a)
+{
+    return a == ARCH_DEEPSEEK_V32 || a == ARCH_GLM_MOE_DSA;
+}
+
+/* The DSA fields (index_*, indexer_types) and mlp_layer_types, after the
+ * DeepSeek-V3 fields are parsed. */
+int model_parse_dsa(model_desc *d, const cfg_ctx *c);
+
+#endif
