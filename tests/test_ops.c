@@ -89,3 +89,76 @@ TEST_GROUP(matmul)
         printf("  matmul %s vs ref: worst |diff| / sum|x w| = %.2e\n", isa_name(isa), worst);
     }
 }
+
+/* op_matmul on AMX (mm_amx.c) against the reference kernel: shapes the tile
+ * path takes whole (K % 32 == 0) with row tails for the AVX-512 kernel
+ * (N % 32 != 0), token counts off the 16-token tiles and past one chunk of
+ * the conversion buffer (K = 2048: 128 tokens; 8192: 32), row strides wider
+ * than the rows, a bias. Bound: 2e-5 * sum |x w|: activations enter as
+ * bf16 hi + lo (16 bits of mantissa), products and sums in fp32. */
+static void amx_case(pool *p, int64_t N, int64_t K, int T, int bias, double *worst)
+{
+    const int64_t ldx = K + 16, ldy = N + 3;
+    uint16_t *W = malloc((size_t)(N * K) * 2);
+    float *x = malloc((size_t)(T * ldx) * 4), *ya = malloc((size_t)(T * ldy) * 4), *yb = malloc((size_t)(T * ldy) * 4);
+    float *b = malloc((size_t)N * 4);
+    for (int64_t i = 0; i < N * K; i++)
+        W[i] = f32_to_bf16(frnd());
+    for (int64_t i = 0; i < T * ldx; i++)
+        x[i] = frnd() * 3;
+    for (int64_t i = 0; i < N; i++)
+        b[i] = frnd();
+    for (int64_t i = 0; i < T * ldy; i++)
+        ya[i] = yb[i] = -7.0f;
+    mm_kernels_for(ISA_REF)->bf16(ya, ldy, x, ldx, T, W, K, 0, N);
+    if (bias)
+        for (int t = 0; t < T; t++)
+            for (int64_t n = 0; n < N; n++)
+                ya[t * ldy + n] += b[n];
+    mat m = { 0 };
+    m.data = W, m.dt = DT_BF16, m.rows = N, m.cols = K;
+    op_matmul(p, yb, ldy, x, ldx, T, &m, bias ? b : NULL);
+    int bad = 0;
+    for (int t = 0; t < T; t++)
+        for (int64_t n = 0; n < ldy; n++) {
+            float a = ya[t * ldy + n], c = yb[t * ldy + n];
+            if (n >= N) {
+                bad += c != -7.0f;
+                continue;
+            }
+            double mag = 1e-30 + (bias ? fabs(b[n]) : 0);
+            for (int64_t kk = 0; kk < K; kk++)
+                mag += fabs((double)x[t * ldx + kk] * bf16_to_f32(W[n * K + kk]));
+            double r = fabs((double)a - c) / mag;
+            *worst = r > *worst || r != r ? r : *worst;
+            bad += !(r <= 2e-5);
+        }
+    CHECKF(bad == 0, "amx matmul %lld x %lld, T=%d%s: %d outputs off the reference (or written outside the rows)",
+           (long long)N, (long long)K, T, bias ? " + bias" : "", bad);
+    free(W), free(x), free(ya), free(yb), free(b);
+}
+
+TEST_GROUP(matmul_amx)
+{
+    if (isa_detect() < ISA_AMX) {
+        SKIP("amx", "this CPU lacks AMX (or the OS did not grant the tile state)");
+        return;
+    }
+    char err[256];
+    pool *p = NULL;
+    CHECKF(pool_create(&p, 2, 1, err, sizeof err) == 0, "%s", err);
+    if (!p)
+        return;
+    isa_force(ISA_AMX);
+    static const struct {
+        int64_t N, K;
+        int T, bias;
+    } cs[] = { { 32, 32, 16, 0 },   { 64, 64, 17, 1 },  { 103, 96, 33, 0 }, { 200, 2048, 300, 1 },
+               { 96, 4096, 70, 0 }, { 64, 8192, 40, 0 }, { 37, 160, 100, 0 }, { 2048, 2048, 16, 0 } };
+    double worst = 0;
+    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++)
+        amx_case(p, cs[i].N, cs[i].K, cs[i].T, cs[i].bias, &worst);
+    printf("  matmul amx vs ref: worst |diff| / sum|x w| = %.2e\n", worst);
+    isa_force(isa_detect());
+    pool_free(p);
+}

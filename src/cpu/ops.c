@@ -5,6 +5,7 @@
 #include "cpu/ops.h"
 #include "core/bf16.h"
 #include "core/isa.h"
+#include "cpu/mm_impl.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -175,9 +176,51 @@ static void mm_job(void *arg, int64_t b, int64_t e)
                 c->y[t * c->ldy + n] += c->bias[n];
 }
 
+/* AMX prefill: each item is a range of whole 32-row blocks (the last item
+ * also the N % 32 rows left, on the AVX-512 kernel) over all T tokens. An
+ * item converts all of x to tiles once, so items are few and large: about
+ * two per thread, at least 64 rows. */
+typedef struct {
+    float *y;
+    int64_t ldy, ldx, rows_per;
+    const float *x;
+    int T;
+    const mat *W;
+    const float *bias;
+} mm_amx_ctx;
+
+static void mm_amx_job(void *arg, int64_t b, int64_t e)
+{
+    const mm_amx_ctx *c = arg;
+    const int64_t N = c->W->rows, K = c->W->cols;
+    for (int64_t i = b; i < e; i++) {
+        int64_t n0 = i * c->rows_per, n1 = n0 + c->rows_per < N ? n0 + c->rows_per : N;
+        int64_t na = n0 + ((n1 - n0) & ~(int64_t)31);
+        if (na > n0 && mm_amx_ready())
+            mm_bf16_amx(c->y, c->ldy, c->x, c->ldx, c->T, c->W->data, K, n0, na);
+        else
+            na = n0; /* no buffer: the AVX-512 kernel takes the whole range */
+        if (na < n1)
+            mm_kernels_for(ISA_AVX512)->bf16(c->y, c->ldy, c->x, c->ldx, c->T, c->W->data, K, na, n1);
+        if (c->bias)
+            for (int t = 0; t < c->T; t++)
+                for (int64_t n = n0; n < n1; n++)
+                    c->y[t * c->ldy + n] += c->bias[n];
+    }
+}
+
 void op_matmul(pool *p, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const mat *W, const float *bias)
 {
-    const mm_kernels *k = mm_kernels_for(isa_current());
+    const int isa = isa_current();
+    if (isa >= ISA_AMX && W->dt == DT_BF16 && T >= MM_AMX_MIN_T && W->rows >= 32 && mm_amx_takes(W->cols)) {
+        int64_t per = (W->rows + 2 * pool_size(p) - 1) / (2 * pool_size(p));
+        per = (per + 31) & ~(int64_t)31;
+        per = per < 64 ? 64 : per;
+        mm_amx_ctx c = { y, ldy, ldx, per, x, T, W, bias };
+        pool_run(p, (W->rows + per - 1) / per, 1, mm_amx_job, &c);
+        return;
+    }
+    const mm_kernels *k = mm_kernels_for(isa);
     mm_ctx c = { y, ldy, ldx, x, T, W, bias, W->dt == DT_F32 ? k->f32 : k->bf16 };
     int64_t items = (W->rows + MM_ROWS - 1) / MM_ROWS;
     pool_run(p, items, 1, mm_job, &c);
