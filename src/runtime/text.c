@@ -1,7 +1,8 @@
 /*
  * text.c - the public text API (tandem_tokenizer): the BPE tokenizer of
  * tokenizer.json (or of tiktoken.model where a model ships only that, as
- * Kimi-K2 does), the chat template, and which tokens end a generation.
+ * Kimi-K2 does, or of a .gguf file's tokenizer.* metadata), the chat
+ * template, and which tokens end a generation.
  *
  * End-of-generation ids are gathered from every place models declare them:
  * eos_token_id in config.json and generation_config.json (an id or a list),
@@ -13,6 +14,7 @@
  */
 #include "core/err.h"
 #include "io/cfg.h"
+#include "io/gguf.h"
 #include "tandem.h"
 #include "tokenizer/bpe.h"
 #include "tokenizer/chat.h"
@@ -73,11 +75,70 @@ static void eog_from_file(tandem_tokenizer *t, const char *dir, const char *file
     json_decref(root);
 }
 
+/* the end-of-turn specials of the supported families, when the vocabulary has them */
+static void add_end_texts(tandem_tokenizer *t)
+{
+    static const char *ends[] = { "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
+                                  "<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>",
+                                  "<|user|>", "<|observation|>", "<|im_end|>", "[EOS]" };
+    for (size_t i = 0; i < sizeof ends / sizeof ends[0]; i++) {
+        int id = bpe_find_special(t->bpe, ends[i]);
+        if (id >= 0)
+            add_eog(t, id);
+    }
+}
+
+/* A .gguf file: the tokenizer, chat template and end ids of its tokenizer.* metadata. */
+static int open_gguf(const char *path, tandem_tokenizer **out, char *err, size_t errlen)
+{
+    gguf_file *g;
+    int rc = gguf_open(&g, path, err, errlen);
+    if (rc)
+        return rc;
+    tandem_tokenizer *t = calloc(1, sizeof *t);
+    if (!t) {
+        gguf_close(g);
+        return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
+    }
+    if ((rc = bpe_load_gguf(&t->bpe, g, err, errlen))) {
+        gguf_close(g);
+        free(t);
+        return rc;
+    }
+    uint32_t id;
+    const char *tmpl = NULL;
+    static const char *const ends[] = {"tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"};
+    char e2[256];
+    for (size_t i = 0; i < sizeof ends / sizeof ends[0]; i++)
+        if (gguf_get_u32_opt(g, ends[i], &id, e2, sizeof e2) == 0)
+            add_eog(t, id);
+    int32_t bos_id = bpe_bos_id(t->bpe), eos_id = bpe_eos_id(t->bpe);
+    add_eog(t, eos_id);
+    const char *bos = bos_id >= 0 ? bpe_id_to_token(t->bpe, bos_id) : NULL;
+    const char *eos = eos_id >= 0 ? bpe_id_to_token(t->bpe, eos_id) : NULL;
+    int has = gguf_get_str_opt(g, "tokenizer.chat_template", &tmpl, t->chat_err, sizeof t->chat_err);
+    if (has == 1) {
+        snprintf(t->chat_err, sizeof t->chat_err, "%s has no tokenizer.chat_template", path);
+    } else if (has == 0 && chat_from_string(&t->chat, tmpl, bos, eos, t->chat_err, sizeof t->chat_err) != 0) {
+        t->chat = NULL; /* reported when a chat is rendered */
+        td_err_prefix(t->chat_err, sizeof t->chat_err, TANDEM_EFORMAT, "tokenizer.chat_template");
+    }
+    gguf_close(g);
+    *out = t;
+    return 0;
+}
+
 int tandem_tokenizer_open(const char *dir, tandem_tokenizer **out, char *err, size_t errlen)
 {
     *out = NULL;
     char p[1200];
     struct stat st;
+    if (dir && gguf_is_path(dir) && stat(dir, &st) == 0 && S_ISREG(st.st_mode)) {
+        int rc = open_gguf(dir, out, err, errlen);
+        if (rc == 0)
+            add_end_texts(*out);
+        return rc;
+    }
     if (!dir || stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
         return td_err(err, errlen, TANDEM_EIO, "%s: no such model directory", dir ? dir : "(null)");
     /* tokenizer.json first; Kimi-K2/K2.5 ship only tiktoken.model (+ tokenizer_config.json) */
@@ -103,14 +164,7 @@ int tandem_tokenizer_open(const char *dir, tandem_tokenizer **out, char *err, si
     eog_from_file(t, dir, "config.json");
     eog_from_file(t, dir, "generation_config.json");
     eog_from_file(t, dir, "tokenizer_config.json");
-    static const char *ends[] = { "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
-                                  "<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>",
-                                  "<|user|>", "<|observation|>", "<|im_end|>", "[EOS]" };
-    for (size_t i = 0; i < sizeof ends / sizeof ends[0]; i++) {
-        int id = bpe_find_special(t->bpe, ends[i]);
-        if (id >= 0)
-            add_eog(t, id);
-    }
+    add_end_texts(t);
     *out = t;
     return 0;
 }

@@ -49,6 +49,18 @@ int bpe_load_tiktoken(bpe **out, const char *model_path, const char *config_path
 int bpe_load_tiktoken_from_string(bpe **out, const char *model, size_t model_len,
                                   const char *config_json, size_t config_len,
                                   const char *name_for_errors, char *err, size_t errlen);
+/* A tokenizer from GGUF metadata (bpe_gguf.c): tokenizer.ggml.model "gpt2" (byte-level BPE with
+ * merges and the split regexes of tokenizer.ggml.pre) or "llama" (SentencePiece-style, by scores),
+ * tokens, token types, bos/eos/unk ids, add_bos/add_eos/add_space_prefix; tokenizes as llama.cpp
+ * does with parse_special (add_special adds what add_bos_token / add_eos_token say). The file may
+ * be closed after this returns. */
+struct gguf_file;
+int bpe_load_gguf(bpe **out, const struct gguf_file *g, char *err, size_t errlen);
+/* BOS / EOS ids of a GGUF tokenizer (its keys, else its vocabulary kind's defaults), -1 when it has
+ * none; always -1 for tokenizer.json and tiktoken tokenizers (tokenizer_config.json names theirs). */
+int32_t bpe_bos_id(const bpe *t);
+int32_t bpe_eos_id(const bpe *t);
+
 /* Kimi's split pattern as bpe_* compiles it (PCRE2 syntax, \s meaning Unicode White_Space). */
 const char *bpe_kimi_pattern(void);
 

@@ -197,6 +197,8 @@ struct bpe {
     int32_t *post_prefix, *post_suffix;   /* ids added around the sequence by add_special */
     int n_post_prefix, n_post_suffix;
 
+    int32_t bos_id, eos_id;     /* GGUF metadata's (defaults included); -1 elsewhere, where
+                                 * tokenizer_config.json names them */
     pcre2_code *re_gpt2;        /* ByteLevel use_regex pattern, compiled when used */
     pcre2_code *re_word;        /* Whitespace pre-tokenizer pattern, compiled when used */
 };

@@ -824,6 +824,7 @@ int bpe_load_from_string(bpe **out, const char *json, size_t len, const char *na
         free(t);
         return td_err(err, errlen, TANDEM_ENOMEM, "%s: out of memory", name);
     }
+    t->bos_id = t->eos_id = -1;
     ld L0 = {t, err, errlen}, *L = &L0;
     json_error_t je;
     json_t *root = json_loadb(json, len, JSON_ALLOW_NUL, &je);

@@ -330,7 +330,7 @@ int bpe_load_tiktoken_from_string(bpe **out, const char *model, size_t model_len
     if ((rc = load_specials(t, cfg, n_base, name, err, errlen)))
         goto fail;
 
-    t->unk_id = -1;
+    t->unk_id = t->bos_id = t->eos_id = -1;
     t->ignore_merges = 1;
     for (int i = 0; i < 256; i++)
         t->byte_tok[i] = -1;
