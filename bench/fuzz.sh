@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # bench/fuzz.sh - run the libFuzzer targets of fuzz/ for a given time each.
 #
-#   bench/fuzz.sh TARGET SECONDS     one target (a name in fuzz/, e.g. jinja)
-#   bench/fuzz.sh all SECONDS        every target, one after the other
+#   bench/fuzz.sh TARGET SECONDS [cpu]   one target (a name in fuzz/, e.g. jinja)
+#   bench/fuzz.sh all SECONDS [cpu]      every target, one after the other
+#
+# With `cpu`, SECONDS are CPU seconds: on a machine shared with other work a
+# target runs again (from what it has learnt so far) until it got that much
+# CPU time, as a fuzzing campaign measured in CPU-minutes needs.
 #
 # Builds them first (make fuzz, into build-fuzz/). Each target runs on one core
 # for SECONDS (-max_total_time) from the committed seeds in fuzz/corpus/TARGET;
@@ -19,8 +23,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-if [ $# -ne 2 ] || ! [[ "$2" =~ ^[0-9]+$ ]]; then
-    echo "usage: bench/fuzz.sh TARGET|all SECONDS" >&2
+if [ $# -lt 2 ] || [ $# -gt 3 ] || ! [[ "$2" =~ ^[0-9]+$ ]] || { [ $# = 3 ] && [ "$3" != cpu ]; }; then
+    echo "usage: bench/fuzz.sh TARGET|all SECONDS [cpu]" >&2
     exit 2
 fi
 if [ "$1" = all ]; then
@@ -29,7 +33,7 @@ else
     [ -f "fuzz/$1.c" ] || { echo "bench/fuzz.sh: no target fuzz/$1.c" >&2; exit 2; }
     targets=$1
 fi
-secs=$2
+secs=$2 by_cpu=${3:-}
 make -s fuzz -j"${JOBS:-2}" >/dev/null || { echo "bench/fuzz.sh: make fuzz failed" >&2; exit 2; }
 
 failed=0
@@ -38,16 +42,27 @@ for t in $targets; do
     work=build-fuzz/corpus/$t log=build-fuzz/logs/$t.log
     mkdir -p "$work"
     before=$(ls build-fuzz/crashes | grep -c "^$t-" || true) start=$(date +%s)
-    TIMEFORMAT='%U %S'
-    { time build-fuzz/fuzz/"$t" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-        -artifact_prefix=build-fuzz/crashes/"$t"- "$work" fuzz/corpus/"$t" >"$log" 2>&1; } 2>"$log.cpu"
-    rc=$?
-    cpu=$(awk '{printf "%.0f", $1 + $2}' "$log.cpu")
+    cpu=0 execs_total=0 rc=0
+    : >"$log"
+    while :; do
+        left=$((secs - cpu))
+        TIMEFORMAT='%U %S'
+        { time build-fuzz/fuzz/"$t" -max_total_time="$left" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+            -artifact_prefix=build-fuzz/crashes/"$t"- "$work" fuzz/corpus/"$t" >"$log.slice" 2>&1; } 2>"$log.cpu"
+        rc=$?
+        cat "$log.slice" >>"$log"
+        cpu=$((cpu + $(awk '{printf "%.0f", $1 + $2}' "$log.cpu")))
+        execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log.slice" | tail -n 1)
+        # a crashed run prints no final stats: take its last status line ("#N ...")
+        [ -n "$execs" ] || execs=$(grep -oE '^#[0-9]+' "$log.slice" | tail -n 1 | tr -d '#')
+        execs_total=$((execs_total + ${execs:-0}))
+        # one slice unless SECONDS are CPU seconds; never past a crash
+        [ "$by_cpu" = cpu ] && [ $rc = 0 ] && [ $cpu -lt "$secs" ] || break
+    done
+    rm -f "$log.slice" "$log.cpu"
     ran=$(($(date +%s) - start)) # what it ran: less than SECONDS when it stopped at a crash
     after=$(ls build-fuzz/crashes | grep -c "^$t-" || true)
-    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
-    # a crashed run prints no final stats: take its last status line ("#N ...")
-    [ -n "$execs" ] || execs=$(grep -oE '^#[0-9]+' "$log" | tail -n 1 | tr -d '#')
+    execs=$execs_total
     crashes=$((after - before))
     [ $rc -ne 0 ] && [ $crashes -eq 0 ] && crashes=1 # died without an artifact (e.g. a trap in init)
     echo "bench=fuzz target=$t seconds=$ran cpu_s=$cpu execs=${execs:-0} crashes=$crashes"
