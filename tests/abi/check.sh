@@ -32,7 +32,10 @@ if $CC -std=c11 -Wall -Werror -Itests/abi/v0 -o "$tmp/layout0" tests/abi/layout.
    "$tmp/layout0" > "$tmp/l0" && "$tmp/layout" > "$tmp/l1" && diff "$tmp/l0" "$tmp/l1" > "$tmp/ldiff"; then
     ok "struct layouts and constants equal the 0.1 header's ($(wc -l < "$tmp/l0") lines)"
 else
-    bad "layout differs from the 0.1 header (bump TANDEM_VERSION_MAJOR and freeze a new header): $(cat "$tmp/ldiff" 2>/dev/null | head -c 400)"
+    # a public struct changed size or a constant its value: a program built against 0.1 would
+    # overrun or misread it. Before the first release, refreeze (cp include/tandem.h tests/abi/v0/);
+    # after it, bump TANDEM_VERSION_MAJOR (the soname) and freeze a v1 header beside v0.
+    bad "layout differs from the frozen 0.1 header: $(tr '\n' ' ' < "$tmp/ldiff" 2>/dev/null | head -c 400)"
 fi
 
 if $CC -std=c11 -Wall -Wextra -Werror -Itests/abi/v0 -o "$tmp/client" tests/abi/client.c \
