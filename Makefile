@@ -89,9 +89,11 @@ $(BUILD)/tandem: $(CLI_OBJ) $(BUILD)/libtandem.a
 $(BUILD)/run_tests: $(TEST_OBJ) $(BUILD)/libtandem.a
 	$(CC) $(CFLAGS_BASE) -o $@ $(TEST_OBJ) $(BUILD)/libtandem.a $(LDLIBS)
 
-$(BUILD)/dev/%: dev/%.c $(BUILD)/libtandem.a
+# dev programs link the benchmark code of the command (cli/bench/: not in the library)
+BENCH_OBJ := $(filter $(BUILD)/cli/bench/%,$(CLI_OBJ))
+$(BUILD)/dev/%: dev/%.c $(BENCH_OBJ) $(BUILD)/libtandem.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_BASE) $(ISA_AMX) -o $@ $< $(BUILD)/libtandem.a $(LDLIBS)
+	$(CC) $(CFLAGS_BASE) $(ISA_AMX) -o $@ $< $(BENCH_OBJ) $(BUILD)/libtandem.a $(LDLIBS)
 
 test: $(BUILD)/run_tests $(BUILD)/tandem
 	$(BUILD)/run_tests $(TESTS)

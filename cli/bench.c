@@ -1,8 +1,9 @@
 /*
- * bench.c - `tandem bench WHAT`: dispatch to the library's benchmarks, which
- * print BENCH.md's key=value lines.
+ * bench.c - `tandem bench WHAT`: dispatch to the benchmarks (cli/bench/ and
+ * bench_mem.c), which print BENCH.md's key=value lines.
  */
 #include "cli.h"
+#include "bench/bench.h"
 
 #include <string.h>
 
@@ -13,9 +14,9 @@ int cmd_bench(int argc, char **argv)
         return argc < 3 ? 2 : 0;
     }
     if (!strcmp(argv[2], "moe"))
-        return tandem_bench_moe(argc - 2, argv + 2);
+        return bench_moe_main(argc - 2, argv + 2);
     if (!strcmp(argv[2], "e2e"))
-        return tandem_bench_e2e(argc - 2, argv + 2);
+        return bench_e2e_main(argc - 2, argv + 2);
     if (!strcmp(argv[2], "mem"))
         return tandem_cli_bench_mem(argc - 2, argv + 2);
     fprintf(stderr, "tandem: unknown benchmark '%s' (moe, e2e, mem)\n", argv[2]);

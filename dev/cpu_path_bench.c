@@ -16,6 +16,7 @@
 #include "cpu/attn.h"
 #include "cpu/moe/moe.h"
 #include "cpu/ops.h"
+#include "../cli/bench/bench.h" /* moe_dram_gbps */
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,8 +1,8 @@
 /*
- * moe_bench.c - runs `tandem bench moe` (tandem_bench_moe in
- * src/cpu/moe/moe_bench.c) as its own program, for machines and moments
+ * moe_bench.c - runs `tandem bench moe` (bench_moe_main in
+ * cli/bench/moe_bench.c) as its own program, for machines and moments
  * where the CLI does not have the subcommand: build/dev/moe_bench [options].
  */
-#include "tandem.h"
+#include "../cli/bench/bench.h"
 
-int main(int argc, char **argv) { return tandem_bench_moe(argc, argv); }
+int main(int argc, char **argv) { return bench_moe_main(argc, argv); }

@@ -263,14 +263,6 @@ int32_t tandem_sample(tandem_sampler *s, const float *logits, float *logprob);
 void tandem_sampler_accept(tandem_sampler *s, int32_t id);
 void tandem_sampler_reset(tandem_sampler *s);
 
-/* ---- benchmarks ---------------------------------------------------------- */
-/* `tandem bench moe ARGS`: the CPU MoE operator at real shapes, one line per case
- * in the key=value format of BENCH.md on stdout. Returns a process exit code. */
-int tandem_bench_moe(int argc, char **argv);
-/* `tandem bench e2e ARGS`: the whole engine (hybrid and CPU-only) at real
- * shapes with dummy weights; BENCH.md's bench=e2e lines on stdout. */
-int tandem_bench_e2e(int argc, char **argv);
-
 /* ---- placement and conversion ------------------------------------------- */
 /* Write the placement plan (what runs on the GPU and the CPU) to out, a FILE *. */
 void tandem_print_placement(const tandem_engine *e, void *out);

@@ -95,19 +95,23 @@ static void rope_table(tandem_session *s, int T)
     }
 }
 
-static void attention_gqa(tandem_session *s, int l, int T)
+/* q/k norms, rope, and the store of k and v into the cache, for tokens [b, e) */
+typedef struct {
+    tandem_session *s;
+    const layer_weights *L;
+    kv_layer *kv;
+} qk_prep_ctx;
+
+static void qk_prep_job(void *arg, int64_t b, int64_t e)
 {
-    tandem_engine *e = s->e;
-    const model_desc *d = &e->d;
-    const layer_weights *L = &e->layers[l];
+    const qk_prep_ctx *c = arg;
+    tandem_session *s = c->s;
+    const model_desc *d = &s->e->d;
+    const layer_weights *L = c->L;
     const int hd = d->head_dim, H = d->n_head, KH = d->n_kv_head, half = d->rope_dim / 2;
-    const int64_t D = d->d_model, qd = (int64_t)H * hd, kd = (int64_t)KH * hd;
-    kv_layer *kv = &s->kv[l];
-    op_matmul(e->pool, s->q, qd, s->h, D, T, &L->q, L->q_bias);
-    op_matmul(e->pool, s->kvbuf, 2 * kd, s->h, D, T, &L->k, L->k_bias);
-    op_matmul(e->pool, s->kvbuf + kd, 2 * kd, s->h, D, T, &L->v, L->v_bias);
-    for (int t = 0; t < T; t++) {
-        const float *cs = s->rope_cs + (int64_t)t * 2 * half;
+    const int64_t qd = (int64_t)H * hd, kd = (int64_t)KH * hd;
+    for (int64_t t = b; t < e; t++) {
+        const float *cs = s->rope_cs + t * 2 * half;
         float *q = s->q + t * qd, *k = s->kvbuf + t * 2 * kd, *v = k + kd;
         for (int h = 0; h < H; h++) {
             if (L->q_norm)
@@ -120,9 +124,27 @@ static void attention_gqa(tandem_session *s, int l, int T)
             op_rope(k + h * hd, d->rope_dim, d->rope == ROPE_PAIRS, cs, cs + half);
         }
         int64_t cell = (int64_t)s->tok_seq[t] * s->n_ctx + s->tok_pos[t];
-        memcpy(kv->k + cell * kd, k, (size_t)kd * 4);
-        memcpy(kv->v + cell * kd, v, (size_t)kd * 4);
+        memcpy(c->kv->k + cell * kd, k, (size_t)kd * 4);
+        memcpy(c->kv->v + cell * kd, v, (size_t)kd * 4);
     }
+}
+
+static void attention_gqa(tandem_session *s, int l, int T)
+{
+    tandem_engine *e = s->e;
+    const model_desc *d = &e->d;
+    const layer_weights *L = &e->layers[l];
+    const int hd = d->head_dim, H = d->n_head, KH = d->n_kv_head;
+    const int64_t D = d->d_model, qd = (int64_t)H * hd, kd = (int64_t)KH * hd;
+    kv_layer *kv = &s->kv[l];
+    op_matmul(e->pool, s->q, qd, s->h, D, T, &L->q, L->q_bias);
+    op_matmul(e->pool, s->kvbuf, 2 * kd, s->h, D, T, &L->k, L->k_bias);
+    op_matmul(e->pool, s->kvbuf + kd, 2 * kd, s->h, D, T, &L->v, L->v_bias);
+    qk_prep_ctx c = { s, L, kv };
+    if (T >= 8) /* a long prompt's q/k norms and rotations are worth the pool */
+        pool_run(e->pool, T, 0, qk_prep_job, &c);
+    else
+        qk_prep_job(&c, 0, T);
     attn_gqa_params a = { H, KH, hd, d->attn_scale, d->sliding_window, kv->k, kv->v, (int64_t)s->n_ctx * kd, kd };
     attn_gqa(e->pool, &a, T, s->q, s->tok_seq, s->tok_pos, s->att, s->attn_scratch, s->attn_scratch_stride);
     op_matmul(e->pool, s->y, D, s->att, qd, T, &L->o, L->o_bias);

@@ -62,10 +62,6 @@ void hybrid_session_free(tandem_session *s);
 int hybrid_forward(tandem_session *s, const tandem_batch *b, char *err, size_t errlen);
 void hybrid_plan_print(const tandem_engine *e, FILE *out);
 
-/* `tandem bench e2e ARGS` (hybrid_bench.c): end-to-end prefill and decode on
- * full-size shapes, BENCH.md lines on stdout. Returns a process exit code. */
-int tandem_bench_e2e(int argc, char **argv);
-
 /* ---- the placement plan (pure: computable and testable without a GPU) ---- */
 typedef struct {
     int64_t dense_bytes;        /* GPU bytes of everything but routed experts */

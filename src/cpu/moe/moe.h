@@ -226,15 +226,6 @@ const char *moe_scratch_error(const moe_scratch *s);
  * open must have as many partitions as the one the op was packed for. */
 int moe_save(const moe_op *op, const char *path, char *err, size_t errlen);
 
-/* The DRAM read ceiling in GB/s, as the benchmarks print it: all pool threads
- * reading 2.25 GiB of huge pages with the widest loads `isa` has, best of 6
- * passes (the expert kernels stream their weights the same way). 0 if the
- * buffer cannot be had. */
-double moe_dram_gbps(pool *p, int isa);
-/* GB of this process's anonymous memory on transparent huge pages, -1 if
- * unknown (the packed experts ask for huge pages; on 4 KB pages streaming
- * them costs a page walk every 64 lines). */
-double moe_thp_gb(void);
 int moe_open_packed(moe_op **out, const char *path, pool *p, int isa /* <0: isa_current() */,
                     char *err, size_t errlen);
 

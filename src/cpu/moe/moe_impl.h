@@ -388,11 +388,4 @@ int moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int
 void *moe_huge_alloc(size_t n);
 void moe_huge_free(void *p, size_t n);
 
-/* ceilings for the benchmark (moe_bench_*.c): memory read of n bytes (a
- * multiple of 256), and vector / tile peak loops returning operations done */
-uint64_t moe_bench_read512(const void *p, size_t n);
-uint64_t moe_bench_read256(const void *p, size_t n);
-double moe_bench_peak512(int int8, long iters);
-double moe_bench_peak_amx(int int8, int loads, long iters);
-
 #endif

@@ -1,5 +1,5 @@
 /*
- * hybrid_bench.c - `tandem bench e2e`: end-to-end prefill and decode of the
+ * e2e_bench.c - `tandem bench e2e`: end-to-end prefill and decode of the
  * hybrid engine (and of the CPU engine) on full-size shapes, in BENCH.md's
  * key=value line format.
  *
@@ -34,6 +34,7 @@
 #include "core/log.h"
 #include "core/mem.h"
 #include "core/isa.h"
+#include "bench.h"
 #include "cpu/moe/moe.h"
 #include "runtime/hybrid_impl.h"
 
@@ -433,7 +434,7 @@ static int parse(int argc, char **argv, bench_opts *o)
     return 0;
 }
 
-int tandem_bench_e2e(int argc, char **argv)
+int bench_e2e_main(int argc, char **argv)
 {
     bench_opts o;
     int prc = parse(argc, argv, &o);

@@ -2,6 +2,7 @@
  * moe_bench_avx2.c - DRAM read bandwidth with 32-byte loads, for
  * `tandem bench moe` on machines without AVX-512. Compiled with AVX2 flags.
  */
+#include "bench.h"
 #include "cpu/moe/moe_impl.h"
 
 #include <immintrin.h>

@@ -4,6 +4,7 @@
  * read) and the VDPBF16PS / VPDPBUSD peaks used as the roofline where there
  * is no AMX. Compiled with the AVX-512 flags; called only on such machines.
  */
+#include "bench.h"
 #include "cpu/moe/moe_impl.h"
 
 #include <immintrin.h>

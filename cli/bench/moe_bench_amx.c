@@ -8,6 +8,7 @@
  * flags; called only when isa_detect() found AMX (which obtained the OS
  * permission).
  */
+#include "bench.h"
 #include "cpu/moe/moe_impl.h"
 
 /* returns the operations done: 16 x 16 x 32 x 2 per TDPBF16PS, x 64 x 2 per TDPBSSD;

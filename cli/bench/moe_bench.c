@@ -26,6 +26,7 @@
  * each case runs once per tile-kernel setting and says which (tune=).
  */
 #include "tandem.h"
+#include "bench.h"
 #include "cpu/moe/moe_impl.h"
 #include "core/err.h"
 #include "core/isa.h"
@@ -621,7 +622,7 @@ done:
         moe_free(ops[l]);
 }
 
-int tandem_bench_moe(int argc, char **argv)
+int bench_moe_main(int argc, char **argv)
 {
     bench_opts o;
     int rc = parse_opts(&o, argc, argv);
