@@ -1,8 +1,11 @@
 /*
- * fuzz/tokenizer.c - libFuzzer target: a Hugging Face tokenizer.json.
+ * fuzz/tokenizer.c - libFuzzer target: a Hugging Face tokenizer.json, or a
+ * tiktoken.model (Kimi-K2) when the input does not start like JSON.
  *
  * Calls bpe_load_from_string() on the input (the library's in-memory entry,
- * the same code bpe_load() runs after reading the file): JSON, normalizer,
+ * the same code bpe_load() runs after reading the file), or
+ * bpe_load_tiktoken_from_string() without a tokenizer_config.json (base64
+ * lines, ranks, the splits of every token into merges): JSON, normalizer,
  * pre-tokenizer (regexes compiled with PCRE2), BPE vocabulary and merges,
  * added tokens, post-processor, decoder. A tokenizer that loads is then used
  * once as a model would use it: a fixed short text with special tokens,
@@ -11,7 +14,8 @@
  * bpe_free().
  *
  *   make fuzz && build-fuzz/fuzz/tokenizer fuzz/corpus/tokenizer
- * Seeds: small tokenizers from tests/fixtures/tokenizers (under ~25 KB).
+ * Seeds: small tokenizers from tests/fixtures/tokenizers (under ~25 KB) and
+ * the first 600 ranks of tests/fixtures/tokenizers/kimi_k2/tiktoken.model.
  */
 #include "fuzz.h"
 #include "tokenizer/bpe.h"
@@ -24,7 +28,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     bpe *t = NULL;
     char err[512];
-    if (bpe_load_from_string(&t, (const char *)data, size, "fuzz", err, sizeof err) != 0)
+    size_t k = 0;
+    while (k < size && (data[k] == ' ' || data[k] == '\n' || data[k] == '\r' || data[k] == '\t'))
+        k++;
+    int json = k < size && data[k] == '{';
+    if (json ? bpe_load_from_string(&t, (const char *)data, size, "fuzz", err, sizeof err) != 0
+             : bpe_load_tiktoken_from_string(&t, (const char *)data, size, NULL, 0, "fuzz", err, sizeof err) != 0)
         return 0;
     static const char text[] = "Hello  world<|im_end|> 12345 caf\xc3\xa9 \xe4\xbd\xa0\xe5\xa5\xbd\n\t\xff x";
     int32_t ids[256];

@@ -204,8 +204,10 @@ int tandem_kv_clear(tandem_session *s, int seq);            /* length -> 0 */
 int tandem_kv_truncate(tandem_session *s, int seq, int len); /* keep [0,len) */
 
 /* ---- text: tokenizer, streaming detokenizer, chat template -------------- *
- * Read from the model directory: tokenizer.json, tokenizer_config.json (and
- * chat_template.jinja when present). Independent of the engine. */
+ * Read from the model directory: tokenizer.json (or, where there is none,
+ * tiktoken.model as Kimi-K2 ships it), tokenizer_config.json (and
+ * chat_template.jinja when present); or from a .gguf file's tokenizer.*
+ * metadata when model_dir is that file. Independent of the engine. */
 typedef struct tandem_tokenizer tandem_tokenizer;
 
 int tandem_tokenizer_open(const char *model_dir, tandem_tokenizer **out, char *err, size_t errlen);
