@@ -206,8 +206,10 @@ int tandem_kv_clear(tandem_session *s, int seq);            /* length -> 0 */
 int tandem_kv_truncate(tandem_session *s, int seq, int len); /* keep [0,len) */
 
 /* ---- text: tokenizer, streaming detokenizer, chat template -------------- *
- * Read from the model directory: tokenizer.json, tokenizer_config.json (and
- * chat_template.jinja when present). Independent of the engine. */
+ * Read from the model directory: tokenizer.json (or, where there is none,
+ * tiktoken.model as Kimi-K2 ships it), tokenizer_config.json (and
+ * chat_template.jinja when present); or from a .gguf file's tokenizer.*
+ * metadata when model_dir is that file. Independent of the engine. */
 typedef struct tandem_tokenizer tandem_tokenizer;
 
 int tandem_tokenizer_open(const char *model_dir, tandem_tokenizer **out, char *err, size_t errlen);
@@ -264,14 +266,6 @@ int32_t tandem_sample(tandem_sampler *s, const float *logits, float *logprob);
 /* Record a token (prompt or generated) in the penalty history. */
 void tandem_sampler_accept(tandem_sampler *s, int32_t id);
 void tandem_sampler_reset(tandem_sampler *s);
-
-/* ---- benchmarks ---------------------------------------------------------- */
-/* `tandem bench moe ARGS`: the CPU MoE operator at real shapes, one line per case
- * in the key=value format of BENCH.md on stdout. Returns a process exit code. */
-int tandem_bench_moe(int argc, char **argv);
-/* `tandem bench e2e ARGS`: the whole engine (hybrid and CPU-only) at real
- * shapes with dummy weights; BENCH.md's bench=e2e lines on stdout. */
-int tandem_bench_e2e(int argc, char **argv);
 
 /* ---- placement and conversion ------------------------------------------- */
 /* Write the placement plan (what runs on the GPU and the CPU) to out, a FILE *. */
