@@ -67,7 +67,10 @@ from transformers import (
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    Qwen3NextConfig,
+    Qwen3NextForCausalLM,
 )
+from transformers.models.qwen3_5_moe import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
 
 T_PREFILL = 20          # prefill length
 D_DECODE = 8            # decode steps after the prefill
@@ -177,6 +180,33 @@ FAMILIES = {
                 indexer_types=["full", "shared", "full"],
                 rms_norm_eps=1e-5, max_position_embeddings=256, tie_word_embeddings=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # Hybrid linear attention: Gated DeltaNet layers (conv1d state + delta-rule state per sequence,
+    # 2 key heads serving 4 value heads) around a gated full-attention layer with partial rotary
+    # 0.25, q/k norm and zero-centred RMSNorms.
+    "qwen3_5_moe": dict(
+        model=Qwen3_5MoeForCausalLM, config=Qwen3_5MoeTextConfig, shard=None,
+        kw=dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, moe_intermediate_size=32,
+                shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                layer_types=["linear_attention", "full_attention", "linear_attention"],
+                linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=24,
+                linear_num_key_heads=2, linear_num_value_heads=4, rms_norm_eps=1e-6,
+                max_position_embeddings=512, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.25})),
+    # Qwen3-Next: the same layers with fused in_proj_qkvz / in_proj_ba, and a dense layer.
+    "qwen3_next": dict(
+        model=Qwen3NextForCausalLM, config=Qwen3NextConfig, shard=None,
+        kw=dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, intermediate_size=96, moe_intermediate_size=32,
+                shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                norm_topk_prob=True, mlp_only_layers=[2], decoder_sparse_step=1,
+                layer_types=["linear_attention", "full_attention", "linear_attention"],
+                linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=24,
+                linear_num_key_heads=2, linear_num_value_heads=4, rms_norm_eps=1e-6,
+                max_position_embeddings=512, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.25})),
 }
 # deepseek_v3_fp8 is derived from deepseek_v3 (same weights, same ref.safetensors).
 ALL_NAMES = list(FAMILIES) + ["deepseek_v3_fp8"]
@@ -231,10 +261,18 @@ def init_weights(model, gen, fp8_weights):
             leaf = name.split(".")[-2] if name.endswith(".weight") or name.endswith(".bias") else ""
             if name.endswith("embed_tokens.weight"):
                 v = randn(p.shape, 1.0)
+            elif name.endswith("linear_attn.conv1d.weight"):      # depthwise [C, 1, K]
+                v = randn(p.shape, 1.0 / math.sqrt(p.shape[2]))
+            elif name.endswith("linear_attn.dt_bias"):
+                v = randn(p.shape, 0.5)
+            elif name.endswith("linear_attn.A_log"):             # decay rates exp(A_log) around 1
+                v = randn(p.shape, 0.5)
             elif name == "lm_head.weight":
                 v = randn(p.shape, 3.0 / math.sqrt(p.shape[1]))
             elif p.dim() == 1 and name.endswith(".bias"):
                 v = randn(p.shape, 0.2)
+            elif p.dim() == 1 and "norm" in leaf and not p.detach().any():
+                v = randn(p.shape, 0.1)        # zero-centred RMSNorm (Qwen3.5, Qwen3-Next): scale 1 + w
             elif p.dim() == 1 and "norm" in leaf:
                 v = 1.0 + randn(p.shape, 0.1)
             elif p.dim() == 2:
@@ -877,6 +915,10 @@ def self_check(root, names):
         d = os.path.join(root, name)
         ref = load_file(os.path.join(d, "ref.safetensors"))
         cfg, w = read_checkpoint(d)
+        if "layer_types" in cfg and "linear_attention" in cfg["layer_types"]:
+            print(f"  self-check {name:<18} not covered: the independent forward has no linear attention yet",
+                  flush=True)
+            continue
         V = cfg["vocab_size"]
         problems = []
         for k, t in ref.items():

@@ -36,6 +36,9 @@ static const struct {
     { "Glm4MoeForCausalLM", "glm4_moe", ARCH_GLM4_MOE },
     { "DeepseekV32ForCausalLM", "deepseek_v32", ARCH_DEEPSEEK_V32 },
     { "GlmMoeDsaForCausalLM", "glm_moe_dsa", ARCH_GLM_MOE_DSA },
+    { "Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", ARCH_QWEN35_MOE },
+    { "Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe", ARCH_QWEN35_MOE }, /* its text model (families.h) */
+    { "Qwen3NextForCausalLM", "qwen3_next", ARCH_QWEN3_NEXT },
 };
 
 const char *model_route_name(route_kind r)
@@ -365,10 +368,10 @@ static int parse(model_desc *d, const cfg_ctx *c)
             TRY(cfg_bool(c, "attention_bias", 0, &d->qkv_bias));
             d->o_bias = d->arch == ARCH_QWEN3_MOE ? d->qkv_bias : 0;
         }
-        d->qk_norm = d->arch == ARCH_QWEN3_MOE;
+        d->qk_norm = d->arch == ARCH_QWEN3_MOE || model_is_qwen35(d->arch);
         if (d->arch == ARCH_GLM4_MOE)
             TRY(cfg_bool(c, "use_qk_norm", 0, &d->qk_norm));
-        TRY(parse_rope(d, c, d->head_dim, d->arch == ARCH_GLM4_MOE ? 0.5 : 1.0));
+        TRY(parse_rope(d, c, d->head_dim, d->arch == ARCH_GLM4_MOE ? 0.5 : model_is_qwen35(d->arch) ? 0.25 : 1.0));
         if (d->rope_dim < 2)
             return td_err(c->err, c->errlen, TANDEM_EFORMAT, "%s: rotary dimension %d is too small", c->file,
                           d->rope_dim);
@@ -429,6 +432,10 @@ static int parse(model_desc *d, const cfg_ctx *c)
         }
         break;
     }
+    case ARCH_QWEN35_MOE:
+    case ARCH_QWEN3_NEXT:
+        TRY(model_parse_qwen35(d, c));
+        break;
     case ARCH_MIXTRAL:
         for (int l = 0; l < d->n_layer; l++)
             d->layer_moe[l] = 1;
@@ -552,11 +559,14 @@ int model_load_config(model_desc *d, const char *path, char *err, size_t errlen)
             snprintf(d->arch_name, sizeof d->arch_name, "%s", archs[i].arch);
             found = 1;
         }
-    if (!found) {
+    if (found && (rc = model_text_config(d, &c)) != 0) {
+        /* a multimodal checkpoint whose text_config is missing: model_text_config said so */
+    } else if (!found) {
         rc = td_err(err, errlen, TANDEM_EUNSUPPORTED,
                     "%s: architecture '%s' (model_type '%s') is not supported; supported: Qwen3MoeForCausalLM, "
                     "Qwen2MoeForCausalLM, MixtralForCausalLM, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM "
-                    "(also Kimi-K2), Glm4MoeForCausalLM, DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM",
+                    "(also Kimi-K2), Glm4MoeForCausalLM, DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM, "
+                    "Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration (its text model), Qwen3NextForCausalLM",
                     path, arch ? arch : "?", mt ? mt : "?");
     } else {
         rc = parse(d, &c);
@@ -575,4 +585,6 @@ void model_desc_free(model_desc *d)
     d->layer_moe = NULL;
     free(d->index_shared);
     d->index_shared = NULL;
+    free(d->layer_linear);
+    d->layer_linear = NULL;
 }

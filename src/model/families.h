@@ -19,4 +19,19 @@ static inline int model_is_dsa(model_arch a)
  * DeepSeek-V3 fields are parsed. */
 int model_parse_dsa(model_desc *d, const cfg_ctx *c);
 
+static inline int model_is_qwen35(model_arch a)
+{
+    return a == ARCH_QWEN35_MOE || a == ARCH_QWEN3_NEXT;
+}
+
+/* Qwen3.5-MoE / Qwen3-Next: layer_types, the linear-attention fields, the
+ * experts (every layer MoE in Qwen3.5; decoder_sparse_step and
+ * mlp_only_layers in Qwen3-Next), after the GQA fields are parsed. */
+int model_parse_qwen35(model_desc *d, const cfg_ctx *c);
+
+/* A multimodal architecture whose text model tandem runs (Qwen3.5-MoE's
+ * ...ForConditionalGeneration): point c at config.json's text_config and set
+ * d->prefix to the text model's tensor prefix. Others: nothing to do. */
+int model_text_config(model_desc *d, cfg_ctx *c);
+
 #endif

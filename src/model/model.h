@@ -23,6 +23,8 @@ typedef enum {
     ARCH_GLM4_MOE,
     ARCH_DEEPSEEK_V32,        /* DeepSeek-V3 + DeepSeek sparse attention (model_dsa.c) */
     ARCH_GLM_MOE_DSA,         /* GLM-5: the same, indexer rope interleaved, indexer shared across layers */
+    ARCH_QWEN35_MOE,          /* Qwen3.5-MoE: Gated DeltaNet + gated full attention (model_qwen35.c) */
+    ARCH_QWEN3_NEXT,          /* Qwen3-Next: the same with fused input projections */
 } model_arch;
 
 typedef enum { ATTN_GQA, ATTN_MLA } attn_kind;
@@ -43,6 +45,8 @@ typedef enum {
 typedef struct {
     model_arch arch;
     char arch_name[64];       /* architectures[0], e.g. "DeepseekV3ForCausalLM" */
+    char prefix[32];          /* tensor name prefix of the language model; "" = "model." (a multimodal
+                                 checkpoint's text model: "model.language_model.") */
     int n_layer, d_model, n_vocab, max_ctx;
     float rms_eps;
     int tie_embed;
@@ -95,6 +99,15 @@ typedef struct {
     int index_rope_pairs;     /* rope layout of the indexer's first qk_rope_dim dims (GLM-5: pairs) */
     uint8_t *index_shared;    /* [n_layer] 1 = no indexer: reuse the previous layer's selection (GLM-5) */
 
+    /* hybrid linear attention (Qwen3.5-MoE, Qwen3-Next; model_qwen35.c) */
+    uint8_t *layer_linear;    /* [n_layer] 1 = Gated DeltaNet layer, 0 = full attention; NULL: none */
+    int n_layer_linear;
+    int attn_gate;            /* q_proj yields [q | gate] per head; the attention output is * sigmoid(gate) */
+    int norm_offset;          /* RMSNorm weights stored zero-centred: the scale is 1 + w */
+    int lin_conv;             /* causal conv1d kernel width */
+    int lin_k_heads, lin_v_heads, lin_k_dim, lin_v_dim;
+    int lin_fused;            /* Qwen3-Next: in_proj_qkvz / in_proj_ba grouped per key head */
+
     int bos_id, eos_id;       /* -1 if unknown */
 } model_desc;
 
@@ -113,6 +126,8 @@ typedef enum {
     TS_EXP_GATE, TS_EXP_UP, TS_EXP_DOWN,
     TS_SH_GATE, TS_SH_UP, TS_SH_DOWN, TS_SH_GATE_BIAS, TS_SH_UP_BIAS, TS_SH_DOWN_BIAS, TS_SH_GATE_INP,
     TS_IX_WQ_B, TS_IX_WK, TS_IX_K_NORM, TS_IX_K_NORM_BIAS, TS_IX_W, /* DSA indexer (model_dsa.c) */
+    TS_LA_QKV, TS_LA_Z, TS_LA_B, TS_LA_A, TS_LA_QKVZ, TS_LA_BA,      /* Gated DeltaNet (model_qwen35.c) */
+    TS_LA_CONV, TS_LA_DT_BIAS, TS_LA_A_LOG, TS_LA_NORM, TS_LA_OUT,
     TS_COUNT
 } tensor_slot;
 

@@ -59,22 +59,40 @@ static void add(spec_list *l, tensor_slot slot, int layer, int expert, int64_t r
 
 void model_fused_expert_prefix(const model_desc *d, int layer, char *buf, size_t n)
 {
-    snprintf(buf, n, "model.layers.%d.%s.experts", layer, d->arch == ARCH_MIXTRAL ? "block_sparse_moe" : "mlp");
+    snprintf(buf, n, "%slayers.%d.%s.experts", d->prefix[0] ? d->prefix : "model.", layer,
+             d->arch == ARCH_MIXTRAL ? "block_sparse_moe" : "mlp");
 }
 
 int model_tensors(const model_desc *d, tensor_spec **out, int *n_out, char *err, size_t errlen)
 {
     spec_list L = { 0 };
     const int D = d->d_model;
-    add(&L, TS_EMBED, -1, -1, d->n_vocab, D, 0, "model.embed_tokens.weight");
+    const char *mp = d->prefix[0] ? d->prefix : "model."; /* the language model's prefix */
+    add(&L, TS_EMBED, -1, -1, d->n_vocab, D, 0, "%sembed_tokens.weight", mp);
     for (int l = 0; l < d->n_layer; l++) {
-        char p[64];
-        snprintf(p, sizeof p, "model.layers.%d.", l);
+        char p[80];
+        snprintf(p, sizeof p, "%slayers.%d.", mp, l);
         VEC(TS_ATTN_NORM, l, D, "%sinput_layernorm.weight", p);
         VEC(TS_FFN_NORM, l, D, "%spost_attention_layernorm.weight", p);
-        if (d->attn == ATTN_GQA) {
+        if (d->layer_linear && d->layer_linear[l]) { /* Gated DeltaNet (model_qwen35.c) */
+            const int64_t kd = (int64_t)d->lin_k_heads * d->lin_k_dim, vd = (int64_t)d->lin_v_heads * d->lin_v_dim;
+            if (d->lin_fused) {
+                MAT(TS_LA_QKVZ, l, 2 * kd + 2 * vd, D, "%slinear_attn.in_proj_qkvz.weight", p);
+                MAT(TS_LA_BA, l, 2 * d->lin_v_heads, D, "%slinear_attn.in_proj_ba.weight", p);
+            } else {
+                MAT(TS_LA_QKV, l, 2 * kd + vd, D, "%slinear_attn.in_proj_qkv.weight", p);
+                MAT(TS_LA_Z, l, vd, D, "%slinear_attn.in_proj_z.weight", p);
+                MAT(TS_LA_B, l, d->lin_v_heads, D, "%slinear_attn.in_proj_b.weight", p);
+                MAT(TS_LA_A, l, d->lin_v_heads, D, "%slinear_attn.in_proj_a.weight", p);
+            }
+            add(&L, TS_LA_CONV, l, -1, 2 * kd + vd, d->lin_conv, 0, "%slinear_attn.conv1d.weight", p);
+            VEC(TS_LA_DT_BIAS, l, d->lin_v_heads, "%slinear_attn.dt_bias", p);
+            VEC(TS_LA_A_LOG, l, d->lin_v_heads, "%slinear_attn.A_log", p);
+            VEC(TS_LA_NORM, l, d->lin_v_dim, "%slinear_attn.norm.weight", p);
+            MAT(TS_LA_OUT, l, D, vd, "%slinear_attn.out_proj.weight", p);
+        } else if (d->attn == ATTN_GQA) {
             int64_t q = (int64_t)d->n_head * d->head_dim, kv = (int64_t)d->n_kv_head * d->head_dim;
-            MAT(TS_Q, l, q, D, "%sself_attn.q_proj.weight", p);
+            MAT(TS_Q, l, d->attn_gate ? 2 * q : q, D, "%sself_attn.q_proj.weight", p);
             MAT(TS_K, l, kv, D, "%sself_attn.k_proj.weight", p);
             MAT(TS_V, l, kv, D, "%sself_attn.v_proj.weight", p);
             MAT(TS_O, l, D, q, "%sself_attn.o_proj.weight", p);
@@ -141,7 +159,9 @@ int model_tensors(const model_desc *d, tensor_spec **out, int *n_out, char *err,
         }
         if (d->d_ff_shared) {
             const int S = d->d_ff_shared;
-            const char *sh = d->arch == ARCH_QWEN2_MOE ? "shared_expert" : "shared_experts";
+            const char *sh = d->arch == ARCH_QWEN2_MOE || d->arch == ARCH_QWEN35_MOE || d->arch == ARCH_QWEN3_NEXT
+                                 ? "shared_expert"
+                                 : "shared_experts";
             MAT(TS_SH_GATE, l, S, D, "%smlp.%s.gate_proj.weight", p, sh);
             MAT(TS_SH_UP, l, S, D, "%smlp.%s.up_proj.weight", p, sh);
             MAT(TS_SH_DOWN, l, D, S, "%smlp.%s.down_proj.weight", p, sh);
@@ -154,7 +174,7 @@ int model_tensors(const model_desc *d, tensor_spec **out, int *n_out, char *err,
                 add(&L, TS_SH_GATE_INP, l, -1, 1, D, 0, "%smlp.shared_expert_gate.weight", p);
         }
     }
-    VEC(TS_OUT_NORM, -1, D, "model.norm.weight");
+    VEC(TS_OUT_NORM, -1, D, "%snorm.weight", mp);
     if (!d->tie_embed)
         add(&L, TS_LM_HEAD, -1, -1, d->n_vocab, D, 0, "lm_head.weight");
     if (L.oom) {

@@ -37,6 +37,10 @@ typedef struct {
     /* DSA indexer (DeepSeek-V3.2, GLM-5; forward_dsa.c) */
     mat ix_wq_b, ix_wk, ix_w;                 /* [IH*ID][rq], [ID][D], [IH][D] */
     float *ix_k_norm, *ix_k_norm_bias;        /* [ID] LayerNorm weight, bias */
+    /* Gated DeltaNet (Qwen3.5-MoE, Qwen3-Next; forward_gdn.c): qkv [2*Hk*dk + Hv*dv][D], z [Hv*dv][D],
+     * b, a [Hv][D] (Qwen3-Next: qkvz, ba grouped per key head), out [D][Hv*dv], conv [2*Hk*dk + Hv*dv][K] */
+    mat la_qkv, la_z, la_b, la_a, la_qkvz, la_ba, la_out, la_conv;
+    float *la_dt_bias, *la_a_log, *la_norm;   /* [Hv], [Hv], [dv] */
 } layer_weights;
 
 struct tandem_engine {
@@ -94,6 +98,7 @@ struct tandem_session {
     int64_t *route_counts;      /* [n_layer][E] while tandem_count_routes is on (calib.c), else NULL */
     int64_t routed_tokens;
     struct dsa_session *dsa;    /* DSA indexer key cache and scratch (forward_dsa.c); NULL for other families */
+    struct gdn_session *gdn;    /* linear-attention state per sequence (forward_gdn.c); NULL for other families */
 };
 
 /* Where `tandem convert` puts a layer's packed experts, and the directory. */
@@ -165,6 +170,20 @@ void dsa_session_free(tandem_session *s);
 int64_t dsa_session_bytes(const tandem_session *s);
 /* what dsa_session_create allocates, from the description alone (the memory plan) */
 int64_t dsa_plan_bytes(const model_desc *d, int n_seq, int n_ctx, int n_batch, int n_threads);
+
+/* ---- Gated DeltaNet / gated attention (forward_gdn.c) --------------------
+ * Per linear-attention layer and sequence, the conv state (the last K-1
+ * inputs of the causal conv1d) and the recurrent state (Hv matrices dk x dv),
+ * fp32, made with the session (NULL for other families); the state of a
+ * sequence restarts when its next token is at position 0, and cannot be
+ * rewound to a shorter non-empty length (gdn_validate refuses that). */
+int gdn_session_create(tandem_session *s, char *err, size_t errlen);
+void gdn_session_free(tandem_session *s);
+int64_t gdn_session_bytes(const tandem_session *s);
+int64_t gdn_plan_bytes(const model_desc *d, int n_seq, int n_batch);
+int gdn_validate(tandem_session *s, const tandem_batch *b, char *err, size_t errlen);
+/* zero-centred norms (norm_offset): the loaded weights w become 1 + w, once */
+void gdn_engine_prepare(tandem_engine *e);
 /* Row widths of a session's per-token scratch (session.c; the memory plan
  * sizes the same buffers from them): q, the K/V (or MLA latent) rows, the
  * attention output, and the widest MLP. */

@@ -29,6 +29,7 @@
 #include "cpu/router.h"
 #include "runtime/engine.h"
 #include "runtime/forward_dsa.h"
+#include "runtime/forward_gdn.h"
 
 #include <math.h>
 #include <string.h>
@@ -381,6 +382,8 @@ int forward_batch(tandem_session *s, const tandem_batch *b, char *err, size_t er
     int n_want = 0, rc = validate(s, b, &n_want, err, errlen);
     if (rc)
         return rc;
+    if (s->gdn && (rc = gdn_begin(s, b, err, errlen)) != 0) /* linear-attention state (forward_gdn.c) */
+        return rc;
     const int T = b->n_tokens;
     const int64_t D = d->d_model;
     for (int t = 0; t < T; t++)
@@ -394,7 +397,11 @@ int forward_batch(tandem_session *s, const tandem_batch *b, char *err, size_t er
     for (int l = 0; l < d->n_layer; l++) {
         const layer_weights *L = &e->layers[l];
         op_rmsnorm_rows(e->pool, s->h, D, s->x, D, T, L->attn_norm, (int)D, d->rms_eps);
-        if (d->attn == ATTN_GQA)
+        if (d->layer_linear && d->layer_linear[l])
+            gdn_linear_attention(s, l, T);
+        else if (d->attn_gate)
+            gdn_gated_attention(s, l, T);
+        else if (d->attn == ATTN_GQA)
             attention_gqa(s, l, T);
         else
             attention_mla(s, l, T);

@@ -101,6 +101,17 @@ static void slot_target(tandem_engine *e, const tensor_spec *s, float ***vec, ma
     case TS_IX_W: *m = &L->ix_w; break;
     case TS_IX_K_NORM: *vec = &L->ix_k_norm; break;
     case TS_IX_K_NORM_BIAS: *vec = &L->ix_k_norm_bias; break;
+    case TS_LA_QKV: *m = &L->la_qkv; break;
+    case TS_LA_Z: *m = &L->la_z; break;
+    case TS_LA_B: *m = &L->la_b; break;
+    case TS_LA_A: *m = &L->la_a; break;
+    case TS_LA_QKVZ: *m = &L->la_qkvz; break;
+    case TS_LA_BA: *m = &L->la_ba; break;
+    case TS_LA_OUT: *m = &L->la_out; break;
+    case TS_LA_CONV: *m = &L->la_conv; break;
+    case TS_LA_DT_BIAS: *vec = &L->la_dt_bias; break;
+    case TS_LA_A_LOG: *vec = &L->la_a_log; break;
+    case TS_LA_NORM: *vec = &L->la_norm; break;
     case TS_COUNT: break;
     }
 }
@@ -285,6 +296,8 @@ static int bind_tensor(tandem_engine *e, const tensor_spec *s, const st_tensor *
     int64_t want[2] = { s->rows, s->cols };
     int64_t n = s->rows * (s->ndim == 2 ? s->cols : 1);
     int shape_ok = t->ndim == s->ndim && t->shape[0] == s->rows && (s->ndim == 1 || t->shape[1] == s->cols);
+    if (s->slot == TS_LA_CONV) /* nn.Conv1d's depthwise weight: [channels][1][K] */
+        shape_ok = t->ndim == 3 && t->shape[0] == s->rows && t->shape[1] == 1 && t->shape[2] == s->cols;
     if (!shape_ok)
         return td_err(err, errlen, TANDEM_EFORMAT, "%s: tensor '%s' has shape %s, expected %s", file, s->name,
                       st_shape_str(t->shape, t->ndim, sh, sizeof sh),
@@ -481,6 +494,8 @@ int engine_load_weights(tandem_engine *e, char *err, size_t errlen)
         return rc;
     if (d->tie_embed)
         e->lm_head = e->embed;
+    if (d->norm_offset)
+        gdn_engine_prepare(e);
     if (e->embed.dt != DT_BF16 && e->embed.dt != DT_F32 && e->embed.dt != DT_F16) /* F16: converted with the rest */
         return td_err(err, errlen, TANDEM_EFORMAT, "embedding has an unsupported dtype");
     td_log(TD_LOG_INFO, "weights: %.2f GB held", (double)e->weight_bytes / 1e9);

@@ -372,11 +372,18 @@ static void compose_session(tandem_plan *p, const model_desc *d, const wscan *w,
         /* session.c: per layer, k and v (GQA) or ckv and kpe (MLA), fp32 */
         int64_t kv = 0;
         for (int l = 0; l < d->n_layer; l++)
+            if (!d->layer_linear || !d->layer_linear[l]) /* linear layers keep a state instead */
             kv += d->attn == ATTN_GQA ? 2 * td_alloc_size(cells * d->n_kv_head * d->head_dim * 4)
                                       : td_alloc_size(cells * d->kv_lora_rank * 4) +
                                             td_alloc_size(cells * d->qk_rope_dim * 4);
         add(p, "KV cache", H, SES, 1, 0, 1, kv, "%d x %d tokens x %d layers x %lld floats (fp32)", o->n_seq, o->n_ctx,
-            d->n_layer, (long long)kv_row);
+            d->n_layer - d->n_layer_linear, (long long)kv_row);
+        if (d->layer_linear) /* forward_gdn.c */
+            add(p, "linear-attention state", H, SES, 1, 0, 0, gdn_plan_bytes(d, o->n_seq, o->n_batch),
+                "%d layers x %d sequence(s): conv %d x %lld, delta-rule %d x %d x %d (fp32), and scratch",
+                d->n_layer_linear, o->n_seq, d->lin_conv - 1,
+                2 * (long long)d->lin_k_heads * d->lin_k_dim + (long long)d->lin_v_heads * d->lin_v_dim,
+                d->lin_v_heads, d->lin_k_dim, d->lin_v_dim);
         if (d->dsa) /* forward_dsa.c */
             add(p, "sparse-attention index", H, SES, 1, 0, 1,
                 dsa_plan_bytes(d, o->n_seq, o->n_ctx, o->n_batch, o->n_threads),

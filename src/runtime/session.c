@@ -29,6 +29,7 @@ void tandem_session_free(tandem_session *s)
         return;
     hybrid_session_free(s); /* first: it unpins s->logits */
     dsa_session_free(s);
+    gdn_session_free(s);
     moe_scratch_free(s->moe_s);
     if (s->kv)
         for (int l = 0; l < s->e->d.n_layer; l++) {
@@ -156,6 +157,8 @@ int tandem_session_create(tandem_engine *e, const tandem_session_params *p, tand
     for (int l = 0; !oom && !s->hys && l < d->n_layer; l++) {
         int64_t cells = (int64_t)s->n_seq * n_ctx;
         kv_layer *kv = &s->kv[l];
+        if (d->layer_linear && d->layer_linear[l])
+            continue; /* a linear-attention layer keeps a state instead (forward_gdn.c) */
         if (d->attn == ATTN_GQA) {
             int64_t row = (int64_t)d->n_kv_head * d->head_dim;
             kv->k = td_alloc((size_t)(cells * row) * 4);
@@ -173,7 +176,8 @@ int tandem_session_create(tandem_engine *e, const tandem_session_params *p, tand
                       "session: out of memory for %d sequence(s) x %d tokens of KV cache and a batch of %d", p->n_seq,
                       n_ctx, p->n_batch);
     }
-    if (!s->hys && (rc = dsa_session_create(s, err, errlen)) != 0) { /* DSA's indexer cache (forward_dsa.c) */
+    if (!s->hys && ((rc = dsa_session_create(s, err, errlen)) != 0 || /* DSA's indexer cache (forward_dsa.c) */
+                    (rc = gdn_session_create(s, err, errlen)) != 0)) {  /* linear-attention state (forward_gdn.c) */
         tandem_session_free(s);
         return rc;
     }
@@ -195,7 +199,7 @@ int64_t session_host_bytes(const tandem_session *s)
         for (int i = 0; i < 4; i++)
             n += kv[i] ? (int64_t)malloc_usable_size((void *)kv[i]) : 0;
     }
-    return n + dsa_session_bytes(s);
+    return n + dsa_session_bytes(s) + gdn_session_bytes(s);
 }
 
 int tandem_kv_len(const tandem_session *s, int seq)
