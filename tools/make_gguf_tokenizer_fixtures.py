@@ -24,7 +24,10 @@ Fixtures (vocabulary source -> what it exercises):
   default      the same vocabulary, no tokenizer.ggml.pre at all (llama.cpp's "default" split)
   kimi_k2      kimi_k2/tiktoken.model turned into tokens + merges the way convert_hf_to_gguf.py does
                for tiktoken vocabularies (each token's merge is the last step of BPE restricted to
-               lower ranks), the 256 specials as control tokens, pre "kimi-k2"
+               lower ranks), the 256 specials as control tokens, pre "kimi-k2". llama.cpp splits
+               kimi-k2 with hand-written code that departs from Moonshot's pattern (marks, case
+               changes); where its ids differ from the pattern's, the case also holds
+               "moonshot_ids", which tandem follows (see moonshot_where_llama_differs)
   gpt4o        the same vocabulary, pre "gpt-4o"
   tekken       the same vocabulary, pre "tekken" (lookahead classes, ignore_merges)
   llama_spm    llama_sp.tokenizer.json as a SentencePiece vocabulary: model "llama", scores (a merged
@@ -250,6 +253,34 @@ def reference_hf(name, src):
     return None, None
 
 
+def moonshot_where_llama_differs(path, cases):
+    """llama.cpp splits "kimi-k2" with hand-written code (unicode_regex_split_custom_kimi_k2) that
+    departs from Moonshot's pattern: marks (\p{M}) do not continue a word and case changes do not
+    split one. tandem splits with the pattern itself, as the model was trained. Where the two
+    disagree, the case also records "moonshot_ids": the same vocabulary and merges split by
+    Moonshot's pattern (tokenizers, Oniguruma understands its && classes), which tandem must give."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    r = gguf.GGUFReader(path)
+    f = r.fields
+
+    def strs(key):
+        fl = f[key]
+        return [bytes(fl.parts[i]).decode("utf-8") for i in fl.data]
+    tokens, merges = strs("tokenizer.ggml.tokens"), strs("tokenizer.ggml.merges")
+    types = [int(f["tokenizer.ggml.token_type"].parts[i][0]) for i in f["tokenizer.ggml.token_type"].data]
+    vocab = {t: i for i, t in enumerate(tokens) if types[i] == NORMAL}
+    tok = Tokenizer(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(mtk.KIMI_PAT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for i, t in enumerate(tokens) if types[i] == CONTROL])
+    for c in cases:
+        m = tok.encode(c["text"], add_special_tokens=False).ids
+        if m != c["ids"]:
+            c["moonshot_ids"] = m
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reference", choices=["llama", "hf"], default="llama")
@@ -269,6 +300,8 @@ def main():
                 print(f"{name}: no equivalent tokenizer for --reference hf; GGUF written, no expect file")
                 continue
         cases = [{"text": t, "ids": enc(t, False), "ids_special": enc(t, True)} for t in texts()]
+        if pre == "kimi-k2":
+            moonshot_where_llama_differs(path, cases)
         exp = {"gguf": name + ".gguf", "reference": ref, "n_vocab": len(tokens), "cases": cases}
         with open(os.path.join(OUT, name + ".expect.json"), "w", encoding="utf-8") as f:
             json.dump(exp, f, ensure_ascii=False, separators=(",", ":"))
