@@ -56,6 +56,63 @@
  * widens its E4M3 weights to bf16 tiles and folds per 128-group
  * (pass_fp8).
  */
+/*
+ * ---- the plan for AMX prefill (issue 17) --------------------------------
+ * What bounds a tile pass is the L2 -> L1 feed, not the TDPs. One 2 x 2
+ * step is 4 TDPs (64 cycles at the BF16 rate, 16 per TDP) fed by 4 tile
+ * loads of 1 KB: 64 bytes a cycle if A and B both come from L2, which is
+ * the whole L2 -> L1 bandwidth of a core, so such a loop runs at about
+ * half the register peak; with one operand resident in L1 it needs 32
+ * bytes a cycle from L2, and the 2 x 2 loop on L1 operands runs at the
+ * register peak (dev/moe_tile_lab.c measures both, in thread CPU time, so
+ * a shared machine's load does not enter; figures in bench/results).
+ *
+ * Schedule (per thread, one work item = one expert x np_up column-block
+ * pairs of gate/up, or x 2 * np pairs of down):
+ *   resident  the B chunk of one pair: 2 blocks x kc / 32 tiles of 1 KB
+ *             (kc = 256: 16 KB), read from DRAM once per pass and kept in
+ *             L1 while every token-tile pair of the pass (up to mc rows)
+ *             runs over it; the accumulators of one token-tile pair stay in
+ *             tmm0..3 across the chunk and spill to a 4 KB block between
+ *             chunks (1 spill per 32 TDPs at kc = 256).
+ *   streamed  A: the pass's activation rows, tiled (moe_impl.h), so each
+ *             A tile is one contiguous 1 KB run from L2 (no set conflicts);
+ *             the next pair's B chunk is prefetched into L2 while the
+ *             current one runs.
+ *   B layout  packed once at load in the VNNI B order (BF16: a tile row =
+ *             16 columns x one K pair; INT8: x one K quad), a row block's
+ *             tiles back to back, so a TILELOADD of B is 16 consecutive
+ *             lines and a pass reads each row block front to back.
+ *   INT4      never a per-group fold per TDP: per (pair, K chunk) the
+ *             nibbles are unpacked once into bf16 tiles, w = bf16(fma(q, s,
+ *             m)), in a per-thread buffer (the resident B above), reused by
+ *             every token tile of the pass (all rows of the expert up to mc);
+ *             the activations (int8, exact in bf16) are widened once per
+ *             chunk. The unpack is a fixed cost per weight, so its share
+ *             falls as 1 / (rows per expert): with 64 rows (DeepSeek-V3, 512
+ *             tokens over 64 experts) it is most of the pass, with 256+ a
+ *             minority. It is written so each output row is one broadcast,
+ *             one byte shuffle, one convert and one FMA per 16 lanes, and
+ *             the nibbles are prefetched ahead (stage_b_i4).
+ *   overlap   gate and up of the same rows form a pair (one A load feeds
+ *             both); a thread that finishes an expert's gate/up items goes
+ *             on to the activation quantisation of finished experts and to
+ *             their down items (moe_fwd.c: one job, items with
+ *             dependencies, no barrier), so quantisation and down of
+ *             expert e overlap gate/up of expert e + 1 on the other thread.
+ *
+ * Expected fraction of peak at 2048+ tokens per layer (256+ rows per
+ * expert): BF16 / INT8 about 0.7 of the register peak when B stays in L1
+ * and A streams from L2 at 32 B a cycle (the with-loads loop), less the
+ * spills and the epilogue (silu, h stores): 0.5-0.6. INT4 through bf16
+ * tiles can reach at most the BF16 rate, i.e. 0.5 of the INT8 peak that
+ * its roofline uses, less the unpack (a fixed cost per weight): 0.3-0.4 at
+ * 256 rows per expert; beating that needs int8 tiles with whole-row
+ * accumulation, which group-32 scales do not allow without requantising
+ * (a numerics change, left for a measured decision). What the current
+ * code reaches is in bench/results; where it falls short the cause is the
+ * L2 feed (B chunks that do not stay in L1 while A streams through it).
+ */
 #ifndef AMX_KERNEL
 #error "define the tile-operation macros and AMX_KERNEL before including moe_amx_body.h"
 #endif
