@@ -6,6 +6,8 @@
  *   quants.gguf   one tensor per readable type + NAME.ref (the `gguf` Python
  *                 package's dequantisation), metadata of every value type
  *   split-0000k-of-00003.gguf   a split set of 5 tensors
+ *   NAME.gguf + NAME.ref.gguf   tiny random models of each architecture
+ *                 and llama.cpp's logits for a 12-token prefill
  * Malformed files are built here: a small valid file from a byte builder,
  * then one field broken at a time; every one must fail with a message that
  * names what is wrong, never crash (the group runs under ASan in
@@ -13,6 +15,7 @@
  */
 #include "test.h"
 #include "io/gguf.h"
+#include "runtime/engine.h"
 #include "tandem.h"
 
 #include <stdlib.h>
@@ -396,6 +399,24 @@ static void test_dequant(void)
         /* numpy computes in a different order in places: allow float rounding */
         CHECKF(maxd <= 1e-6 && !nonfinite, "%s: max relative difference %.3g from gguf-py (%d non-finite)",
                gguf_type_name(t->type), maxd, nonfinite);
+        /* the 4-bit types' s * q + m form (INT4 repacking) is the dequantised value bit for bit */
+        int q4 = t->type == GGUF_T_Q4_0 || t->type == GGUF_T_Q4_1 || t->type == GGUF_T_Q4_K, q4_bad = 0;
+        for (int64_t row = 0; q4 && row < t->ne[1]; row++) {
+            CHECK(gguf_dequant(t->type, (const char *)t->data + row * rb, y, t->ne[0]) == 0);
+            for (int64_t c0 = 0; c0 < t->ne[0]; c0 += 32) {
+                uint8_t q[32];
+                float sc, mn;
+                CHECK(gguf_q4_group(t->type, (const char *)t->data + row * rb, c0, q, &sc, &mn) == 1);
+                for (int k = 0; k < 32; k++)
+                    if (q[k] > 15 || sc * (float)q[k] + mn != y[c0 + k])
+                        q4_bad++;
+            }
+        }
+        CHECKF(q4_bad == 0, "%s: %d weights differ between gguf_q4_group and gguf_dequant", t->name, q4_bad);
+        uint8_t q[32];
+        float sc, mn;
+        if (!q4)
+            CHECK(gguf_q4_group(t->type, t->data, 0, q, &sc, &mn) == 0);
         free(y);
     }
     CHECKF(n_types == 13, "%d types in quants.gguf", n_types);
@@ -444,10 +465,175 @@ static void test_split(void)
     unlink(p);
 }
 
+/* ---- models against llama.cpp -------------------------------------------------
+ *
+ * Tolerance. llama.cpp's CPU backend computes in its own way: activations
+ * of quantised matmuls are quantised to Q8_0/Q8_K (the vec_dot kernels),
+ * F16 weights meet F16-rounded activations, the KV cache is F16. tandem's
+ * f32 path dequantises the weights exactly and computes in fp32, so the two
+ * differ by the activation rounding, not by the weights: measured max
+ * |logit diff| / max |logit| 0.3-1.6% on these fixtures. Asserted: <= 4% and
+ * the same argmax at every position whose llama.cpp top-2 gap is wider than
+ * twice the largest difference (narrower: a tie within rounding, counted).
+ * INT4/INT8/BF16 experts add their own rounding (moe.h): bound 10%, argmax
+ * not asserted (a routing flip in a random model moves logits by O(10%)). */
+#define GGUF_TOL_F32 4e-2
+#define GGUF_TOL_LOSSY 1.5e-1
+
+static const char *const model_names[] = { "qwen3moe", "qwen2moe", "mixtral", "glm4moe", "deepseek2",
+                                            "deepseek2_kvb" };
+
+static void check_model(const char *name, int fmt, const char *fmt_name, double tol, int argmax_must)
+{
+    char path[256], rpath[256], err[512];
+    snprintf(path, sizeof path, FIX "%s.gguf", name);
+    snprintf(rpath, sizeof rpath, FIX "%s.ref.gguf", name);
+    gguf_file *ref = NULL;
+    if (gguf_open(&ref, rpath, err, sizeof err) != 0) {
+        CHECKF(0, "%s", err);
+        return;
+    }
+    const gguf_tensor *tt = gguf_find_tensor(ref, "tokens"), *lt = gguf_find_tensor(ref, "logits");
+    CHECKF(tt && lt && tt->type == GGUF_T_I32 && lt->type == GGUF_T_F32 && lt->ne[1] == tt->ne[0],
+           "%s: tokens/logits", rpath);
+    tandem_engine_params ep;
+    tandem_engine_params_default(&ep);
+    ep.n_threads = 2;
+    ep.cpu_experts = fmt;
+    ep.gpu = 0;
+    tandem_engine *e = NULL;
+    int rc = tandem_engine_open(path, &ep, &e, err, sizeof err);
+    CHECKF(rc == 0, "%s %s: %s", name, fmt_name, err);
+    tandem_session *s = NULL;
+    if (!rc) {
+        tandem_session_params sp;
+        tandem_session_params_default(&sp);
+        sp.n_seq = 1;
+        sp.n_ctx = 64;
+        sp.n_batch = 32;
+        rc = tandem_session_create(e, &sp, &s, err, sizeof err);
+        CHECKF(rc == 0, "%s: %s", name, err);
+    }
+    if (!rc && tt && lt) {
+        int V = tandem_n_vocab(e), T = (int)tt->ne[0];
+        CHECK(lt->ne[0] == V);
+        int32_t pos[64], sq[64];
+        int8_t want[64];
+        for (int i = 0; i < T; i++)
+            pos[i] = i, sq[i] = 0, want[i] = 1;
+        tandem_batch b = { T, tt->data, pos, sq, want };
+        rc = tandem_forward(s, &b, err, sizeof err);
+        CHECKF(rc == 0, "%s forward: %s", name, err);
+        double max_err = 0, max_ref = 0;
+        int bad = 0, ties = 0;
+        for (int t = 0; !rc && t < T; t++) {
+            const float *got = tandem_logits(s, t), *r = (const float *)lt->data + (int64_t)t * V;
+            for (int i = 0; i < V; i++) {
+                double d = fabs((double)got[i] - r[i]);
+                if (d > max_err || isnan(got[i]))
+                    max_err = isnan(got[i]) ? INFINITY : d;
+                if (fabs(r[i]) > max_ref)
+                    max_ref = fabs(r[i]);
+            }
+        }
+        for (int t = 0; !rc && t < T; t++) {
+            const float *got = tandem_logits(s, t), *r = (const float *)lt->data + (int64_t)t * V;
+            int a = 0, g = 0;
+            for (int i = 1; i < V; i++) {
+                if (r[i] > r[a])
+                    a = i;
+                if (got[i] > got[g])
+                    g = i;
+            }
+            float second = -INFINITY;
+            for (int i = 0; i < V; i++)
+                if (i != a && r[i] > second)
+                    second = r[i];
+            if (a != g) {
+                if (r[a] - second > 2 * max_err)
+                    bad++;
+                else
+                    ties++;
+            }
+        }
+        double rel = max_ref > 0 ? max_err / max_ref : max_err;
+        printf("  %-14s %-5s max_err=%.4g max|ref|=%.3g rel=%.4f argmax_diff=%d ties=%d\n", name, fmt_name, max_err,
+               max_ref, rel, bad, ties);
+        CHECKF(rel <= tol, "%s %s: logits differ from llama.cpp's by %.4g of max|logit| (> %.3g)", name, fmt_name,
+               rel, tol);
+        if (argmax_must)
+            CHECKF(bad == 0, "%s %s: %d positions with another argmax than llama.cpp", name, fmt_name, bad);
+    }
+    tandem_session_free(s);
+    tandem_engine_close(e);
+    gguf_close(ref);
+}
+
+static void test_models(void)
+{
+    for (size_t i = 0; i < sizeof model_names / sizeof *model_names; i++) {
+        check_model(model_names[i], TANDEM_FMT_F32, "f32", GGUF_TOL_F32, 1);
+        check_model(model_names[i], TANDEM_FMT_BF16, "bf16", GGUF_TOL_LOSSY, 0);
+        check_model(model_names[i], TANDEM_FMT_INT8, "int8", GGUF_TOL_LOSSY, 0);
+        check_model(model_names[i], TANDEM_FMT_INT4, "int4", GGUF_TOL_LOSSY, 0);
+    }
+}
+
+/* malformed models: an unknown architecture, a missing tensor, a wrong shape */
+static void test_bad_models(void)
+{
+    char err[512];
+    tandem_engine_params ep;
+    tandem_engine_params_default(&ep);
+    ep.n_threads = 1;
+    ep.gpu = 0;
+    tandem_engine *e = NULL;
+    /* quants.gguf is a valid GGUF of architecture "tandem-test" */
+    int rc = tandem_engine_open(FIX "quants.gguf", &ep, &e, err, sizeof err);
+    CHECKF(rc == TANDEM_EUNSUPPORTED && strstr(err, "architecture 'tandem-test' is not supported"), "%d %s", rc,
+           err);
+    /* mixtral.gguf with one byte of a tensor name changed: a missing tensor, named */
+    FILE *f = fopen(FIX "mixtral.gguf", "rb");
+    unsigned char *b = malloc(1 << 20);
+    size_t n = f ? fread(b, 1, 1 << 20, f) : 0;
+    if (f)
+        fclose(f);
+    CHECK(n > 1000);
+    const char *needle = "blk.1.attn_k.weight";
+    unsigned char *hit = memmem(b, n, needle, strlen(needle));
+    CHECK(hit != NULL);
+    if (hit) {
+        hit[6] = 'x'; /* blk.1.xttn_k.weight */
+        const char *p = "/tmp/tandem-test-gguf-model.gguf";
+        CHECK(write_file(p, b, n) == 0);
+        rc = tandem_engine_open(p, &ep, &e, err, sizeof err);
+        CHECKF(rc == TANDEM_EFORMAT && strstr(err, "'blk.1.attn_k.weight' is missing"), "%d %s", rc, err);
+        hit[6] = 'a';
+        /* the same tensor's first dimension (ne[0] = 64 -> 32): a shape error naming it */
+        uint64_t ne0;
+        memcpy(&ne0, hit + strlen(needle) + 4, 8);
+        CHECK(ne0 == 64);
+        ne0 = 32;
+        memcpy(hit + strlen(needle) + 4, &ne0, 8);
+        CHECK(write_file(p, b, n) == 0);
+        rc = tandem_engine_open(p, &ep, &e, err, sizeof err);
+        CHECKF(rc < 0 && strstr(err, "blk.1.attn_k.weight"), "%d %s", rc, err);
+        /* truncated: every tensor's bounds are checked at open */
+        CHECK(write_file(p, b, n - 100) == 0);
+        rc = tandem_engine_open(p, &ep, &e, err, sizeof err);
+        CHECKF(rc == TANDEM_EFORMAT && strstr(err, "ends past the end of the file"), "%d %s", rc, err);
+        unlink(p);
+    }
+    free(b);
+    CHECK(e == NULL);
+}
+
 TEST_GROUP(gguf)
 {
     test_metadata();
     test_dequant();
     test_split();
     test_malformed();
+    test_bad_models();
+    test_models();
 }

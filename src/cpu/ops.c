@@ -6,6 +6,7 @@
 #include "core/bf16.h"
 #include "core/isa.h"
 #include "cpu/mm_impl.h"
+#include "io/gguf.h" /* GGUF views: block sizes and the reference dequantisation, pure functions */
 
 #include <math.h>
 #include <pthread.h>
@@ -52,6 +53,8 @@ size_t mat_data_bytes(const mat *m)
 {
     if (!m->data)
         return 0;
+    if (m->gguf_type > 0)
+        return (size_t)m->rows * gguf_row_bytes(m->gguf_type - 1, m->cols);
     if (m->dt == DT_I32) /* packed INT4: whole int32 words per row */
         return (size_t)m->rows * (size_t)((m->cols + 7) / 8) * 4;
     return (size_t)(m->rows * m->cols) * dtype_size(m->dt);
@@ -70,6 +73,18 @@ void mat_row_range_f32(const mat *m, int64_t r, int64_t c0, int64_t n, float *ou
 {
     if (!m->data) {
         mat_dummy_row(m->seed, r, c0, n, m->amp > 0 ? m->amp : mat_dummy_amp(m->cols), NULL, out);
+        return;
+    }
+    if (m->gguf_type > 0) { /* dequantise the blocks that overlap [c0, c0 + n) */
+        const int type = m->gguf_type - 1, bs = gguf_type_block(type);
+        const size_t bb = gguf_type_block_bytes(type);
+        const unsigned char *row = (const unsigned char *)m->data + (size_t)r * gguf_row_bytes(type, m->cols);
+        float tmp[256];
+        for (int64_t b = c0 / bs; b * bs < c0 + n; b++) {
+            gguf_dequant(type, row + (size_t)b * bb, tmp, bs);
+            int64_t lo = b * bs > c0 ? b * bs : c0, hi = (b + 1) * bs < c0 + n ? (b + 1) * bs : c0 + n;
+            memcpy(out + (lo - c0), tmp + (lo - b * bs), (size_t)(hi - lo) * sizeof(float));
+        }
         return;
     }
     size_t at = (size_t)(r * m->cols + c0);

@@ -34,6 +34,8 @@ typedef struct {
     const uint16_t *scale_bf16; /* I32 (packed INT4): [rows][ceil(cols / 32)] bf16 group scales */
     uint64_t seed;      /* data == NULL: the dummy weights' seed (mat_dummy_row) */
     float amp;          /* data == NULL: their amplitude; 0 = mat_dummy_amp(cols) */
+    int gguf_type;      /* > 0: a GGUF tensor's rows (runtime/load_gguf.c), 1 + its ggml type (io/gguf.h): rows of
+                           gguf_row_bytes(type, cols) bytes, read through mat_row_range_f32 (dt is then unused) */
 } mat;
 
 /* Dummy weights: row r of a matrix seeded by seed, columns [c0, c0 + n):

@@ -198,5 +198,11 @@ int gguf_type_readable(int type);
  * arithmetic in the same order). 0, or TANDEM_EUNSUPPORTED for a type
  * without a reader, TANDEM_EINVAL for n not a multiple of the block. */
 int gguf_dequant(int type, const void *src, float *dst, int64_t n);
+/* The 32 weights of `row` (a row of type) from column col0 (a multiple of
+ * 32) as w = s * q[k] + m with q[k] in 0..15, for the 4-bit types whose
+ * blocks have that form: Q4_0 (s = d, m = -8d), Q4_1 (s = d, m = m), Q4_K
+ * (s = d * scale, m = -dmin * min of the 32-run). s * q + m in fp32 is
+ * gguf_dequant's value bit for bit. 1, or 0 for another type. */
+int gguf_q4_group(int type, const void *row, int64_t col0, uint8_t q[32], float *s, float *m);
 
 #endif

@@ -205,6 +205,42 @@ static void deq_iq4_xs(const unsigned char *b, float *y, int64_t nb)
     }
 }
 
+int gguf_q4_group(int type, const void *row, int64_t col0, uint8_t q[32], float *s, float *m)
+{
+    const unsigned char *r = row;
+    if (col0 < 0 || col0 % 32)
+        return 0;
+    switch (type) {
+    case GGUF_T_Q4_0:
+    case GGUF_T_Q4_1: {
+        const unsigned char *b = r + (size_t)(col0 / 32) * (type == GGUF_T_Q4_0 ? 18 : 20);
+        const unsigned char *qs = b + (type == GGUF_T_Q4_0 ? 2 : 4);
+        const float d = h2f(b);
+        for (int j = 0; j < 16; j++) {
+            q[j] = qs[j] & 0x0f;
+            q[j + 16] = qs[j] >> 4;
+        }
+        *s = d;
+        *m = type == GGUF_T_Q4_0 ? -8.0f * d : h2f(b + 2);
+        return 1;
+    }
+    case GGUF_T_Q4_K: {
+        const unsigned char *b = r + (size_t)(col0 / 256) * 144;
+        const int j = (int)(col0 % 256) / 32;
+        const unsigned char *qs = b + 16 + 32 * (j / 2);
+        int sc, mn;
+        scale_min_k4(j, b + 4, &sc, &mn);
+        for (int l = 0; l < 32; l++)
+            q[l] = (qs[l] >> (4 * (j % 2))) & 0x0f;
+        *s = h2f(b) * (float)sc;
+        *m = -(h2f(b + 2) * (float)mn);
+        return 1;
+    }
+    default:
+        return 0;
+    }
+}
+
 int gguf_type_readable(int type)
 {
     switch (type) {

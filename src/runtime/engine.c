@@ -9,6 +9,7 @@
 #include "core/isa.h"
 #include "core/log.h"
 #include "cpu/moe/moe.h"
+#include "model/gguf_arch.h"
 #include "runtime/engine.h"
 #include "runtime/hybrid.h"
 #include "runtime/plan.h"
@@ -97,14 +98,16 @@ static int engine_pack_experts(tandem_engine *e, char *err, size_t errlen)
     return rc;
 }
 
+/* Packs live in the model directory, or beside a GGUF file ("FILE.gguf.packed-int4-p1"). */
 void engine_pack_dir(const tandem_engine *e, int fmt, char *buf, size_t n)
 {
-    snprintf(buf, n, "%s/packed-%s-p%d", e->path, engine_fmt_name(fmt), pool_nparts(e->pool));
+    snprintf(buf, n, "%s%spacked-%s-p%d", e->path, e->gg ? "." : "/", engine_fmt_name(fmt), pool_nparts(e->pool));
 }
 
 void engine_packed_path(const tandem_engine *e, int fmt, int layer, char *buf, size_t n)
 {
-    snprintf(buf, n, "%s/packed-%s-p%d/layer-%d.bin", e->path, engine_fmt_name(fmt), pool_nparts(e->pool), layer);
+    snprintf(buf, n, "%s%spacked-%s-p%d/layer-%d.bin", e->path, e->gg ? "." : "/", engine_fmt_name(fmt),
+             pool_nparts(e->pool), layer);
 }
 
 int tandem_engine_open(const char *path, const tandem_engine_params *p, tandem_engine **out, char *err,
@@ -121,10 +124,12 @@ int engine_open(const char *path, const tandem_engine_params *p, int with_expert
         return td_err(err, errlen, TANDEM_EINVAL, "no model path given");
     struct stat st;
     if (stat(path, &st) != 0)
-        return td_err(err, errlen, TANDEM_EIO, "%s: no such model directory", path);
-    if (!S_ISDIR(st.st_mode))
-        return td_err(err, errlen, TANDEM_EINVAL, "%s: a model is a directory holding config.json and safetensors",
-                      path);
+        return td_err(err, errlen, TANDEM_EIO, "%s: no such model directory or GGUF file", path);
+    /* a model is a directory (config.json + safetensors) or a GGUF file (the first of a split set) */
+    int is_gguf = S_ISREG(st.st_mode) && gguf_is_path(path);
+    if (!S_ISDIR(st.st_mode) && !is_gguf)
+        return td_err(err, errlen, TANDEM_EINVAL,
+                      "%s: a model is a directory holding config.json and safetensors, or a .gguf file", path);
     tandem_engine *e = calloc(1, sizeof *e);
     if (!e)
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
@@ -135,7 +140,14 @@ int engine_open(const char *path, const tandem_engine_params *p, int with_expert
     snprintf(e->path, sizeof e->path, "%s", path);
     char cfg[1100];
     snprintf(cfg, sizeof cfg, "%s/config.json", path);
-    int rc = model_load_config(&e->d, cfg, err, errlen);
+    int rc = 0;
+    if (is_gguf) { /* the description comes from the file's metadata (model/gguf_arch.c) */
+        rc = gguf_open(&e->gg, path, err, errlen);
+        if (!rc)
+            rc = model_load_gguf(&e->d, e->gg, err, errlen);
+    } else {
+        rc = model_load_config(&e->d, cfg, err, errlen);
+    }
     if (!rc && e->params.n_layer_limit > 0 && e->params.n_layer_limit < e->d.n_layer) {
         e->d.n_layer = e->params.n_layer_limit; /* layers past the limit are never looked up */
         e->d.n_layer_moe = 0;
@@ -150,7 +162,7 @@ int engine_open(const char *path, const tandem_engine_params *p, int with_expert
         e->isa = isa_current();
         rc = pool_create(&e->pool, e->params.n_threads, 0, err, errlen);
     }
-    if (!rc && !e->params.dummy_weights)
+    if (!rc && !e->params.dummy_weights && !e->gg)
         rc = st_open(&e->st, path, err, errlen);
     if (!rc)
         rc = engine_load_weights(e, err, errlen);
@@ -188,6 +200,7 @@ void tandem_engine_close(tandem_engine *e)
     free(e->moe);
     engine_free_weights(e);
     st_close(e->st);
+    gguf_close(e->gg);
     pool_free(e->pool);
     model_desc_free(&e->d);
     free(e->rope_inv_freq);

@@ -12,6 +12,7 @@
 #include "tandem.h"
 #include "core/pool.h"
 #include "cpu/ops.h"
+#include "io/gguf.h"
 #include "io/safetensors.h"
 #include "model/model.h"
 
@@ -47,7 +48,8 @@ struct tandem_engine {
     model_desc d;
     tandem_engine_params params;
     char path[1024];            /* the model directory, for messages */
-    st_set *st;                 /* NULL with dummy weights */
+    st_set *st;                 /* NULL with dummy weights or a GGUF file */
+    gguf_file *gg;              /* the GGUF file (or split set) the model came from; NULL for safetensors */
     pool *pool;
     int isa;
     mat embed, lm_head;         /* [V][D] */
@@ -142,6 +144,17 @@ int pack_write_manifest(const tandem_engine *e, int fmt, const char *dir, char *
 /* 1 when dir's manifest describes e's checkpoint for fmt (message in err when not) */
 int pack_manifest_matches(const tandem_engine *e, int fmt, const char *dir, char *err, size_t errlen);
 int engine_load_weights(tandem_engine *e, char *err, size_t errlen);
+/* ---- GGUF (load_gguf.c) ---------------------------------------------------
+ * Bind specs[0..n) from e->gg: vectors and non-expert matrices dequantised to
+ * F32, routed experts left as views in their GGUF type (mat.gguf_type) for
+ * the MoE packer, or F32 for the reference loop. */
+int engine_load_gguf_weights(tandem_engine *e, const tensor_spec *specs, int n, char *err, size_t errlen);
+/* load.c's helpers, shared with load_gguf.c: where a spec's tensor goes, and
+ * a buffer owned by the engine (freed with its weights) */
+void engine_slot_target(tandem_engine *e, const tensor_spec *s, float ***vec, mat **m);
+void *engine_own(tandem_engine *e, size_t bytes);
+/* Drop [p, p + n) of the checkpoint's pages from the process (safetensors or GGUF mapping; no-op otherwise). */
+void engine_release_src(const tandem_engine *e, const void *p, size_t n);
 /* After engine_load_weights, F16 and FP8 matrices are still views of the
  * checkpoint (load.c). A CPU-only engine converts the non-expert ones for the
  * CPU ops (F16 -> F32, FP8 -> BF16); a hybrid one, whose GPU now holds them,

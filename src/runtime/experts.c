@@ -34,7 +34,7 @@ static int moe_fmt_of(int fmt) { return fmt == TANDEM_FMT_FP8 ? MOE_FP8 : fmt; }
 /* the operator's source kind for a layer's matrices (all of one kind) */
 static int src_of(const mat *m, int fmt)
 {
-    if (!m->data)
+    if (!m->data || m->gguf_type > 0) /* GGUF blocks: rows dequantised by mat_row_range_f32 */
         return MOE_SRC_FN;
     switch (m->dt) {
     case DT_BF16: return MOE_SRC_BF16;
@@ -55,6 +55,18 @@ static void mat_rows(void *user, const void *m, int expert, int which, int row, 
     mat_row_range_f32(m, row, col0, ncol, out);
 }
 
+/* GGUF Q4_0/Q4_1/Q4_K experts into INT4: each 32-group as s * q + m, q copied (moe.h) */
+static int mat_q4(void *user, const void *m, int expert, int which, int row, int col0, uint8_t q[32], float *s,
+                  float *mn)
+{
+    (void)user, (void)expert, (void)which;
+    const mat *x = m;
+    if (x->gguf_type <= 0)
+        return 0;
+    const int type = x->gguf_type - 1;
+    return gguf_q4_group(type, (const char *)x->data + (size_t)row * gguf_row_bytes(type, x->cols), col0, q, s, mn);
+}
+
 /* the source pages of one expert of one layer, dropped as soon as it is packed */
 typedef struct {
     tandem_engine *e;
@@ -65,9 +77,9 @@ static void release_mat(const tandem_engine *e, const mat *m)
 {
     if (!m->data)
         return;
-    st_release(e->st, m->data, mat_data_bytes(m));
+    engine_release_src(e, m->data, mat_data_bytes(m));
     if (m->scale || m->scale_bf16)
-        st_release(e->st, m->scale ? (const void *)m->scale : (const void *)m->scale_bf16, mat_scale_bytes(m));
+        engine_release_src(e, m->scale ? (const void *)m->scale : (const void *)m->scale_bf16, mat_scale_bytes(m));
 }
 
 static void release_expert(void *user, int x)
@@ -167,8 +179,10 @@ int experts_cpu_op(tandem_engine *e, int l, const int32_t *gpu_slot, int fmt, in
         md.block_n = d->fp8_block[0];
         md.block_k = d->fp8_block[1];
         md.src_rows = mat_rows;
+        if (e->gg && md.src == MOE_SRC_FN)
+            md.src_q4 = mat_q4;
         release_ctx rel = { e, l };
-        if (!keep_source && e->st) {
+        if (!keep_source && (e->st || e->gg)) {
             md.on_packed = release_expert;
             md.on_packed_user = &rel;
         }
@@ -186,7 +200,7 @@ int experts_cpu_op(tandem_engine *e, int l, const int32_t *gpu_slot, int fmt, in
 
 void experts_release(tandem_engine *e, int l)
 {
-    if (!e->st || !e->d.layer_moe[l])
+    if ((!e->st && !e->gg) || !e->d.layer_moe[l])
         return;
     release_ctx r = { e, l };
     for (int x = 0; x < e->d.n_expert; x++)

@@ -469,7 +469,9 @@ int engine_load_weights(tandem_engine *e, char *err, size_t errlen)
     int n, rc = model_tensors(d, &specs, &n, err, errlen);
     if (rc)
         return rc;
-    for (int i = 0; i < n && !rc; i++) {
+    if (e->gg) /* a GGUF file: its own names and types (load_gguf.c) */
+        rc = engine_load_gguf_weights(e, specs, n, err, errlen);
+    for (int i = 0; i < n && !rc && !e->gg; i++) {
         const tensor_spec *s = &specs[i];
         if (e->params.progress && (i % 64 == 0 || i == n - 1))
             e->params.progress("loading", (float)(i + 1) / (float)n, (double)e->weight_bytes, e->params.progress_user);
@@ -501,6 +503,9 @@ int engine_load_weights(tandem_engine *e, char *err, size_t errlen)
     td_log(TD_LOG_INFO, "weights: %.2f GB held", (double)e->weight_bytes / 1e9);
     return 0;
 }
+
+void engine_slot_target(tandem_engine *e, const tensor_spec *s, float ***vec, mat **m) { slot_target(e, s, vec, m); }
+void *engine_own(tandem_engine *e, size_t bytes) { return own(e, bytes); }
 
 /* the non-expert matrices of e, visited once each (a tied lm_head is the embedding) */
 static int each_dense(tandem_engine *e, int (*fn)(tandem_engine *, mat *, const char *, char *, size_t), char *err,

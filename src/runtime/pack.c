@@ -18,6 +18,9 @@
  * with the same header and size but new weights is still caught, at the
  * cost of a few pages read per tensor (released again with the layer).
  * A line that differs is named in the error with both values.
+ * A pack made from a GGUF file lies beside it (FILE.gguf.packed-...) and
+ * takes the same fingerprint: "config" is the hash of the first split's
+ * header (metadata and tensor infos), "file" lines are the splits.
  */
 #include "core/err.h"
 #include "cpu/moe/moe.h"
@@ -72,8 +75,16 @@ static uint64_t layer_hash(const tandem_engine *e, int l)
     return h;
 }
 
+/* config.json's hash; for a GGUF file, the hash of its first split's header
+ * (metadata and tensor infos: what config.json is to a directory) */
 static int config_hash(const tandem_engine *e, uint64_t *out, char *err, size_t errlen)
 {
+    if (e->gg) {
+        size_t size;
+        int64_t mtime;
+        gguf_file_stat(e->gg, 0, &size, &mtime, out);
+        return 0;
+    }
     char path[1100];
     snprintf(path, sizeof path, "%s/config.json", e->path);
     FILE *f = fopen(path, "rb");
@@ -95,7 +106,8 @@ static char *manifest_text(const tandem_engine *e, int fmt, char *err, size_t er
     uint64_t ch;
     if (config_hash(e, &ch, err, errlen))
         return NULL;
-    size_t cap = 4096 + (size_t)st_n_files(e->st) * 1200 + (size_t)e->d.n_layer * 48, n = 0;
+    int n_files = e->gg ? gguf_n_files(e->gg) : st_n_files(e->st);
+    size_t cap = 4096 + (size_t)n_files * 1200 + (size_t)e->d.n_layer * 48, n = 0;
     char *t = malloc(cap);
     if (!t) {
         td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
@@ -106,13 +118,17 @@ static char *manifest_text(const tandem_engine *e, int fmt, char *err, size_t er
                           PACK_VERSION, engine_fmt_name(fmt), pool_nparts(e->pool), d->arch_name, d->n_layer,
                           d->n_expert, d->d_model, d->d_ff_expert);
     n += (size_t)snprintf(t + n, cap - n, "config %016" PRIx64 "\n", ch);
-    for (int i = 0; i < st_n_files(e->st); i++) {
+    for (int i = 0; i < n_files; i++) {
         size_t size;
         int64_t mtime;
         uint64_t hh;
-        st_file_stat(e->st, i, &size, &mtime, &hh);
-        const char *name = strrchr(st_file_path(e->st, i), '/');
-        name = name ? name + 1 : st_file_path(e->st, i);
+        const char *path = e->gg ? gguf_file_path(e->gg, i) : st_file_path(e->st, i);
+        if (e->gg)
+            gguf_file_stat(e->gg, i, &size, &mtime, &hh);
+        else
+            st_file_stat(e->st, i, &size, &mtime, &hh);
+        const char *name = strrchr(path, '/');
+        name = name ? name + 1 : path;
         n += (size_t)snprintf(t + n, cap - n, "file %s %zu %" PRId64 " %016" PRIx64 "\n", name, size, mtime, hh);
     }
     for (int l = 0; l < d->n_layer; l++)
@@ -201,7 +217,7 @@ int pack_manifest_matches(const tandem_engine *e, int fmt, const char *dir, char
 int pack_check(tandem_engine *e, int fmt, char *err, size_t errlen)
 {
     e->pack_state = PACK_NONE;
-    if (!e->st || e->params.ignore_packs)
+    if ((!e->st && !e->gg) || e->params.ignore_packs)
         return 0; /* dummy weights have no checkpoint a pack could belong to */
     char dir[1200];
     engine_pack_dir(e, fmt, dir, sizeof dir);

@@ -17,6 +17,7 @@
 #include "cpu/moe/moe.h"
 #include "cuda/gpu.h"
 #include "io/cfg.h"
+#include "model/gguf_arch.h"
 #include "runtime/engine.h"
 #include "runtime/hybrid.h"
 #include "runtime/plan.h"
@@ -806,7 +807,18 @@ int tandem_plan_make(const char *path, const tandem_engine_params *ep, const tan
     snprintf(cfg, sizeof cfg, "%s/config.json", path);
     model_desc d;
     memset(&d, 0, sizeof d);
-    int rc = model_load_config(&d, cfg, err, errlen);
+    int rc, is_gguf = gguf_is_path(path);
+    if (is_gguf) { /* a GGUF file: the description from its metadata; sizes as for a checkpoint without
+                      headers (non-expert matrices counted at 2 bytes a weight; load_gguf.c holds them as F32) */
+        gguf_file *g = NULL;
+        rc = gguf_open(&g, path, err, errlen);
+        if (!rc)
+            rc = model_load_gguf(&d, g, err, errlen);
+        gguf_close(g);
+        snprintf(cfg, sizeof cfg, "%s", "");
+    } else {
+        rc = model_load_config(&d, cfg, err, errlen);
+    }
     if (rc)
         return rc;
     if (ep->n_layer_limit > 0 && ep->n_layer_limit < d.n_layer) { /* as tandem_engine_open() limits it */
@@ -821,9 +833,9 @@ int tandem_plan_make(const char *path, const tandem_engine_params *ep, const tan
     plan_opts o;
     plan_opts_from(&o, &d, ep, sp, plan_wants_gpu(ep, &d));
     st_set *st = NULL;
-    if (!ep->dummy_weights && st_open(&st, path, why, sizeof why) != 0)
+    if (!ep->dummy_weights && !is_gguf && st_open(&st, path, why, sizeof why) != 0)
         st = NULL; /* no checkpoint (a bare config.json): dtypes from config.json */
-    rc = plan_make(&d, st, cfg, &o, out, err, errlen);
+    rc = plan_make(&d, st, is_gguf ? NULL : cfg, &o, out, err, errlen);
     st_close(st);
     model_desc_free(&d);
     return rc;

@@ -44,6 +44,17 @@
  *       falls back to the float path above for that row and group alone,
  *       from the exact values q * scale, and is counted (moe_inexact_groups,
  *       logged at warn); packing never fails for it.
+ *       From a source with src_q4 (GGUF Q4_0, Q4_1, Q4_K experts) nothing is
+ *       requantised either: q is copied, s = fp16(s), m = fp16(m) of the
+ *       block: Q4_0 (s = d, m = -8d) and Q4_1 (s = d, m = m) are exact, as
+ *       their d and m are fp16; Q4_K's s = d * scale and m = -dmin * min are
+ *       products of an fp16 and a 6-bit integer, rounded once to fp16
+ *       (relative error <= 2^-11 of each, under 1/1000 of a q step). A group
+ *       whose s or m is not finite in fp16 takes the float path above.
+ * GGUF experts of other types (Q8_0, Q5_K, Q6_K, IQ4_XS, ...) reach every
+ *       format through their dequantised rows (src_rows), i.e. are
+ *       requantised by the rules above; Q8_0 into INT8 is not exact (INT8
+ *       groups are multiples of 64 and its scales fp32 amax / 127).
  * INT8/INT4 activations: per row (token for gate/up, token-expert pair for
  *       down) a = amax|x|, xq = rint(x * (127 / a)) in [-127, 127], sx = a / 127.
  *       Per group g: D_g = sum xq * q (int32, exact), S_g = sum xq (int32).
@@ -131,6 +142,12 @@ typedef struct {
        still say which experts are held). Called from pool threads, concurrently. */
     void (*src_rows)(void *user, const void *m, int expert, int which, int row, int col0, int ncol, float *out);
     void *src_user;
+    /* optional, MOE_SRC_FN into INT4: the 32 weights of source row `row` from column col0 (a multiple of 32)
+       in the form W = s * q[k] + m exactly (q in 0..15, s and m fp32; GGUF Q4_0/Q4_1/Q4_K blocks have it):
+       returns 1, or 0 when it has no such form (the float path quantises that group then). Called from pool
+       threads, concurrently, with src_user. */
+    int (*src_q4)(void *user, const void *m, int expert, int which, int row, int col0, uint8_t q[32], float *s,
+                  float *mn);
     /* optional: called once per held expert, from a pool thread, as soon as all of it is packed (the
        loader drops that expert's checkpoint pages then, so packing a layer never holds the layer's
        whole source resident beside its packed copy) */

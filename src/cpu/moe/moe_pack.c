@@ -358,6 +358,40 @@ static int pack_int4_i4sym(const src_view *v, int rb, int kp, uint8_t *dst)
     return inexact;
 }
 
+/* INT4 from a source that gives each 32-group as s * q + m (moe_desc.src_q4,
+ * GGUF Q4 blocks): q copied, s and m rounded to fp16 (moe.h, numerics).
+ * Padding as pack_int4_i4sym; a group the source cannot give (or whose s or
+ * m overflow fp16) takes the float path from its rows. */
+static void pack_int4_q4(const src_view *v, int rb, int kp, uint8_t *dst)
+{
+    for (int b = 0; b < kp / 32; b++) {
+        uint8_t *blk = dst + (size_t)b * 320;
+        uint16_t *sc = (uint16_t *)(blk + 256), *mn = (uint16_t *)(blk + 288);
+        uint8_t q[16][32];
+        for (int n = 0; n < 16; n++) {
+            int row = rb * 16 + n, r = v->row0 + row;
+            sc[n] = mn[n] = 0;
+            memset(q[n], 0, 32);
+            if (row >= v->nrow || b * 32 >= v->ncol)
+                continue;
+            int c0 = v->col0 + b * 32, nreal = v->ncol - b * 32 < 32 ? v->ncol - b * 32 : 32;
+            float s, m;
+            if (nreal == 32 && v->d->src_q4(v->d->src_user, v->m, v->expert, v->which, r, c0, q[n], &s, &m)) {
+                uint16_t s16 = moe_f32_to_f16(s), m16 = moe_f32_to_f16(m);
+                if (isfinite(f16_to_f32(s16)) && isfinite(f16_to_f32(m16))) {
+                    sc[n] = s16;
+                    mn[n] = m16;
+                    continue;
+                }
+            }
+            float x[32] = { 0 };
+            read_row(v, r, c0, nreal, x);
+            int4_quant_row(v, row, b, x, &sc[n], &mn[n], q[n]);
+        }
+        int4_store_q(blk, q);
+    }
+}
+
 static void pack_int4(const src_view *v, int rb, int kp, const float *rows, uint8_t *dst)
 {
     for (int b = 0; b < kp / 32; b++) {
@@ -435,6 +469,10 @@ int moe_pack_rb(const struct moe_op *op, const moe_src_exp *s, int p, int e, int
     }
     if (op->fmt == MOE_INT4 && v.src == MOE_SRC_I4SYM)
         return pack_int4_i4sym(&v, rb, m.kp, dst);
+    if (op->fmt == MOE_INT4 && v.src == MOE_SRC_FN && v.d->src_q4) {
+        pack_int4_q4(&v, rb, m.kp, dst);
+        return 0;
+    }
     /* the block's rows as floats once (malloc: up to 4 MB; glibc keeps such
      * blocks in its arena after the first free), plus one full source row
      * when a whole-row INT8 scale spans partitions */
