@@ -472,11 +472,14 @@ static void test_split(void)
  * F16 weights meet F16-rounded activations, the KV cache is F16. tandem's
  * f32 path dequantises the weights exactly and computes in fp32, so the two
  * differ by the activation rounding, not by the weights: measured max
- * |logit diff| / max |logit| 0.3-1.6% on these fixtures. Asserted: <= 4% and
+ * |logit diff| / max |logit| 0.4-1.2% on these fixtures (2026-12-05,
+ * llama-cpp-python 0.3.36). Asserted: <= 4% and
  * the same argmax at every position whose llama.cpp top-2 gap is wider than
  * twice the largest difference (narrower: a tie within rounding, counted).
- * INT4/INT8/BF16 experts add their own rounding (moe.h): bound 10%, argmax
- * not asserted (a routing flip in a random model moves logits by O(10%)). */
+ * INT4/INT8/BF16 experts add their own rounding (moe.h; measured up to 6.8%,
+ * from the types requantised into INT4; Q4_0/Q4_1 experts repack exactly and
+ * stay at the f32 figure): bound 15%, argmax not asserted (a routing flip in
+ * a random model moves logits by O(10%)). */
 #define GGUF_TOL_F32 4e-2
 #define GGUF_TOL_LOSSY 1.5e-1
 

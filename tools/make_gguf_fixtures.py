@@ -391,8 +391,21 @@ MODELS = {
 
 def reference(name, rng):
     """llama.cpp's logits for a 12-token prefill, into NAME.ref.gguf."""
+    import llama_cpp
     from llama_cpp import Llama
 
+    # ggml's AMX weight buffers (an "extra buffer type") crash in ggml_backend_amx_mul_mat on these tiny
+    # shapes (0.3.36, AMX machine): load without extra buffer types; the CPU backend computes the same
+    if not getattr(llama_cpp.llama_cpp, "_tandem_patched", False):
+        orig = llama_cpp.llama_cpp.llama_model_default_params
+
+        def no_extra_bufts():
+            p = orig()
+            p.use_extra_bufts = False
+            return p
+
+        llama_cpp.llama_cpp.llama_model_default_params = no_extra_bufts
+        llama_cpp.llama_cpp._tandem_patched = True
     path = os.path.join(OUT, name + ".gguf")
     llm = Llama(model_path=path, n_ctx=64, n_batch=64, n_ubatch=64, n_threads=2, logits_all=True, verbose=False,
                 seed=0)
@@ -402,7 +415,6 @@ def reference(name, rng):
     assert logits.shape == (len(toks), V), logits.shape
     assert np.isfinite(logits).all()
     w = gguf.GGUFWriter(os.path.join(OUT, name + ".ref.gguf"), "tandem-ref")
-    import llama_cpp
     w.add_string("ref.llama_cpp_python", llama_cpp.__version__)
     w.add_tensor("tokens", np.array(toks, dtype=np.int32))
     w.add_tensor("logits", logits)

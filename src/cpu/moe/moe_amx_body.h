@@ -123,6 +123,7 @@
 
 #define AMX_CF_BYTES ((size_t)MOE_MC * MOE_MAXPAIR * 32 * 4) /* result of one pass */
 #define AMX_G4_BYTES 1280 /* one unpacked INT4 group of a pair: 2 B tiles of 512 B, 2 x 16 scales, 2 x 16 mins */
+#define AMX_I4_PFD 8      /* INT4 unpack: prefetch distance in 32-groups */
 #define AMX_I4_KC 512     /* INT4 through BF16 tiles: most K per chunk (staging below) */
 #define AMX_I4A_BYTES ((size_t)MOE_MC * AMX_I4_KC * 2) /* a chunk's A as bf16 tiles */
 #define AMX_I4B_BYTES ((size_t)2 * AMX_I4_KC * 32)     /* a pair's chunk of B as bf16 tiles */
@@ -522,48 +523,57 @@ static void stage_a_i8(const amx_pass *P, int k0, int nk)
         }
 }
 
-/* 64 nibble values (lane n*4 + j: column n, K = base + j) dequantised, as
- * two bf16 tile rows: K pair (base, base + 1) and (base + 2, base + 3) of
- * the 16 columns; sp / mp: the scales / mins spread to those lanes */
-static void dq_rows(__m512i q, const __m512 *sp, const __m512 *mp, uint8_t *even, uint8_t *odd)
-{
-    static const int32_t ie[16] = { 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30 };
-    static const int32_t io[16] = { 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31 };
-#define DQ_(b) _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, b))), sp[b], mp[b])
-    __m512 f[4] = { DQ_(0), DQ_(1), DQ_(2), DQ_(3) };
-#undef DQ_
-    __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]); /* columns 0..7, dwords (j0 j1), (j2 j3) */
-    __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(f[3], f[2]); /* columns 8..15 */
-    _mm512_store_si512(even, _mm512_permutex2var_epi32(lo, _mm512_loadu_si512(ie), hi));
-    _mm512_store_si512(odd, _mm512_permutex2var_epi32(lo, _mm512_loadu_si512(io), hi));
-}
-
 /* B chunk [k0, k0 + nk) of pair j: each 32-group of a row block becomes one
- * bf16 tile (16 K-pair rows x 16 columns); block n at bbf + n * nk * 32 */
+ * bf16 tile (16 K-pair rows x 16 columns); block n at bbf + n * nk * 32.
+ * A nibble row c (64 bytes: dword n = column n, byte j = K 4c + j low, K
+ * 4c + 16 + j high) gives tile rows 2c, 2c + 1 (low) and 2c + 8, 2c + 9
+ * (high). Each output row is two halves of 16 fp32 lanes (lane i: column
+ * 8 * half + i / 2, K offset i % 2), which VCVTNE2PS2BF16 joins in tile
+ * order, so no permute follows the conversion: one 128-bit-lane
+ * broadcast (VSHUFI64X2) per half brings its columns' dwords into the
+ * lanes that need them and one VPSHUFB puts each nibble, zero-extended,
+ * into its fp32 lane. Values: bf16(fma(q, s, m)), q exact in fp32. */
 static void stage_b_i4(const amx_pass *P, int j, int k0, int nk)
 {
     const __m512i low = _mm512_set1_epi8(0x0f);
-    __m512i ix[4]; /* lane e of nibble block b: column 4b + e/4 */
-    for (int b = 0; b < 4; b++)
-        ix[b] = _mm512_add_epi32(_mm512_set1_epi32(4 * b),
-                                 _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                   2));
+    const __m512i cix0 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i cix1 = _mm512_add_epi32(cix0, _mm512_set1_epi32(8));
+    /* VPSHUFB index for row parity e: dword d of 128-bit lane L (fp32 lane
+     * 4L + d, column 2L + d / 2 of the half) takes byte 2e + d % 2 of dword
+     * 2 (L % 2) + d / 2 of its lane; the other three bytes zero */
+    _Alignas(64) uint8_t bix_b[2][64];
+    for (int e = 0; e < 2; e++)
+        for (int L = 0; L < 4; L++)
+            for (int d = 0; d < 4; d++) {
+                uint8_t *o = &bix_b[e][16 * L + 4 * d];
+                o[0] = (uint8_t)(4 * (2 * (L % 2) + d / 2) + 2 * e + d % 2);
+                o[1] = o[2] = o[3] = 0x80;
+            }
+    const __m512i bix[2] = { _mm512_load_si512(bix_b[0]), _mm512_load_si512(bix_b[1]) };
     for (int n = 0; n < 2; n++)
         for (int t = 0; t < nk / 32; t++) {
             const uint8_t *src = P->b[2 * j + n] + (size_t)(k0 / 32 + t) * 320;
             uint8_t *dst = P->bbf + (size_t)n * (size_t)nk * 32 + (size_t)t * 1024;
+            /* the nibbles come from DRAM once per pass: ask for a group a few
+             * groups ahead, so the unpack does not wait on each line in turn */
+            for (int l = 0; l < 5; l++)
+                _mm_prefetch((const char *)(src + AMX_I4_PFD * 320 + l * 64), _MM_HINT_T0);
             __m512 sv = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(src + 256)));
             __m512 mv = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(src + 288)));
-            __m512 sp[4], mp[4];
-            for (int b = 0; b < 4; b++) {
-                sp[b] = _mm512_permutexvar_ps(ix[b], sv);
-                mp[b] = _mm512_permutexvar_ps(ix[b], mv);
-            }
-            for (int c = 0; c < 4; c++) { /* nibble row c: K 4c..4c+3 low, 4c+16..4c+19 high */
+            __m512 s0 = _mm512_permutexvar_ps(cix0, sv), s1 = _mm512_permutexvar_ps(cix1, sv);
+            __m512 m0 = _mm512_permutexvar_ps(cix0, mv), m1 = _mm512_permutexvar_ps(cix1, mv);
+            for (int c = 0; c < 4; c++) {
                 __m512i v = _mm512_load_si512(src + c * 64);
-                dq_rows(_mm512_and_si512(v, low), sp, mp, dst + (2 * c) * 64, dst + (2 * c + 1) * 64);
-                dq_rows(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), sp, mp, dst + (2 * c + 8) * 64,
-                        dst + (2 * c + 9) * 64);
+                for (int h = 0; h < 2; h++) {
+                    __m512i x = h ? _mm512_and_si512(_mm512_srli_epi16(v, 4), low) : _mm512_and_si512(v, low);
+                    __m512i t0 = _mm512_shuffle_i64x2(x, x, _MM_SHUFFLE(1, 1, 0, 0));
+                    __m512i t1 = _mm512_shuffle_i64x2(x, x, _MM_SHUFFLE(3, 3, 2, 2));
+                    for (int e = 0; e < 2; e++) {
+                        __m512 f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_shuffle_epi8(t0, bix[e])), s0, m0);
+                        __m512 f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_shuffle_epi8(t1, bix[e])), s1, m1);
+                        _mm512_store_si512(dst + (size_t)(2 * c + 8 * h + e) * 64, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
+                    }
+                }
             }
         }
 }
