@@ -39,6 +39,7 @@ static const struct {
     { "Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", ARCH_QWEN35_MOE },
     { "Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe", ARCH_QWEN35_MOE }, /* its text model (families.h) */
     { "Qwen3NextForCausalLM", "qwen3_next", ARCH_QWEN3_NEXT },
+    { "KimiK25ForConditionalGeneration", "kimi_k25", ARCH_DEEPSEEK_V3 }, /* its text model (families.h) */
 };
 
 const char *model_route_name(route_kind r)
@@ -566,7 +567,8 @@ int model_load_config(model_desc *d, const char *path, char *err, size_t errlen)
                     "%s: architecture '%s' (model_type '%s') is not supported; supported: Qwen3MoeForCausalLM, "
                     "Qwen2MoeForCausalLM, MixtralForCausalLM, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM "
                     "(also Kimi-K2), Glm4MoeForCausalLM, DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM, "
-                    "Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration (its text model), Qwen3NextForCausalLM",
+                    "Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration (its text model), Qwen3NextForCausalLM, "
+                    "KimiK25ForConditionalGeneration (its text model)",
                     path, arch ? arch : "?", mt ? mt : "?");
     } else {
         rc = parse(d, &c);

@@ -29,9 +29,10 @@ static inline int model_is_qwen35(model_arch a)
  * mlp_only_layers in Qwen3-Next), after the GQA fields are parsed. */
 int model_parse_qwen35(model_desc *d, const cfg_ctx *c);
 
-/* A multimodal architecture whose text model tandem runs (Qwen3.5-MoE's
- * ...ForConditionalGeneration): point c at config.json's text_config and set
- * d->prefix to the text model's tensor prefix. Others: nothing to do. */
+/* A multimodal architecture whose text model tandem runs (Qwen3.5-MoE's and
+ * Kimi-K2.5's ...ForConditionalGeneration): point c at config.json's
+ * text_config and set d->prefix (and d->head_prefix) to the text model's
+ * tensor prefixes. Others: nothing to do. */
 int model_text_config(model_desc *d, cfg_ctx *c);
 
 #endif

@@ -46,7 +46,9 @@ typedef struct {
     model_arch arch;
     char arch_name[64];       /* architectures[0], e.g. "DeepseekV3ForCausalLM" */
     char prefix[32];          /* tensor name prefix of the language model; "" = "model." (a multimodal
-                                 checkpoint's text model: "model.language_model.") */
+                                 checkpoint's text model: "model.language_model.", Kimi-K2.5:
+                                 "language_model.model.") */
+    char head_prefix[32];     /* lm_head's name prefix: "" (Kimi-K2.5: "language_model.") */
     int n_layer, d_model, n_vocab, max_ctx;
     float rms_eps;
     int tie_embed;

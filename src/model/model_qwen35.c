@@ -15,6 +15,7 @@
  * plus a shared expert with a sigmoid gate, as Qwen2-MoE.
  */
 #include "core/err.h"
+#include "core/log.h"
 #include "model/families.h"
 
 #include <stdio.h>
@@ -117,13 +118,30 @@ int model_parse_qwen35(model_desc *d, const cfg_ctx *c)
 
 int model_text_config(model_desc *d, cfg_ctx *c)
 {
-    if (strcmp(d->arch_name, "Qwen3_5MoeForConditionalGeneration"))
+    int kimi = !strcmp(d->arch_name, "KimiK25ForConditionalGeneration");
+    if (!kimi && strcmp(d->arch_name, "Qwen3_5MoeForConditionalGeneration"))
         return 0;
     json_t *t = json_object_get(c->root, "text_config");
     if (!json_is_object(t))
         return td_err(c->err, c->errlen, TANDEM_EFORMAT, "%s: %s needs a 'text_config' object", c->file,
                       d->arch_name);
+    if (kimi) {
+        /* Kimi-K2.5 wraps a DeepSeek-V3 (Kimi-K2) text model: language_model.model.* and
+         * language_model.lm_head.weight; the quantisation and tying may be stated at the top
+         * level only, and hold for the text model too */
+        static const char *const up[] = {"quantization_config", "tie_word_embeddings"};
+        for (size_t i = 0; i < sizeof up / sizeof up[0]; i++) {
+            json_t *v = json_object_get(c->root, up[i]);
+            if (v && !json_object_get(t, up[i]) && json_object_set(t, up[i], v))
+                return td_err(c->err, c->errlen, TANDEM_ENOMEM, "out of memory");
+        }
+        snprintf(d->prefix, sizeof d->prefix, "language_model.model.");
+        snprintf(d->head_prefix, sizeof d->head_prefix, "language_model.");
+        td_log(TD_LOG_INFO, "%s: Kimi-K2.5: the text model (DeepSeek-V3 layout) is loaded; the vision tower "
+               "is out of scope (requests with images are refused)", c->file);
+    } else {
+        snprintf(d->prefix, sizeof d->prefix, "model.language_model.");
+    }
     c->root = t; /* the vision tower is not loaded: tandem runs the text model */
-    snprintf(d->prefix, sizeof d->prefix, "model.language_model.");
     return 0;
 }

@@ -176,7 +176,7 @@ int model_tensors(const model_desc *d, tensor_spec **out, int *n_out, char *err,
     }
     VEC(TS_OUT_NORM, -1, D, "%snorm.weight", mp);
     if (!d->tie_embed)
-        add(&L, TS_LM_HEAD, -1, -1, d->n_vocab, D, 0, "lm_head.weight");
+        add(&L, TS_LM_HEAD, -1, -1, d->n_vocab, D, 0, "%slm_head.weight", d->head_prefix);
     if (L.oom) {
         free(L.v);
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory listing tensors");
