@@ -631,6 +631,83 @@ static void test_bad_models(void)
     CHECK(e == NULL);
 }
 
+/* `tandem convert` of a GGUF file: the pack lies beside it, later loads map
+ * it (same logits bit for bit), and a changed file refuses it */
+static float *prefill_logits(tandem_engine *e, const int32_t *tok, int T, char *err, size_t errlen)
+{
+    tandem_session_params sp;
+    tandem_session_params_default(&sp);
+    sp.n_seq = 1;
+    sp.n_ctx = 32;
+    sp.n_batch = 16;
+    tandem_session *s = NULL;
+    if (tandem_session_create(e, &sp, &s, err, errlen) != 0)
+        return NULL;
+    int32_t pos[16], sq[16];
+    int8_t want[16];
+    for (int i = 0; i < T; i++)
+        pos[i] = i, sq[i] = 0, want[i] = 1;
+    tandem_batch b = { T, tok, pos, sq, want };
+    float *out = NULL;
+    int V = tandem_n_vocab(e);
+    if (tandem_forward(s, &b, err, errlen) == 0 && (out = malloc((size_t)T * (size_t)V * sizeof *out)))
+        for (int t = 0; t < T; t++)
+            memcpy(out + (size_t)t * V, tandem_logits(s, t), (size_t)V * sizeof *out);
+    tandem_session_free(s);
+    return out;
+}
+
+static void test_pack(void)
+{
+    char path[128], dir[160], cmd[400], err[512];
+    snprintf(path, sizeof path, "/tmp/tandem-test-gguf-pack-%d.gguf", (int)getpid());
+    snprintf(dir, sizeof dir, "%s.packed-int4-p1", path);
+    FILE *f = fopen(FIX "mixtral.gguf", "rb");
+    unsigned char *b = malloc(1 << 20);
+    size_t n = f ? fread(b, 1, 1 << 20, f) : 0;
+    if (f)
+        fclose(f);
+    CHECK(n > 1000 && write_file(path, b, n) == 0);
+    tandem_engine_params ep;
+    tandem_engine_params_default(&ep);
+    ep.n_threads = 1;
+    ep.gpu = 0;
+    ep.cpu_experts = TANDEM_FMT_INT4;
+    const int32_t tok[6] = { 5, 77, 300, 12, 9, 250 };
+    tandem_engine *e = NULL;
+    float *a = NULL, *c = NULL;
+    int rc = tandem_engine_open(path, &ep, &e, err, sizeof err);
+    CHECKF(rc == 0, "%s", err);
+    if (!rc) {
+        CHECK(e->pack_state == PACK_NONE);
+        a = prefill_logits(e, tok, 6, err, sizeof err);
+        tandem_engine_close(e);
+    }
+    rc = tandem_convert_experts(path, &ep, 0, err, sizeof err);
+    CHECKF(rc == 0, "convert: %s", err);
+    e = NULL;
+    rc = tandem_engine_open(path, &ep, &e, err, sizeof err);
+    CHECKF(rc == 0, "%s", err);
+    if (!rc) {
+        CHECK(e->pack_state == PACK_OK);
+        c = prefill_logits(e, tok, 6, err, sizeof err);
+        tandem_engine_close(e);
+    }
+    CHECK(a && c && !memcmp(a, c, (size_t)6 * 320 * sizeof *a));
+    /* the file changes (one byte of the last tensor's data): the pack is refused, naming it */
+    b[n - 1] ^= 1;
+    CHECK(write_file(path, b, n) == 0);
+    e = NULL;
+    rc = tandem_engine_open(path, &ep, &e, err, sizeof err);
+    CHECKF(rc == TANDEM_EFORMAT && strstr(err, "manifest"), "%d %s", rc, err);
+    tandem_engine_close(e);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s'", dir, path);
+    CHECK(system(cmd) == 0);
+    free(a);
+    free(c);
+    free(b);
+}
+
 TEST_GROUP(gguf)
 {
     test_metadata();
@@ -639,4 +716,5 @@ TEST_GROUP(gguf)
     test_malformed();
     test_bad_models();
     test_models();
+    test_pack();
 }
