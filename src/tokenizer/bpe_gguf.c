@@ -29,7 +29,14 @@
  * matched leftmost-longest (llama.cpp: longest token first over the whole text, which differs only
  * when two special tokens overlap in the text); invalid UTF-8 is repaired with one U+FFFD per
  * maximal ill-formed subpart before tokenizing (llama.cpp: one per byte, and SPM keeps the raw
- * bytes); regexes run on PCRE2 with Unicode properties, llama.cpp on its own tables.
+ * bytes); regexes run on PCRE2 with Unicode properties, llama.cpp on its own tables. And one
+ * deliberate one: for "kimi-k2" the split is Moonshot's own pattern (bpe_kimi_pattern), which
+ * llama.cpp's hand-written splitter departs from for marks and case changes.
+ *
+ * Decoding is that of the equivalent tokenizer.json (ByteLevel; or Replace U+2581, ByteFallback,
+ * Fuse, Strip one leading space), which gives llama.cpp's llama_detokenize text except that
+ * llama.cpp undoes " 's"-style spacing for some pre types (clean_spaces) and, for SentencePiece
+ * vocabularies, keeps the leading space when it drops a BOS with remove_special.
  */
 #include <stdio.h>
 
