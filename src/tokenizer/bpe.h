@@ -1,5 +1,7 @@
 /*
- * bpe.h - BPE tokenizer loaded from a Hugging Face tokenizer.json, exact against `tokenizers`.
+ * bpe.h - BPE tokenizer loaded from a Hugging Face tokenizer.json, exact against `tokenizers`; also
+ * built from Kimi-K2's tiktoken.model (exact against `tiktoken`) or from a GGUF file's tokenizer
+ * metadata (exact against llama.cpp) by the loaders declared further down.
  *
  * Covers byte-level BPE (Qwen2/2.5/3, DeepSeek-V3, GLM-4.5, GPT-2 style) and sentencepiece-style
  * BPE with byte fallback (Mixtral / Llama), built from the general tokenizer.json blocks:

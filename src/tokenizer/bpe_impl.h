@@ -5,6 +5,8 @@
  *   bpe_model.c   string/pair hash maps, the byte-level alphabet, the BPE merge loop
  *   bpe_encode.c  added-token matching, normalizers, pre-tokenizers, post-processor, bpe_encode
  *   bpe_decode.c  decoders, bpe_decode, the streaming decoder
+ *   bpe_tiktoken.c  tiktoken.model + tokenizer_config.json (Kimi-K2) -> the same struct
+ *   bpe_gguf.c    GGUF tokenizer.ggml.* metadata (llama.cpp's semantics) -> the same struct
  *
  * Invariants: every string stored here is valid UTF-8 (jansson checks JSON strings) and NUL
  * terminated; ids are in [0, n_vocab); a struct bpe is never written after bpe_load returns.
