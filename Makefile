@@ -35,9 +35,14 @@ ifeq ($(origin CUDA),undefined)
   CUDA := $(if $(shell command -v $(NVCC) 2>/dev/null),1,0)
 endif
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
+# Every architecture tandem runs on: sm_80 (A100), sm_86 (RTX 30xx), sm_89 (RTX 40xx, the first with FP8
+# tensor cores), sm_90 (H100/H200), sm_120 (RTX 50xx), plus compute_80 PTX that any later GPU JIT-compiles.
+# Arch-specific paths are chosen at run time from the compute capability (hybrid.c). `make CUDA_ARCHS=90`
+# builds one for a quicker local compile; --threads 0 lets nvcc compile the archs of a file in parallel.
+CUDA_ARCHS ?= 80 86 89 90 120
+NVARCH  = $(foreach a,$(CUDA_ARCHS),-gencode=arch=compute_$(a),code=sm_$(a)) -gencode=arch=compute_80,code=compute_80
 NVFLAGS = -O2 -std=c++17 -Xcompiler -fPIC -Iinclude -Isrc -MMD -MP -DTD_CUDA_LIB='"$(CUDA_HOME)/lib64"' \
-          -Xcompiler -Wall,-Wextra -Werror all-warnings \
-          -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90
+          -Xcompiler -Wall,-Wextra -Werror all-warnings $(NVARCH) --threads 0
 
 LIB_SRC  := $(shell find src -name '*.c' | sort)
 CU_SRC   := $(shell find src -name '*.cu' | sort)

@@ -4,7 +4,8 @@
  * hybrid_engine_open() runs after the CPU engine bound its weights:
  *   1. decide whether to use a GPU (params.gpu: 0 never, 1 required, -1
  *      when a usable one is there; "usable" = a device of compute capability
- *      9.0 or later, as the kernels are built for sm_90 + compute_90 PTX);
+ *      8.0 or later: the build holds sm_80/86/89/90/120 code and compute_80
+ *      PTX, and what differs by architecture is chosen from the capability);
  *   2. plan: everything but the routed experts goes to the GPU, plus
  *      params.gpu_experts experts per MoE layer (-1: as many as the budget
  *      holds); the budget is --gpu-mem GB, or the free memory less a
@@ -533,8 +534,10 @@ int hybrid_engine_open(tandem_engine *e, char *err, size_t errlen)
         hy_free(hy, d->n_layer);
         return no_gpu(e, rc, why, err, errlen);
     }
-    if (hy->info.cc_major < 9) {
-        snprintf(why, sizeof why, "%s has compute capability %d.%d; tandem's kernels are built for 9.0 (sm_90) and later",
+    if (hy->info.cc_major < 8) { /* BF16 tensor cores (the grouped expert GEMMs) and BF16 loads need sm_80 */
+        snprintf(why, sizeof why,
+                 "%s has compute capability %d.%d; tandem's kernels need 8.0 (Ampere) or later (built for sm_80, "
+                 "sm_86, sm_89, sm_90, sm_120 and compute_80 PTX)",
                  hy->info.name, hy->info.cc_major, hy->info.cc_minor);
         hy_free(hy, d->n_layer);
         return no_gpu(e, TANDEM_EUNSUPPORTED, why, err, errlen);
