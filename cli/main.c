@@ -260,6 +260,7 @@ void cli_engine_params(const cli_opts *o, tandem_engine_params *p)
     p->cpu_experts = o->cpu_experts;
     p->n_layer_limit = o->layers;
     p->ignore_packs = o->ignore_packs;
+    p->moe_tune = getenv("TANDEM_MOE_TUNE"); /* the library reads no environment: the command passes it on */
     if (isatty(2))
         p->progress = progress_bar;
 }
@@ -271,7 +272,10 @@ int cli_open_engine(const cli_opts *o, tandem_engine **e)
     char err[1024];
     int rc = tandem_engine_open(o->model, &p, e, err, sizeof err);
     if (rc) {
-        fprintf(stderr, "tandem: %s\n", err);
+        if (p.moe_tune && strstr(err, "moe tune"))
+            fprintf(stderr, "tandem: TANDEM_MOE_TUNE=%s: %s\n", p.moe_tune, err);
+        else
+            fprintf(stderr, "tandem: %s\n", err);
         return rc;
     }
     if ((rc = cli_check_gpu_opts(*e, o->gpu_experts, o->expert_counts)))

@@ -107,6 +107,9 @@ typedef struct {
     void *progress_user;
     double host_mem_gb;   /* host memory the memory plan is checked against (see tandem_plan_check);
                              0 = MemAvailable of /proc/meminfo */
+    const char *moe_tune; /* settings of the CPU experts' tile kernels and schedule, "i4=0,mc=256" (the keys of
+                             `tandem bench moe --tune`; i4=0: exact INT4 on AMX); NULL = defaults; read
+                             during tandem_engine_open (the command takes it from TANDEM_MOE_TUNE) */
 } tandem_engine_params;
 
 /* CPU expert formats. BF16/INT8/INT4/FP8 pack the experts for the MoE

@@ -76,6 +76,8 @@ typedef struct {
     int isa;                     /* TANDEM_ISA_*; a set this CPU lacks is TANDEM_EUNSUPPORTED */
     int int8_group;              /* INT8: scale group along K (multiple of 64); 0 = one scale per row */
     int amx_min;                 /* tokens per expert from which the AMX tile kernel runs; 0 = per format */
+    const char *tune;            /* tile-kernel and schedule settings, "i4=0,mc=256" (the keys of `tandem
+                                    bench moe --tune`; i4=0: exact INT4 on AMX); NULL = defaults */
 } tandem_moe_params;
 
 void tandem_moe_params_default(tandem_moe_params *p);

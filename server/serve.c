@@ -107,6 +107,7 @@ static int parse(int argc, char **argv, serve_opts *o)
     o->api_key = getenv("TANDEM_API_KEY");
     o->max_body = 8 << 20;
     tandem_engine_params_default(&o->ep);
+    o->ep.moe_tune = getenv("TANDEM_MOE_TUNE"); /* CPU experts' kernel settings (tandem.h moe_tune) */
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i], *v = NULL;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {

@@ -840,17 +840,26 @@ static void test_errors(pool *p)
     moe_scratch_free(s);
     moe_free(op);
 
-    /* TANDEM_MOE_TUNE: applied at op creation; a bad spec fails it, naming the variable */
+    /* an op's own settings (moe_set_tune; the engine's moe_tune parameter): a bad spec names the key and
+       changes nothing, a good one is the op's alone (the process default stays), and the kernels of a
+       forward read it only while it runs */
     moe_tune tkeep = moe_tuning;
-    setenv("TANDEM_MOE_TUNE", "i4=0,bogus=1", 1);
-    CHECK(moe_create_isa(&op, &d, p, ISA_REF, err, sizeof err) == TANDEM_EINVAL && op == NULL);
-    CHECKF(strstr(err, "TANDEM_MOE_TUNE") && strstr(err, "bogus"), "message: %s", err);
-    CHECK(memcmp(&moe_tuning, &tkeep, sizeof tkeep) == 0);
-    setenv("TANDEM_MOE_TUNE", "i4=0,mc=128", 1);
-    CHECK(moe_create_isa(&op, &d, p, ISA_REF, err, sizeof err) == 0 && moe_tuning.i4 == 0 && moe_tuning.mc == 128);
+    CHECK(moe_create_isa(&op, &d, p, ISA_REF, err, sizeof err) == 0);
+    CHECK(moe_set_tune(op, "i4=0,bogus=1", err, sizeof err) == TANDEM_EINVAL && strstr(err, "bogus"));
+    CHECK(!op->own_tune && memcmp(&moe_tuning, &tkeep, sizeof tkeep) == 0);
+    CHECK(moe_set_tune(op, "i4=0,mc=128", err, sizeof err) == 0 && op->own_tune && op->tune.i4 == 0 &&
+          op->tune.mc == 128 && op->tune.kc_bf16 == tkeep.kc_bf16);
+    CHECK(memcmp(&moe_tuning, &tkeep, sizeof tkeep) == 0 && moe_op_tune(op) == &op->tune);
+    s = NULL;
+    CHECK(moe_scratch_create(op, 4, 2, &s, err, sizeof err) == 0);
+    if (s) {
+        CHECK(moe_forward(op, s, p, 4, 2, x, none, wt, out) == 0);
+        CHECK(moe_tune_cur == &moe_tuning); /* put back after the forward */
+        moe_scratch_free(s);
+    }
+    CHECK(moe_set_tune(op, NULL, err, sizeof err) == 0 && moe_op_tune(op) == &moe_tuning);
     moe_free(op);
     op = NULL;
-    unsetenv("TANDEM_MOE_TUNE");
     moe_tuning = tkeep;
 
     d.group = 96;

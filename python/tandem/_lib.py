@@ -37,7 +37,7 @@ class MoeParams(ctypes.Structure):
                 ("block_n", c_int), ("block_k", c_int),
                 ("held", c_void_p),
                 ("n_threads", c_int), ("n_numa", c_int), ("isa", c_int),
-                ("int8_group", c_int), ("amx_min", c_int)]
+                ("int8_group", c_int), ("amx_min", c_int), ("tune", c_char_p)]
 
 
 class MoeInfo(ctypes.Structure):

@@ -80,7 +80,8 @@ class MoE:
     Face layout), bf16 / float32 / float16, or float8_e4m3fn with block scales
     (scales=(gate_scale, up_scale, down_scale) float32, block=(block_n, block_k)).
     The weights are copied into the packed format at construction and may be
-    freed afterwards.
+    freed afterwards. tune: tile-kernel settings ("i4=0": exact INT4 on AMX;
+    the keys of `tandem bench moe --tune`).
 
     held: bool mask [n_expert] of experts computed here (None = all); routed ids
     of other experts, and ids < 0, are skipped, so a host keeping some experts on
@@ -90,7 +91,7 @@ class MoE:
 
     def __init__(self, gate, up, down, *, format="bf16", top_k=8, max_tokens=1, max_deferred=0, held=None,
                  threads=0, numa=0, isa="auto", int8_group=0, amx_min=0, scales=None, block=(128, 128),
-                 _handle=None):
+                 tune=None, _handle=None):
         self._h = None
         self._err = ctypes.create_string_buffer(512)
         self._inflight = None
@@ -127,6 +128,7 @@ class MoE:
                 p.held = hm.ctypes.data
             p.n_threads, p.n_numa, p.int8_group, p.amx_min = threads, numa, int8_group, amx_min
             p.isa = _lib.ISA[isa]
+            p.tune = tune.encode() if tune else None
             h = ctypes.c_void_p()
             rc = _lib.moe_create(ctypes.byref(p), ctypes.byref(h), self._err, 512)
             if rc:

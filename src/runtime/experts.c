@@ -96,6 +96,10 @@ static int open_layer_pack(tandem_engine *e, int l, int fmt, moe_op **out, char 
     char path[1200];
     engine_packed_path(e, fmt, l, path, sizeof path);
     int rc = moe_open_packed(out, path, e->pool, -1, err, errlen);
+    if (!rc && (rc = moe_set_tune(*out, e->params.moe_tune, err, errlen))) {
+        moe_free(*out);
+        *out = NULL;
+    }
     if (rc)
         return rc;
     int n, dm, ff;
@@ -189,6 +193,10 @@ int experts_cpu_op(tandem_engine *e, int l, const int32_t *gpu_slot, int fmt, in
         rc = moe_create(out, &md, e->pool, err, errlen);
         if (rc)
             td_err_prefix(err, errlen, rc, "packing CPU experts");
+        else if ((rc = moe_set_tune(*out, e->params.moe_tune, err, errlen))) {
+            moe_free(*out);
+            *out = NULL;
+        }
     }
     free(ptr);
     free(sc);

@@ -182,7 +182,8 @@ int tandem_moe_create(const tandem_moe_params *p, tandem_moe **out, char *err, s
         d.gate_scale = sc, d.up_scale = sc + ne, d.down_scale = sc + 2 * ne;
         d.block_n = p->block_n, d.block_k = p->block_k;
     }
-    if ((rc = moe_create_isa(&m->op, &d, m->pool, isa, err, errlen)))
+    if ((rc = moe_create_isa(&m->op, &d, m->pool, isa, err, errlen)) ||
+        (rc = moe_set_tune(m->op, p->tune, err, errlen)))
         goto fail;
     if ((rc = finish(m, p, err, errlen)))
         goto fail;
@@ -209,6 +210,8 @@ int tandem_moe_open(const char *path, const tandem_moe_params *p, tandem_moe **o
     int rc = pool_create(&m->pool, p->n_threads, p->n_numa, err, errlen);
     if (!rc)
         rc = moe_open_packed(&m->op, path, m->pool, isa, err, errlen);
+    if (!rc)
+        rc = moe_set_tune(m->op, p->tune, err, errlen);
     if (!rc)
         rc = finish(m, p, err, errlen);
     if (rc) {

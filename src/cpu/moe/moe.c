@@ -199,9 +199,6 @@ int moe_check_desc(const moe_desc *d, pool *p, int isa, struct moe_op *op, char 
 {
     if (!d || !p)
         return td_err(err, errlen, TANDEM_EINVAL, "moe: missing description or pool");
-    int rc = moe_tune_env(err, errlen); /* the common entry of op creation: settings before packing */
-    if (rc)
-        return rc;
     if (d->n_expert < 1 || d->n_expert > (1 << 20))
         return td_err(err, errlen, TANDEM_EINVAL, "moe: n_expert %d out of range", d->n_expert);
     if (d->d_model < 1 || d->d_model > MOE_MAX_K || d->d_ff < 1 || d->d_ff > MOE_MAX_K)

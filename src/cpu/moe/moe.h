@@ -64,7 +64,7 @@
  *       With one partition these kernels are bit-identical to the reference,
  *       but for INT4 on the AMX tile kernels, which by default (moe_tuning.i4)
  *       take result = sx * sum xq * bf16(fma(q, s, m)) in fp32 tile order:
- *       each weight rounded to bf16 (TANDEM_MOE_TUNE=i4=0: the exact path).
+ *       each weight rounded to bf16 (moe_set_tune "i4=0": the exact path).
  * FP8   weights W = s * q, q an E4M3 byte (e4m3fn: max 448, no infinities),
  *       one fp32 scale s per row and group of 128 columns along K (d_ff
  *       slices and K padding are multiples of 128). Packed from an FP8
@@ -197,6 +197,11 @@ int moe_create(moe_op **out, const moe_desc *d, pool *p, char *err, size_t errle
  * TANDEM_EUNSUPPORTED when this machine lacks it. */
 int moe_create_isa(moe_op **out, const moe_desc *d, pool *p, int isa, char *err, size_t errlen);
 void moe_free(moe_op *op);
+/* Tile-kernel and schedule settings of this op ("kc_bf16=512,i4=0", the keys of
+ * `tandem bench moe --tune`; keys left out keep the process defaults), before
+ * its first forward; NULL or "" = the process defaults. TANDEM_EINVAL naming
+ * a bad key or value (the op is unchanged then). */
+int moe_set_tune(moe_op *op, const char *spec, char *err, size_t errlen);
 
 size_t moe_bytes(const moe_op *op);  /* packed bytes of one expert (all partitions) */
 int moe_isa(const moe_op *op);       /* kernel set in use */

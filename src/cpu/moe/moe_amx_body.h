@@ -325,7 +325,7 @@ static void zero_cf(const amx_pass *P)
 static void run_chunk(const amx_pass *P, int j0, int j1, int int8, size_t boff, size_t aoff, int nst, int first,
                       int last, size_t nboff, int nnext, size_t soff, const int32_t *corr)
 {
-    int ord = moe_tuning.ord, pf = moe_tuning.pf, sp = moe_tuning.sp, nmt2 = (P->nmt + 1) / 2;
+    int ord = MOE_TUNE.ord, pf = MOE_TUNE.pf, sp = MOE_TUNE.sp, nmt2 = (P->nmt + 1) / 2;
     int np = j1 - j0, nouter = ord ? nmt2 : np, ninner = ord ? np : nmt2;
     size_t ncol = (size_t)P->npair * 32;
     for (int o = 0; o < nouter; o++)
@@ -373,7 +373,7 @@ static void run_chunk(const amx_pass *P, int j0, int j1, int int8, size_t boff, 
 /* ---- BF16: fp32 accumulation in the tiles, chunked along K ------------- */
 static void pass_bf16(const amx_pass *P)
 {
-    int cs = moe_tuning.kc_bf16 / 32, nsteps = P->W->kp / 32;
+    int cs = MOE_TUNE.kc_bf16 / 32, nsteps = P->W->kp / 32;
     for (int st = 0; st < nsteps; st += cs) {
         int nst = nsteps - st < cs ? nsteps - st : cs, st2 = st + nst;
         int nnext = nsteps - st2 < cs ? nsteps - st2 : cs;
@@ -387,7 +387,7 @@ static void pass_int8(const amx_pass *P)
 {
     const moe_mat *W = P->W;
     size_t gb = moe_int8_group_bytes(W->group);
-    int sg = W->group / 64, ng = W->kp / W->group, cs = moe_tuning.kc_int8 / 64;
+    int sg = W->group / 64, ng = W->kp / W->group, cs = MOE_TUNE.kc_int8 / 64;
     if (cs > sg)
         cs = sg;
     int32_t corr[MOE_MC];
@@ -481,7 +481,7 @@ static void int4_block(const amx_pass *P, int mt, int two, int j, int g0, int ng
 
 static void pass_int4(const amx_pass *P)
 {
-    int ngr = P->W->kp / 32, gc = moe_tuning.g4;
+    int ngr = P->W->kp / 32, gc = MOE_TUNE.g4;
     zero_cf(P);
     for (int j = 0; j < P->npair; j++)
         for (int g0 = 0; g0 < ngr; g0 += gc) {
@@ -580,7 +580,7 @@ static void stage_b_i4(const amx_pass *P, int j, int k0, int nk)
 
 static void pass_int4_bf16(const amx_pass *P)
 {
-    int kp = P->W->kp, kc = moe_tuning.kc_bf16 / 64 * 64;
+    int kp = P->W->kp, kc = MOE_TUNE.kc_bf16 / 64 * 64;
     kc = kc < 64 ? 64 : kc > AMX_I4_KC ? AMX_I4_KC : kc;
     amx_pass S = *P; /* the same pass over the staged operands */
     for (int k0 = 0; k0 < kp; k0 += kc) {
@@ -636,7 +636,7 @@ static void fold_fp8(const amx_pass *P, int mt, int two, int j, const __m512 *sc
 
 static void pass_fp8(const amx_pass *P)
 {
-    int ng = P->W->kp / MOE_FP8_G, pf = moe_tuning.pf, sp = moe_tuning.sp;
+    int ng = P->W->kp / MOE_FP8_G, pf = MOE_TUNE.pf, sp = MOE_TUNE.sp;
     zero_cf(P);
     for (int g = 0; g < ng; g++)
         for (int j = 0; j < P->npair; j++) {
@@ -663,7 +663,7 @@ static void run_pass(int fmt, const amx_pass *P)
         pass_fp8(P);
     else if (fmt == MOE_INT8)
         pass_int8(P);
-    else if (moe_tuning.i4)
+    else if (MOE_TUNE.i4)
         pass_int4_bf16(P);
     else
         pass_int4(P);
@@ -710,8 +710,8 @@ static void amx_up(int fmt, const moe_mat *g, const moe_mat *u, int rb0, int rb1
         P.b[2 * j + 1] = u->w + (size_t)(rb0 + j) * u->rb_bytes;
     }
     size_t ncol = (size_t)P.npair * 32;
-    int mtiles = (a->m + 15) / 16, mcs = moe_tuning.mc / 16;
-    amx_config(fmt == MOE_INT4 && !moe_tuning.i4);
+    int mtiles = (a->m + 15) / 16, mcs = MOE_TUNE.mc / 16;
+    amx_config(fmt == MOE_INT4 && !MOE_TUNE.i4);
     for (int mt0 = 0; mt0 < mtiles; mt0 += mcs) {
         int nmt = mtiles - mt0 < mcs ? mtiles - mt0 : mcs;
         pass_rows(&P, fmt, a, mt0, nmt);
@@ -754,8 +754,8 @@ static void amx_down(int fmt, const moe_mat *d, int rb0, int rb1, const moe_act 
     for (int j = 0; j < 2 * P.npair; j++)
         P.b[j] = d->w + (size_t)(rb0 + j) * d->rb_bytes;
     size_t ncol = (size_t)P.npair * 32;
-    int mtiles = (a->m + 15) / 16, mcs = moe_tuning.mc / 16;
-    amx_config(fmt == MOE_INT4 && !moe_tuning.i4);
+    int mtiles = (a->m + 15) / 16, mcs = MOE_TUNE.mc / 16;
+    amx_config(fmt == MOE_INT4 && !MOE_TUNE.i4);
     for (int mt0 = 0; mt0 < mtiles; mt0 += mcs) {
         int nmt = mtiles - mt0 < mcs ? mtiles - mt0 : mcs;
         pass_rows(&P, fmt, a, mt0, nmt);

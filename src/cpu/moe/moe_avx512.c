@@ -34,8 +34,8 @@
 MOE_AI void core_bf16(const int NM, const int T, const uint8_t *w0, const uint8_t *w1, int kp, const uint16_t *x,
                       size_t ldx, __m512 *acc)
 {
-    const size_t pfd = (size_t)moe_tuning.pfd;
-    const int pfh = moe_tuning.pfh; /* 1: into L2 (more misses in flight than L1's fill buffers allow) */
+    const size_t pfd = (size_t)MOE_TUNE.pfd;
+    const int pfh = MOE_TUNE.pfh; /* 1: into L2 (more misses in flight than L1's fill buffers allow) */
 #pragma GCC unroll 24
     for (int i = 0; i < NM * T; i++)
         acc[i] = _mm512_setzero_ps();
@@ -64,8 +64,8 @@ MOE_AI void core_bf16(const int NM, const int T, const uint8_t *w0, const uint8_
 MOE_AI void core_int8(const int NM, const int T, const uint8_t *w0, const uint8_t *w1, int kp, int group,
                       const int8_t *x, size_t ldx, const int32_t *corr, const float *sx, __m512 *acc)
 {
-    const size_t pfd = (size_t)moe_tuning.pfd;
-    const int pfh = moe_tuning.pfh; /* 1: into L2 (more misses in flight than L1's fill buffers allow) */
+    const size_t pfd = (size_t)MOE_TUNE.pfd;
+    const int pfh = MOE_TUNE.pfh; /* 1: into L2 (more misses in flight than L1's fill buffers allow) */
     /* two partial sums per row (even / odd tile rows) when registers allow:
      * VPDPBUSD latency would otherwise bound decode; integer, so exact */
     const int P2 = T <= 3;
@@ -129,8 +129,8 @@ MOE_AI void core_int8(const int NM, const int T, const uint8_t *w0, const uint8_
 MOE_AI void core_int4(const int NM, const int T, const uint8_t *w0, const uint8_t *w1, int kp, const int8_t *x,
                       size_t ldx, const int32_t *s32, size_t lds, const float *sx, __m512 *acc)
 {
-    const size_t pfd = (size_t)moe_tuning.pfd;
-    const int pfh = moe_tuning.pfh; /* 1: into L2 (more misses in flight than L1's fill buffers allow) */
+    const size_t pfd = (size_t)MOE_TUNE.pfd;
+    const int pfh = MOE_TUNE.pfh; /* 1: into L2 (more misses in flight than L1's fill buffers allow) */
     const int P2 = T <= 2; /* low and high nibble chains apart (see core_int8) */
     __m512i ia[2 * MOE_TB_INT], ib[2 * MOE_TB_INT];
     const __m512i low = _mm512_set1_epi8(0x0f);
@@ -216,8 +216,8 @@ MOE_AI void core_int4(const int NM, const int T, const uint8_t *w0, const uint8_
 MOE_AI void core_fp8(const int NM, const int T, const uint8_t *w0, const uint8_t *w1, int kp, const uint16_t *x,
                      size_t ldx, __m512 *acc)
 {
-    const size_t pfd = (size_t)moe_tuning.pfd;
-    const int pfh = moe_tuning.pfh;
+    const size_t pfd = (size_t)MOE_TUNE.pfd;
+    const int pfh = MOE_TUNE.pfh;
     const __m512i sub = _mm512_loadu_si512(moe_e4m3_sub), zero = _mm512_setzero_si512();
     __m512 d[2 * MOE_TB_FP8];
 #pragma GCC unroll 12

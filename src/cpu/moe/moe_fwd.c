@@ -49,9 +49,11 @@ static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 moe_tune moe_tuning = { .kc_bf16 = 512, .kc_int8 = 1024, .g4 = 128, .np_up = 8, .cg = 0, .up_rb = 0, .ord = 0,
                         .pf = 0, .pfd = 2048, .pfh = 0, .sp = 1, .mc = 256, .nt = 0, .i4 = 1 };
 
-int moe_tune_parse(const char *spec, char *err, size_t errlen)
+_Thread_local const moe_tune *moe_tune_cur = &moe_tuning;
+
+int moe_tune_parse_into(moe_tune *out, const char *spec, char *err, size_t errlen)
 {
-    moe_tune t = moe_tuning;
+    moe_tune t = *out;
     char buf[256];
     if (!spec || strlen(spec) >= sizeof buf)
         return td_err(err, errlen, TANDEM_EINVAL, "moe tune: spec missing or too long");
@@ -99,24 +101,24 @@ int moe_tune_parse(const char *spec, char *err, size_t errlen)
         if (!ok)
             return td_err(err, errlen, TANDEM_EINVAL, "moe tune: %s=%ld is out of range", kv, v);
     }
-    moe_tuning = t;
+    *out = t;
     return 0;
 }
 
-int moe_tune_env(char *err, size_t errlen)
+int moe_tune_parse(const char *spec, char *err, size_t errlen) { return moe_tune_parse_into(&moe_tuning, spec, err, errlen); }
+
+int moe_set_tune(moe_op *op, const char *spec, char *err, size_t errlen)
 {
-    const char *v = getenv("TANDEM_MOE_TUNE");
-    if (!v || !*v)
+    if (!spec || !*spec) {
+        op->own_tune = 0;
         return 0;
-    char e2[256];
-    if (moe_tune_parse(v, e2, sizeof e2))
-        return td_err(err, errlen, TANDEM_EINVAL, "TANDEM_MOE_TUNE=%s: %s", v, e2);
-    static atomic_int said;
-    if (!atomic_exchange(&said, 1)) {
-        char cur[300];
-        moe_tune_str(cur, sizeof cur);
-        td_log(TD_LOG_INFO, "moe: tile-kernel settings from TANDEM_MOE_TUNE: %s", cur);
     }
+    moe_tune t = moe_tuning; /* keys the spec leaves out keep their defaults */
+    int rc = moe_tune_parse_into(&t, spec, err, errlen);
+    if (rc)
+        return rc;
+    op->tune = t;
+    op->own_tune = 1;
     return 0;
 }
 
@@ -467,10 +469,10 @@ static void gather_item(const fwd_ctx *c, int g)
                 s->xsx[r] = s->xsx[first];
                 memcpy(s->xs32 + (size_t)r * (kp / 32), s->xs32 + (size_t)first * (kp / 32), kp / 32 * 4);
             }
-            put_row(xg, rb, r, is_tiled(op, s, c->ids[pi]), buf, moe_tuning.nt);
+            put_row(xg, rb, r, is_tiled(op, s, c->ids[pi]), buf, MOE_TUNE.nt);
         }
     }
-    if (moe_tuning.nt)
+    if (MOE_TUNE.nt)
         _mm_sfence(); /* the stores above before the item is published (gdone) */
 }
 
@@ -531,7 +533,7 @@ static int up_item(const fwd_ctx *c, int p, int64_t it)
     const int lo = last_le(pre, 0, s->n_ord, it);
     int ex = s->order[lo], nrb = op->sl[p].pad / MOE_RB;
     int isbig = is_big(op, s, ex);
-    int chunk = isbig ? moe_tuning.np_up : s->c_up[p];
+    int chunk = isbig ? MOE_TUNE.np_up : s->c_up[p];
     int rb0 = (int)(it - pre[lo]) * chunk, rb1 = rb0 + chunk < nrb ? rb0 + chunk : nrb;
     moe_mat g = moe_mat_of(op, p, ex, 0), u = moe_mat_of(op, p, ex, 1);
     moe_act a = x_rows(op, s, ex);
@@ -724,6 +726,8 @@ static void fwd_job(void *arg, int64_t b, int64_t e)
     int p = pool_part(), np = c->op->nparts;
     int64_t ng = strided(s->n_g, p, np);
     const int64_t *pre = s->pre1 + (size_t)p * (size_t)(c->op->n_expert + 1);
+    const moe_tune *keep = moe_tune_cur; /* this op's settings for the kernels, on this worker, for this job */
+    moe_tune_cur = moe_op_tune(c->op);
     for (int64_t it = b; it < e && it < s->n_items[p]; it++) {
         int64_t t0 = 0, w0 = 0;
         if (moe_prof_on)
@@ -734,6 +738,7 @@ static void fwd_job(void *arg, int64_t b, int64_t e)
             l[kind] += prof_now() - t0 - (l[MOE_PF_WAIT] - w0);
         }
     }
+    moe_tune_cur = keep;
 }
 
 static void reduce_job(void *arg, int64_t b, int64_t e)
@@ -775,8 +780,8 @@ static void plan(struct moe_op *op, moe_scratch *s, pool *p, int n)
      * the phase: one per thread at least (where the width allows), and no
      * narrower, since a decode item is then only tens of KB. */
     int nrb = (op->d_model + 15) / 16, tpp = pool_part_size(p, 0);
-    if (moe_tuning.cg)
-        s->cg = moe_tuning.cg;
+    if (MOE_TUNE.cg)
+        s->cg = MOE_TUNE.cg;
     else
         s->cg = clampi(nrb / tpp / 2 * 2, 2, 2 * MOE_MAXPAIR);
     s->n_cg = (nrb + s->cg - 1) / s->cg;
@@ -787,13 +792,13 @@ static void plan(struct moe_op *op, moe_scratch *s, pool *p, int n)
     for (int q = 0; q < op->nparts; q++) {
         int rbq = op->sl[q].pad / MOE_RB;
         tpp = pool_part_size(p, q);
-        s->c_up[q] = moe_tuning.up_rb ? moe_tuning.up_rb
+        s->c_up[q] = MOE_TUNE.up_rb ? MOE_TUNE.up_rb
                                       : clampi((int)((int64_t)s->n_small * rbq / (8 * tpp)), 1, 4);
         int64_t *pre = s->pre1 + (size_t)q * (size_t)(op->n_expert + 1);
         pre[0] = 0;
         for (int i = 0; i < s->n_ord; i++) {
             int e = s->order[i];
-            int chunk = is_big(op, s, e) ? moe_tuning.np_up : s->c_up[q];
+            int chunk = is_big(op, s, e) ? MOE_TUNE.np_up : s->c_up[q];
             int items = (rbq + chunk - 1) / chunk;
             pre[i + 1] = pre[i] + items;
             s->p1tot[e] += items;
@@ -810,9 +815,9 @@ static void plan(struct moe_op *op, moe_scratch *s, pool *p, int n)
     }
 }
 
-static int forward(struct moe_op *op, moe_scratch *s, pool *p, int n, int n_early, int top_k, const void *x,
-                   int x_bf16, const int32_t *ids, const float *w, float *out, void (*early_fn)(void *),
-                   void *early_arg)
+static int forward_run(struct moe_op *op, moe_scratch *s, pool *p, int n, int n_early, int top_k, const void *x,
+                       int x_bf16, const int32_t *ids, const float *w, float *out, void (*early_fn)(void *),
+                       void *early_arg)
 {
     if (!op || !s || !p || (n > 0 && (!x || !ids || !w || !out)))
         return TANDEM_EINVAL;
@@ -864,6 +869,21 @@ static int forward(struct moe_op *op, moe_scratch *s, pool *p, int n, int n_earl
         early_fn(early_arg);
     s->early_fn = NULL;
     return 0;
+}
+
+/* forward_run with op's tile-kernel settings on the calling thread (plan()
+ * and the caller's share of the items read them), put back after: a later
+ * kernel call on this thread must not read the settings of a freed op */
+static int forward(struct moe_op *op, moe_scratch *s, pool *p, int n, int n_early, int top_k, const void *x,
+                   int x_bf16, const int32_t *ids, const float *w, float *out, void (*early_fn)(void *),
+                   void *early_arg)
+{
+    const moe_tune *keep = moe_tune_cur;
+    if (op)
+        moe_tune_cur = moe_op_tune(op);
+    int rc = forward_run(op, s, p, n, n_early, top_k, x, x_bf16, ids, w, out, early_fn, early_arg);
+    moe_tune_cur = keep;
+    return rc;
 }
 
 int moe_forward(moe_op *op, moe_scratch *s, pool *p, int n, int top_k, const float *x, const int32_t *ids,

@@ -144,10 +144,14 @@ static inline uint8_t *moe_act_chunk(uint8_t *base, size_t rowbytes, int r, int 
 }
 
 /* ---- tuning of the tile kernels and the schedule ------------------------
- * Defaults are compiled in; `tandem bench moe --tune k=v,...` changes them
- * (before ops are created) so that one run on the AMX machine can sweep
- * them. Read by the kernels and the schedule; never written while a
- * forward runs. */
+ * Each op runs with its own settings when it has them (moe_set_tune: the
+ * engine's moe_tune parameter, tandem_moe_params.tune), else with the
+ * process default moe_tuning, which `tandem bench moe --tune k=v,...` and the
+ * tests change between forwards to sweep them. The library reads no
+ * environment for them. A forward points moe_tune_cur at the op's settings
+ * on every thread that runs its items (and puts it back after), so the
+ * kernels read MOE_TUNE without an argument threaded through them. Never
+ * written while a forward runs. */
 typedef struct {
     int kc_bf16;  /* K per accumulator chunk of the BF16 tile pass (multiple of 32) */
     int kc_int8;  /* INT8, whole-row scales (multiple of 64) */
@@ -164,17 +168,16 @@ typedef struct {
     int nt;       /* gather: 1 = write tiled activation rows with non-temporal stores (no read for ownership) */
     int i4;       /* INT4 tile pass: 0 = int8 tiles, exact; 1 = weights dequantised to bf16 tiles (see moe_amx_body.h) */
 } moe_tune;
-extern moe_tune moe_tuning;
-/* "kc_bf16=512,np_up=4": set fields of moe_tuning; TANDEM_EINVAL naming the
- * bad key or value (nothing changed then) */
+extern moe_tune moe_tuning;                       /* the process default */
+extern _Thread_local const moe_tune *moe_tune_cur; /* what this thread's kernels read (&moe_tuning outside a forward) */
+#define MOE_TUNE (*moe_tune_cur)
+/* "kc_bf16=512,np_up=4": set fields of *t; TANDEM_EINVAL naming the bad key
+ * or value (nothing changed then) */
+int moe_tune_parse_into(moe_tune *t, const char *spec, char *err, size_t errlen);
+/* the same on the process default moe_tuning */
 int moe_tune_parse(const char *spec, char *err, size_t errlen);
-/* the current values as "kc_bf16=...,np_up=..." (a spec moe_tune_parse takes) */
+/* the default's values as "kc_bf16=...,np_up=..." (a spec moe_tune_parse takes) */
 void moe_tune_str(char *buf, size_t n);
-/* apply the environment's TANDEM_MOE_TUNE (a moe_tune_parse spec; unset or
- * empty: nothing), as every op creation does (moe_check_desc), so that the
- * settings a sweep found, or i4=0 (exact INT4), reach `tandem run` and
- * `serve`; TANDEM_EINVAL naming the variable and the bad key */
-int moe_tune_env(char *err, size_t errlen);
 
 /* ---- where a forward's time goes (`tandem bench moe --prof`) -------------
  * With moe_prof_on set (by the bench, between forwards), every item of a
@@ -264,6 +267,8 @@ enum { MOE_BUF_HUGE = 0, MOE_BUF_NUMA = 1, MOE_BUF_MAP = 2 };
 struct moe_op {
     int n_expert, d_model, d_ff, fmt, group; /* group: INT8 desc group (0 = row) */
     int isa, amx_min;
+    int own_tune;   /* 1: tune below (moe_set_tune); 0: the process default moe_tuning */
+    moe_tune tune;
     const moe_kernel *small, *big;  /* vector kernel; tile kernel (or the vector one) */
     int nparts, nthreads;
     int kalign;     /* K padding / slice granularity: 64, or the INT8 group */
@@ -311,7 +316,10 @@ static inline moe_mat moe_mat_of(const struct moe_op *op, int p, int e, int whic
 void moe_layout(struct moe_op *op);
 /* op zeroed and laid out for a shape alone (sizes without an op: the plan) */
 void moe_layout_shape(struct moe_op *op, int n_expert, int d_model, int d_ff, int fmt, int group, int nparts);
-/* Apply TANDEM_MOE_TUNE (moe_tune_env), validate d (shape, format, isa
+/* the tile-kernel settings op runs with */
+static inline const moe_tune *moe_op_tune(const struct moe_op *op) { return op->own_tune ? &op->tune : &moe_tuning; }
+
+/* Validate d (shape, format, isa
  * against this CPU, pool) and fill the plain fields of op;
  * moe_pick_kernels() then sets small/big for op->isa. */
 int moe_check_desc(const moe_desc *d, pool *p, int isa, struct moe_op *op, char *err, size_t errlen);
