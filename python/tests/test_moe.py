@@ -71,6 +71,20 @@ def test_formats():
         assert m.info["format"] == fmt and m.info["n_held"] == E
 
 
+def test_tune():
+    """An operator's own kernel settings (i4=0: exact INT4 on AMX); a bad key is refused, naming it."""
+    g, u, d = weights()
+    x = torch.randn(T, H).to(torch.bfloat16)
+    ids, w = routing()
+    m = tandem.MoE(g, u, d, format="int4", top_k=K, max_tokens=T, threads=2, tune="i4=0,mc=128")
+    assert rel(m(x, ids, w), reference(g, u, d, x, ids, w)) < TOL["int4"]
+    try:
+        tandem.MoE(g, u, d, top_k=K, threads=2, tune="i4=0,bogus=1")
+        raise AssertionError("a bad tune key accepted")
+    except tandem.TandemError as e:
+        assert "bogus" in str(e)
+
+
 def test_fp8_source():
     if not hasattr(torch, "float8_e4m3fn"):
         return
