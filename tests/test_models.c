@@ -139,6 +139,13 @@ static void check_fixture(const char *dir, const char *name, int f)
     ep.cpu_experts = formats[f].fmt;
     tandem_engine *e = NULL;
     int rc = tandem_engine_open(dir, &ep, &e, err, sizeof err);
+    if (rc == TANDEM_EUNSUPPORTED && formats[f].fmt != TANDEM_FMT_F32) { /* gpt-oss: the exact path only */
+        char what[300];
+        snprintf(what, sizeof what, "%.200s %s", name, formats[f].name);
+        SKIP(what, err);
+        st_close(ref);
+        return;
+    }
     CHECKF(rc == 0, "%s: %s", name, err);
     if (rc) {
         st_close(ref);

@@ -40,6 +40,7 @@ static const struct {
     { "Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe", ARCH_QWEN35_MOE }, /* its text model (families.h) */
     { "Qwen3NextForCausalLM", "qwen3_next", ARCH_QWEN3_NEXT },
     { "KimiK25ForConditionalGeneration", "kimi_k25", ARCH_DEEPSEEK_V3 }, /* its text model (families.h) */
+    { "GptOssForCausalLM", "gpt_oss", ARCH_GPT_OSS },
 };
 
 const char *model_route_name(route_kind r)
@@ -437,6 +438,9 @@ static int parse(model_desc *d, const cfg_ctx *c)
     case ARCH_QWEN3_NEXT:
         TRY(model_parse_qwen35(d, c));
         break;
+    case ARCH_GPT_OSS:
+        TRY(model_parse_oss(d, c));
+        break;
     case ARCH_MIXTRAL:
         for (int l = 0; l < d->n_layer; l++)
             d->layer_moe[l] = 1;
@@ -568,7 +572,7 @@ int model_load_config(model_desc *d, const char *path, char *err, size_t errlen)
                     "Qwen2MoeForCausalLM, MixtralForCausalLM, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM "
                     "(also Kimi-K2), Glm4MoeForCausalLM, DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM, "
                     "Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration (its text model), Qwen3NextForCausalLM, "
-                    "KimiK25ForConditionalGeneration (its text model)",
+                    "KimiK25ForConditionalGeneration (its text model), GptOssForCausalLM",
                     path, arch ? arch : "?", mt ? mt : "?");
     } else {
         rc = parse(d, &c);
@@ -589,4 +593,6 @@ void model_desc_free(model_desc *d)
     d->index_shared = NULL;
     free(d->layer_linear);
     d->layer_linear = NULL;
+    free(d->layer_window);
+    d->layer_window = NULL;
 }

@@ -16,6 +16,8 @@ const char *model_gpu_unsupported(const model_desc *d)
         return "Gated DeltaNet linear attention";
     if (d->attn_gate)
         return "gated attention";
+    if (d->oss)
+        return "attention sinks, biased clamped-SwiGLU experts";
     return NULL;
 }
 
@@ -25,6 +27,8 @@ const char *model_attn_name(const model_desc *d)
         return "MLA + DeepSeek sparse attention";
     if (d->layer_linear)
         return "Gated DeltaNet + gated GQA (hybrid)";
+    if (d->oss)
+        return "GQA + attention sinks, sliding window / full alternating";
     return d->attn == ATTN_GQA ? "GQA" : "MLA";
 }
 

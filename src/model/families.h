@@ -35,4 +35,7 @@ int model_parse_qwen35(model_desc *d, const cfg_ctx *c);
  * tensor prefixes. Others: nothing to do. */
 int model_text_config(model_desc *d, cfg_ctx *c);
 
+/* gpt-oss: layer_types (sliding / full), swiglu_alpha and swiglu_limit, biases. */
+int model_parse_oss(model_desc *d, const cfg_ctx *c);
+
 #endif

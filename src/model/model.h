@@ -25,6 +25,7 @@ typedef enum {
     ARCH_GLM_MOE_DSA,         /* GLM-5: the same, indexer rope interleaved, indexer shared across layers */
     ARCH_QWEN35_MOE,          /* Qwen3.5-MoE: Gated DeltaNet + gated full attention (model_qwen35.c) */
     ARCH_QWEN3_NEXT,          /* Qwen3-Next: the same with fused input projections */
+    ARCH_GPT_OSS,             /* gpt-oss: attention sinks, alternating windows, biased experts (model_oss.c) */
 } model_arch;
 
 typedef enum { ATTN_GQA, ATTN_MLA } attn_kind;
@@ -110,6 +111,11 @@ typedef struct {
     int lin_k_heads, lin_v_heads, lin_k_dim, lin_v_dim;
     int lin_fused;            /* Qwen3-Next: in_proj_qkvz / in_proj_ba grouped per key head */
 
+    /* gpt-oss (model_oss.c; forward_oss.c) */
+    int oss;
+    uint8_t *layer_window;    /* [n_layer] 1 = sliding_window attention, 0 = full */
+    float swiglu_alpha, swiglu_limit; /* act = (clamp(up, +-limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit) */
+
     int bos_id, eos_id;       /* -1 if unknown */
 } model_desc;
 
@@ -130,6 +136,7 @@ typedef enum {
     TS_IX_WQ_B, TS_IX_WK, TS_IX_K_NORM, TS_IX_K_NORM_BIAS, TS_IX_W, /* DSA indexer (model_dsa.c) */
     TS_LA_QKV, TS_LA_Z, TS_LA_B, TS_LA_A, TS_LA_QKVZ, TS_LA_BA,      /* Gated DeltaNet (model_qwen35.c) */
     TS_LA_CONV, TS_LA_DT_BIAS, TS_LA_A_LOG, TS_LA_NORM, TS_LA_OUT,
+    TS_SINKS, TS_OSS_ROUTER_BIAS, TS_OSS_GU, TS_OSS_GU_BIAS, TS_OSS_DOWN, TS_OSS_DOWN_BIAS, /* gpt-oss */
     TS_COUNT
 } tensor_slot;
 

@@ -107,6 +107,8 @@ int model_tensors(const model_desc *d, tensor_spec **out, int *n_out, char *err,
                 VEC(TS_Q_NORM, l, d->head_dim, "%sself_attn.q_norm.weight", p);
                 VEC(TS_K_NORM, l, d->head_dim, "%sself_attn.k_norm.weight", p);
             }
+            if (d->oss)
+                VEC(TS_SINKS, l, d->n_head, "%sself_attn.sinks", p);
         } else {
             int64_t qk = d->qk_nope_dim + d->qk_rope_dim;
             if (d->q_lora_rank) {
@@ -142,6 +144,16 @@ int model_tensors(const model_desc *d, tensor_spec **out, int *n_out, char *err,
             continue;
         }
         const int F = d->d_ff_expert;
+        if (d->oss) { /* router with a bias; experts fused and transposed, [E * in][out] (model_oss.c) */
+            const int64_t E = d->n_expert;
+            add(&L, TS_ROUTER, l, -1, E, D, 0, "%smlp.router.weight", p);
+            VEC(TS_OSS_ROUTER_BIAS, l, E, "%smlp.router.bias", p);
+            add(&L, TS_OSS_GU, l, -1, E * D, 2 * (int64_t)F, 0, "%smlp.experts.gate_up_proj", p);
+            add(&L, TS_OSS_GU_BIAS, l, -1, E, 2 * (int64_t)F, 0, "%smlp.experts.gate_up_proj_bias", p);
+            add(&L, TS_OSS_DOWN, l, -1, E * F, D, 0, "%smlp.experts.down_proj", p);
+            add(&L, TS_OSS_DOWN_BIAS, l, -1, E, D, 0, "%smlp.experts.down_proj_bias", p);
+            continue;
+        }
         const char *moe = d->arch == ARCH_MIXTRAL ? "block_sparse_moe" : "mlp";
         add(&L, TS_ROUTER, l, -1, d->n_expert, D, 0, "%s%s.gate.weight", p, moe);
         if (d->route_bias)
@@ -196,7 +208,9 @@ void model_param_counts(const model_desc *d, int64_t *total, int64_t *active)
     for (int i = 0; i < n; i++) {
         int64_t c = v[i].rows * (v[i].ndim == 2 ? v[i].cols : 1);
         *total += c;
-        if (v[i].expert < 0)
+        if (v[i].slot >= TS_OSS_GU && v[i].slot <= TS_OSS_DOWN_BIAS)
+            *active += c / d->n_expert * d->n_expert_used; /* gpt-oss's fused experts: k of E */
+        else if (v[i].expert < 0)
             *active += c;
         else if (v[i].expert < d->n_expert_used)
             *active += c; /* k experts' worth per token */

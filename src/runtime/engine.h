@@ -42,6 +42,10 @@ typedef struct {
      * b, a [Hv][D] (Qwen3-Next: qkvz, ba grouped per key head), out [D][Hv*dv], conv [2*Hk*dk + Hv*dv][K] */
     mat la_qkv, la_z, la_b, la_a, la_qkvz, la_ba, la_out, la_conv;
     float *la_dt_bias, *la_a_log, *la_norm;   /* [Hv], [Hv], [dv] */
+    /* gpt-oss (forward_oss.c) */
+    float *sinks;                             /* [n_head] */
+    float *oss_router_bias;                   /* [E] */
+    mat oss_gu, oss_gu_bias, oss_down, oss_down_bias; /* [E*D][2F], [E][2F], [E*F][D], [E][D] */
 } layer_weights;
 
 struct tandem_engine {
@@ -101,6 +105,7 @@ struct tandem_session {
     int64_t routed_tokens;
     struct dsa_session *dsa;    /* DSA indexer key cache and scratch (forward_dsa.c); NULL for other families */
     struct gdn_session *gdn;    /* linear-attention state per sequence (forward_gdn.c); NULL for other families */
+    float *oss_scratch;         /* gpt-oss experts: [4 * max(2F, D)] (forward_oss.c); NULL for other families */
 };
 
 /* Where `tandem convert` puts a layer's packed experts, and the directory. */

@@ -30,6 +30,7 @@
 #include "runtime/engine.h"
 #include "runtime/forward_dsa.h"
 #include "runtime/forward_gdn.h"
+#include "runtime/forward_oss.h"
 
 #include <math.h>
 #include <string.h>
@@ -401,13 +402,17 @@ int forward_batch(tandem_session *s, const tandem_batch *b, char *err, size_t er
             gdn_linear_attention(s, l, T);
         else if (d->attn_gate)
             gdn_gated_attention(s, l, T);
+        else if (d->oss)
+            oss_attention(s, l, T);
         else if (d->attn == ATTN_GQA)
             attention_gqa(s, l, T);
         else
             attention_mla(s, l, T);
         add_rows(s->x, s->y, T * D);
         op_rmsnorm_rows(e->pool, s->h, D, s->x, D, T, L->ffn_norm, (int)D, d->rms_eps);
-        if (d->layer_moe[l])
+        if (d->oss)
+            oss_moe(s, l, T);
+        else if (d->layer_moe[l])
             moe(s, l, T);
         else
             mlp(s, T, d->d_ff, &L->ffn_gate, &L->ffn_up, &L->ffn_down, L->ffn_gate_bias, L->ffn_up_bias,

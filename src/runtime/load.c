@@ -112,6 +112,12 @@ static void slot_target(tandem_engine *e, const tensor_spec *s, float ***vec, ma
     case TS_LA_DT_BIAS: *vec = &L->la_dt_bias; break;
     case TS_LA_A_LOG: *vec = &L->la_a_log; break;
     case TS_LA_NORM: *vec = &L->la_norm; break;
+    case TS_SINKS: *vec = &L->sinks; break;
+    case TS_OSS_ROUTER_BIAS: *vec = &L->oss_router_bias; break;
+    case TS_OSS_GU: *m = &L->oss_gu; break;
+    case TS_OSS_GU_BIAS: *m = &L->oss_gu_bias; break;
+    case TS_OSS_DOWN: *m = &L->oss_down; break;
+    case TS_OSS_DOWN_BIAS: *m = &L->oss_down_bias; break;
     case TS_COUNT: break;
     }
 }
@@ -298,6 +304,9 @@ static int bind_tensor(tandem_engine *e, const tensor_spec *s, const st_tensor *
     int shape_ok = t->ndim == s->ndim && t->shape[0] == s->rows && (s->ndim == 1 || t->shape[1] == s->cols);
     if (s->slot == TS_LA_CONV) /* nn.Conv1d's depthwise weight: [channels][1][K] */
         shape_ok = t->ndim == 3 && t->shape[0] == s->rows && t->shape[1] == 1 && t->shape[2] == s->cols;
+    if (s->slot == TS_OSS_GU || s->slot == TS_OSS_DOWN) /* gpt-oss's fused experts [E][in][out] as [E*in][out] */
+        shape_ok = t->ndim == 3 && t->shape[0] == e->d.n_expert && t->shape[0] * t->shape[1] == s->rows &&
+                   t->shape[2] == s->cols;
     if (!shape_ok)
         return td_err(err, errlen, TANDEM_EFORMAT, "%s: tensor '%s' has shape %s, expected %s", file, s->name,
                       st_shape_str(t->shape, t->ndim, sh, sizeof sh),
@@ -452,6 +461,11 @@ int engine_load_weights(tandem_engine *e, char *err, size_t errlen)
     const char *ref = getenv("TANDEM_HYBRID_CPU");
     e->experts_materialised = e->params.cpu_experts == TANDEM_FMT_F32 || (ref && !strcmp(ref, "ref")) ||
                               (e->params.dummy_weights && e->params.dummy_bf16_experts);
+    if (d->oss && (e->params.cpu_experts != TANDEM_FMT_F32 || e->params.defer_experts > 0))
+        return td_err(err, errlen, TANDEM_EUNSUPPORTED,
+                      "%s: gpt-oss's experts (biases, clamped SwiGLU) run only on the exact CPU path for now: use "
+                      "--cpu-experts f32 (without --defer)",
+                      e->path);
     e->layers = calloc((size_t)d->n_layer, sizeof *e->layers);
     if (!e->layers)
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");

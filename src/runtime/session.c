@@ -7,6 +7,7 @@
 #include "cpu/attn.h"
 #include "cpu/moe/moe.h"
 #include "runtime/engine.h"
+#include "runtime/forward_oss.h"
 #include "runtime/hybrid.h"
 #include "runtime/plan.h"
 
@@ -30,6 +31,7 @@ void tandem_session_free(tandem_session *s)
     hybrid_session_free(s); /* first: it unpins s->logits */
     dsa_session_free(s);
     gdn_session_free(s);
+    oss_session_free(s);
     moe_scratch_free(s->moe_s);
     if (s->kv)
         for (int l = 0; l < s->e->d.n_layer; l++) {
@@ -177,7 +179,8 @@ int tandem_session_create(tandem_engine *e, const tandem_session_params *p, tand
                       n_ctx, p->n_batch);
     }
     if (!s->hys && ((rc = dsa_session_create(s, err, errlen)) != 0 || /* DSA's indexer cache (forward_dsa.c) */
-                    (rc = gdn_session_create(s, err, errlen)) != 0)) {  /* linear-attention state (forward_gdn.c) */
+                    (rc = gdn_session_create(s, err, errlen)) != 0 ||  /* linear-attention state (forward_gdn.c) */
+                    (rc = oss_session_create(s, err, errlen)) != 0)) { /* gpt-oss's expert scratch */
         tandem_session_free(s);
         return rc;
     }
