@@ -94,7 +94,9 @@ class KtBlock:
             p2l = torch.arange(ne, dtype=torch.int64).contiguous()
             KtBlock.cpu.submit(moe.load_weights_task(p2l.data_ptr()))
             KtBlock.cpu.sync()
-            self.keep.append((p2l, gate, up, down))  # kept alive: a class may read its source in place
+            # the quantising classes keep their own copy; BF16's may read its source in place
+            self.keep.append((p2l, gate, up, down) if fmt == "bf16" else (p2l,))
+            del gate, up, down
             self.moes.append(moe)
         log(f"kt: {cls.__name__} {args.layers} layers loaded in {time.time() - t0:.1f} s")
         self.x = torch.randn((max(tokens), dm), generator=g).to(torch.bfloat16).contiguous()
