@@ -312,6 +312,12 @@ int main(int argc, char **argv)
         }
         tandem_set_log_level(level);
     }
+    const char *cpu = getenv("TANDEM_CPU"); /* force a kernel set: ref, avx2, avx512, amx */
+    char err[256];
+    if (cpu && *cpu && tandem_set_cpu_kernels(cpu, err, sizeof err)) {
+        fprintf(stderr, "tandem: TANDEM_CPU=%s\n", err);
+        return 2;
+    }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "run"))
         return cmd_run(argc, argv);

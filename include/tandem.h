@@ -72,6 +72,15 @@ int tandem_log_level(void);
 /* "error", "warn", "info" or "debug" -> TANDEM_LOG_*, or TANDEM_EINVAL */
 int tandem_log_level_parse(const char *name);
 
+/* ---- CPU kernels -------------------------------------------------------------- *
+ * The CPU kernel set of engines opened afterwards: "ref" (plain C, the
+ * reference every other set is tested against), "avx2", "avx512", "amx"; NULL
+ * or "" = the best this CPU has (the default). Process-wide, like the log
+ * level; the `tandem` command sets it from TANDEM_CPU. TANDEM_EINVAL for an
+ * unknown name, TANDEM_EUNSUPPORTED for a set this CPU lacks.
+ * (tandem_moe_params.isa chooses per MoE operator.) */
+int tandem_set_cpu_kernels(const char *name, char *err, size_t errlen);
+
 /* ---- engine -------------------------------------------------------------- */
 typedef struct tandem_engine tandem_engine;
 

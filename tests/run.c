@@ -75,6 +75,13 @@ int main(int argc, char **argv)
     const char *lv = getenv("TANDEM_LOG");
     if (lv && *lv && tandem_log_level_parse(lv) >= 0)
         tandem_set_log_level(tandem_log_level_parse(lv));
+    /* TANDEM_CPU likewise: `TANDEM_CPU=ref build/run_tests` runs every group on the reference kernels */
+    const char *cpu = getenv("TANDEM_CPU");
+    char err[256];
+    if (cpu && *cpu && tandem_set_cpu_kernels(cpu, err, sizeof err)) {
+        fprintf(stderr, "run_tests: TANDEM_CPU=%s\n", err);
+        return 2;
+    }
     int ran = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--list") || !strcmp(argv[i], "--help")) {

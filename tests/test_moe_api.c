@@ -80,10 +80,14 @@ static void on_log(int level, const char *msg, void *user)
 
 TEST_GROUP(moe_api)
 {
+    char err0[256];
     /* ---- version and log callback ---- */
     CHECK(!strcmp(tandem_version(), TANDEM_VERSION));
     CHECK(tandem_version_number() == TANDEM_VERSION_NUMBER);
     CHECK(tandem_log_level_parse("info") == TANDEM_LOG_INFO && tandem_log_level_parse("inf") == TANDEM_EINVAL);
+    /* the kernel set, process-wide (TANDEM_CPU is the command's way to it): a bad name says why */
+    CHECK(tandem_set_cpu_kernels("avx9", err0, sizeof err0) == TANDEM_EINVAL && strstr(err0, "avx9"));
+    CHECK(tandem_set_cpu_kernels("ref", err0, sizeof err0) == 0 && tandem_set_cpu_kernels(NULL, err0, sizeof err0) == 0);
     int level = tandem_log_level();
     tandem_set_log(on_log, &n_logged);
     tandem_set_log_level(TANDEM_LOG_DEBUG);

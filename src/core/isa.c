@@ -91,21 +91,27 @@ int isa_force(int isa)
 
 int isa_select(char *err, size_t errlen)
 {
+    (void)err, (void)errlen;
     int best = isa_detect();
-    const char *env = getenv("TANDEM_CPU");
-    if (env && *env) {
-        int want = isa_parse(env);
-        if (want < 0)
-            return td_err(err, errlen, TANDEM_EINVAL,
-                          "TANDEM_CPU=%s: unknown kernel set (use ref, avx2, avx512 or amx)", env);
-        if (want > best)
-            return td_err(err, errlen, TANDEM_EUNSUPPORTED,
-                          "TANDEM_CPU=%s: this CPU supports at most '%s'", env, isa_name(best));
-        isa_chosen = want;
-    } else if (isa_chosen < 0) {
+    if (isa_chosen < 0)
         isa_chosen = best;
-    }
     td_log(TD_LOG_INFO, "CPU kernels: %s (best available: %s)", isa_name(isa_chosen), isa_name(best));
+    return 0;
+}
+
+int tandem_set_cpu_kernels(const char *name, char *err, size_t errlen)
+{
+    int best = isa_detect();
+    if (!name || !*name) {
+        isa_chosen = best;
+        return 0;
+    }
+    int want = isa_parse(name);
+    if (want < 0)
+        return td_err(err, errlen, TANDEM_EINVAL, "'%s': unknown kernel set (use ref, avx2, avx512 or amx)", name);
+    if (want > best)
+        return td_err(err, errlen, TANDEM_EUNSUPPORTED, "'%s': this CPU supports at most '%s'", name, isa_name(best));
+    isa_chosen = want;
     return 0;
 }
 

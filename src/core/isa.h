@@ -7,9 +7,9 @@
  *   ISA_AVX512  AVX-512 F/BW/VL/DQ + BF16 + VNNI
  *   ISA_AMX     AVX512 level + AMX tile/BF16/INT8, with the OS's permission
  *               (arch_prctl ARCH_REQ_XCOMP_PERM) obtained
- * Detection reads CPUID and XGETBV, never compile-time flags. TANDEM_CPU
- * (ref|avx2|avx512|amx) forces a level; forcing one the machine lacks is an
- * error reported by isa_select().
+ * Detection reads CPUID and XGETBV, never compile-time flags.
+ * tandem_set_cpu_kernels() (tandem.h; the command maps TANDEM_CPU onto it)
+ * forces a level; the library reads no environment for it.
  */
 #ifndef TD_ISA_H
 #define TD_ISA_H
@@ -22,8 +22,8 @@ int isa_detect(void);              /* best level this machine supports */
 const char *isa_name(int isa);
 int isa_parse(const char *name);   /* -1 if unknown */
 
-/* Choose the level for this process: TANDEM_CPU if set, else the best.
- * Stores it for isa_current(). Returns 0 or TANDEM_EUNSUPPORTED/EINVAL. */
+/* Choose the level for this process: the one tandem_set_cpu_kernels() forced,
+ * else the best. Stores it for isa_current(). Returns 0. */
 int isa_select(char *err, size_t errlen);
 int isa_current(void);
 

@@ -223,28 +223,16 @@ static void default_isa(char *out, size_t cap)
     tandem_engine_close(e);
 }
 
-/* Batch dependence of fmt under the kernel set isa (TANDEM_CPU), which is
- * set back to `restore` afterwards: the choice is process-wide. */
+/* Batch dependence of fmt under the kernel set isa (tandem_set_cpu_kernels,
+ * what TANDEM_CPU does for the command), which is set back to `restore`
+ * afterwards: the choice is process-wide. */
 static double batch_dependence_isa(int fmt, const char *isa, const char *restore, char *err, size_t errlen, int *rc)
 {
-    const char *old = getenv("TANDEM_CPU");
-    char keep[64];
-    snprintf(keep, sizeof keep, "%s", old ? old : "");
-    setenv("TANDEM_CPU", isa, 1);
+    if ((*rc = tandem_set_cpu_kernels(isa, err, errlen)))
+        return 0;
     double d = batch_dependence(fmt, err, errlen, rc);
-    /* an engine opened with the variable set back re-selects the default set */
-    setenv("TANDEM_CPU", restore, 1);
-    tandem_engine *e = NULL;
-    tandem_engine_params ep;
-    tandem_engine_params_default(&ep);
-    ep.gpu = 0;
     char e2[256];
-    if (tandem_engine_open(DEMO, &ep, &e, e2, sizeof e2) == 0)
-        tandem_engine_close(e);
-    if (old)
-        setenv("TANDEM_CPU", keep, 1);
-    else
-        unsetenv("TANDEM_CPU");
+    tandem_set_cpu_kernels(restore, e2, sizeof e2);
     return d;
 }
 
