@@ -121,8 +121,10 @@ static int bind_one(tandem_engine *e, const tensor_spec *s, char *err, size_t er
         m->dt = DT_BF16;
     else if (type == GGUF_T_F16)
         m->dt = DT_F16;
-    else
+    else {
         m->gguf_type = 1 + type;
+        m->dt = DT_U8; /* blocks, not elements: nothing that reads BF16/F32 in place may take it for those */
+    }
     return 0;
 }
 
