@@ -38,11 +38,13 @@ CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
 # Every architecture tandem runs on: sm_80 (A100), sm_86 (RTX 30xx), sm_89 (RTX 40xx, the first with FP8
 # tensor cores), sm_90 (H100/H200), sm_120 (RTX 50xx), plus compute_80 PTX that any later GPU JIT-compiles.
 # Arch-specific paths are chosen at run time from the compute capability (hybrid.c). `make CUDA_ARCHS=90`
-# builds one for a quicker local compile; --threads 0 lets nvcc compile the archs of a file in parallel.
+# builds one for a quicker local compile. NVCC_THREADS: targets of one file nvcc compiles at once (2: with
+# make -j2 on a 2-core machine that is 4 compilers; 0 = one per core, which oversubscribes small machines).
 CUDA_ARCHS ?= 80 86 89 90 120
+NVCC_THREADS ?= 2
 NVARCH  = $(foreach a,$(CUDA_ARCHS),-gencode=arch=compute_$(a),code=sm_$(a)) -gencode=arch=compute_80,code=compute_80
 NVFLAGS = -O2 -std=c++17 -Xcompiler -fPIC -Iinclude -Isrc -MMD -MP -DTD_CUDA_LIB='"$(CUDA_HOME)/lib64"' \
-          -Xcompiler -Wall,-Wextra -Werror all-warnings $(NVARCH) --threads 0
+          -Xcompiler -Wall,-Wextra -Werror all-warnings $(NVARCH) --threads $(NVCC_THREADS)
 
 LIB_SRC  := $(shell find src -name '*.c' | sort)
 CU_SRC   := $(shell find src -name '*.cu' | sort)
@@ -60,7 +62,7 @@ TEST_OBJ := $(patsubst %.c,$(BUILD)/%.o,$(shell find tests -path tests/abi -prun
 BENCH_SRC := $(shell find dev -name '*.c' 2>/dev/null | sort)
 BENCH_BIN := $(BENCH_SRC:dev/%.c=$(BUILD)/dev/%)
 
-.PHONY: all cpu test test-asan test-tsan test-abi bench help clean install
+.PHONY: all cpu test test-asan test-tsan test-abi test-emu bench help clean install
 all: $(BUILD)/tandem $(BUILD)/libtandem.so
 
 cpu:
@@ -119,6 +121,18 @@ test-tsan:
 	TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" $(TSAN_RUN) build-tsan/run_tests --concurrency
 
 bench: $(BENCH_BIN) $(BUILD)/tandem
+
+# The GPU test groups on the CPU emulation of gpu.h (bench/e2e_gpu_emu.c), for
+# machines without a GPU: --gpuw (every --gpu-weights format end to end on
+# every fixture, the demo model's KL); build-emu/emu_tests --gpu_fast runs the
+# hybrid schedule with deferral against the CPU engine. The schedule and the
+# numerics of the formats, not the CUDA kernels. A CPU-only library in build-emu/.
+EMU_TEST_OBJ = $(patsubst %.c,$(BUILD)/%.o,tests/run.c tests/test_gpu_fast.c tests/test_gpuw.c) $(BUILD)/bench/e2e_gpu_emu.o
+test-emu:
+	@$(MAKE) --no-print-directory CUDA=0 BUILD=build-emu build-emu/emu_tests
+	build-emu/emu_tests --gpuw
+$(BUILD)/emu_tests: $(EMU_TEST_OBJ) $(BUILD)/libtandem.a
+	$(CC) $(CFLAGS_BASE) -o $@ $(EMU_TEST_OBJ) $(BUILD)/libtandem.a $(LDLIBS)
 
 test-abi: $(BUILD)/libtandem.so
 	CC="$(CC)" BUILD=$(BUILD) tests/abi/check.sh

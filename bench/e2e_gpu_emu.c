@@ -5,7 +5,13 @@
  * GPU. Ops run synchronously on the calling thread with the CPU reference
  * ops; "device" memory is host memory; graph capture is refused, so sessions
  * fall back to eager passes (the tests' graph checks fail here by design).
- * It checks the schedule, not the CUDA kernels. Build against a CPU build:
+ * Quantised weights (--gpu-weights int8/int4/fp8) go through gpu_quant.c's
+ * reference dequantisation: exact products at the decode sizes (as the
+ * GEMV's in-register dequantisation), weights and inputs rounded to BF16
+ * above them (as the dequantised tiles fed to cuBLAS).
+ * It checks the schedule, not the CUDA kernels. `make test-emu` builds it
+ * with the test groups that pass here (--gpu_fast, --gpuw) and runs them;
+ * by hand, against a CPU build:
  *
  *   make BUILD=build-cpu CUDA=0 build-cpu/run_tests
  *   cc -std=c11 -O1 -g -D_GNU_SOURCE -Iinclude -Isrc -c bench/e2e_gpu_emu.c -o /tmp/emu.o
@@ -22,6 +28,7 @@
 #include "cpu/ops.h"
 #include "cpu/router.h"
 #include "cuda/gpu.h"
+#include "cuda/gpu_quant.h"
 #include "tandem.h"
 
 #include <limits.h>
@@ -30,6 +37,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+enum { EMU_MAX_TID = 64 }; /* attention scratch slots: the CPU kernels index theirs by pool_tid() */
 
 struct gpu_ctx {
     int exact_max_T, rc;
@@ -79,6 +88,7 @@ int gpu_ctx_status(const gpu_ctx *c, char *err, size_t errlen) { if (c->rc && er
 void gpu_ctx_clear(gpu_ctx *c) { c->rc = 0; }
 int gpu_sync(gpu_ctx *c, char *err, size_t errlen) { return gpu_ctx_status(c, err, errlen); }
 void gpu_ctx_set_exact(gpu_ctx *c, int m) { c->exact_max_T = m; }
+int gpu_ctx_reserve_dequant(gpu_ctx *c, size_t elems, char *err, size_t errlen) { (void)elems, (void)err, (void)errlen; return c->rc; }
 int gpu_copy(gpu_ctx *c, int s, void *d, const void *src, size_t n) { (void)s; memmove(d, src, n); return c->rc; }
 int gpu_zero(gpu_ctx *c, int s, void *d, size_t n) { (void)s; memset(d, 0, n); return c->rc; }
 int gpu_fork(gpu_ctx *c) { return c->rc; }
@@ -92,27 +102,44 @@ int gpu_graph_launch(gpu_ctx *c, gpu_graph *g) { (void)g; return c->rc = TANDEM_
 void gpu_graph_free(gpu_graph *g) { (void)g; }
 
 static mat to_mat(const gpu_mat *W) { return (mat){ .data = W->data, .dt = W->dt == GPU_F32 ? DT_F32 : DT_BF16, .rows = W->rows, .cols = W->cols }; }
+static int quantised(const gpu_mat *W) { return W->dt == GPU_INT8 || W->dt == GPU_INT4 || W->dt == GPU_FP8; }
+
+/* A quantised matrix as F32 through gpu_quant.c's reference dequantisation; round: each weight rounded to BF16,
+ * as gpu_gemm.cu's prefill path dequantises its tiles for cuBLAS. */
+static float *dequant(const gpu_mat *W, int round)
+{
+    float *w = malloc((size_t)(W->rows * W->cols) * 4);
+    for (int64_t r = 0; w && r < W->rows; r++) {
+        gpu_wq_row_f32(W, r, w + r * W->cols);
+        for (int64_t k = 0; round && k < W->cols; k++)
+            w[r * W->cols + k] = bf16_to_f32(f32_to_bf16(w[r * W->cols + k]));
+    }
+    return w;
+}
 
 static int mm(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const gpu_mat *W, const float *bias,
               int acc, int exact)
 {
     mat m = to_mat(W);
+    float *wq = quantised(W) ? dequant(W, !exact) : NULL;
+    if (wq)
+        m = (mat){ .data = wq, .dt = DT_F32, .rows = W->rows, .cols = W->cols };
     float *tmp = malloc((size_t)T * W->rows * 4), *xr = calloc((size_t)T * W->cols, 4);
-    if (!tmp || !xr) {
-        free(tmp), free(xr);
+    if (!tmp || !xr || (quantised(W) && !wq)) {
+        free(tmp), free(xr), free(wq);
         snprintf(c->msg, sizeof c->msg, "emulator: out of memory");
         return c->rc = TANDEM_ENOMEM;
     }
     for (int t = 0; t < T; t++)
         for (int64_t k = 0; k < W->cols; k++) {
             float v = x[t * ldx + k];
-            xr[t * W->cols + k] = !exact && W->dt == GPU_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v;
+            xr[t * W->cols + k] = !exact && W->dt != GPU_F32 ? bf16_to_f32(f32_to_bf16(v)) : v;
         }
     op_matmul(c->p, tmp, W->rows, xr, W->cols, T, &m, bias);
     for (int t = 0; t < T; t++)
         for (int64_t n = 0; n < W->rows; n++)
             y[t * ldy + n] = (acc ? y[t * ldy + n] : 0) + tmp[t * W->rows + n];
-    free(tmp), free(xr);
+    free(tmp), free(xr), free(wq);
     return c->rc;
 }
 int gpu_matmul(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const gpu_mat *W, const float *b, int acc)
@@ -127,7 +154,10 @@ int gpu_embed(gpu_ctx *c, float *x, const gpu_mat *t, const int32_t *tok, int T)
 {
     mat m = to_mat(t);
     for (int i = 0; i < T; i++)
-        mat_row_f32(&m, tok[i], x + i * t->cols);
+        if (quantised(t))
+            gpu_wq_row_f32(t, tok[i], x + i * t->cols);
+        else
+            mat_row_f32(&m, tok[i], x + i * t->cols);
     return c->rc;
 }
 int gpu_rmsnorm(gpu_ctx *c, float *y, const float *x, int no, int64_t ldo, int ni, int64_t ldi, const float *w, int n, float eps)
@@ -171,7 +201,8 @@ int gpu_attn_gqa(gpu_ctx *c, const gpu_gqa *a, int T, const float *q, int64_t ld
         memcpy(qq + t * qd, q + t * ldq, (size_t)qd * 4);
     attn_gqa_params p = { a->n_head, a->n_kv_head, a->head_dim, a->scale, a->window, a->k, a->v, a->seq_stride, a->row_stride };
     int64_t ss = attn_scratch_floats((int)(a->seq_stride / a->row_stride), 0, a->head_dim);
-    float *scr = malloc((size_t)ss * 4);
+    /* a slot per pool thread index (pool_tid() of whichever thread calls, up to EMU_MAX_TID), 64-byte aligned */
+    float *scr = aligned_alloc(64, ((size_t)ss * 4 * EMU_MAX_TID + 63) / 64 * 64); /* the AVX-512 kernels' stores */
     attn_gqa(c->p, &p, T, qq, seq, pos, oo, scr, ss);
     for (int t = 0; t < T; t++)
         memcpy(out + t * ldo, oo + t * qd, (size_t)qd * 4);
@@ -188,7 +219,7 @@ int gpu_attn_mla(gpu_ctx *c, const gpu_mla *a, int T, const float *q, int64_t ld
     mat kvb = to_mat(&a->kv_b);
     attn_mla_params p = { a->n_head, a->nope, a->rope, a->v_dim, a->rank, a->scale, a->ckv, a->kpe, a->ckv_seq_stride, a->kpe_seq_stride, &kvb };
     int64_t ss = attn_scratch_floats((int)(a->ckv_seq_stride / a->rank), a->rank, 0);
-    float *scr = malloc((size_t)ss * 4);
+    float *scr = aligned_alloc(64, ((size_t)ss * 4 * EMU_MAX_TID + 63) / 64 * 64); /* the AVX-512 kernels' stores */
     attn_mla(c->p, &p, T, qq, seq, pos, oo, scr, ss);
     for (int t = 0; t < T; t++)
         memcpy(out + t * ldo, oo + t * od, (size_t)od * 4);
@@ -241,8 +272,8 @@ int gpu_moe_experts(gpu_ctx *c, const gpu_experts *ex, int T, int K, const float
             int s = ids[t * K + k] >= 0 ? ex->slot[ids[t * K + k]] : -1;
             if (s < 0)
                 continue;
-            gpu_mat gu = { (const char *)ex->gate_up + (size_t)s * 2 * F * D * (ex->dt == GPU_F32 ? 4 : 2), ex->dt, 2 * F, D };
-            gpu_mat dn = { (const char *)ex->down + (size_t)s * D * F * (ex->dt == GPU_F32 ? 4 : 2), ex->dt, D, F };
+            gpu_mat gu = { (const char *)ex->gate_up + (size_t)s * 2 * F * D * (ex->dt == GPU_F32 ? 4 : 2), ex->dt, 2 * F, D, NULL, 0 };
+            gpu_mat dn = { (const char *)ex->down + (size_t)s * D * F * (ex->dt == GPU_F32 ? 4 : 2), ex->dt, D, F, NULL, 0 };
             mm(c, g, 2 * F, h + t * ldh, D, 1, &gu, NULL, 0, exact);
             gpu_silu_mul(c, g, F, g, 2 * F, 1, F);
             mm(c, y, D, g, F, 1, &dn, NULL, 0, exact);

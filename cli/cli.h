@@ -27,6 +27,7 @@ typedef struct {
     int no_think;     /* chat: enable_thinking = false */
     int repack;       /* convert: rebuild a pack made from another checkpoint */
     int ignore_packs; /* pack the experts in memory even where packs exist (tandem.h ignore_packs) */
+    int gpu_weights;  /* --gpu-weights: TANDEM_GPUW_* (0 = auto) */
 } cli_opts;
 
 /* Parse argv[first..] into o. Returns 0, 1 when --help was printed, or -1

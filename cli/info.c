@@ -23,6 +23,7 @@ static const char *usage =
     "  --dummy-weights      plan for random weights (no checkpoint needed)\n"
     "  --layers N           only the first N layers\n"
     "  --cpu-experts FMT    bf16, int8, int4, fp8 or f32 for experts on the CPU\n"
+    "  --gpu-weights FMT    bf16, int8, int4, fp8 or auto for the GPU's non-expert matrices\n"
     "  --gpu-mem GB         plan the GPU + CPU run for a GPU of GB (also checks it)\n"
     "  --gpu-experts N      routed experts per MoE layer on the GPU (implies the GPU plan)\n"
     "  --cpu-only           plan the CPU-only run even where a GPU could be used\n"
@@ -44,7 +45,7 @@ int cmd_info(int argc, char **argv)
     cli_opts o;
     int rc = cli_parse(argc, argv, 2, &o,
                        "-m --model -t --threads -c --ctx --dummy-weights --layers --cpu-experts --cpu-only "
-                       "--gpu-mem --gpu-experts --expert-counts -v",
+                       "--gpu-mem --gpu-experts --gpu-weights --expert-counts -v",
                        usage);
     if (rc)
         return rc > 0 ? 0 : 2;
@@ -57,6 +58,7 @@ int cmd_info(int argc, char **argv)
     p.defer_experts = o.defer;
     p.cpu_experts = o.cpu_experts;
     p.n_layer_limit = o.layers;
+    p.gpu_weights = o.gpu_weights;
     /* the GPU plan when asked for (--gpu-mem, --gpu-experts) or when a GPU would be used */
     p.gpu = o.gpu == 0 ? 0 : (o.gpu_mem > 0 || o.gpu_experts > 0 || o.gpu == 1) ? 1 : -1;
     tandem_session_params sp;

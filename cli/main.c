@@ -188,6 +188,16 @@ int cli_parse(int argc, char **argv, int first, cli_opts *o, const char *allowed
                 fprintf(stderr, "tandem: --cpu-experts expects bf16, int8, int4, fp8 or f32, got '%s'\n", v);
                 rc = -1;
             }
+        } else if (!strcmp(name, "--gpu-weights")) {
+            static const char *names[] = { "auto", "bf16", "int8", "int4", "fp8" };
+            o->gpu_weights = -1;
+            for (int f = TANDEM_GPUW_AUTO; f <= TANDEM_GPUW_FP8; f++)
+                if (!strcmp(v, names[f]))
+                    o->gpu_weights = f;
+            if (o->gpu_weights < 0) {
+                fprintf(stderr, "tandem: --gpu-weights expects auto, bf16, int8, int4 or fp8, got '%s'\n", v);
+                rc = -1;
+            }
         } else if (!strcmp(name, "--dummy-weights"))
             o->dummy = 1;
         else if (!strcmp(name, "--cpu-only"))
@@ -260,6 +270,7 @@ void cli_engine_params(const cli_opts *o, tandem_engine_params *p)
     p->cpu_experts = o->cpu_experts;
     p->n_layer_limit = o->layers;
     p->ignore_packs = o->ignore_packs;
+    p->gpu_weights = o->gpu_weights;
     p->moe_tune = getenv("TANDEM_MOE_TUNE"); /* the library reads no environment: the command passes it on */
     if (isatty(2))
         p->progress = progress_bar;

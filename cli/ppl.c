@@ -25,6 +25,7 @@ static const char *usage =
     "  --windows N          only the first N windows\n"
     "  -t, --threads N      CPU threads\n"
     "  --cpu-experts FMT    bf16 (default), int8, int4, fp8, or f32 (exact reference)\n"
+    "  --gpu-weights FMT    with a GPU: bf16, int8, int4, fp8 or auto (the GPU's non-expert matrices)\n"
     "  -v                   print each window's NLL\n"
     "\n"
     "Progress (windows done, perplexity so far, tokens/s) goes to stderr.\n";
@@ -52,7 +53,7 @@ int cmd_ppl(int argc, char **argv)
         } else
             rest[nrest++] = argv[i];
     }
-    int rc = cli_parse(nrest, rest, 2, &o, "-m --model -c --ctx -t --threads --cpu-experts -v", usage);
+    int rc = cli_parse(nrest, rest, 2, &o, "-m --model -c --ctx -t --threads --cpu-experts --gpu-weights -v", usage);
     free(rest);
     if (rc)
         return rc > 0 ? 0 : 2;
@@ -81,7 +82,8 @@ int cmd_ppl(int argc, char **argv)
         return 1;
     }
     fclose(f);
-    o.gpu = 0;
+    if (!o.gpu_weights) /* the CPU path unless the GPU's weight format is what is being judged */
+        o.gpu = 0;
     tandem_engine *e;
     if (cli_open_engine(&o, &e))
         return 1;

@@ -232,6 +232,8 @@ static const char *run_usage =
     "  --cpu-only               do not use a GPU\n"
     "  --gpu-mem GB, --gpu-experts N\n"
     "                           GPU memory budget; routed experts per layer on the GPU\n"
+    "  --gpu-weights FMT        the GPU's non-expert matrices: bf16, int8, int4 (group 128),\n"
+    "                           fp8 (E4M3), or auto (default: the widest that fits)\n"
     "  --expert-counts FILE     routing counts choosing those experts (default\n"
     "                           MODEL/expert-counts.json from `tandem calibrate`)\n"
     "  --defer N                expert deferral: each token's N lowest-weight experts run one\n"
@@ -239,7 +241,7 @@ static const char *run_usage =
 
 #define RUN_OPTS                                                                                             \
     "-m --model -n --max-tokens --temp --greedy --top-k --top-p --min-p --repeat-penalty --presence-penalty " \
-    "--frequency-penalty --seed --stop -t --threads -c --ctx --cpu-experts --ignore-packs --cpu-only --gpu-mem --gpu-experts --expert-counts --defer -v"
+    "--frequency-penalty --seed --stop -t --threads -c --ctx --cpu-experts --ignore-packs --cpu-only --gpu-mem --gpu-experts --gpu-weights --expert-counts --defer -v"
 
 int cmd_run(int argc, char **argv)
 {

@@ -119,7 +119,14 @@ typedef struct {
     const char *moe_tune; /* settings of the CPU experts' tile kernels and schedule, "i4=0,mc=256" (the keys of
                              `tandem bench moe --tune`; i4=0: exact INT4 on AMX); NULL = defaults; read
                              during tandem_engine_open (the command takes it from TANDEM_MOE_TUNE) */
+    int gpu_weights;      /* TANDEM_GPUW_*: the format of every non-expert matrix on the GPU (attention,
+                             shared experts, dense MLPs, embeddings, lm_head; routers and MLA's kv_b stay
+                             as stored); AUTO (0) = the widest that fits the GPU budget, said in the log */
 } tandem_engine_params;
+
+/* GPU weight formats: BF16 (F32 where stored so), or weight-only INT8 / INT4 / FP8 E4M3 with one fp32
+ * scale per 128 columns of a row (FP8 checkpoints: their bytes and block scales as stored). */
+enum { TANDEM_GPUW_AUTO = 0, TANDEM_GPUW_BF16 = 1, TANDEM_GPUW_INT8 = 2, TANDEM_GPUW_INT4 = 3, TANDEM_GPUW_FP8 = 4 };
 
 /* CPU expert formats. BF16/INT8/INT4/FP8 pack the experts for the MoE
  * operator (src/cpu/moe; FP8 is E4M3 with block scales, as DeepSeek-V3 and
@@ -336,6 +343,8 @@ typedef struct {
     char arch[64];              /* architectures[0] (model.arch points here) */
     tandem_model_info model;    /* what tandem_engine_info() says, without an engine (isa: the kernels
                                    this machine would use; weight_bytes: the weights as held) */
+    int gpu_weights;            /* TANDEM_GPUW_* the plan holds the GPU's non-expert weights in */
+    int64_t gpu_weight_bytes[5]; /* those weights in each TANDEM_GPUW_* (index 0: unused) */
 } tandem_plan;
 
 /* The plan for the model directory `path` (config.json; the safetensors

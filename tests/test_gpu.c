@@ -193,7 +193,7 @@ static void test_matmul(gpu_ctx *c, pool *p)
                 float *dx = dev_dup(x, (size_t)T * K * 4), *dy = dev_dup(y0, (size_t)T * N * 4);
                 float *db = dev_dup(b, (size_t)N * 4);
                 void *dw = dev_dup(W.data, (size_t)N * K * (f32 ? 4 : 2));
-                gpu_mat gw = { dw, f32 ? GPU_F32 : GPU_BF16, N, K };
+                gpu_mat gw = { dw, f32 ? GPU_F32 : GPU_BF16, N, K, NULL, 0 };
                 gpu_ctx_set_exact(c, path ? 0 : INT_MAX);
                 gpu_matmul(c, dy, N, dx, K, T, &gw, db, 1);
                 gpu_ctx_set_exact(c, 16);
@@ -221,7 +221,7 @@ static void test_rows(gpu_ctx *c)
         tab[i] = f32_to_bf16(frand());
     int32_t tok[5] = { 3, 0, 36, 3, 17 };
     float *x = malloc((size_t)T * D * 4), *ref = malloc((size_t)T * D * 4);
-    gpu_mat gt = { dev_dup(tab, (size_t)V * D * 2), GPU_BF16, V, D };
+    gpu_mat gt = { dev_dup(tab, (size_t)V * D * 2), GPU_BF16, V, D, NULL, 0 };
     float *dx = dev_dup(NULL, (size_t)T * D * 4);
     gpu_embed(c, dx, &gt, dev_dup(tok, sizeof tok), T);
     if (synced(c, "embed")) {
@@ -346,7 +346,7 @@ static void test_gqa(gpu_ctx *c, pool *p)
             gpu_kv_store(c, dV, nctx * kd, kd, dkn + kd, 2 * kd, (int)kd, T, dseq, dpos);
             attn_gqa_params a = { H, KH, hd, 0.125f, window, K, Vc, nctx * kd, kd };
             int64_t ss = attn_scratch_floats(nctx, 0, hd);
-            float *scr = malloc((size_t)(ss * pool_size(p)) * 4);
+            float *scr = aligned_alloc(64, (size_t)(ss * pool_size(p)) * 4); /* AVX-512 attention: aligned */
             attn_gqa(p, &a, T, q, seq, pos, orf, scr, ss);
             gpu_gqa g = { H, KH, hd, 0.125f, window, dK, dV, nctx * kd, kd };
             float *dout = dev_dup(NULL, (size_t)T * H * hd * 4);
@@ -384,11 +384,11 @@ static void test_mla(gpu_ctx *c, pool *p)
         mat W = { .data = kvb, .dt = DT_BF16, .rows = kvbr, .cols = R };
         attn_mla_params a = { H, nope, rope, vd, R, 0.1f, ckv, kpe, nctx * R, nctx * rope, &W };
         int64_t ss = attn_scratch_floats(nctx, R, 0);
-        float *scr = malloc((size_t)(ss * pool_size(p)) * 4);
+        float *scr = aligned_alloc(64, (size_t)(ss * pool_size(p)) * 4); /* AVX-512 attention: aligned */
         attn_mla(p, &a, T, q, seq, pos, orf, scr, ss);
         gpu_mla g = { H, nope, rope, vd, R, 0.1f, dev_dup(ckv, (size_t)(cells * R) * 4),
                       dev_dup(kpe, (size_t)(cells * rope) * 4), nctx * R, nctx * rope,
-                      { dev_dup(kvb, (size_t)(kvbr * R) * 2), GPU_BF16, kvbr, R } };
+                      { dev_dup(kvb, (size_t)(kvbr * R) * 2), GPU_BF16, kvbr, R, NULL, 0 } };
         float *dout = dev_dup(NULL, (size_t)T * H * vd * 4), *dscr = dev_dup(NULL, (size_t)2 * T * H * R * 4);
         gpu_attn_mla(c, &g, T, dev_dup(q, (size_t)T * H * qk * 4), H * qk, dev_dup(seq, sizeof seq),
                      dev_dup(pos, sizeof pos), dout, H * vd, dscr);

@@ -332,7 +332,7 @@ static void test_matmul_dec(gpu_ctx *c, pool *p)
                 }
             float *dx = ddup(x, (size_t)T * K * 4), *db = ddup(b, (size_t)N * 4);
             void *dw = ddup(W.data, (size_t)N * K * (f32 ? 4 : 2));
-            gpu_mat gw = { dw, f32 ? GPU_F32 : GPU_BF16, N, K };
+            gpu_mat gw = { dw, f32 ? GPU_F32 : GPU_BF16, N, K, NULL, 0 };
             for (int fast = 1; fast >= 0; fast--) {
                 float *dy = ddup(y0, (size_t)T * N * 4);
                 gpu_ctx_set_fast(c, fast);
@@ -376,7 +376,7 @@ static void test_gqa_dec(gpu_ctx *c, pool *p)
         float *dq = ddup(q, (size_t)T * H * hd * 4), *dout = ddup(NULL, (size_t)T * H * hd * 4);
         int32_t seq[16], pos[16];
         int64_t ss = attn_scratch_floats(nctx, 0, hd);
-        float *scr = malloc((size_t)(ss * pool_size(p)) * 4);
+        float *scr = aligned_alloc(64, (size_t)(ss * pool_size(p)) * 4); /* AVX-512 attention: aligned */
         int32_t *dseq = ddup(NULL, sizeof seq), *dpos = ddup(NULL, sizeof pos);
         /* three launches with new positions each: the split counters must return to zero */
         for (int rep = 0; rep < 3; rep++) {
@@ -427,7 +427,7 @@ static void test_gqa_tile(gpu_ctx *c, pool *p)
             fillr(q, (int64_t)T * H * hd, 2.0f);
             attn_gqa_params a = { H, KH, hd, 0.125f, window, K, Vc, nctx * kd, kd };
             int64_t ss = attn_scratch_floats(nctx, 0, hd);
-            float *scr = malloc((size_t)(ss * pool_size(p)) * 4);
+            float *scr = aligned_alloc(64, (size_t)(ss * pool_size(p)) * 4); /* AVX-512 attention: aligned */
             attn_gqa(p, &a, T, q, seq, pos, orf, scr, ss);
             gpu_gqa g = { H, KH, hd, 0.125f, window, ddup(K, (size_t)(cells * kd) * 4),
                           ddup(Vc, (size_t)(cells * kd) * 4), nctx * kd, kd };
@@ -542,7 +542,7 @@ static void test_gate(gpu_ctx *c, pool *p)
             op_rmsnorm(href + (int64_t)t * D, x + (int64_t)t * D, nw, D, 1e-6f);
         mat W = { .data = bw ? (const void *)wb : (const void *)wf, .dt = bw ? DT_BF16 : DT_F32, .rows = E, .cols = D };
         op_matmul(p, lref, E, href, D, T, &W, NULL);
-        gpu_mat gw = { ddup(W.data, (size_t)E * D * (bw ? 2 : 4)), bw ? GPU_BF16 : GPU_F32, E, D };
+        gpu_mat gw = { ddup(W.data, (size_t)E * D * (bw ? 2 : 4)), bw ? GPU_BF16 : GPU_F32, E, D, NULL, 0 };
         gpu_route_params gp = { (int)cases[ci].kind, E, K, 1, 1.0f, cases[ci].G, cases[ci].tg,
                                 cases[ci].kind == ROUTE_SIGMOID_GROUP ? ddup(bias, (size_t)E * 4) : NULL };
         float *dx = ddup(x, (size_t)T * D * 4), *dnw = ddup(nw, (size_t)D * 4), *dh = ddup(NULL, (size_t)T * D * 4);

@@ -36,6 +36,7 @@
 #include "core/isa.h"
 #include "bench.h"
 #include "cpu/moe/moe.h"
+#include "cuda/gpu_quant.h"
 #include "runtime/hybrid_impl.h"
 
 #include <stdio.h>
@@ -57,6 +58,7 @@ static const char *usage =
     "  --cpu-decode N      decode steps in CPU mode (default 8)\n"
     "  --gpu-experts N     routed experts per layer on the GPU (default 0)\n"
     "  --gpu-mem GB        GPU memory budget for weights\n"
+    "  --gpu-weights FMT   the GPU's non-expert matrices: bf16, int8, int4, fp8 or auto (default)\n"
     "  --threads N         CPU threads (default: all cores)\n"
     "  --defer LIST        expert deferral values to measure, comma-separated (default 0)\n"
     "  --kernels K         decode (default), or both: also G with the first GPU kernels\n"
@@ -71,6 +73,7 @@ typedef struct {
     int prompts[8], n_prompts, decode, cpu_prompt, cpu_decode, gpu_experts, threads;
     int defers[4], n_defers, kernels_both, ops, pcie, stream_min;
     double gpu_mem;
+    int gpu_weights; /* TANDEM_GPUW_* */
 } bench_opts;
 
 static double now_s(void) { return (double)hy_now_ns() * 1e-9; }
@@ -187,9 +190,10 @@ static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, int de
         rc = forward(s, 1, o->prompts[i], tok, 0, err, errlen);
         double t = now_s() - t0;
         if (!rc)
-            printf("bench=e2e model=%s experts=%s mode=hybrid handoff=%s phase=prefill prompt=%d batch=1 tok_s=%.1f "
-                   "ms=%.1f chunk=%d gpu_experts=%d stream_min=%d streamed_experts=%d\n",
-                   o->name, fmt_name(o->fmt), hname, o->prompts[i], o->prompts[i] / t, t * 1e3, s->hys->chunk,
+            printf("bench=e2e model=%s experts=%s gpu_weights=%s mode=hybrid handoff=%s phase=prefill prompt=%d batch=1 "
+                   "tok_s=%.1f ms=%.1f chunk=%d gpu_experts=%d stream_min=%d streamed_experts=%d\n",
+                   o->name, fmt_name(o->fmt), gpu_wfmt_name(e->hy->plan.gpu_weights), hname, o->prompts[i],
+                   o->prompts[i] / t, t * 1e3, s->hys->chunk,
                    e->hy->plan.gpu_experts, s->hys->stream_ready ? s->hys->o.stream_min : 0,
                    s->hys->streaming ? s->hys->stream_n : 0);
         fflush(stdout);
@@ -230,11 +234,15 @@ static int run_hybrid(tandem_engine *e, const bench_opts *o, int handoff, int de
         if (!rc) {
             double bytes = cpu_expert_bytes_per_token(e), roof = bytes > 0 ? bw * 1e9 / bytes : 0;
             double sync = W0 - G > 0 ? W0 - G : 0;
-            printf("bench=e2e model=%s experts=%s mode=hybrid handoff=%s defer=%d phase=decode prompt=%d batch=1 "
+            /* gpu_weight_MB: the non-expert weights the GPU holds, the bytes a decode step reads (less one
+             * embedding table when it is not lm_head): the floor of gpu_ms is about that over HBM bandwidth */
+            printf("bench=e2e model=%s experts=%s gpu_weights=%s gpu_weight_MB=%.1f mode=hybrid handoff=%s defer=%d "
+                   "phase=decode prompt=%d batch=1 "
                    "tok_s=%.2f roofline_tok_s=%.2f roofline_frac=%.3f gpu_busy=%.3f cpu_busy=%.3f sync_frac=%.3f "
                    "step_ms=%.3f gpu_ms=%.3f cpu_ms=%.3f cpu_def_ms=%.3f handoff_empty_ms=%.3f expert_MB_per_tok=%.1f "
                    "dram_GBps=%.1f graphs=%s kernels=%d nodes=%d",
-                   o->name, fmt_name(o->fmt), hname, s->hys->defer, o->prompts[0], 1.0 / W, roof,
+                   o->name, fmt_name(o->fmt), gpu_wfmt_name(e->hy->plan.gpu_weights),
+                   e->hy->plan.dense_bytes / 1e6, hname, s->hys->defer, o->prompts[0], 1.0 / W, roof,
                    roof > 0 ? 1.0 / W / roof : 0, G / W, C * 1e-9 / W, sync / W, W * 1e3, G * 1e3, C * 1e-6,
                    Cd * 1e-6, W0 * 1e3, bytes / 1e6, bw, s->hys->o.graphs ? "on" : "off", gc.kernels, gc.total);
             if (o->kernels_both)
@@ -396,6 +404,17 @@ static int parse(int argc, char **argv, bench_opts *o)
             o->gpu_experts = atoi(v);
         else if (!strcmp(a, "--gpu-mem"))
             o->gpu_mem = atof(v);
+        else if (!strcmp(a, "--gpu-weights")) {
+            static const char *gw[] = { "auto", "bf16", "int8", "int4", "fp8" };
+            o->gpu_weights = -1;
+            for (int f = 0; f < 5; f++)
+                if (!strcmp(v, gw[f]))
+                    o->gpu_weights = f;
+            if (o->gpu_weights < 0) {
+                fprintf(stderr, "bench e2e: --gpu-weights %s: expected bf16, int8, int4, fp8 or auto\n", v);
+                return -1;
+            }
+        }
         else if (!strcmp(a, "--threads"))
             o->threads = atoi(v);
         else if (!strcmp(a, "--stream-min"))
@@ -465,6 +484,7 @@ int bench_e2e_main(int argc, char **argv)
         e->params.gpu = 1;
         e->params.gpu_experts = o.gpu_experts;
         e->params.gpu_mem_gb = o.gpu_mem;
+        e->params.gpu_weights = o.gpu_weights;
         t0 = now_s();
         rc = hybrid_engine_open(e, err, sizeof err);
         if (rc) {

@@ -23,7 +23,8 @@
  *
  * Numerics (what the CPU reference is compared against):
  *   - activations are fp32 everywhere between ops; all sums are fp32;
- *   - weights live on the GPU in their checkpoint dtype (BF16, or F32);
+ *   - weights live on the GPU in their checkpoint dtype (BF16, or F32), or
+ *     quantised (INT8, INT4, FP8 with group scales: gpu_dtype);
  *   - gpu_matmul with T <= exact_max_T (default 16, the decode sizes) runs
  *     our own kernel: fp32 activations x BF16/F32 weights, fp32 sums, so it
  *     differs from the CPU only by summation order (T <= 16: the split-K
@@ -100,6 +101,11 @@ void gpu_ctx_clear(gpu_ctx *c);
 int gpu_sync(gpu_ctx *c, char *err, size_t errlen);
 /* gpu_matmul uses its own fp32-activation kernel for T <= max_T. */
 void gpu_ctx_set_exact(gpu_ctx *c, int max_T);
+/* A BF16 scratch of `elems` for the prefill path of quantised weights
+ * (row tiles dequantised before cuBLAS); before any capture. Without it a
+ * quantised GEMM above exact_max_T tokens runs the decode kernels' path. */
+int gpu_ctx_reserve_dequant(gpu_ctx *c, size_t elems, char *err, size_t errlen);
+#define GPU_DEQUANT_ELEMS (16ll << 20)   /* 32 MB: what a session reserves */
 /* fast = 1 (default): the decode kernels (split-K GEMV, split-KV attention,
  * one-warp router, fused gate / add+norm / q,k prep); 0: the first kernels
  * of each op and the fused ops as their separate kernels, for A/B timing.
@@ -145,16 +151,35 @@ typedef struct {
 int gpu_graph_count(const gpu_graph *g, gpu_graph_counts *out);
 
 /* ---- ops (enqueued on the main stream) --------------------------------------- */
-typedef enum { GPU_BF16 = 0, GPU_F32 = 1 } gpu_dtype;
+/* Weight formats. BF16 and F32 as the checkpoint stores them; the others are
+ * the quantised non-expert weights of --gpu-weights (gpu_quant.h makes them
+ * on the host and is the reference the kernels are tested against), each
+ * weight-only (activations stay fp32 / BF16), with one fp32 scale per
+ * `group` columns of a row, w = q * scale:
+ *   GPU_INT8  int8_t q in [-127, 127];
+ *   GPU_INT4  two per byte, column 2j in the low nibble, q = nibble - 8 in [-8, 7];
+ *   GPU_FP8   E4M3 (e4m3fn, max 448); a DeepSeek FP8 checkpoint's bytes as
+ *             stored, its block scales repeated per row (group = block width). */
+typedef enum { GPU_BF16 = 0, GPU_F32 = 1, GPU_INT8 = 2, GPU_INT4 = 3, GPU_FP8 = 4 } gpu_dtype;
+
+/* The group of the quantised formats made from BF16/F32/F16 weights. */
+#define GPU_QGROUP 128
 
 typedef struct {
-    const void *data;      /* device [rows][cols], row-major */
+    const void *data;      /* device [rows][cols], row-major (INT4: [rows][cols / 2] bytes) */
     gpu_dtype dt;
     int64_t rows, cols;
+    const float *scale;    /* INT8/INT4/FP8: device [rows][ceil(cols / group)]; NULL otherwise */
+    int group;             /* INT8/INT4/FP8: columns per scale (a multiple of 32); 0 otherwise */
 } gpu_mat;
 
 /* y[t][0..W.rows) (+)= x[t][0..W.cols) . W^T (+ bias), t < T; ld* are row
- * strides in floats. accumulate != 0 adds to y (residual adds for free). */
+ * strides in floats. accumulate != 0 adds to y (residual adds for free).
+ * Quantised W: up to exact_max_T tokens the decode GEMV dequantises in
+ * registers (fp32 activations, each 16-byte chunk's sum times its scale);
+ * above, row tiles of W are dequantised to BF16 (the context's weight
+ * scratch, gpu_ctx_reserve_dequant) and multiplied by cuBLAS as BF16
+ * weights are. */
 int gpu_matmul(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const gpu_mat *W,
                const float *bias, int accumulate);
 
@@ -163,7 +188,7 @@ int gpu_matmul(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ldx, i
 int gpu_matmul_exact(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const gpu_mat *W,
                      const float *bias, int accumulate);
 
-/* x[t][0..D) = table[tok[t]] as fp32. */
+/* x[t][0..D) = table[tok[t]] as fp32 (quantised tables dequantised). */
 int gpu_embed(gpu_ctx *c, float *x, const gpu_mat *table, const int32_t *tok, int T);
 
 /* RMSNorm of rows of n floats, y = x / sqrt(mean(x^2) + eps) * w (w may be

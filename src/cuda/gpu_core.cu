@@ -263,6 +263,7 @@ extern "C" void gpu_ctx_free(gpu_ctx *c)
         gpu_blas()->destroy(c->blas);
     cudaFree(c->blas_ws);
     cudaFree(c->xbf);
+    cudaFree(c->wbf);
     cudaFree(c->att_part);
     cudaFree(c->counters);
     if (c->ev_fork)
@@ -337,6 +338,19 @@ extern "C" int gpu_ctx_create(gpu_ctx **out, size_t scratch_elems, char *err, si
     }
     *out = c;
     return 0;
+}
+
+extern "C" int gpu_ctx_reserve_dequant(gpu_ctx *c, size_t elems, char *err, size_t errlen)
+{
+    if (!c->rc && elems > c->wbf_elems) {
+        cudaFree(c->wbf);
+        c->wbf = NULL;
+        c->wbf_elems = 0;
+        if (!gpu_check(c, cudaMalloc((void **)&c->wbf, elems * sizeof(__nv_bfloat16)),
+                       "allocating the dequantised weight tiles"))
+            c->wbf_elems = elems;
+    }
+    return gpu_ctx_status(c, err, errlen);
 }
 
 extern "C" int gpu_ctx_status(const gpu_ctx *c, char *err, size_t errlen)

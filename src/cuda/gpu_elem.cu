@@ -20,11 +20,21 @@ static __global__ void embed_kernel(float *x, const WT *table, const int32_t *to
         out[i] = gpu_ld(row, i);
 }
 
+/* a quantised table: each row dequantised as it is gathered */
+static __global__ void embed_q_kernel(float *x, gpu_mat table, const int32_t *tok)
+{
+    float *out = x + (int64_t)blockIdx.x * table.cols;
+    for (int64_t i = threadIdx.x; i < table.cols; i += blockDim.x)
+        out[i] = gpu_qw(table, tok[blockIdx.x], i);
+}
+
 extern "C" int gpu_embed(gpu_ctx *c, float *x, const gpu_mat *table, const int32_t *tok, int T)
 {
     if (c->rc || T <= 0)
         return c->rc;
-    if (table->dt == GPU_BF16)
+    if (table->dt == GPU_INT8 || table->dt == GPU_INT4 || table->dt == GPU_FP8)
+        embed_q_kernel<<<T, 256, 0, c->s[GPU_MAIN]>>>(x, *table, tok);
+    else if (table->dt == GPU_BF16)
         embed_kernel<<<T, 256, 0, c->s[GPU_MAIN]>>>(x, (const __nv_bfloat16 *)table->data, tok, table->cols);
     else
         embed_kernel<<<T, 256, 0, c->s[GPU_MAIN]>>>(x, (const float *)table->data, tok, table->cols);

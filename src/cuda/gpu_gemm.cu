@@ -15,6 +15,16 @@
  *     to BF16 (into the context's scratch) and accumulate in fp32 on tensor
  *     cores; F32 weights run a plain fp32 GEMM (no TF32).
  *
+ * Quantised weights (INT8 / INT4 / FP8 with group scales, gpu.h): the
+ *   decode GEMV of gpu_gemv.cuh reads the packed chunks and dequantises in
+ *   registers, for any T when cuBLAS is not there; above exact_max_T, row
+ *   tiles of W are dequantised to BF16 into the context's weight scratch and
+ *   each tile is a cuBLAS BF16 GEMM (the tensor cores of every architecture;
+ *   the weights cross HBM twice more than they would in a fused kernel, a
+ *   small cost once T is large enough to be compute-bound). Shapes the GEMV
+ *   does not take (K not a multiple of the chunk) run mm_q_kernel, a warp
+ *   per row reading one weight at a time: the plain twin of both.
+ *
  * Row-major y[T][N] = x[T][K] . W[N][K]^T is, in cuBLAS's column-major
  * terms, Y(NxT) = op_T(W as KxN) . X(KxT): transa = T, lda = K, ldb = ldx.
  */
@@ -74,17 +84,59 @@ static __global__ void mm_exact_kernel(float *y, int64_t ldy, const float *x, in
     }
 }
 
+/* Quantised weights, any shape: grid (ceil(N / MM_WARPS), ceil(T / MM_TT)), a warp per row. */
+static __global__ void mm_q_kernel(float *y, int64_t ldy, const float *x, int64_t ldx, int T, gpu_mat W,
+                                   const float *bias, int accumulate)
+{
+    const int lane = threadIdx.x & 31;
+    const int64_t n = (int64_t)blockIdx.x * MM_WARPS + (threadIdx.x >> 5);
+    const int t0 = blockIdx.y * MM_TT;
+    if (n >= W.rows)
+        return;
+    const int nt = T - t0 < MM_TT ? T - t0 : MM_TT;
+    float acc[MM_TT];
+#pragma unroll
+    for (int i = 0; i < MM_TT; i++)
+        acc[i] = 0.0f;
+    for (int64_t k = lane; k < W.cols; k += 32) {
+        const float wk = gpu_qw(W, n, k);
+#pragma unroll
+        for (int i = 0; i < MM_TT; i++)
+            if (i < nt)
+                acc[i] += wk * x[(int64_t)(t0 + i) * ldx + k];
+    }
+#pragma unroll
+    for (int i = 0; i < MM_TT; i++) {
+        float s = warp_sum(acc[i]);
+        if (lane == 0 && i < nt) {
+            float *yt = y + (int64_t)(t0 + i) * ldy + n;
+            if (bias)
+                s += bias[n];
+            *yt = accumulate ? *yt + s : s;
+        }
+    }
+}
+
+/* dst[r][k] = bf16(W[n0 + r][k]) for rows r < nt: a tile for cuBLAS */
+static __global__ void mm_dequant_kernel(__nv_bfloat16 *dst, gpu_mat W, int64_t n0, int64_t nt)
+{
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nt * W.cols)
+        return;
+    dst[i] = __float2bfloat16_rn(gpu_qw(W, n0 + i / W.cols, i % W.cols));
+}
+
 /* The decode GEMV: grid (row blocks, ceil(T / TT)), GV_THREADS threads. */
 template <typename WT, int TT>
 static __global__ void __launch_bounds__(GV_THREADS, 2)
     mm_dec_kernel(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const WT *W, int64_t N, int64_t K,
-                  const float *bias, int accumulate, int KS)
+                  const float *bias, int accumulate, int KS, gv_scales qs)
 {
     __shared__ float red[GV_WARPS * GV_RPW * TT], res[GV_WARPS * GV_RPW * TT];
     const int t0 = blockIdx.y * TT, nt = T - t0 < TT ? T - t0 : TT;
     const int rows = (GV_WARPS / KS) * GV_RPW;
     const int64_t row0 = (int64_t)blockIdx.x * rows;
-    gv_block<WT, TT, false>(W, N, K, row0, KS, x + (int64_t)t0 * ldx, ldx, nt, nullptr, nullptr, red, res);
+    gv_block<WT, TT, false>(W, N, K, row0, KS, x + (int64_t)t0 * ldx, ldx, nt, nullptr, nullptr, red, res, qs);
     for (int i = threadIdx.x; i < rows * TT; i += blockDim.x) {
         const int64_t n = row0 + i / TT;
         const int t = i % TT;
@@ -104,8 +156,9 @@ static void mm_dec_launch(gpu_ctx *c, float *y, int64_t ldy, const float *x, int
 {
     int bx;
     const int KS = gv_plan(W->rows, W->cols, gv_chunk<WT>::N, gpu_cdiv(T, TT), c->n_sm, &bx);
+    const gv_scales qs = { W->scale, W->group > 0 ? (W->cols + W->group - 1) / W->group : 0, W->group > 0 ? W->group : 1 };
     mm_dec_kernel<WT, TT><<<dim3(bx, gpu_cdiv(T, TT)), GV_THREADS, 0, c->s[GPU_MAIN]>>>(
-        y, ldy, x, ldx, T, (const WT *)W->data, W->rows, W->cols, bias, accumulate, KS);
+        y, ldy, x, ldx, T, (const WT *)W->data, W->rows, W->cols, bias, accumulate, KS, qs);
 }
 
 template <typename WT>
@@ -140,9 +193,34 @@ static __global__ void add_bias_kernel(float *y, int64_t ldy, int T, int64_t N, 
     y[(i / N) * ldy + i % N] += bias[i % N];
 }
 
+static int quantised(const gpu_mat *W) { return W->dt == GPU_INT8 || W->dt == GPU_INT4 || W->dt == GPU_FP8; }
+
+/* Quantised W at any T: the decode GEMV where the shape allows (T tiles of 8), else mm_q_kernel. */
+static int mm_quant(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const gpu_mat *W,
+                    const float *bias, int accumulate)
+{
+    const int cn = W->dt == GPU_INT4 ? 32 : 16;
+    const int vec = W->cols % cn == 0 && W->group % cn == 0 && ldx % 4 == 0 && gpu_aligned16(x) &&
+                    gpu_aligned16(W->data);
+    if (vec && c->fast) {
+        if (W->dt == GPU_INT8)
+            mm_dec<gv_i8>(c, y, ldy, x, ldx, T, W, bias, accumulate);
+        else if (W->dt == GPU_INT4)
+            mm_dec<gv_i4>(c, y, ldy, x, ldx, T, W, bias, accumulate);
+        else
+            mm_dec<gv_f8>(c, y, ldy, x, ldx, T, W, bias, accumulate);
+        return gpu_launched(c, "matmul (quantised decode kernel)");
+    }
+    dim3 grid(gpu_cdiv(W->rows, MM_WARPS), gpu_cdiv(T, MM_TT));
+    mm_q_kernel<<<grid, 32 * MM_WARPS, 0, c->s[GPU_MAIN]>>>(y, ldy, x, ldx, T, *W, bias, accumulate);
+    return gpu_launched(c, "matmul (quantised plain kernel)");
+}
+
 static int mm_exact(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const gpu_mat *W,
                     const float *bias, int accumulate)
 {
+    if (quantised(W))
+        return mm_quant(c, y, ldy, x, ldx, T, W, bias, accumulate);
     int esz = W->dt == GPU_BF16 ? 2 : 4;
     int vec = W->cols % 8 == 0 && ldx % 4 == 0 && gpu_aligned16(x) && gpu_aligned16(W->data) &&
               (W->cols * esz) % 16 == 0;
@@ -201,6 +279,27 @@ static int mm_blas(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ld
     return c->rc;
 }
 
+/* Quantised W above the decode sizes: row tiles dequantised to BF16 in the
+ * weight scratch, each a cuBLAS GEMM into its columns of y. Without the
+ * scratch (or a row wider than it) the decode kernels serve. */
+static int mm_qblas(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const gpu_mat *W,
+                    const float *bias, int accumulate)
+{
+    const int64_t K = W->cols;
+    if (!c->wbf || (size_t)K > c->wbf_elems)
+        return mm_quant(c, y, ldy, x, ldx, T, W, bias, accumulate);
+    const int64_t tile = (int64_t)(c->wbf_elems / (size_t)K);
+    for (int64_t n0 = 0; n0 < W->rows && !c->rc; n0 += tile) {
+        const int64_t nt = W->rows - n0 < tile ? W->rows - n0 : tile;
+        mm_dequant_kernel<<<gpu_cdiv(nt * K, 256), 256, 0, c->s[GPU_MAIN]>>>(c->wbf, *W, n0, nt);
+        if (gpu_launched(c, "matmul: dequantising a weight tile"))
+            break;
+        const gpu_mat Wt = { c->wbf, GPU_BF16, nt, K, nullptr, 0 };
+        mm_blas(c, y + n0, ldy, x, ldx, T, &Wt, bias ? bias + n0 : nullptr, accumulate);
+    }
+    return c->rc;
+}
+
 extern "C" int gpu_matmul(gpu_ctx *c, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const gpu_mat *W,
                           const float *bias, int accumulate)
 {
@@ -208,6 +307,8 @@ extern "C" int gpu_matmul(gpu_ctx *c, float *y, int64_t ldy, const float *x, int
         return c->rc;
     if (T <= c->exact_max_T || !c->blas)
         return mm_exact(c, y, ldy, x, ldx, T, W, bias, accumulate);
+    if (quantised(W))
+        return mm_qblas(c, y, ldy, x, ldx, T, W, bias, accumulate);
     return mm_blas(c, y, ldy, x, ldx, T, W, bias, accumulate);
 }
 

@@ -24,6 +24,12 @@
  *     for the activations, which every warp of the block re-reads).
  * A block covers (GV_WARPS / KS) * GV_RPW rows; rows past N are clamped to
  * row N - 1 for the loads (valid memory) and their results never written.
+ * Quantised weights (gpu.h's INT8 / INT4 / FP8) take the same path: a
+ * 16-byte chunk is 16 INT8 / FP8 or 32 INT4 weights, converted to fp32 in
+ * registers (no dequantised copy anywhere), dotted with the activations, and
+ * the chunk's sum of each (row, token) multiplied by its group's scale once;
+ * the group (a multiple of 32) holds whole chunks. The bytes per weight are
+ * what is saved: at 1-16 tokens the GEMV stays bound by them.
  * Requirements (checked by the callers): K a multiple of the chunk length;
  * W, x, nw 16-byte aligned; ldx a multiple of 4.
  */
@@ -32,13 +38,28 @@
 
 #include "cuda/gpu_internal.cuh"
 
+#include <cuda_fp8.h>
+
 enum { GV_WARPS = 8, GV_THREADS = 32 * GV_WARPS, GV_RPW = 2, GV_UNROLL = 4, GV_MAX_CHUNKS_PER_LANE = 8 };
 
+/* Element types of the quantised formats (tags: the bytes are read as chunks). */
+struct gv_i8 { signed char q; };
+struct gv_i4 { unsigned char q2; };
+struct gv_f8 { unsigned char q; };
+
+/* Per-group scales of a quantised matrix (empty for BF16 / F32). */
+struct gv_scales {
+    const float *s;   /* [rows][ng] */
+    int64_t ng;       /* groups per row */
+    int group;        /* columns per scale */
+};
+
+/* gv_chunk<WT>: N weights per 16-byte chunk, unpack() to fp32, Q: scaled. */
 template <typename WT>
 struct gv_chunk;
 template <>
 struct gv_chunk<__nv_bfloat16> {
-    enum { N = 8 };
+    enum { N = 8, Q = 0 };
     static __device__ __forceinline__ void unpack(uint4 u, float *w)
     {
         const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
@@ -52,11 +73,58 @@ struct gv_chunk<__nv_bfloat16> {
 };
 template <>
 struct gv_chunk<float> {
-    enum { N = 4 };
+    enum { N = 4, Q = 0 };
     static __device__ __forceinline__ void unpack(uint4 u, float *w)
     {
         w[0] = __uint_as_float(u.x), w[1] = __uint_as_float(u.y);
         w[2] = __uint_as_float(u.z), w[3] = __uint_as_float(u.w);
+    }
+};
+template <>
+struct gv_chunk<gv_i8> {
+    enum { N = 16, Q = 1 };
+    static __device__ __forceinline__ void unpack(uint4 u, float *w)
+    {
+        const uint32_t v[4] = { u.x, u.y, u.z, u.w };
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                w[4 * i + j] = (float)(signed char)(v[i] >> (8 * j));
+    }
+};
+template <>
+struct gv_chunk<gv_i4> {
+    enum { N = 32, Q = 1 };
+    /* nibble n (column 2j low, 2j + 1 high) -> n - 8: 0x4B000000 | n is the
+     * float 2^23 + n, less 2^23 + 8 (one logic op and one add per weight) */
+    static __device__ __forceinline__ void unpack(uint4 u, float *w)
+    {
+        const uint32_t v[4] = { u.x, u.y, u.z, u.w };
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                w[8 * i + j] = __uint_as_float(0x4B000000u | ((v[i] >> (4 * j)) & 15u)) - 8388616.0f;
+    }
+};
+template <>
+struct gv_chunk<gv_f8> {
+    enum { N = 16, Q = 1 };
+    /* two E4M3 at a time to half2: one instruction from sm_89 on, integer
+     * arithmetic below (cuda_fp8.h chooses per architecture) */
+    static __device__ __forceinline__ void unpack(uint4 u, float *w)
+    {
+        const uint32_t v[4] = { u.x, u.y, u.z, u.w };
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v[i] >> (16 * j)), __NV_E4M3);
+                const float2 f = __half22float2(*(const __half2 *)&h);
+                w[4 * i + 2 * j] = f.x;
+                w[4 * i + 2 * j + 1] = f.y;
+            }
     }
 };
 
@@ -70,22 +138,23 @@ static __device__ __forceinline__ uint4 gv_ld_weights(const void *p)
     return v;
 }
 
-/* n (4 or 8) floats of activations at p. */
+/* N (a multiple of 4) floats of activations at p. */
 template <int N>
 static __device__ __forceinline__ void gv_ld_act(const float *p, float *a)
 {
-    float4 u = __ldg((const float4 *)p);
-    a[0] = u.x, a[1] = u.y, a[2] = u.z, a[3] = u.w;
-    if (N == 8) {
-        float4 v = __ldg((const float4 *)(p + 4));
-        a[4] = v.x, a[5] = v.y, a[6] = v.z, a[7] = v.w;
+#pragma unroll
+    for (int i = 0; i < N / 4; i++) {
+        float4 u = __ldg((const float4 *)(p + 4 * i));
+        a[4 * i] = u.x, a[4 * i + 1] = u.y, a[4 * i + 2] = u.z, a[4 * i + 3] = u.w;
     }
 }
 
-/* acc[r][t] += W chunk of row r . a[t] chunk at column k */
+/* acc[r][t] += W chunk of row r . a[t] chunk at column k (times sc[r], the
+ * chunk's scale, for quantised weights) */
 template <typename WT, int TT, bool NORM>
 static __device__ __forceinline__ void gv_fma(float (&acc)[GV_RPW][TT], const uint4 (&wv)[GV_RPW], const float *x,
-                                              int64_t ldx, int nt, const float *nw, const float *rs, int64_t k)
+                                              int64_t ldx, int nt, const float *nw, const float *rs, int64_t k,
+                                              const float (&sc)[GV_RPW])
 {
     constexpr int CN = gv_chunk<WT>::N;
     float w[GV_RPW][CN], nv[CN];
@@ -107,35 +176,58 @@ static __device__ __forceinline__ void gv_fma(float (&acc)[GV_RPW][TT], const ui
             }
 #pragma unroll
             for (int r = 0; r < GV_RPW; r++) {
-                float s = acc[r][t];
+                if constexpr (gv_chunk<WT>::Q) {
+                    float s = 0.0f;
 #pragma unroll
-                for (int i = 0; i < CN; i++)
-                    s = fmaf(w[r][i], a[i], s);
-                acc[r][t] = s;
+                    for (int i = 0; i < CN; i++)
+                        s = fmaf(w[r][i], a[i], s);
+                    acc[r][t] = fmaf(sc[r], s, acc[r][t]);
+                } else {
+                    float s = acc[r][t];
+#pragma unroll
+                    for (int i = 0; i < CN; i++)
+                        s = fmaf(w[r][i], a[i], s);
+                    acc[r][t] = s;
+                }
             }
         }
     }
 }
 
+/* The scales of the chunk at column k of the rows whose scale rows are
+ * srow[r] (1 for unquantised weights). */
+template <typename WT>
+static __device__ __forceinline__ void gv_scale(float (&sc)[GV_RPW], const gv_scales &qs, const float *const (&srow)[GV_RPW],
+                                                int64_t k)
+{
+#pragma unroll
+    for (int r = 0; r < GV_RPW; r++)
+        sc[r] = gv_chunk<WT>::Q ? __ldg(srow[r] + k / qs.group) : 1.0f;
+}
+
 /* The block's rows [row0, row0 + (GV_WARPS / KS) * GV_RPW) for tokens
  * x[0..nt) (rows ldx floats apart). red: shared [GV_WARPS * GV_RPW * TT];
  * res: shared [GV_WARPS * GV_RPW * TT], on return res[r * TT + t] holds
- * row row0 + r, token t. Every thread of the block must call it. */
+ * row row0 + r, token t. qs: the scales of quantised WT. Every thread of
+ * the block must call it. */
 template <typename WT, int TT, bool NORM>
 static __device__ __forceinline__ void gv_block(const WT *__restrict__ W, int64_t N, int64_t K, int64_t row0, int KS,
                                                 const float *__restrict__ x, int64_t ldx, int nt,
                                                 const float *__restrict__ nw, const float *rs, float *red,
-                                                float *res)
+                                                float *res, gv_scales qs = gv_scales{ nullptr, 0, 1 })
 {
     constexpr int CN = gv_chunk<WT>::N;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = warp / KS, ks = warp % KS;
     const int64_t C = K / CN, step = 32 * (int64_t)KS;
-    const WT *wr[GV_RPW];
+    const char *wr[GV_RPW];   /* rows as bytes: C chunks of 16 */
+    const float *srow[GV_RPW];
 #pragma unroll
     for (int r = 0; r < GV_RPW; r++) {
         int64_t n = row0 + (int64_t)g * GV_RPW + r;
-        wr[r] = W + (n < N ? n : N - 1) * K;
+        n = n < N ? n : N - 1;
+        wr[r] = (const char *)W + n * C * 16;
+        srow[r] = gv_chunk<WT>::Q ? qs.s + n * qs.ng : nullptr;
     }
     float acc[GV_RPW][TT];
 #pragma unroll
@@ -144,23 +236,27 @@ static __device__ __forceinline__ void gv_block(const WT *__restrict__ W, int64_
         for (int t = 0; t < TT; t++)
             acc[r][t] = 0.0f;
     int64_t c = (int64_t)ks * 32 + lane;
+    float sc[GV_RPW];
     for (; c + (GV_UNROLL - 1) * step < C; c += GV_UNROLL * step) {
         uint4 wv[GV_UNROLL][GV_RPW];
 #pragma unroll
         for (int u = 0; u < GV_UNROLL; u++)
 #pragma unroll
             for (int r = 0; r < GV_RPW; r++)
-                wv[u][r] = gv_ld_weights(wr[r] + (c + u * step) * CN);
+                wv[u][r] = gv_ld_weights(wr[r] + (c + u * step) * 16);
 #pragma unroll
-        for (int u = 0; u < GV_UNROLL; u++)
-            gv_fma<WT, TT, NORM>(acc, wv[u], x, ldx, nt, nw, rs, (c + u * step) * CN);
+        for (int u = 0; u < GV_UNROLL; u++) {
+            gv_scale<WT>(sc, qs, srow, (c + u * step) * CN);
+            gv_fma<WT, TT, NORM>(acc, wv[u], x, ldx, nt, nw, rs, (c + u * step) * CN, sc);
+        }
     }
     for (; c < C; c += step) {
         uint4 wv[GV_RPW];
 #pragma unroll
         for (int r = 0; r < GV_RPW; r++)
-            wv[r] = gv_ld_weights(wr[r] + c * CN);
-        gv_fma<WT, TT, NORM>(acc, wv, x, ldx, nt, nw, rs, c * CN);
+            wv[r] = gv_ld_weights(wr[r] + c * 16);
+        gv_scale<WT>(sc, qs, srow, c * CN);
+        gv_fma<WT, TT, NORM>(acc, wv, x, ldx, nt, nw, rs, c * CN, sc);
     }
 #pragma unroll
     for (int r = 0; r < GV_RPW; r++)

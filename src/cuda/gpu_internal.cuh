@@ -12,6 +12,7 @@
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
 
@@ -42,6 +43,8 @@ struct gpu_ctx {
     size_t blas_ws_bytes;
     __nv_bfloat16 *xbf;          /* [scratch_elems] GEMM inputs rounded to BF16 */
     size_t xbf_elems;
+    __nv_bfloat16 *wbf;          /* [wbf_elems] quantised weights dequantised for cuBLAS (gpu_ctx_reserve_dequant) */
+    size_t wbf_elems;
     int exact_max_T;
     int capturing;
     int fast;                    /* decode kernels (gpu_ctx_set_fast) */
@@ -143,6 +146,24 @@ static __device__ __forceinline__ float warp_max(float v)
     for (int o = 16; o > 0; o >>= 1)
         v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
+}
+
+/* One weight of a quantised matrix as fp32: the plain dequantisation, as gpu_quant.c's gpu_wq_row_f32
+ * (W.data, W.scale on the device). */
+static __device__ __forceinline__ float gpu_qw(const gpu_mat &W, int64_t n, int64_t k)
+{
+    const float s = W.scale[n * ((W.cols + W.group - 1) / W.group) + k / W.group];
+    float q;
+    if (W.dt == GPU_INT8) {
+        q = (float)((const signed char *)W.data)[n * W.cols + k];
+    } else if (W.dt == GPU_FP8) {
+        const __half_raw h = __nv_cvt_fp8_to_halfraw(((const __nv_fp8_storage_t *)W.data)[n * W.cols + k], __NV_E4M3);
+        q = __half2float(*(const __half *)&h);
+    } else {
+        const unsigned char b = ((const unsigned char *)W.data)[n * ((W.cols + 1) / 2) + k / 2];
+        q = (float)((k & 1 ? b >> 4 : b & 15) - 8);
+    }
+    return q * s;
 }
 
 /* Load 8 consecutive weights as fp32 (BF16: one 16-byte load; F32: two). */

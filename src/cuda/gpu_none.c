@@ -101,6 +101,11 @@ int gpu_ctx_status(const gpu_ctx *c, char *err, size_t errlen)
 void gpu_ctx_clear(gpu_ctx *c) { (void)c; }
 int gpu_sync(gpu_ctx *c, char *err, size_t errlen) { return gpu_ctx_status(c, err, errlen); }
 void gpu_ctx_set_exact(gpu_ctx *c, int max_T) { (void)c, (void)max_T; }
+int gpu_ctx_reserve_dequant(gpu_ctx *c, size_t elems, char *err, size_t errlen)
+{
+    (void)c, (void)elems;
+    return td_err(err, errlen, TANDEM_EGPU, "%s", NO_CUDA);
+}
 
 /* Context-bound calls: unreachable without a context; all say the same. */
 int gpu_copy(gpu_ctx *c, int stream, void *dst, const void *src, size_t bytes)

@@ -24,6 +24,7 @@
 #include "core/err.h"
 #include "core/isa.h"
 #include "core/log.h"
+#include "cuda/gpu_quant.h"
 #include "runtime/calib.h"
 #include "runtime/hybrid_impl.h"
 
@@ -42,7 +43,7 @@ static int64_t esz(const mat *m) { return m->dt == DT_F32 || m->dt == DT_F16 ? 4
 /* a matrix the model has (dummy experts have no data but a shape) */
 static int present(const mat *m) { return m && (m->data || m->rows); }
 
-/* Bytes on the GPU of matrices fused into one (F32 if any part is F32). */
+/* Bytes on the GPU of matrices fused into one, as stored (F32 if any part is F32). */
 static int64_t fused_bytes(const mat *const *parts, int n)
 {
     int64_t elems = 0, es = 2;
@@ -58,23 +59,106 @@ static int64_t fused_bytes(const mat *const *parts, int n)
 
 static int64_t vec_bytes(const float *v, int64_t n) { return v ? n * 4 : 0; }
 
+/* ---- quantised GPU weights (--gpu-weights) -------------------------------------- *
+ * A matrix the format applies to (not routers, MLA's kv_b or GPU-held experts,
+ * whose kernels read BF16/F32) is held in dtype dt with one scale per `group`
+ * columns: the FP8 checkpoint's block width when fmt is FP8 and every part is
+ * an FP8 view with one block width that the kernels take (a multiple of 32:
+ * the bytes and scales are copied, nothing is rounded), else GPU_QGROUP. INT4
+ * needs an even width; a matrix that cannot be held in the format stays as
+ * stored. Under int4 the embedding table and lm_head are int8 (hy_head_fmt):
+ * on the demo model that takes int4's KL divergence from 0.067 to 0.041 for
+ * 0.5 byte more per weight of those two matrices; under fp8 of an FP8
+ * checkpoint they stay BF16 as stored, so nothing is rounded. */
+int hy_wq_group(const mat *const *parts, int n, int fmt)
+{
+    int bk = -1;
+    for (int i = 0; i < n; i++) {
+        const mat *m = parts[i];
+        if (!present(m))
+            continue;
+        if (fmt != TANDEM_GPUW_FP8 || m->dt != DT_F8_E4M3 || !m->data || !m->scale || m->bk % 32 || m->bk <= 0 ||
+            (bk >= 0 && m->bk != bk))
+            return GPU_QGROUP;
+        bk = m->bk;
+    }
+    return bk > 0 ? bk : GPU_QGROUP;
+}
+
+/* The gpu_dtype parts fused into one take under fmt (BF16 meaning "as stored"). */
+static gpu_dtype wq_dtype(const mat *const *parts, int n, int fmt)
+{
+    gpu_dtype dt = gpu_wfmt_dtype(fmt);
+    for (int i = 0; dt == GPU_INT4 && i < n; i++)
+        if (present(parts[i]) && parts[i]->cols % 2)
+            return GPU_BF16;
+    return dt;
+}
+
+/* Bytes on the GPU of matrices fused into one under fmt (TANDEM_GPUW_BF16: as stored). */
+static int64_t fused_bytes_as(const mat *const *parts, int n, int fmt)
+{
+    const gpu_dtype dt = wq_dtype(parts, n, fmt);
+    if (dt == GPU_BF16)
+        return fused_bytes(parts, n);
+    int64_t rows = 0, cols = 0, a, b;
+    for (int i = 0; i < n; i++)
+        if (present(parts[i]))
+            rows += parts[i]->rows, cols = parts[i]->cols;
+    gpu_wq_size(dt, rows, cols, hy_wq_group(parts, n, fmt), &a, &b);
+    return a + b;
+}
+
+/* Whether any non-expert matrix is stored as FP8 (then fp8 is exact, and the widest format worth having). */
+static int fp8_source(const tandem_engine *e)
+{
+    if (e->embed.dt == DT_F8_E4M3)
+        return 1;
+    for (int l = 0; l < e->d.n_layer; l++) {
+        const layer_weights *L = &e->layers[l];
+        if (L->o.dt == DT_F8_E4M3 || L->q.dt == DT_F8_E4M3 || L->q_b.dt == DT_F8_E4M3)
+            return 1;
+    }
+    return 0;
+}
+
+int hybrid_pick_weights(const int64_t bytes[5], int64_t budget, int src_fp8, int cc, int *fmt)
+{
+    /* widest first: an FP8 checkpoint is exact as fp8 (bf16 would only double it); int8 before fp8 otherwise
+     * (the same bytes, finer steps), and fp8 from BF16 only by request */
+    static const int plain[] = { TANDEM_GPUW_BF16, TANDEM_GPUW_INT8, TANDEM_GPUW_INT4 },
+                     fp8[] = { TANDEM_GPUW_FP8, TANDEM_GPUW_INT8, TANDEM_GPUW_INT4 };
+    (void)cc; /* every format runs on every architecture (FP8 converts in software below 8.9) */
+    const int *order = src_fp8 ? fp8 : plain;
+    for (int i = 0; i < 3; i++)
+        if (bytes[order[i]] <= budget) {
+            *fmt = order[i];
+            return 0;
+        }
+    *fmt = TANDEM_GPUW_INT4;
+    return TANDEM_EUNSUPPORTED;
+}
+
 int hy_layer_has_cpu(const hybrid_engine *hy, const model_desc *d, int l)
 {
     return d->layer_moe[l] && hy->L[l].n_gpu_exp < d->n_expert;
 }
 
 /* ---- the plan ------------------------------------------------------------------ */
-int hybrid_plan_make(const tandem_engine *e, int64_t budget, hybrid_plan *p, char *err, size_t errlen)
+/* GPU bytes of everything but the routed experts with the matrices in fmt;
+ * *n_moe: MoE layers, *expert: one routed expert as uploaded. */
+static int64_t dense_bytes(const tandem_engine *e, int fmt, int *n_moe, int64_t *expert)
 {
     const model_desc *d = &e->d;
     const int64_t D = d->d_model;
-    memset(p, 0, sizeof *p);
-    p->budget = budget;
     int64_t b = 0;
+    *n_moe = 0;
+    *expert = 0;
+#define fused_bytes(parts, n) fused_bytes_as(parts, n, fmt)
     const mat *emb[1] = { &e->embed }, *lm[1] = { &e->lm_head };
-    b += fused_bytes(emb, 1) + vec_bytes(e->out_norm, D);
+    b += fused_bytes_as(emb, 1, hy_head_fmt(fmt, fp8_source(e))) + vec_bytes(e->out_norm, D);
     if (!d->tie_embed)
-        b += fused_bytes(lm, 1);
+        b += fused_bytes_as(lm, 1, hy_head_fmt(fmt, fp8_source(e)));
     for (int l = 0; l < d->n_layer; l++) {
         const layer_weights *L = &e->layers[l];
         b += 2 * D * 4;
@@ -86,7 +170,7 @@ int hybrid_plan_make(const tandem_engine *e, int64_t budget, hybrid_plan *p, cha
         } else {
             const mat *qa[2] = { d->q_lora_rank ? &L->q_a : NULL, &L->kv_a }, *qb[1] = { d->q_lora_rank ? &L->q_b : &L->q };
             const mat *kvb[1] = { &L->kv_b };
-            b += fused_bytes(qa, 2) + fused_bytes(qb, 1) + fused_bytes(kvb, 1);
+            b += fused_bytes(qa, 2) + fused_bytes(qb, 1) + fused_bytes_as(kvb, 1, TANDEM_GPUW_BF16);
             b += vec_bytes(L->q_a_norm, d->q_lora_rank) + vec_bytes(L->kv_a_norm, d->kv_lora_rank);
         }
         const mat *o[1] = { &L->o };
@@ -98,25 +182,48 @@ int hybrid_plan_make(const tandem_engine *e, int64_t budget, hybrid_plan *p, cha
             continue;
         }
         const mat *r[1] = { &L->router };
-        b += fused_bytes(r, 1) + vec_bytes(L->router_bias, d->n_expert);
+        b += fused_bytes_as(r, 1, TANDEM_GPUW_BF16) + vec_bytes(L->router_bias, d->n_expert);
         if (d->d_ff_shared) {
             const mat *gu[2] = { &L->sh_gate, &L->sh_up }, *dn[1] = { &L->sh_down }, *gi[1] = { &L->sh_gate_inp };
-            b += fused_bytes(gu, 2) + fused_bytes(dn, 1) + (d->shared_gate ? fused_bytes(gi, 1) : 0);
+            b += fused_bytes(gu, 2) + fused_bytes(dn, 1) + (d->shared_gate ? fused_bytes_as(gi, 1, TANDEM_GPUW_BF16) : 0);
             b += (L->sh_gate_bias || L->sh_up_bias ? 2 * d->d_ff_shared * 4 : 0) + vec_bytes(L->sh_down_bias, D);
         }
-        if (!p->expert_bytes) {
+        if (!*expert) {
             const mat *ex[3] = { &L->exp_gate[0], &L->exp_up[0], &L->exp_down[0] };
-            p->expert_bytes = fused_bytes(ex, 3);
-            p->cpu_expert_bytes = 0;
+            *expert = fused_bytes_as(ex, 3, TANDEM_GPUW_BF16);
         }
-        p->n_moe_layers++;
+        (*n_moe)++;
     }
+#undef fused_bytes
+    return b;
+}
+
+int hybrid_plan_make(const tandem_engine *e, int64_t budget, hybrid_plan *p, char *err, size_t errlen)
+{
+    const model_desc *d = &e->d;
+    const int64_t D = d->d_model;
+    memset(p, 0, sizeof *p);
+    p->budget = budget;
+    for (int f = TANDEM_GPUW_BF16; f <= TANDEM_GPUW_FP8; f++)
+        p->wfmt_bytes[f] = dense_bytes(e, f, &p->n_moe_layers, &p->expert_bytes);
+    int fmt = e->params.gpu_weights;
+    if (fmt < TANDEM_GPUW_AUTO || fmt > TANDEM_GPUW_FP8)
+        return td_err(err, errlen, TANDEM_EINVAL, "gpu_weights: format %d is not one of auto, bf16, int8, int4, fp8",
+                      fmt);
+    p->wfmt_auto = fmt == TANDEM_GPUW_AUTO;
+    if (p->wfmt_auto && hybrid_pick_weights(p->wfmt_bytes, budget, fp8_source(e), 0, &fmt))
+        return td_err(err, errlen, TANDEM_EUNSUPPORTED,
+                      "GPU: the weights other than routed experts take %.2f GB even as int4 (bf16 %.2f GB), the "
+                      "budget is %.2f GB (raise --gpu-mem, or run on the CPU with --gpu 0)",
+                      p->wfmt_bytes[TANDEM_GPUW_INT4] / 1e9, p->wfmt_bytes[TANDEM_GPUW_BF16] / 1e9, budget / 1e9);
+    p->gpu_weights = fmt;
+    const int64_t b = p->wfmt_bytes[fmt];
     p->dense_bytes = b;
     if (b > budget)
         return td_err(err, errlen, TANDEM_EUNSUPPORTED,
-                      "GPU: the weights other than routed experts take %.2f GB, the budget is %.2f GB "
-                      "(raise --gpu-mem, or run on the CPU with --gpu 0)",
-                      b / 1e9, budget / 1e9);
+                      "GPU: the weights other than routed experts take %.2f GB as %s, the budget is %.2f GB "
+                      "(int4: %.2f GB; raise --gpu-mem, pick --gpu-weights, or run on the CPU with --gpu 0)",
+                      b / 1e9, gpu_wfmt_name(fmt), budget / 1e9, p->wfmt_bytes[TANDEM_GPUW_INT4] / 1e9);
     int n = e->params.gpu_experts;
     int64_t per_layer = p->expert_bytes;
     int fit = p->n_moe_layers && per_layer ? (int)((budget - b) / (per_layer * p->n_moe_layers)) : 0;
@@ -161,6 +268,19 @@ static void *dev_alloc(hybrid_engine *hy, size_t bytes, char *err, size_t errlen
     hy->bufs[hy->n_bufs++] = p;
     hy->gpu_bytes += (int64_t)bytes;
     return p;
+}
+
+/* On the GPU now: the checkpoint pages of m leave the process, so the load's
+ * peak holds one matrix of them, not all of them (reading them again, as a
+ * CPU fallback would, brings them back from the file). */
+static void release_pages(hybrid_engine *hy, const mat *m)
+{
+    if (!hy->st || !m->data)
+        return;
+    st_release(hy->st, m->data, (size_t)(m->rows * m->cols) * dtype_size(m->dt));
+    if (m->scale)
+        st_release(hy->st, m->scale,
+                   (size_t)((m->rows + m->bn - 1) / m->bn) * (size_t)((m->cols + m->bk - 1) / m->bk) * 4);
 }
 
 /* Upload rows of one or more matrices (same cols) as one device matrix:
@@ -220,23 +340,106 @@ static int up_mats(hybrid_engine *hy, gpu_mat *dst, const mat *const *parts, int
         if (rc)
             return rc;
         off += count * es;
-        /* on the GPU now: its checkpoint pages leave the process, so the load's peak holds one matrix of them,
-         * not all of them (reading them again, as a CPU fallback would, brings them back from the file) */
-        if (hy->st && m->data) {
-            st_release(hy->st, m->data, count * dtype_size(m->dt));
-            if (m->scale)
-                st_release(hy->st, m->scale,
-                           (size_t)((m->rows + m->bn - 1) / m->bn) * (size_t)((m->cols + m->bk - 1) / m->bk) * 4);
-        }
+        release_pages(hy, m);
     }
-    *dst = (gpu_mat){ base, f32 ? GPU_F32 : GPU_BF16, rows, cols };
+    *dst = (gpu_mat){ base, f32 ? GPU_F32 : GPU_BF16, rows, cols, NULL, 0 };
     return 0;
 }
 
-static int up_mat(hybrid_engine *hy, gpu_mat *dst, const mat *m, char *err, size_t errlen)
+/* One block of rows of a matrix quantised on the pool's threads. */
+typedef struct {
+    const mat *m;
+    int64_t r0, cols, rb, ng;
+    gpu_dtype dt;
+    int group, copy;
+    float *tmp, *qs;      /* [rows][cols] fp32, [rows][ng] */
+    uint8_t *qd;          /* [rows][rb] */
+} wq_job;
+
+static void wq_rows(void *ctx, int64_t begin, int64_t end)
+{
+    const wq_job *j = ctx;
+    const mat *m = j->m;
+    for (int64_t r = begin; r < end; r++) {
+        if (j->copy) { /* the checkpoint's bytes; its block scales repeated for every row of a block */
+            memcpy(j->qd + r * j->rb, (const uint8_t *)m->data + (j->r0 + r) * j->cols, (size_t)j->cols);
+            for (int64_t g = 0; g < j->ng; g++)
+                j->qs[r * j->ng + g] = m->scale[(j->r0 + r) / m->bn * j->ng + g];
+        } else {
+            mat_row_f32(m, j->r0 + r, j->tmp + r * j->cols);
+            gpu_wq_quant(j->dt, j->group, j->tmp + r * j->cols, 1, j->cols, j->qd + r * j->rb, j->qs + r * j->ng);
+        }
+    }
+}
+
+/* up_mats under --gpu-weights fmt (TANDEM_GPUW_*): BF16 uploads as stored;
+ * INT8/INT4/FP8 are made on the host a block of rows at a time, on the
+ * engine's threads (gpu_quant.h), an FP8 view whose block width is the
+ * group copied as it is. */
+static int up_mats_q(hybrid_engine *hy, gpu_mat *dst, const mat *const *parts, int n, int fmt, char *err,
+                     size_t errlen)
+{
+    const gpu_dtype dt = wq_dtype(parts, n, fmt);
+    if (dt == GPU_BF16)
+        return up_mats(hy, dst, parts, n, err, errlen);
+    int64_t rows = 0, cols = -1;
+    for (int i = 0; i < n; i++) {
+        if (!present(parts[i]))
+            continue;
+        if (cols >= 0 && parts[i]->cols != cols)
+            return td_err(err, errlen, TANDEM_EINVAL, "GPU upload: fused matrices differ in width (%lld vs %lld)",
+                          (long long)cols, (long long)parts[i]->cols);
+        cols = parts[i]->cols;
+        rows += parts[i]->rows;
+    }
+    memset(dst, 0, sizeof *dst);
+    if (rows == 0)
+        return 0;
+    const int group = hy_wq_group(parts, n, fmt);
+    const int64_t rb = dt == GPU_INT4 ? (cols + 1) / 2 : cols, ng = (cols + group - 1) / group;
+    int64_t db, sb;
+    gpu_wq_size(dt, rows, cols, group, &db, &sb);
+    char *data = dev_alloc(hy, (size_t)db, err, errlen);
+    float *scale = data ? dev_alloc(hy, (size_t)sb, err, errlen) : NULL;
+    if (!scale)
+        return TANDEM_ENOMEM;
+    const int64_t blk = cols > (1 << 20) ? 1 : (1 << 20) / cols; /* rows per host block: 4 MB of fp32 */
+    float *tmp = malloc((size_t)(blk * cols) * 4), *qs = malloc((size_t)(blk * ng) * 4);
+    uint8_t *qd = malloc((size_t)(blk * rb));
+    int rc = tmp && qs && qd ? 0 : td_err(err, errlen, TANDEM_ENOMEM, "out of memory quantising a matrix for the GPU");
+    int64_t at = 0;
+    for (int i = 0; !rc && i < n; i++) {
+        const mat *m = parts[i];
+        if (!present(m))
+            continue;
+        const int copy = dt == GPU_FP8 && m->dt == DT_F8_E4M3 && m->data && m->scale && m->bk == group;
+        for (int64_t r0 = 0; !rc && r0 < m->rows; r0 += blk) {
+            const int64_t nr = m->rows - r0 < blk ? m->rows - r0 : blk;
+            wq_job j = { m, r0, cols, rb, ng, dt, group, copy, tmp, qs, qd };
+            if (hy->pool)
+                pool_run(hy->pool, nr, 1, wq_rows, &j);
+            else
+                wq_rows(&j, 0, nr);
+            rc = gpu_upload(data + (at + r0) * rb, qd, (size_t)(nr * rb), err, errlen);
+            if (!rc)
+                rc = gpu_upload(scale + (at + r0) * ng, qs, (size_t)(nr * ng) * 4, err, errlen);
+        }
+        at += m->rows;
+        release_pages(hy, m);
+    }
+    free(tmp);
+    free(qs);
+    free(qd);
+    if (!rc)
+        *dst = (gpu_mat){ data, dt, rows, cols, scale, group };
+    return rc;
+}
+
+/* fmt: TANDEM_GPUW_* (BF16: as stored) */
+static int up_mat(hybrid_engine *hy, gpu_mat *dst, const mat *m, int fmt, char *err, size_t errlen)
 {
     const mat *p[1] = { m };
-    return up_mats(hy, dst, p, 1, err, errlen);
+    return up_mats_q(hy, dst, p, 1, fmt, err, errlen);
 }
 
 /* Concatenate vectors (NULL parts become zeros); *dst = NULL when all are NULL. */
@@ -368,6 +571,7 @@ static int upload_layer(hybrid_engine *hy, const tandem_engine *e, int l, char *
     const layer_weights *L = &e->layers[l];
     hy_layer *H = &hy->L[l];
     const int64_t D = d->d_model;
+    const int wf = hy->plan.gpu_weights;
     int rc = up_vec(hy, &H->attn_norm, L->attn_norm, D, err, errlen);
     if (!rc)
         rc = up_vec(hy, &H->ffn_norm, L->ffn_norm, D, err, errlen);
@@ -375,7 +579,7 @@ static int upload_layer(hybrid_engine *hy, const tandem_engine *e, int l, char *
         const mat *qkv[3] = { &L->q, &L->k, &L->v };
         const float *qkv_b[3] = { L->q_bias, L->k_bias, L->v_bias };
         int64_t lens[3] = { L->q.rows, L->k.rows, L->v.rows };
-        rc = up_mats(hy, &H->qkv, qkv, 3, err, errlen);
+        rc = up_mats_q(hy, &H->qkv, qkv, 3, wf, err, errlen);
         if (!rc)
             rc = up_vecs(hy, &H->qkv_bias, qkv_b, lens, 3, err, errlen);
         if (!rc)
@@ -384,18 +588,18 @@ static int upload_layer(hybrid_engine *hy, const tandem_engine *e, int l, char *
             rc = up_vec(hy, &H->k_norm, L->k_norm, d->head_dim, err, errlen);
     } else if (!rc) {
         const mat *qa[2] = { d->q_lora_rank ? &L->q_a : NULL, &L->kv_a };
-        rc = up_mats(hy, &H->qkv_a, qa, 2, err, errlen);
+        rc = up_mats_q(hy, &H->qkv_a, qa, 2, wf, err, errlen);
         if (!rc)
-            rc = up_mat(hy, &H->q_b, d->q_lora_rank ? &L->q_b : &L->q, err, errlen);
-        if (!rc)
-            rc = up_mat(hy, &H->kv_b, &L->kv_b, err, errlen);
+            rc = up_mat(hy, &H->q_b, d->q_lora_rank ? &L->q_b : &L->q, wf, err, errlen);
+        if (!rc) /* the absorbed attention kernels read kv_b as stored */
+            rc = up_mat(hy, &H->kv_b, &L->kv_b, TANDEM_GPUW_BF16, err, errlen);
         if (!rc)
             rc = up_vec(hy, &H->q_a_norm, L->q_a_norm, d->q_lora_rank, err, errlen);
         if (!rc)
             rc = up_vec(hy, &H->kv_a_norm, L->kv_a_norm, d->kv_lora_rank, err, errlen);
     }
     if (!rc)
-        rc = up_mat(hy, &H->o, &L->o, err, errlen);
+        rc = up_mat(hy, &H->o, &L->o, wf, err, errlen);
     if (!rc)
         rc = up_vec(hy, &H->o_bias, L->o_bias, D, err, errlen);
     if (rc)
@@ -404,31 +608,31 @@ static int upload_layer(hybrid_engine *hy, const tandem_engine *e, int l, char *
         const mat *gu[2] = { &L->ffn_gate, &L->ffn_up };
         const float *gub[2] = { L->ffn_gate_bias, L->ffn_up_bias };
         int64_t lens[2] = { d->d_ff, d->d_ff };
-        rc = up_mats(hy, &H->ffn_gu, gu, 2, err, errlen);
+        rc = up_mats_q(hy, &H->ffn_gu, gu, 2, wf, err, errlen);
         if (!rc)
             rc = up_vecs(hy, &H->ffn_gu_bias, gub, lens, 2, err, errlen);
         if (!rc)
-            rc = up_mat(hy, &H->ffn_down, &L->ffn_down, err, errlen);
+            rc = up_mat(hy, &H->ffn_down, &L->ffn_down, wf, err, errlen);
         if (!rc)
             rc = up_vec(hy, &H->ffn_down_bias, L->ffn_down_bias, D, err, errlen);
         return rc;
     }
-    rc = up_mat(hy, &H->router, &L->router, err, errlen);
+    rc = up_mat(hy, &H->router, &L->router, TANDEM_GPUW_BF16, err, errlen); /* expert choice must not move */
     if (!rc)
         rc = up_vec(hy, &H->router_bias, L->router_bias, d->n_expert, err, errlen);
     if (!rc && d->d_ff_shared) {
         const mat *gu[2] = { &L->sh_gate, &L->sh_up };
         const float *gub[2] = { L->sh_gate_bias, L->sh_up_bias };
         int64_t lens[2] = { d->d_ff_shared, d->d_ff_shared };
-        rc = up_mats(hy, &H->sh_gu, gu, 2, err, errlen);
+        rc = up_mats_q(hy, &H->sh_gu, gu, 2, wf, err, errlen);
         if (!rc)
             rc = up_vecs(hy, &H->sh_gu_bias, gub, lens, 2, err, errlen);
         if (!rc)
-            rc = up_mat(hy, &H->sh_down, &L->sh_down, err, errlen);
+            rc = up_mat(hy, &H->sh_down, &L->sh_down, wf, err, errlen);
         if (!rc)
             rc = up_vec(hy, &H->sh_down_bias, L->sh_down_bias, D, err, errlen);
         if (!rc && d->shared_gate)
-            rc = up_mat(hy, &H->sh_gate_inp, &L->sh_gate_inp, err, errlen);
+            rc = up_mat(hy, &H->sh_gate_inp, &L->sh_gate_inp, TANDEM_GPUW_BF16, err, errlen);
     }
     if (!rc)
         rc = up_experts(hy, e, l, hy->plan.gpu_experts, err, errlen);
@@ -529,6 +733,7 @@ int hybrid_engine_open(tandem_engine *e, char *err, size_t errlen)
     }
     hy->device = e->params.gpu_device;
     hy->st = e->st;
+    hy->pool = e->pool;
     int rc = gpu_open(hy->device, &hy->info, why, sizeof why);
     if (rc) {
         hy_free(hy, d->n_layer);
@@ -567,17 +772,34 @@ int hybrid_engine_open(tandem_engine *e, char *err, size_t errlen)
         return e->params.gpu == 1 || rc == TANDEM_EINVAL ? td_err(err, errlen, rc, "%s", why)
                                                          : no_gpu(e, rc, why, err, errlen);
     }
+    const hybrid_plan *hp = &hy->plan;
+    const int cc = hy->info.cc_major * 10 + hy->info.cc_minor;
+    if (hp->wfmt_auto && hp->gpu_weights != TANDEM_GPUW_BF16 && !(hp->gpu_weights == TANDEM_GPUW_FP8 && fp8_source(e)))
+        td_log(TD_LOG_WARN,
+               "GPU weights: %s, the widest format that fits: bf16 would take %.2f GB, the budget is %.2f GB "
+               "(--gpu-weights picks one)",
+               gpu_wfmt_name(hp->gpu_weights), hp->wfmt_bytes[TANDEM_GPUW_BF16] / 1e9, hp->budget / 1e9);
+    else
+        td_log(TD_LOG_INFO, "GPU weights: %s (%s), %.2f GB", gpu_wfmt_name(hp->gpu_weights),
+               hp->wfmt_auto ? "the widest format that fits" : "--gpu-weights", hp->dense_bytes / 1e9);
+    if (hp->gpu_weights == TANDEM_GPUW_FP8 && cc < 89)
+        td_log(TD_LOG_WARN,
+               "GPU weights fp8 on %s (compute %d.%d): no FP8 conversion instructions before 8.9, so the kernels "
+               "convert FP8 with integer arithmetic (the same values, more instructions per weight); int8 takes "
+               "the same memory",
+               hy->info.name, hy->info.cc_major, hy->info.cc_minor);
     rc = load_hot(hy, e, err, errlen);
     if (rc) {
         hy_free(hy, d->n_layer);
         return rc;
     }
     double t0 = secs();
-    rc = up_mat(hy, &hy->embed, &e->embed, err, errlen);
+    const int wf = hy->plan.gpu_weights;
+    rc = up_mat(hy, &hy->embed, &e->embed, hy_head_fmt(wf, fp8_source(e)), err, errlen);
     if (!rc && d->tie_embed)
         hy->lm_head = hy->embed; /* tied */
     else if (!rc)
-        rc = up_mat(hy, &hy->lm_head, &e->lm_head, err, errlen);
+        rc = up_mat(hy, &hy->lm_head, &e->lm_head, hy_head_fmt(wf, fp8_source(e)), err, errlen);
     if (!rc)
         rc = up_vec(hy, &hy->out_norm, e->out_norm, d->d_model, err, errlen);
     if (!rc)
@@ -595,11 +817,14 @@ int hybrid_engine_open(tandem_engine *e, char *err, size_t errlen)
         return rc;
     }
     e->hy = hy;
-    td_log(TD_LOG_INFO, "GPU %d (%s): %.2f GB of weights uploaded in %.1f s, %d experts per MoE layer on the GPU; "
-                        "CPU experts packed in %.1f s",
-           hy->device, hy->info.name, hy->gpu_bytes / 1e9, hy->upload_s, hy->plan.gpu_experts, hy->pack_s);
+    td_log(TD_LOG_INFO, "GPU %d (%s): %.2f GB of weights uploaded in %.1f s (non-expert matrices %s), %d experts per "
+                        "MoE layer on the GPU; CPU experts packed in %.1f s",
+           hy->device, hy->info.name, hy->gpu_bytes / 1e9, hy->upload_s, gpu_wfmt_name(hy->plan.gpu_weights),
+           hy->plan.gpu_experts, hy->pack_s);
     return 0;
 }
+
+int hybrid_gpu_weights(const tandem_engine *e) { return e->hy ? e->hy->plan.gpu_weights : 0; }
 
 /* ---- `tandem info` ------------------------------------------------------------------- */
 void hybrid_plan_print(const tandem_engine *e, FILE *out)
@@ -618,8 +843,10 @@ void hybrid_plan_print(const tandem_engine *e, FILE *out)
             hy->device, g->name, g->cc_major, g->cc_minor, g->n_sm, g->mem_total / 1e9, g->mem_free / 1e9,
             g->driver_version / 1000, g->driver_version % 1000 / 10);
     fprintf(out, "placement:    GPU: embeddings, attention, norms, routers, shared experts, dense MLPs, lm_head "
-                 "(%.2f GB)\n",
-            p->dense_bytes / 1e9);
+                 "(%.2f GB, matrices %s%s; bf16 %.2f, int8 %.2f, int4 %.2f, fp8 %.2f GB)\n",
+            p->dense_bytes / 1e9, gpu_wfmt_name(p->gpu_weights), p->wfmt_auto ? ", the widest that fits" : "",
+            p->wfmt_bytes[TANDEM_GPUW_BF16] / 1e9, p->wfmt_bytes[TANDEM_GPUW_INT8] / 1e9,
+            p->wfmt_bytes[TANDEM_GPUW_INT4] / 1e9, p->wfmt_bytes[TANDEM_GPUW_FP8] / 1e9);
     if (p->n_moe_layers)
         fprintf(out,
                 "              routed experts: %d of %d per MoE layer on the GPU (%.2f GB), the rest on the CPU "

@@ -71,7 +71,18 @@ typedef struct {
     int64_t gpu_expert_bytes;   /* gpu_experts * expert_bytes * n_moe_layers */
     int64_t budget;             /* bytes allowed for weights */
     int64_t cpu_expert_bytes;   /* routed expert bytes left to the CPU (as stored) */
+    int gpu_weights;            /* TANDEM_GPUW_* of the non-expert matrices (never AUTO) */
+    int wfmt_auto;              /* gpu_weights was picked: the widest that fits (hybrid_pick_weights) */
+    int64_t wfmt_bytes[5];      /* dense_bytes in each TANDEM_GPUW_* (index 0 unused) */
 } hybrid_plan;
+
+/* The widest GPU weight format whose bytes[TANDEM_GPUW_*] fit budget:
+ * bf16, int8, int4 -- or fp8, int8, int4 for an FP8 checkpoint (src_fp8),
+ * which fp8 holds exactly. TANDEM_EUNSUPPORTED (and *fmt = int4) when none
+ * fits. cc: the compute capability x 10 (0: unknown). Pure. */
+int hybrid_pick_weights(const int64_t bytes[5], int64_t budget, int src_fp8, int cc, int *fmt);
+/* The TANDEM_GPUW_* an engine's GPU holds its non-expert matrices in (0 without a GPU side). */
+int hybrid_gpu_weights(const tandem_engine *e);
 
 /* Plan the weights of e for a budget in bytes. Fails with a message naming
  * the sizes when the non-expert weights do not fit, or when gpu_experts is

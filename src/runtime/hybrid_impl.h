@@ -62,6 +62,7 @@ typedef struct hybrid_engine {
                                              (NULL with dummy weights) */
     gpu_info info;
     hybrid_plan plan;
+    pool *pool;                           /* the engine's threads: quantising weights at upload */
     int cpu_ref;                          /* CPU experts by the plain loop, not the MoE operator */
     int moe_fmt;                          /* MOE_* of the CPU experts */
     gpu_mat embed, lm_head;               /* [V][D] */
@@ -186,6 +187,15 @@ struct hybrid_session {
     int n_bufs, cap_bufs;
     float *logits_h;                      /* pinned staging when s->logits cannot be pinned */
 };
+
+/* hybrid.c: the scale group of matrices fused into one under --gpu-weights fmt (TANDEM_GPUW_*) */
+int hy_wq_group(const mat *const *parts, int n, int fmt);
+/* and the format of the embedding table and lm_head under fmt: int8 for int4; as stored (BF16) for fp8 of an FP8
+ * checkpoint (src_fp8), which stores them so (fp8 then rounds nothing); else fmt */
+static inline int hy_head_fmt(int fmt, int src_fp8)
+{
+    return fmt == TANDEM_GPUW_INT4 ? TANDEM_GPUW_INT8 : fmt == TANDEM_GPUW_FP8 && src_fp8 ? TANDEM_GPUW_BF16 : fmt;
+}
 
 /* hybrid_cpu.c */
 int hy_cpu_init(hybrid_session *hs, char *err, size_t errlen);

@@ -229,6 +229,8 @@ int hybrid_session_create_opts(tandem_session *s, const hybrid_opts *o, char *er
         gpu_ctx_set_exact(hs->c, INT_MAX);
     if (!rc)
         gpu_ctx_set_fast(hs->c, o->fast);
+    if (!rc && e->hy->plan.gpu_weights != TANDEM_GPUW_BF16) /* the prefill GEMMs' dequantised weight tiles */
+        rc = gpu_ctx_reserve_dequant(hs->c, (size_t)GPU_DEQUANT_ELEMS, err, errlen);
     /* the KV cache: one block, per layer k|v (GQA) or ckv|kpe (MLA) */
     int64_t per_layer = d->attn == ATTN_GQA ? 2 * cells * d->n_kv_head * d->head_dim
                                             : cells * (d->kv_lora_rank + d->qk_rope_dim);

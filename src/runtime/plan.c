@@ -16,6 +16,7 @@
 #include "cpu/attn.h"
 #include "cpu/moe/moe.h"
 #include "cuda/gpu.h"
+#include "cuda/gpu_quant.h"
 #include "io/cfg.h"
 #include "model/gguf_arch.h"
 #include "runtime/engine.h"
@@ -59,7 +60,9 @@ typedef struct {
     int64_t fp8_copy;       /* FP8 matrices, held as BF16 copies */
     int64_t vec;            /* norms and biases, F32 copies */
     int64_t dummy;          /* dummy weights: non-expert matrices as BF16 buffers */
-    int64_t gpu_dense;      /* the non-expert weights as hybrid.c uploads them */
+    int64_t gpu_dense[5];   /* the non-expert weights as hybrid.c uploads them, per --gpu-weights TANDEM_GPUW_*
+                               ([0] unused) */
+    int src_fp8;            /* a non-expert matrix is stored as FP8 (hybrid.c's fp8_source) */
     int64_t n_params;       /* as stored, for the description */
     int exp_dt;             /* td_dtype of the routed experts in the checkpoint; -1: no experts; DT_I32:
                                compressed-tensors packed INT4 (ops.h) */
@@ -84,6 +87,25 @@ static int fuse_group(const model_desc *d, tensor_slot s)
 }
 
 static int is_expert(tensor_slot s) { return s == TS_EXP_GATE || s == TS_EXP_UP || s == TS_EXP_DOWN; }
+
+/* hybrid.c: the matrices --gpu-weights leaves as stored (routers, MLA's kv_b, the shared-expert gate) */
+static int keeps_dtype(tensor_slot s) { return s == TS_ROUTER || s == TS_KV_B || s == TS_SH_GATE_INP; }
+
+/* GPU bytes of a rows x cols matrix stored as dt under --gpu-weights fmt (a
+ * quantised TANDEM_GPUW_*), as hybrid.c's up_mats_q holds it: scale groups of
+ * the FP8 checkpoint's block width when it is copied, else GPU_QGROUP; INT4
+ * of an odd width stays as stored (-1 returned). */
+static int64_t quant_bytes(const model_desc *d, td_dtype dt, int fmt, int64_t rows, int64_t cols)
+{
+    const gpu_dtype q = gpu_wfmt_dtype(fmt);
+    if (q == GPU_INT4 && cols % 2)
+        return -1;
+    const int bk = d->fp8_block[1];
+    const int group = fmt == TANDEM_GPUW_FP8 && dt == DT_F8_E4M3 && bk > 0 && bk % 32 == 0 ? bk : GPU_QGROUP;
+    int64_t a, b;
+    gpu_wq_size(q, rows, cols, group, &a, &b);
+    return a + b;
+}
 
 /* torch_dtype (or dtype) of config.json: what a tensor is when no header says. */
 static td_dtype config_dtype(const char *cfg_path)
@@ -150,6 +172,10 @@ static int scan_weights(const model_desc *d, const st_set *st, const char *cfg_p
         return td_err(err, errlen, TANDEM_ENOMEM, "out of memory");
     }
     const td_dtype cfg_dt = config_dtype(cfg_path);
+    for (int i = 0; !dummy && i < n; i++) /* hybrid.c's fp8_source: fp8 is then exact, heads as stored */
+        w->src_fp8 |= (specs[i].slot == TS_EMBED || specs[i].slot == TS_O || specs[i].slot == TS_Q ||
+                       specs[i].slot == TS_Q_B) &&
+                      tensor_dtype(d, st, &specs[i], cfg_dt) == DT_F8_E4M3;
     for (int i = 0; i < n; i++) {
         const tensor_spec *s = &specs[i];
         const int64_t elems = s->rows * (s->ndim == 2 ? s->cols : 1);
@@ -157,7 +183,8 @@ static int scan_weights(const model_desc *d, const st_set *st, const char *cfg_p
         w->n_params += elems;
         if (s->ndim == 1) { /* load.c: vectors always become F32 */
             w->vec += elems * 4;
-            w->gpu_dense += elems * 4;
+            for (int f = TANDEM_GPUW_BF16; f <= TANDEM_GPUW_FP8; f++)
+                w->gpu_dense[f] += elems * 4;
             continue;
         }
         if (is_expert(s->slot)) {
@@ -188,13 +215,24 @@ static int scan_weights(const model_desc *d, const st_set *st, const char *cfg_p
             gel[s->layer * G_N + g] += elems;
             gf32[s->layer * G_N + g] |= (uint8_t)held_f32;
         } else {
-            w->gpu_dense += elems * (held_f32 ? 4 : 2);
+            w->gpu_dense[TANDEM_GPUW_BF16] += elems * (held_f32 ? 4 : 2);
+        }
+        for (int f = TANDEM_GPUW_INT8; f <= TANDEM_GPUW_FP8; f++) {
+            /* hybrid.c's hy_head_fmt: the embedding table and lm_head are int8 under int4 */
+            const int head = s->slot == TS_EMBED || s->slot == TS_LM_HEAD;
+            const int hf = !head                                  ? f
+                           : f == TANDEM_GPUW_INT4                ? TANDEM_GPUW_INT8
+                           : f == TANDEM_GPUW_FP8 && w->src_fp8   ? -1
+                                                                  : f;
+            const int64_t qb = keeps_dtype(s->slot) || hf < 0 ? -1 : quant_bytes(d, dt, hf, s->rows, s->cols);
+            w->gpu_dense[f] += qb >= 0 ? qb : elems * (held_f32 ? 4 : 2);
         }
     }
     for (int i = 0; i < d->n_layer * G_N; i++)
-        w->gpu_dense += gel[i] * (gf32[i] ? 4 : 2);
+        w->gpu_dense[TANDEM_GPUW_BF16] += gel[i] * (gf32[i] ? 4 : 2);
     /* hybrid.c also uploads the rope table and a slot map per MoE layer */
-    w->gpu_dense += max64(d->rope_dim / 2, 1) * 4 + (int64_t)d->n_layer_moe * d->n_expert * 4;
+    for (int f = TANDEM_GPUW_BF16; f <= TANDEM_GPUW_FP8; f++)
+        w->gpu_dense[f] += max64(d->rope_dim / 2, 1) * 4 + (int64_t)d->n_layer_moe * d->n_expert * 4;
     free(specs);
     free(gel);
     free(gf32);
@@ -319,8 +357,17 @@ static void compose_engine(tandem_plan *p, const model_desc *d, const wscan *w, 
     add(p, "norms and biases", H, ENG, 1, 0, 0, w->vec, "F32 copies");
     if (!p->gpu)
         return;
-    add(p, "non-expert weights", G, ENG, 1, 0, 0, w->gpu_dense,
-        "attention, norms, routers, shared experts, dense MLPs, embeddings, lm_head (BF16; F32 where stored so)");
+    const int wf = p->gpu_weights;
+    if (wf == TANDEM_GPUW_BF16)
+        add(p, "non-expert weights", G, ENG, 1, 0, 0, w->gpu_dense[wf],
+            "attention, norms, routers, shared experts, dense MLPs, embeddings, lm_head (BF16; F32 where stored so)");
+    else
+        add(p, "non-expert weights", G, ENG, 1, 0, 0, w->gpu_dense[wf],
+            "matrices %s%s, a scale per %d columns; routers, norms%s%s as stored%s", gpu_wfmt_name(wf),
+            wf == TANDEM_GPUW_FP8 && w->src_fp8 ? " as in the checkpoint" : "",
+            wf == TANDEM_GPUW_FP8 && w->src_fp8 ? (int)d->fp8_block[1] : GPU_QGROUP, d->attn == ATTN_MLA ? ", kv_b" : "",
+            wf == TANDEM_GPUW_FP8 && w->src_fp8 ? ", embeddings" : "",
+            wf == TANDEM_GPUW_INT4 ? "; embeddings int8" : "");
     add(p, "GPU-held experts", G, ENG, 1, 0, 0, (int64_t)n_moe * n_gpu * p->gpu_expert_bytes,
         "%d layers x %d experts x %.1f MB, %s", n_moe, n_gpu, p->gpu_expert_bytes / 1e6, es_held == 4 ? "F32" : "BF16");
 }
@@ -447,8 +494,10 @@ static void compose_session(tandem_plan *p, const model_desc *d, const wscan *w,
     const int64_t kmax = max64(max64(D, attw), max64(F, d->q_lora_rank));
     /* gpu_core.cu: a BF16 GEMM input buffer, the split-KV partials (1 << 20
      * floats), a 32 MB cuBLAS workspace */
-    add(p, "workspaces", G, SES, 1, 0, 0, scratch * 4 + 4 + C * kmax * 2 + (4 << 20) + (32 << 20),
-        "GEMM input, attention partials, cuBLAS, expert/MLA scratch");
+    /* and, with quantised weights, the BF16 tiles their prefill GEMMs dequantise into (GPU_DEQUANT_ELEMS) */
+    const int64_t dq = p->gpu_weights != TANDEM_GPUW_BF16 ? GPU_DEQUANT_ELEMS * 2 : 0;
+    add(p, "workspaces", G, SES, 1, 0, 0, scratch * 4 + 4 + C * kmax * 2 + (4 << 20) + (32 << 20) + dq,
+        "GEMM input, attention partials, cuBLAS, expert/MLA scratch%s", dq ? ", dequantised tiles" : "");
     if (streams)
         add(p, "expert streaming staging", G, SES, 1, 0, 0, 2 * 3 * E * D * Fe * (w->exp_dt == DT_F32 ? 4 : 2) + E * 4,
             "two layers of experts as stored, for passes of %d tokens or more", ho.stream_min);
@@ -513,6 +562,22 @@ int plan_make(const model_desc *d, const st_set *st, const char *cfg_path, const
     out->expert_dtype = w.exp_dt < 0              ? "none"
                         : w.exp_dt == DT_I32 ? "INT4-G32" /* compressed-tensors pack-quantized, symmetric */
                                              : dtype_name((td_dtype)w.exp_dt);
+    if (o->gpu_weights < TANDEM_GPUW_AUTO || o->gpu_weights > TANDEM_GPUW_FP8)
+        return td_err(err, errlen, TANDEM_EINVAL, "plan: unknown GPU weight format %d", o->gpu_weights);
+    /* hybrid.c's choice: the given format, or the widest whose bytes fit the budget (without one: bf16, or
+     * fp8 for an FP8 checkpoint, which the load then checks against the free memory) */
+    memcpy(out->gpu_weight_bytes, w.gpu_dense, sizeof out->gpu_weight_bytes);
+    out->gpu_weights = o->gpu_weights;
+    if (out->gpu_weights == TANDEM_GPUW_AUTO) {
+        if (o->gpu_budget > 0) {
+            hybrid_pick_weights(w.gpu_dense, o->gpu_budget, w.src_fp8, 0, &out->gpu_weights);
+        } else {
+            out->gpu_weights = w.src_fp8 ? TANDEM_GPUW_FP8 : TANDEM_GPUW_BF16;
+            if (o->gpu)
+                note(out, "GPU weights planned as stored; at load --gpu-weights auto takes the widest format that "
+                          "fits the free GPU memory (give --gpu-mem to plan that)");
+        }
+    }
     if (o->gpu && (o->cpu_experts == TANDEM_FMT_F32 || o->cpu_experts == TANDEM_FMT_FP8))
         note(out, "the hybrid engine takes bf16, int8 or int4 CPU experts only (hybrid.c)");
     compose_engine(out, d, &w, o);
@@ -551,6 +616,8 @@ void plan_opts_from(plan_opts *o, const model_desc *d, const tandem_engine_param
     o->isa = isa_current();
     o->gpu = gpu;
     o->gpu_experts = ep->gpu_experts > 0 ? ep->gpu_experts : 0;
+    o->gpu_weights = ep->gpu_weights;
+    o->gpu_budget = ep->gpu_mem_gb > 0 ? (int64_t)(ep->gpu_mem_gb * 1e9) : 0;
     o->defer = ep->defer_experts;
     o->dummy = ep->dummy_weights;
     o->dummy_bf16 = ep->dummy_weights && ep->dummy_bf16_experts;
@@ -683,6 +750,20 @@ static void options(const tandem_plan *p, int where, int part, int64_t need, int
                 SAY("-c %lld", (long long)c);
         }
     }
+    if (p->gpu && where == G && part != SES) { /* a narrower GPU weight format */
+        static const int order[] = { TANDEM_GPUW_INT8, TANDEM_GPUW_FP8, TANDEM_GPUW_INT4 };
+        const int64_t cur = p->gpu_weight_bytes[p->gpu_weights];
+        for (int i = 0; i < 3; i++) {
+            const int f = order[i];
+            const int64_t alt = need - cur + p->gpu_weight_bytes[f];
+            if (f != p->gpu_weights && alt < need && alt <= avail) {
+                char b[32];
+                gb(b, sizeof b, alt);
+                SAY("--gpu-weights %s (%s)", gpu_wfmt_name(f), b);
+                break;
+            }
+        }
+    }
     if (p->gpu && part != SES && p->n_moe_layers > 0) {
         const int64_t host_per = p->n_moe_layers * p->expert_bytes[p->cpu_experts];
         const int64_t gpu_per = p->n_moe_layers * p->gpu_expert_bytes;
@@ -771,6 +852,8 @@ int plan_check_session(const tandem_engine *e, const tandem_session_params *sp, 
     const tandem_engine_params *ep = &e->params;
     plan_opts o;
     plan_opts_from(&o, &e->d, ep, sp, e->hy != NULL);
+    if (e->hy) /* the format the load chose */
+        o.gpu_weights = hybrid_gpu_weights(e);
     o.n_threads = pool_size(e->pool);
     o.n_parts = pool_nparts(e->pool);
     o.isa = e->isa;
@@ -850,7 +933,11 @@ void tandem_plan_print(const tandem_plan *p, void *out)
             p->gpu ? "GPU + CPU" : "CPU only", fmt_name[p->cpu_experts], p->n_ctx, p->n_seq, p->n_batch,
             p->n_threads, p->dtypes_from);
     if (p->gpu)
-        fprintf(f, "              %d of %d routed experts per MoE layer on the GPU\n", p->gpu_experts, p->n_expert);
+        fprintf(f, "              %d of %d routed experts per MoE layer on the GPU; GPU matrices %s (bf16 %.2f, int8 %.2f, "
+                   "int4 %.2f, fp8 %.2f GB)\n",
+                p->gpu_experts, p->n_expert, gpu_wfmt_name(p->gpu_weights), p->gpu_weight_bytes[TANDEM_GPUW_BF16] / 1e9,
+                p->gpu_weight_bytes[TANDEM_GPUW_INT8] / 1e9, p->gpu_weight_bytes[TANDEM_GPUW_INT4] / 1e9,
+                p->gpu_weight_bytes[TANDEM_GPUW_FP8] / 1e9);
     for (int where = 0; where < 2; where++) {
         if (where == G && !p->gpu)
             continue;

@@ -37,6 +37,8 @@ typedef struct {
     int isa;                /* ISA_* of core/isa.h (the tile kernels' scratch) */
     int gpu;                /* 1: the hybrid plan (GPU + CPU) */
     int gpu_experts;        /* routed experts per MoE layer on the GPU (hybrid) */
+    int gpu_weights;        /* TANDEM_GPUW_* of the non-expert GPU matrices; AUTO: the widest that fits gpu_budget */
+    int64_t gpu_budget;     /* GPU bytes for weights (--gpu-mem); 0 = not known */
     int defer;              /* expert deferral d (sizes a few hybrid buffers) */
     int dummy;              /* dummy weights: generated where they are read, nothing read from files */
     int dummy_bf16;         /* dummy weights with dummy_bf16_experts: the experts as BF16 buffers too */
