@@ -308,14 +308,18 @@ static void plan_gpu(void)
         SKIP("GPU plan vs uploads", why);
         return;
     }
+    /* g = 0 and 4 GPU experts with the GPU weights as stored, then g = 0 with each quantised format */
     for (size_t m = 0; m < sizeof models / sizeof models[0]; m++)
-        for (int g = 0; g <= 4; g += 4) {
+        for (int gi = 0; gi < 5; gi++) {
+            const int g = gi == 1 ? 4 : 0;
             tandem_engine_params ep;
             tandem_engine_params_default(&ep);
             ep.gpu = 1;
             ep.n_threads = 2;
             ep.cpu_experts = TANDEM_FMT_INT4;
             ep.gpu_experts = g;
+            ep.gpu_weights = gi < 2 ? TANDEM_GPUW_BF16 : gi == 2 ? TANDEM_GPUW_INT8 : gi == 3 ? TANDEM_GPUW_INT4
+                                                                                          : TANDEM_GPUW_FP8;
             char err[1024];
             tandem_engine *e = NULL;
             int rc = tandem_engine_open(models[m], &ep, &e, err, sizeof err);
@@ -331,9 +335,9 @@ static void plan_gpu(void)
                 CHECKF(rc == 0, "%s: session: %s", models[m], err);
                 gpu_mem_info(&f1, &total, NULL, 0);
                 int64_t up = e->hy->gpu_bytes, plan = p.gpu_bytes[TANDEM_PLAN_ENGINE];
-                printf("  plan gpu %-36s gpu_experts %d: weights plan %lld uploaded %lld (%.3f); session plan %lld, "
-                       "device memory taken %lld\n",
-                       models[m], g, (long long)plan, (long long)up, (double)plan / (double)up,
+                printf("  plan gpu %-36s gpu_experts %d gpu_weights %d: weights plan %lld uploaded %lld (%.3f); session "
+                       "plan %lld, device memory taken %lld\n",
+                       models[m], g, ep.gpu_weights, (long long)plan, (long long)up, (double)plan / (double)up,
                        (long long)p.gpu_bytes[TANDEM_PLAN_SESSION], (long long)f0 - (long long)f1);
                 CHECKF(plan >= 0.95 * up && plan <= 1.05 * up, "%s: GPU weights plan %lld, uploaded %lld", models[m],
                        (long long)plan, (long long)up);

@@ -20,6 +20,7 @@
  */
 #include "core/err.h"
 #include "core/log.h"
+#include "cuda/gpu_quant.h"
 #include "runtime/hybrid_impl.h"
 
 #include <stdio.h>
@@ -35,7 +36,13 @@ typedef struct {
 
 typedef void (*op_fn)(const op_env *v);
 
-static int64_t mat_bytes(const gpu_mat *m) { return m->rows * m->cols * (m->dt == GPU_BF16 ? 2 : 4); }
+/* the bytes a GEMV reads: weights and, quantised, their scales (gpu_quant.h) */
+static int64_t mat_bytes(const gpu_mat *m)
+{
+    int64_t data, scales;
+    gpu_wq_size(m->dt, m->rows, m->cols, m->group, &data, &scales);
+    return data + scales;
+}
 
 /* ---- the ops of one GQA MoE layer, as hybrid_session.c enqueues them -------------- */
 static void op_qkv(const op_env *v)
