@@ -74,6 +74,15 @@ int tandem_log_level(void);
 /* "error", "warn", "info" or "debug" -> TANDEM_LOG_*, or TANDEM_EINVAL */
 int tandem_log_level_parse(const char *name);
 
+/* ---- CPU kernels -------------------------------------------------------------- *
+ * The CPU kernel set of engines opened afterwards: "ref" (plain C, the
+ * reference every other set is tested against), "avx2", "avx512", "amx"; NULL
+ * or "" = the best this CPU has (the default). Process-wide, like the log
+ * level; the `tandem` command sets it from TANDEM_CPU. TANDEM_EINVAL for an
+ * unknown name, TANDEM_EUNSUPPORTED for a set this CPU lacks.
+ * (tandem_moe_params.isa chooses per MoE operator.) */
+int tandem_set_cpu_kernels(const char *name, char *err, size_t errlen);
+
 /* ---- engine -------------------------------------------------------------- */
 typedef struct tandem_engine tandem_engine;
 
@@ -112,7 +121,14 @@ typedef struct {
     const char *moe_tune; /* settings of the CPU experts' tile kernels and schedule, "i4=0,mc=256" (the keys of
                              `tandem bench moe --tune`; i4=0: exact INT4 on AMX); NULL = defaults; read
                              during tandem_engine_open (the command takes it from TANDEM_MOE_TUNE) */
+    int gpu_weights;      /* TANDEM_GPUW_*: the format of every non-expert matrix on the GPU (attention,
+                             shared experts, dense MLPs, embeddings, lm_head; routers and MLA's kv_b stay
+                             as stored); AUTO (0) = the widest that fits the GPU budget, said in the log */
 } tandem_engine_params;
+
+/* GPU weight formats: BF16 (F32 where stored so), or weight-only INT8 / INT4 / FP8 E4M3 with one fp32
+ * scale per 128 columns of a row (FP8 checkpoints: their bytes and block scales as stored). */
+enum { TANDEM_GPUW_AUTO = 0, TANDEM_GPUW_BF16 = 1, TANDEM_GPUW_INT8 = 2, TANDEM_GPUW_INT4 = 3, TANDEM_GPUW_FP8 = 4 };
 
 /* CPU expert formats. BF16/INT8/INT4/FP8 pack the experts for the MoE
  * operator (src/cpu/moe; FP8 is E4M3 with block scales, as DeepSeek-V3 and
@@ -329,6 +345,8 @@ typedef struct {
     char arch[64];              /* architectures[0] (model.arch points here) */
     tandem_model_info model;    /* what tandem_engine_info() says, without an engine (isa: the kernels
                                    this machine would use; weight_bytes: the weights as held) */
+    int gpu_weights;            /* TANDEM_GPUW_* the plan holds the GPU's non-expert weights in */
+    int64_t gpu_weight_bytes[5]; /* those weights in each TANDEM_GPUW_* (index 0: unused) */
 } tandem_plan;
 
 /* The plan for the model directory `path` (config.json; the safetensors
