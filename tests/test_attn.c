@@ -83,7 +83,7 @@ TEST_GROUP(attn)
         { "two sequences, blocks", 16, 4, 64, 0, 2, 30, { 7, 90 }, 0, 4.0f },
         { "decode batch of two sequences", 16, 2, 64, 0, 2, 2, { 400, 17 }, 1, 4.0f },
         { "sliding window 16", 8, 2, 64, 16, 1, 45, { 60, 0 }, 0, 4.0f },
-        { "40 heads on one KV head", 40, 1, 64, 0, 1, 9, { 70, 0 }, 0, 4.0f },
+        { "72 heads on one KV head (two head chunks)", 72, 1, 64, 0, 1, 9, { 70, 0 }, 0, 4.0f },
         { "MHA", 6, 6, 64, 0, 1, 19, { 5, 0 }, 0, 4.0f },
         { "head dim 48", 8, 2, 48, 0, 1, 13, { 77, 0 }, 0, 4.0f },
         { "head dim 80", 4, 2, 80, 0, 1, 11, { 0, 0 }, 0, 4.0f },

@@ -8,7 +8,7 @@
  * them, a "head chunk") times up to ATT_ROWS / heads consecutive tokens of
  * the batch. All rows of an item share the KV head, so every K/V row of the
  * context is read once per item, not once per query head: in decode the 8
- * heads of a Qwen3 KV group read it once, in prefill the 4 tokens x 8 heads
+ * heads of a Qwen3 KV group read it once, in prefill the 8 tokens x 8 heads
  * of a tile do. The context is walked in tiles of ATT_BK positions:
  *   - K tile transposed into KT[d][j] (16x16 register transposes), so the
  *     scores are broadcast-FMAs of q[d] against 64 positions at a time,

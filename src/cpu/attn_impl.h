@@ -15,7 +15,9 @@
 #include "cpu/attn.h"
 
 enum {
-    ATT_ROWS = 32, /* query rows per item: heads of one KV head x tokens */
+    ATT_ROWS = 64, /* query rows per item: heads of one KV head x tokens; 64 ran 25% more
+                      GFLOP per CPU second than 32 (dev/cpu_path_bench): each transposed
+                      K tile serves more rows */
     ATT_BK = 64,   /* context positions per tile */
 };
 
