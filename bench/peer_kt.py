@@ -22,6 +22,11 @@ vs_kt = kt_ms / ms (above 1: tandem is faster). The formats are each
 engine's own: INT4 is tandem's group-32 scale+min INT4 against kt-kernel's
 AMXInt4_MOE, INT8 per-row (tandem's default) against AMXInt8_MOE.
 
+--via python drives tandem the way kt-kernel is driven: through its Python
+package (tandem.MoE, ctypes over libtandem.so; `pip install .`), the same
+layers of random bf16 weights, the same routing and timing loop, so both
+sides pay a Python call per forward.
+
 Run with a Python that has kt-kernel, in a venv of its own (it pins a torch
 version; the extension itself does not link torch, so a venv made with
 --system-site-packages and `pip install --no-deps kt-kernel` works with the
@@ -133,6 +138,54 @@ class KtBlock:
 KtBlock.cpu = None
 
 
+class TandemPyBlock:
+    """tandem's operator through its Python package, built and timed as KtBlock is."""
+
+    def __init__(self, args, shape, fmt, tokens):
+        import torch
+        import tandem
+        self.torch, self.args = torch, args
+        dm, ff, ne, k = shape
+        self.dm, self.ne, self.k = dm, ne, k
+        g = torch.Generator().manual_seed(1)
+        self.moes = []
+        t0 = time.time()
+        for _ in range(args.layers):
+            gate = (torch.randn((ne, ff, dm), generator=g, dtype=torch.bfloat16) * 0.02).contiguous()
+            up = (torch.randn((ne, ff, dm), generator=g, dtype=torch.bfloat16) * 0.02).contiguous()
+            down = (torch.randn((ne, dm, ff), generator=g, dtype=torch.bfloat16) * 0.02).contiguous()
+            self.moes.append(tandem.MoE(gate, up, down, format=fmt, top_k=k, max_tokens=max(tokens),
+                                        threads=args.threads))
+            del gate, up, down  # packed: the sources are not kept
+        log(f"tandem (python): {args.layers} layers packed in {time.time() - t0:.1f} s")
+        self.x = torch.randn((max(tokens), dm), generator=g).to(torch.bfloat16).contiguous()
+        self.out = torch.empty((max(tokens), dm), dtype=torch.float32).contiguous()
+        self.tokens = tokens
+
+    def run(self):
+        torch, args = self.torch, self.args
+        res = {}
+        for n in self.tokens:
+            times, i, t_start = [], 0, time.time()
+            x, out = self.x[:n], self.out[:n]
+            while True:
+                ids = torch.rand((n, self.ne)).argsort(dim=-1)[:, : self.k].to(torch.int32).contiguous()
+                w = torch.rand((n, self.k), dtype=torch.float32).contiguous()
+                moe = self.moes[i % len(self.moes)]
+                a = time.perf_counter()
+                moe(x, ids, w, out=out)
+                dt = time.perf_counter() - a
+                if i > 0:  # the first call warms up
+                    times.append(dt)
+                i += 1
+                if len(times) >= args.reps and time.time() - t_start > args.min_s:
+                    break
+                if len(times) >= 3 and time.time() - t_start > 4 * args.min_s:
+                    break
+            res[n] = statistics.median(times) * 1e3
+        return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-30b-a3b,deepseek-v3")
@@ -145,6 +198,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3, help="kt-kernel: at least this many timed calls per cell")
     ap.add_argument("--min-s", type=float, default=0.4)
     ap.add_argument("--tandem", default="build/tandem")
+    ap.add_argument("--via", default="cli", choices=["cli", "python"],
+                    help="tandem through `tandem bench moe` (cli) or its Python package, as kt-kernel is driven")
     ap.add_argument("--timeout", type=int, default=3600)
     args = ap.parse_args()
     experts = dict((kv.split(":")[0], int(kv.split(":")[1])) for kv in args.experts.split(",") if kv)
@@ -157,12 +212,16 @@ def main():
         shape = (dm, ff, ne, k)
         for fmt in args.fmt.split(","):
             kt = KtBlock(args, shape, fmt, tokens)
+            ours_py = TandemPyBlock(args, shape, fmt, tokens) if args.via == "python" else None
             ours, theirs = {n: [] for n in tokens}, {n: [] for n in tokens}
             for r in range(args.rounds):
                 # alternate which engine goes first
                 order = [0, 1] if r % 2 == 0 else [1, 0]
                 for who in order:
-                    res = tandem_block(args, shape, fmt, tokens) if who == 0 else kt.run()
+                    if who == 1:
+                        res = kt.run()
+                    else:
+                        res = ours_py.run() if ours_py else tandem_block(args, shape, fmt, tokens)
                     for n, ms in res.items():
                         (ours if who == 0 else theirs)[n].append(ms)
                 log(f"round {r}: tandem {[round(ours[n][-1], 2) if ours[n] else None for n in tokens]} "
@@ -173,11 +232,11 @@ def main():
                     print(f"bench=peer_kt shape={sname} experts={ne} fmt={fmt} tokens={n} error=missing", flush=True)
                     continue
                 ma, mb = statistics.median(a), statistics.median(b)
-                print(f"bench=peer_kt shape={sname} experts={ne} fmt={fmt} tokens={n} threads={args.threads} "
+                print(f"bench=peer_kt shape={sname} experts={ne} fmt={fmt} tokens={n} threads={args.threads} via={args.via} "
                       f"ms={ma:.3f} kt_ms={mb:.3f} vs_kt={mb / ma:.2f} spread={max(a) / min(a) - 1:.2f} "
                       f"kt_spread={max(b) / min(b) - 1:.2f} rounds={len(a)} load={os.getloadavg()[0]:.1f}",
                       flush=True)
-            del kt
+            del kt, ours_py
 
 
 if __name__ == "__main__":
