@@ -347,7 +347,15 @@ static int load_tokens(gl *L, int spm, const gguf_kv **scores_out)
         return GFAIL(TANDEM_EFORMAT, "%s: tokenizer.ggml.scores must be %llu numbers", L->file, (unsigned long long)n);
     *scores_out = sc;
     t->n_vocab = (int32_t)n;
-    if (!(t->added = calloc((size_t)n, sizeof *t->added)))
+    /* the added-token table holds the control / user-defined / unknown ones only: count them first
+     * (control-looking texts included) so a large vocabulary costs no table of its size */
+    uint64_t n_special = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        int type = tt ? (int)gguf_arr_i64(tt, i) : TT_NORMAL;
+        const char *s = gguf_arr_str(tok, i, NULL);
+        n_special += type == TT_CONTROL || type == TT_USER || type == TT_UNKNOWN || (s && control_looking(s));
+    }
+    if (!(t->added = calloc((size_t)(n_special ? n_special : 1), sizeof *t->added)))
         return GFAIL(TANDEM_ENOMEM, "%s: out of memory", L->file);
     char empty[32];
     for (uint64_t i = 0; i < n; i++) {
