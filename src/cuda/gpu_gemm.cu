@@ -156,7 +156,8 @@ static void mm_dec_launch(gpu_ctx *c, float *y, int64_t ldy, const float *x, int
 {
     int bx;
     const int KS = gv_plan(W->rows, W->cols, gv_chunk<WT>::N, gpu_cdiv(T, TT), c->n_sm, &bx);
-    const gv_scales qs = { W->scale, W->group > 0 ? (W->cols + W->group - 1) / W->group : 0, W->group > 0 ? W->group : 1 };
+    const gv_scales qs = { W->scale, W->group > 0 ? (W->cols + W->group - 1) / W->group : 0,
+                           W->group > 0 ? W->group : 1 };
     mm_dec_kernel<WT, TT><<<dim3(bx, gpu_cdiv(T, TT)), GV_THREADS, 0, c->s[GPU_MAIN]>>>(
         y, ldy, x, ldx, T, (const WT *)W->data, W->rows, W->cols, bias, accumulate, KS, qs);
 }

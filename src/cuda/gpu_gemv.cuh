@@ -197,8 +197,8 @@ static __device__ __forceinline__ void gv_fma(float (&acc)[GV_RPW][TT], const ui
 /* The scales of the chunk at column k of the rows whose scale rows are
  * srow[r] (1 for unquantised weights). */
 template <typename WT>
-static __device__ __forceinline__ void gv_scale(float (&sc)[GV_RPW], const gv_scales &qs, const float *const (&srow)[GV_RPW],
-                                                int64_t k)
+static __device__ __forceinline__ void gv_scale(float (&sc)[GV_RPW], const gv_scales &qs,
+                                                const float *const (&srow)[GV_RPW], int64_t k)
 {
 #pragma unroll
     for (int r = 0; r < GV_RPW; r++)

@@ -9,10 +9,14 @@
  *   2. plan: everything but the routed experts goes to the GPU, plus
  *      params.gpu_experts experts per MoE layer (-1: as many as the budget
  *      holds); the budget is --gpu-mem GB, or the free memory less a
- *      reserve for the KV cache and activations of sessions;
+ *      reserve for the KV cache and activations of sessions; the format of
+ *      the non-expert matrices is params.gpu_weights, or the widest that
+ *      fits the budget (hybrid_pick_weights);
  *   3. upload, fusing matrices that read the same input (q|k|v, q_a|kv_a,
- *      gate|up) so each is one GEMM; a fused matrix is F32 if any part is,
- *      else BF16, so no weight loses precision;
+ *      gate|up) so each is one GEMM; as stored, a fused matrix is F32 if any
+ *      part is, else BF16, so no weight loses precision; under int8 / int4 /
+ *      fp8 the engine's threads quantise each matrix a block of rows at a
+ *      time on the host (gpu_quant.h) and upload it packed;
  *   4. pack the CPU-held experts of each MoE layer into the CPU MoE
  *      operator (format params.cpu_experts); GPU-held experts are left out.
  * Hot experts: with routing counts (params.expert_counts, or the model's
@@ -154,7 +158,6 @@ static int64_t dense_bytes(const tandem_engine *e, int fmt, int *n_moe, int64_t 
     int64_t b = 0;
     *n_moe = 0;
     *expert = 0;
-#define fused_bytes(parts, n) fused_bytes_as(parts, n, fmt)
     const mat *emb[1] = { &e->embed }, *lm[1] = { &e->lm_head };
     b += fused_bytes_as(emb, 1, hy_head_fmt(fmt, fp8_source(e))) + vec_bytes(e->out_norm, D);
     if (!d->tie_embed)
@@ -165,19 +168,19 @@ static int64_t dense_bytes(const tandem_engine *e, int fmt, int *n_moe, int64_t 
         if (d->attn == ATTN_GQA) {
             const mat *qkv[3] = { &L->q, &L->k, &L->v };
             int64_t w = L->q.rows + L->k.rows + L->v.rows;
-            b += fused_bytes(qkv, 3) + (L->q_bias || L->k_bias || L->v_bias ? w * 4 : 0);
+            b += fused_bytes_as(qkv, 3, fmt) + (L->q_bias || L->k_bias || L->v_bias ? w * 4 : 0);
             b += vec_bytes(L->q_norm, d->head_dim) + vec_bytes(L->k_norm, d->head_dim);
         } else {
             const mat *qa[2] = { d->q_lora_rank ? &L->q_a : NULL, &L->kv_a }, *qb[1] = { d->q_lora_rank ? &L->q_b : &L->q };
             const mat *kvb[1] = { &L->kv_b };
-            b += fused_bytes(qa, 2) + fused_bytes(qb, 1) + fused_bytes_as(kvb, 1, TANDEM_GPUW_BF16);
+            b += fused_bytes_as(qa, 2, fmt) + fused_bytes_as(qb, 1, fmt) + fused_bytes_as(kvb, 1, TANDEM_GPUW_BF16);
             b += vec_bytes(L->q_a_norm, d->q_lora_rank) + vec_bytes(L->kv_a_norm, d->kv_lora_rank);
         }
         const mat *o[1] = { &L->o };
-        b += fused_bytes(o, 1) + vec_bytes(L->o_bias, D);
+        b += fused_bytes_as(o, 1, fmt) + vec_bytes(L->o_bias, D);
         if (!d->layer_moe[l]) {
             const mat *gu[2] = { &L->ffn_gate, &L->ffn_up }, *dn[1] = { &L->ffn_down };
-            b += fused_bytes(gu, 2) + fused_bytes(dn, 1);
+            b += fused_bytes_as(gu, 2, fmt) + fused_bytes_as(dn, 1, fmt);
             b += (L->ffn_gate_bias || L->ffn_up_bias ? 2 * d->d_ff * 4 : 0) + vec_bytes(L->ffn_down_bias, D);
             continue;
         }
@@ -185,7 +188,8 @@ static int64_t dense_bytes(const tandem_engine *e, int fmt, int *n_moe, int64_t 
         b += fused_bytes_as(r, 1, TANDEM_GPUW_BF16) + vec_bytes(L->router_bias, d->n_expert);
         if (d->d_ff_shared) {
             const mat *gu[2] = { &L->sh_gate, &L->sh_up }, *dn[1] = { &L->sh_down }, *gi[1] = { &L->sh_gate_inp };
-            b += fused_bytes(gu, 2) + fused_bytes(dn, 1) + (d->shared_gate ? fused_bytes_as(gi, 1, TANDEM_GPUW_BF16) : 0);
+            b += fused_bytes_as(gu, 2, fmt) + fused_bytes_as(dn, 1, fmt) +
+                 (d->shared_gate ? fused_bytes_as(gi, 1, TANDEM_GPUW_BF16) : 0);
             b += (L->sh_gate_bias || L->sh_up_bias ? 2 * d->d_ff_shared * 4 : 0) + vec_bytes(L->sh_down_bias, D);
         }
         if (!*expert) {
@@ -194,7 +198,6 @@ static int64_t dense_bytes(const tandem_engine *e, int fmt, int *n_moe, int64_t 
         }
         (*n_moe)++;
     }
-#undef fused_bytes
     return b;
 }
 
