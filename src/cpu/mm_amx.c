@@ -22,7 +22,8 @@
  * last chunk are zeros in the buffer and never stored.
  *
  * The conversion buffer (1 MB) is allocated once per thread, at its first
- * AMX matmul, and kept for the thread's life.
+ * AMX matmul, and freed when the thread exits (a pthread key's destructor:
+ * pool workers end with their pool).
  *
  * Tile operations are inline asm with "memory" clobbers, as in
  * moe/moe_amx.c (GCC 12's intrinsics do not declare their memory operands).
@@ -32,6 +33,7 @@
 #include "core/mem.h"
 
 #include <immintrin.h>
+#include <pthread.h>
 #include <string.h>
 
 #define T_CFG(c) __asm__ volatile("ldtilecfg %0" ::"m"(*(const mm_tilecfg *)(c)) : "memory")
@@ -53,6 +55,9 @@ _Static_assert(sizeof(mm_tilecfg) == 64, "the tile configuration is 64 bytes");
 enum { MM_AMX_BUF = 1 << 20 }; /* bytes of one thread's converted activations: hi + lo */
 
 static _Thread_local uint16_t *amx_buf;
+static pthread_key_t amx_key;
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+static void amx_key_make(void) { pthread_key_create(&amx_key, free); }
 
 /* 16x16 dword transpose (the pair layout): r[i] holds token i's 16 pairs on entry, pair i of the 16
  * tokens on return */
@@ -132,8 +137,8 @@ int mm_amx_takes(int64_t K) { return K % 32 == 0 && K <= MM_AMX_KMAX; }
 void mm_bf16_amx(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const uint16_t *W, int64_t K,
                  int64_t n0, int64_t n1)
 {
-    if (!amx_buf && !(amx_buf = td_alloc(MM_AMX_BUF)))
-        return; /* caller checks mm_amx_ready() first */
+    if (!mm_amx_ready())
+        return; /* the caller checked mm_amx_ready() first */
     const int64_t nks = K / 32;
     int mc = (int)(MM_AMX_BUF / (K * 4)) & ~31; /* tokens per chunk: hi + lo of 2 bytes each */
     mc = mc > 256 ? 256 : mc;
@@ -196,4 +201,13 @@ void mm_bf16_amx(float *y, int64_t ldy, const float *x, int64_t ldx, int T, cons
     T_RELEASE();
 }
 
-int mm_amx_ready(void) { return amx_buf || (amx_buf = td_alloc(MM_AMX_BUF)) != NULL; }
+int mm_amx_ready(void)
+{
+    if (amx_buf)
+        return 1;
+    pthread_once(&amx_once, amx_key_make);
+    if (!(amx_buf = td_alloc(MM_AMX_BUF)))
+        return 0;
+    pthread_setspecific(amx_key, amx_buf); /* freed at the thread's exit */
+    return 1;
+}
