@@ -210,6 +210,8 @@ def main():
     wrong = sum(s.wrong.values())
     for e in s.examples:
         print("  wrong: " + e)
+    # the RSS curve, one sample a minute, to tell a plateau from a steady climb
+    print("# rss_MB_by_minute: " + " ".join("%d:%.1f" % (t // 60, m) for t, m in s.rss if int(t) % 60 < 5))
     print("bench=soak model=demo seconds=%d clients=%d requests=%d %s wrong=%d wrong_by_kind=%s "
           "rss_start_MB=%.1f rss_warm_MB=%.1f rss_max_MB=%.1f rss_end_MB=%.1f rss_growth=%.3f "
           "greedy_identical=%d/%d closed_slow_headers=%s server_alive=%s" %

@@ -15,6 +15,7 @@
 #include "server.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -323,6 +324,15 @@ int cmd_serve(int argc, char **argv)
     model_name(&o, name, sizeof name);
     srv_parse_ctx pc = { tok, name, o.model, ctx, tandem_n_vocab(e), tandem_token_id(tok, "<think>") >= 0 };
     srv_http_params hp = { o.host, o.port, (size_t)o.max_body, o.verbose, o.max_conns, o.timeout, o.api_key };
+#ifdef __GLIBC__
+    /* Request bodies (up to --max-body) are held and freed by many connection
+     * threads. glibc raises its mmap threshold each time such a block is
+     * freed, after which the next ones come from per-thread arenas that keep
+     * the freed pages: a soak's RSS doubled in 30 minutes of hostile traffic
+     * without a leak. A fixed threshold keeps large blocks in mmap, returned
+     * to the system when freed. */
+    mallopt(M_MMAP_THRESHOLD, 256 << 10);
+#endif
     if (srv_http_start(&hp, sc, &pc, &h, &port, err, sizeof err)) {
         fprintf(stderr, "tandem: %s\n", err);
         goto done;
