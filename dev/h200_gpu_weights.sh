@@ -59,10 +59,12 @@ cuobjdump --list-ptx build/libtandem.a 2>/dev/null | grep -o 'sm_[0-9]*' | sort 
 
 step tests-gpuw 600 build/run_tests --gpuw
 step tests-plan 300 build/run_tests --plan
-step tests-gpu 420 build/run_tests --gpu --gpu_fast
+step tests-gpu 420 build/run_tests --gpu --gpu_fast   # gpu_fast: fixtures of families the GPU path lacks fail there
 # the compute_80 PTX, JIT-compiled (the first call compiles every kernel: minutes; the cache keeps them)
 export CUDA_CACHE_MAXSIZE=4294967296
-step ptx-jit 600 env CUDA_FORCE_PTX_JIT=1 TANDEM_GPUW_PARTS=fixtures build/run_tests --gpuw --gpu_fast
+step ptx-jit 600 env CUDA_FORCE_PTX_JIT=1 TANDEM_GPUW_PARTS=fixtures build/run_tests --gpuw
+step ptx-jit-ops 420 env CUDA_FORCE_PTX_JIT=1 TANDEM_GPU_PARTS=matmul,rows,gqa,mla,router,experts,handoff \
+    build/run_tests --gpu
 
 # decode, Qwen3-30B-A3B, per GPU weight format
 for f in bf16 int8 fp8 int4; do
