@@ -11,17 +11,20 @@
  * weights runs over it: each weight row is read from DRAM once per chunk,
  * 8192 / MC bytes per TDP (64 at MC = 128), well under what DRAM feeds.
  *
- * Precision: x = hi + lo with hi = bf16(x), lo = bf16(x - hi) (16 bits of
- * mantissa), both multiplied by the BF16 weights in fp32 (products of bf16s
- * are exact), so the result matches the fp32 reference to ~1e-5 of
- * sum |x w| (the dense path stays exact enough for the model tests; the
- * cost is two TDPs per k step instead of one).
+ * Precision: x = hi + lo + lo2 with hi = bf16(x), lo = bf16(x - hi),
+ * lo2 = bf16(x - hi - lo) (24 bits of mantissa: all of fp32's), each
+ * multiplied by the BF16 weights in fp32 (products of bf16s are exact), so
+ * the result matches the fp32 reference up to summation order (~3e-7 of
+ * sum |x w|). Two terms (16 bits, ~1e-5 of sum |x w|) were not enough:
+ * through Qwen3.5-MoE's and Qwen3-Next's layers the logits moved by up to
+ * 2.3e-5 of max |logit|, past the model tests' 1e-5. The cost is three
+ * TDPs per k step instead of one.
  *
  * Shapes it takes: K % 32 == 0, K <= MM_AMX_KMAX, whole 32-row blocks; the
  * caller gives the other rows to the AVX-512 kernel. Tokens past T in the
  * last chunk are zeros in the buffer and never stored.
  *
- * The conversion buffer (1 MB) is allocated once per thread, at its first
+ * The conversion buffer (1.5 MB) is allocated once per thread, at its first
  * AMX matmul, and freed when the thread exits (a pthread key's destructor:
  * pool workers end with their pool).
  *
@@ -52,7 +55,7 @@ typedef struct {
 } mm_tilecfg;
 _Static_assert(sizeof(mm_tilecfg) == 64, "the tile configuration is 64 bytes");
 
-enum { MM_AMX_BUF = 1 << 20 }; /* bytes of one thread's converted activations: hi + lo */
+enum { MM_AMX_BUF = 3 << 19 }; /* bytes of one thread's converted activations: hi + lo + lo2, 32 tokens at MM_AMX_KMAX */
 
 static _Thread_local uint16_t *amx_buf;
 static pthread_key_t amx_key;
@@ -93,14 +96,15 @@ static inline __m512 bf16_f32(__m256i h) { return _mm512_castsi512_ps(_mm512_sll
 
 /* Tokens [t0, t0 + nt) (nt <= 16) of x, columns [0, K), into the B tiles of token group g:
  * hi/lo + (g * nks + ks) * 512 is the tile of k step ks (16 pair rows x 16 tokens x 2). */
-static void convert_group(const float *x, int64_t ldx, int t0, int nt, int64_t K, uint16_t *hi, uint16_t *lo)
+static void convert_group(const float *x, int64_t ldx, int t0, int nt, int64_t K, uint16_t *hi, uint16_t *lo,
+                          uint16_t *lo2)
 {
     const int64_t nks = K / 32;
     for (int64_t ks = 0; ks < nks; ks++) {
-        __m512 vh[16], vl[16];
+        __m512 vh[16], vl[16], v2[16];
         for (int i = 0; i < 16; i++) {
             if (i >= nt) {
-                vh[i] = vl[i] = _mm512_setzero_ps();
+                vh[i] = vl[i] = v2[i] = _mm512_setzero_ps();
                 continue;
             }
             const float *xr = x + (int64_t)(t0 + i) * ldx + ks * 32;
@@ -108,15 +112,21 @@ static void convert_group(const float *x, int64_t ldx, int t0, int nt, int64_t K
             __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* bf16 k0..k31: dword p = pair p */
             __m512 ra = _mm512_sub_ps(a, bf16_f32(_mm512_castsi512_si256(h)));
             __m512 rb = _mm512_sub_ps(b, bf16_f32(_mm512_extracti64x4_epi64(h, 1)));
+            __m512i l = (__m512i)_mm512_cvtne2ps_pbh(rb, ra);
+            __m512 sa = _mm512_sub_ps(ra, bf16_f32(_mm512_castsi512_si256(l)));
+            __m512 sb = _mm512_sub_ps(rb, bf16_f32(_mm512_extracti64x4_epi64(l, 1)));
             vh[i] = _mm512_castsi512_ps(h);
-            vl[i] = (__m512)_mm512_cvtne2ps_pbh(rb, ra);
+            vl[i] = _mm512_castsi512_ps(l);
+            v2[i] = (__m512)_mm512_cvtne2ps_pbh(sb, sa);
         }
         transpose16(vh);
         transpose16(vl);
-        uint16_t *dh = hi + ks * 512, *dl = lo + ks * 512;
+        transpose16(v2);
+        uint16_t *dh = hi + ks * 512, *dl = lo + ks * 512, *d2 = lo2 + ks * 512;
         for (int p = 0; p < 16; p++) {
             _mm512_store_ps((float *)(dh + 32 * p), vh[p]);
             _mm512_store_ps((float *)(dl + 32 * p), vl[p]);
+            _mm512_store_ps((float *)(d2 + 32 * p), v2[p]);
         }
     }
 }
@@ -140,9 +150,9 @@ void mm_bf16_amx(float *y, int64_t ldy, const float *x, int64_t ldx, int T, cons
     if (!mm_amx_ready())
         return; /* the caller checked mm_amx_ready() first */
     const int64_t nks = K / 32;
-    int mc = (int)(MM_AMX_BUF / (K * 4)) & ~31; /* tokens per chunk: hi + lo of 2 bytes each */
+    int mc = (int)(MM_AMX_BUF / (K * 6)) & ~31; /* tokens per chunk: hi + lo + lo2 of 2 bytes each */
     mc = mc > 256 ? 256 : mc;
-    uint16_t *hi = amx_buf, *lo = amx_buf + (int64_t)mc * K;
+    uint16_t *hi = amx_buf, *lo = amx_buf + (int64_t)mc * K, *lo2 = lo + (int64_t)mc * K;
     mm_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -155,7 +165,8 @@ void mm_bf16_amx(float *y, int64_t ldy, const float *x, int64_t ldx, int T, cons
         const int nt = T - tc < mc ? T - tc : mc, ngr = (nt + 15) / 16;
         for (int g = 0; g < ngr; g++) {
             int m = nt - 16 * g < 16 ? nt - 16 * g : 16;
-            convert_group(x + (int64_t)tc * ldx, ldx, 16 * g, m, K, hi + g * nks * 512, lo + g * nks * 512);
+            convert_group(x + (int64_t)tc * ldx, ldx, 16 * g, m, K, hi + g * nks * 512, lo + g * nks * 512,
+                          lo2 + g * nks * 512);
         }
         for (int64_t nb = n0; nb < n1; nb += 32) {
             const uint16_t *a0 = W + nb * K, *a1 = a0 + 16 * K;
@@ -163,6 +174,7 @@ void mm_bf16_amx(float *y, int64_t ldy, const float *x, int64_t ldx, int T, cons
                 const int two = g + 1 < ngr;
                 const uint16_t *bh0 = hi + g * nks * 512, *bl0 = lo + g * nks * 512;
                 const uint16_t *bh1 = two ? bh0 + nks * 512 : bh0, *bl1 = two ? bl0 + nks * 512 : bl0;
+                const uint16_t *b20 = lo2 + g * nks * 512, *b21 = two ? b20 + nks * 512 : b20;
                 T_ZERO(0);
                 T_ZERO(1);
                 T_ZERO(2);
@@ -178,6 +190,12 @@ void mm_bf16_amx(float *y, int64_t ldy, const float *x, int64_t ldx, int T, cons
                     T_DP(3, 5, 7);
                     T_LOAD(6, bl0 + ks * 512, 64);
                     T_LOAD(7, bl1 + ks * 512, 64);
+                    T_DP(0, 4, 6);
+                    T_DP(1, 4, 7);
+                    T_DP(2, 5, 6);
+                    T_DP(3, 5, 7);
+                    T_LOAD(6, b20 + ks * 512, 64);
+                    T_LOAD(7, b21 + ks * 512, 64);
                     T_DP(0, 4, 6);
                     T_DP(1, 4, 7);
                     T_DP(2, 5, 6);

@@ -11,7 +11,7 @@
 #include <stdint.h>
 
 enum {
-    MM_AMX_KMAX = 8192, /* 32 tokens of hi + lo fill the 1 MB buffer */
+    MM_AMX_KMAX = 8192, /* 32 tokens of hi + lo + lo2 fill the 1.5 MB buffer */
     MM_AMX_MIN_T = 16,  /* below one token tile the GEMV kernels win */
 };
 
