@@ -744,7 +744,10 @@ def rope_tables(rp, dim, n_pos):
         f, orig = rp["factor"], rp["original_max_position_embeddings"]
         bf, bs = rp.get("beta_fast") or 32, rp.get("beta_slow") or 1
         cdim = lambda r: dim * math.log(orig / (r * 2 * math.pi)) / (2 * math.log(base))
-        lo, hi = max(math.floor(cdim(bf)), 0), min(math.ceil(cdim(bs)), dim - 1)
+        lo, hi = cdim(bf), cdim(bs)
+        if rp.get("truncate", True):                              # gpt-oss: truncate false
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
         ramp = ((torch.arange(dim // 2, dtype=torch.float64) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
         inv = (inv / f) * ramp + inv * (1 - ramp)
         m, mad = rp.get("mscale"), rp.get("mscale_all_dim")
@@ -812,6 +815,20 @@ def dsa_select(cfg, w, p, x, qres, cos, sin, st):
     return st["allow"]
 
 
+def attention_sinks(q, k, v, scale, sinks, window):
+    """gpt-oss: causal attention (within `window` positions if set) whose softmax also holds one
+    sink logit per head, which is then dropped."""
+    L = q.shape[0]
+    sc = torch.einsum("qhd,khd->hqk", q, k) * scale
+    i = torch.arange(L)
+    masked = i[None, :] > i[:, None]
+    if window:
+        masked = masked | (i[:, None] - i[None, :] >= window)
+    sc = sc.masked_fill(masked, -math.inf)
+    sc = torch.cat([sc, sinks.view(-1, 1, 1).expand(-1, L, 1)], -1).softmax(-1)[..., :-1]
+    return torch.einsum("hqk,khd->qhd", sc, v).reshape(L, -1)
+
+
 def attn_block(cfg, w, p, x, eps, rp, st=None):
     L = x.shape[0]
     H = cfg["num_attention_heads"]
@@ -848,6 +865,10 @@ def attn_block(cfg, w, p, x, eps, rp, st=None):
     q, k = rope_half(q, cos, sin), rope_half(k, cos, sin)
     rep = H // KV
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    if p + "sinks" in w:                                          # gpt-oss
+        layer = int(p.split(".")[2])
+        window = cfg["sliding_window"] if cfg["layer_types"][layer] == "sliding_attention" else 0
+        return lin(w, p + "o_proj", attention_sinks(q, k, v, hd ** -0.5, w[p + "sinks"], window))
     return lin(w, p + "o_proj", attention(q, k, v, hd ** -0.5))
 
 
@@ -885,8 +906,28 @@ def route(cfg, logits, bias):
     return wt, ids
 
 
+def moe_block_oss(cfg, w, p, x):
+    """gpt-oss: biased router, softmax over the top-k logits, experts stored [E][in][out] with
+    biases, gate/up interleaved, clamped SwiGLU."""
+    p = p + "mlp."
+    top, ids = lin(w, p + "router", x).topk(cfg["num_experts_per_tok"], -1)
+    wt = top.softmax(-1)
+    lim, alpha = cfg["swiglu_limit"], cfg.get("swiglu_alpha", 1.702)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j].item()
+            gu = x[t] @ w[p + "experts.gate_up_proj"][e] + w[p + "experts.gate_up_proj_bias"][e]
+            g, u = gu[::2].clamp(max=lim), gu[1::2].clamp(-lim, lim)
+            act = (u + 1) * g * torch.sigmoid(g * alpha)
+            out[t] += wt[t, j] * (act @ w[p + "experts.down_proj"][e] + w[p + "experts.down_proj_bias"][e])
+    return out
+
+
 def moe_block(cfg, w, p, x):
     mt = cfg["model_type"]
+    if mt == "gpt_oss":
+        return moe_block_oss(cfg, w, p, x)
     if mt == "mixtral":
         p, names = p + "block_sparse_moe.", ("w1", "w3", "w2")
     else:
@@ -931,9 +972,9 @@ def self_check(root, names):
         d = os.path.join(root, name)
         ref = load_file(os.path.join(d, "ref.safetensors"))
         cfg, w = read_checkpoint(d)
-        if cfg["model_type"] in ("qwen3_5_moe_text", "qwen3_next", "gpt_oss"):
-            print(f"  self-check {name:<18} not covered: the independent forward has no linear attention, "
-                  f"sinks or gpt-oss experts yet", flush=True)
+        if cfg["model_type"] in ("qwen3_5_moe_text", "qwen3_next"):
+            print(f"  self-check {name:<18} not covered: the independent forward has no linear attention yet",
+                  flush=True)
             continue
         V = cfg["vocab_size"]
         problems = []
