@@ -59,7 +59,12 @@ void mat_row_range_f32(const mat *m, int64_t r, int64_t c0, int64_t n, float *ou
 
 /* y[t][0..W->rows) = x[t][0..W->cols) . W^T (+ bias), for t < T.
  * ldx / ldy are row strides in floats. Parallel over the rows of W, so each
- * weight row is read once for all T tokens. */
+ * weight row is read once for all T tokens.
+ * Batch invariance: on every kernel set but AMX a token's row of y does not
+ * depend on T or on the other rows of x (one fixed sum order per row). On
+ * AMX, BF16 weights with MM_AMX_MIN_T or more tokens run on tiles (mm_amx.c,
+ * within ~1e-6 of fp32), whose sums differ in order from the vector kernels':
+ * there a token's logits depend on the batch it runs in, by rounding. */
 void op_matmul(pool *p, float *y, int64_t ldy, const float *x, int64_t ldx, int T, const mat *W,
                const float *bias);
 
