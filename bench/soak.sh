@@ -7,7 +7,7 @@
 #
 #   bench/soak.sh SECONDS [CLIENTS]      (default 6 clients)
 #
-# Prints soak.py's `bench=soak ...` line with server_exit=STATUS appended, and
+# Prints soak.py's `bench=soak ...` line with kernels=SET server_exit=STATUS appended, and
 # exits 1 when anything was wrong. The server's log is kept in
 # build/soak-server.log.
 set -uo pipefail
@@ -20,6 +20,12 @@ secs=$1 clients=${2:-6}
 BIN=${TANDEM_BIN:-build/tandem}
 [ -x "$BIN" ] || make -s -j"$(nproc)" >/dev/null || exit 2
 log=build/soak-server.log
+# greedy outputs are promised load-independent on the batch-invariant kernels:
+# on an AMX machine the AVX-512 set (see tests/server/run.sh); SOAK_CPU
+# overrides (e.g. SOAK_CPU=amx to watch the tile kernels too)
+cpu=${SOAK_CPU:-}
+[ -z "$cpu" ] && grep -qw amx_tile /proc/cpuinfo 2>/dev/null && cpu=avx512
+[ -n "$cpu" ] && export TANDEM_CPU=$cpu
 "$BIN" serve -m models/demo --host 127.0.0.1 --port 0 --cpu-only --cpu-experts int8 --max-seqs 16 --queue 64 \
     2>"$log" &
 pid=$!
@@ -35,5 +41,5 @@ kill -TERM $pid 2>/dev/null
 wait $pid
 srv=$?
 echo "$out" | grep -v '^bench=soak'
-echo "$(echo "$out" | grep '^bench=soak') server_exit=$srv"
+echo "$(echo "$out" | grep '^bench=soak') kernels=${cpu:-default} server_exit=$srv"
 [ $rc = 0 ] && [ $srv = 0 ]
