@@ -27,6 +27,7 @@
  */
 #include "cpu/attn.h"
 #include "cpu/attn_impl.h"
+#include "cpu/simd512.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -50,33 +51,6 @@ static inline __m512 exp_ps(__m512 x)
     return _mm512_scalef_ps(p, n);
 }
 
-/* 16x16 fp32 transpose: r[i] holds row i on entry, column i on return */
-static inline void transpose16(__m512 r[16])
-{
-    __m512 t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
-        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
-    }
-    for (int i = 0; i < 4; i++) {
-        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
-        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 4; i++) {
-        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
-        r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
-        r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
-    }
-}
 
 /* The rows of one item: query, output (NULL: partial), valid positions [lo, hi]. */
 typedef struct {
@@ -122,7 +96,7 @@ static void flash_rows(const att_rows *R, int hd, float scale, const float *K, c
                 __m512 t[16];
                 for (int i = 0; i < 16; i++)
                     t[i] = jb + i < nb ? _mm512_loadu_ps(K + (int64_t)(j0 + jb + i) * rs + db) : _mm512_setzero_ps();
-                transpose16(t);
+                simd_transpose16(t);
                 for (int i = 0; i < 16; i++)
                     _mm512_store_ps(w->kt + (int64_t)(db + i) * ATT_BK + jb, t[i]);
             }

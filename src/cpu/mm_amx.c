@@ -33,6 +33,7 @@
  */
 #include "cpu/ops.h"
 #include "cpu/mm_impl.h"
+#include "cpu/simd512.h"
 #include "core/mem.h"
 
 #include <immintrin.h>
@@ -62,35 +63,6 @@ static pthread_key_t amx_key;
 static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
 static void amx_key_make(void) { pthread_key_create(&amx_key, free); }
 
-/* 16x16 dword transpose (the pair layout): r[i] holds token i's 16 pairs on entry, pair i of the 16
- * tokens on return */
-static inline void transpose16(__m512 r[16])
-{
-    __m512 t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
-        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
-    }
-    for (int i = 0; i < 4; i++) {
-        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
-        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 4; i++) {
-        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
-        r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
-        r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
-    }
-}
-
 /* bf16 bits of 16 fp32 values widened back to fp32 */
 static inline __m512 bf16_f32(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
@@ -119,9 +91,9 @@ static void convert_group(const float *x, int64_t ldx, int t0, int nt, int64_t K
             vl[i] = _mm512_castsi512_ps(l);
             v2[i] = (__m512)_mm512_cvtne2ps_pbh(sb, sa);
         }
-        transpose16(vh);
-        transpose16(vl);
-        transpose16(v2);
+        simd_transpose16(vh);
+        simd_transpose16(vl);
+        simd_transpose16(v2);
         uint16_t *dh = hi + ks * 512, *dl = lo + ks * 512, *d2 = lo2 + ks * 512;
         for (int p = 0; p < 16; p++) {
             _mm512_store_ps((float *)(dh + 32 * p), vh[p]);
@@ -137,7 +109,7 @@ static void store_c(const float *c, float *y, int64_t ldy, int t0, int nt, int64
     __m512 r[16];
     for (int i = 0; i < 16; i++)
         r[i] = _mm512_load_ps(c + 16 * i);
-    transpose16(r);
+    simd_transpose16(r);
     for (int t = 0; t < nt; t++)
         _mm512_storeu_ps(y + (int64_t)(t0 + t) * ldy + n0, r[t]);
 }
