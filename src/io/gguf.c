@@ -14,6 +14,7 @@
  */
 #include "io/gguf.h"
 #include "core/err.h"
+#include "io/names.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -43,12 +44,10 @@ struct gguf_file {
     uint32_t version;
     gguf_kv *kv;      /* the first split's metadata */
     int n_kv;
-    int *kv_slots;    /* hash of metadata indices, -1 = empty */
-    size_t n_kv_slots;
+    io_names kv_ix;   /* metadata key -> index into kv */
     gguf_tensor *t;   /* every split's tensors */
     int n_t, cap_t;
-    int *slots;       /* hash of tensor indices, -1 = empty */
-    size_t n_slots;
+    io_names ix;      /* tensor name -> index into t */
     void **own;       /* blocks to free at close */
     int n_own, cap_own;
 };
@@ -314,57 +313,17 @@ static int rd_value(gguf_file *g, cursor *c, gguf_kv *kv, int keep, const char *
 
 /* ---- tensor index ------------------------------------------------------- */
 
-static uint64_t hash_str(const char *s)
-{
-    uint64_t h = 1469598103934665603ull;
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    return h;
-}
+static const char *tensor_name(const void *arr, int k) { return ((const gguf_tensor *)arr)[k].name; }
 
 static const gguf_tensor *lookup(const gguf_file *g, const char *name, size_t *slot_out)
 {
-    if (!g->n_slots)
-        return NULL;
-    size_t m = g->n_slots - 1, i = hash_str(name) & m;
-    while (g->slots[i] >= 0) {
-        if (!strcmp(g->t[g->slots[i]].name, name)) {
-            if (slot_out)
-                *slot_out = i;
-            return &g->t[g->slots[i]];
-        }
-        i = (i + 1) & m;
-    }
-    if (slot_out)
-        *slot_out = i;
-    return NULL;
-}
-
-static int rehash(gguf_file *g, size_t want)
-{
-    size_t n = 64;
-    while (n < want * 2)
-        n *= 2;
-    int *slots = malloc(n * sizeof *slots);
-    if (!slots)
-        return -1;
-    for (size_t i = 0; i < n; i++)
-        slots[i] = -1;
-    free(g->slots);
-    g->slots = slots;
-    g->n_slots = n;
-    for (int k = 0; k < g->n_t; k++) {
-        size_t i = hash_str(g->t[k].name) & (n - 1);
-        while (slots[i] >= 0)
-            i = (i + 1) & (n - 1);
-        slots[i] = k;
-    }
-    return 0;
+    int k = io_names_find(&g->ix, name, tensor_name, g->t, slot_out);
+    return k >= 0 ? &g->t[k] : NULL;
 }
 
 static int add_tensor(gguf_file *g, const gguf_tensor *t, const char *path, char *err, size_t errlen)
 {
-    if ((size_t)(g->n_t + 1) * 2 > g->n_slots && rehash(g, (size_t)g->n_t + 1024) != 0)
+    if ((size_t)(g->n_t + 1) * 2 > g->ix.n_slots && io_names_rebuild(&g->ix, (size_t)g->n_t + 1024, g->n_t, tensor_name, g->t))
         return td_err(err, errlen, TANDEM_ENOMEM, "%s: out of memory indexing tensors", path);
     size_t slot;
     if (lookup(g, t->name, &slot))
@@ -380,30 +339,26 @@ static int add_tensor(gguf_file *g, const gguf_tensor *t, const char *path, char
         g->cap_t = cap;
     }
     g->t[g->n_t] = *t;
-    g->slots[slot] = g->n_t;
+    g->ix.slots[slot] = g->n_t;
     g->n_t++;
     return 0;
 }
 
 /* The metadata index: sized at twice the pair count before parsing, so an
  * insert always finds an empty slot. */
+static const char *kv_key(const void *arr, int k) { return ((const gguf_kv *)arr)[k].key; }
+
 static const gguf_kv *kv_find(const gguf_file *g, const char *key)
 {
-    if (!g->n_kv_slots)
-        return NULL;
-    size_t m = g->n_kv_slots - 1;
-    for (size_t i = hash_str(key) & m; g->kv_slots[i] >= 0; i = (i + 1) & m)
-        if (!strcmp(g->kv[g->kv_slots[i]].key, key))
-            return &g->kv[g->kv_slots[i]];
-    return NULL;
+    int k = io_names_find(&g->kv_ix, key, kv_key, g->kv, NULL);
+    return k >= 0 ? &g->kv[k] : NULL;
 }
 
 static void kv_insert(gguf_file *g, int k)
 {
-    size_t m = g->n_kv_slots - 1, i = hash_str(g->kv[k].key) & m;
-    while (g->kv_slots[i] >= 0)
-        i = (i + 1) & m;
-    g->kv_slots[i] = k;
+    size_t slot;
+    io_names_find(&g->kv_ix, g->kv[k].key, kv_key, g->kv, &slot);
+    g->kv_ix.slots[slot] = k;
 }
 
 /* ---- one split ---------------------------------------------------------- */
@@ -474,16 +429,9 @@ static int parse_split(gguf_file *g, int fi, char *err, size_t errlen)
     gguf_kv *kvs = NULL;
     if (fi == 0) {
         kvs = calloc(n_kv ? n_kv : 1, sizeof *kvs);
-        size_t ns = 64;
-        while (ns < n_kv * 2)
-            ns *= 2;
-        g->kv_slots = malloc(ns * sizeof *g->kv_slots);
-        if (own(g, kvs) || own(g, g->kv_slots))
+        if (own(g, kvs) || io_names_rebuild(&g->kv_ix, (size_t)n_kv, 0, kv_key, kvs))
             return td_err(err, errlen, TANDEM_ENOMEM, "%s: out of memory", f->path);
         g->kv = kvs;
-        g->n_kv_slots = ns;
-        for (size_t i = 0; i < ns; i++)
-            g->kv_slots[i] = -1;
     }
     uint32_t align = GGUF_DEFAULT_ALIGN;
     for (uint64_t k = 0; k < n_kv; k++) {
@@ -719,7 +667,8 @@ void gguf_close(gguf_file *g)
     free(g->own);
     free(g->files);
     free(g->t);
-    free(g->slots);
+    io_names_free(&g->ix);
+    io_names_free(&g->kv_ix);
     free(g);
 }
 

@@ -13,6 +13,7 @@
  */
 #include "io/safetensors.h"
 #include "core/err.h"
+#include "io/names.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -36,17 +37,8 @@ struct st_set {
     int n_files;
     st_tensor *t;
     int n, cap;
-    int *slots;      /* hash table of tensor indices, -1 = empty */
-    size_t n_slots;  /* power of two */
+    io_names ix;     /* tensor name -> index into t */
 };
-
-static uint64_t hash_str(const char *s)
-{
-    uint64_t h = 1469598103934665603ull;
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    return h;
-}
 
 const char *st_shape_str(const int64_t *shape, int ndim, char *buf, size_t n)
 {
@@ -76,49 +68,17 @@ static int parse_dtype(const char *s, td_dtype *out)
     return -1;
 }
 
+static const char *tensor_name(const void *arr, int k) { return ((const st_tensor *)arr)[k].name; }
+
 static const st_tensor *lookup(const st_set *s, const char *name, size_t *slot_out)
 {
-    if (!s->n_slots)
-        return NULL;
-    size_t m = s->n_slots - 1, i = hash_str(name) & m;
-    while (s->slots[i] >= 0) {
-        if (!strcmp(s->t[s->slots[i]].name, name)) {
-            if (slot_out)
-                *slot_out = i;
-            return &s->t[s->slots[i]];
-        }
-        i = (i + 1) & m;
-    }
-    if (slot_out)
-        *slot_out = i;
-    return NULL;
-}
-
-static int rehash(st_set *s, size_t want)
-{
-    size_t n = 64;
-    while (n < want * 2)
-        n *= 2;
-    int *slots = malloc(n * sizeof *slots);
-    if (!slots)
-        return -1;
-    for (size_t i = 0; i < n; i++)
-        slots[i] = -1;
-    free(s->slots);
-    s->slots = slots;
-    s->n_slots = n;
-    for (int k = 0; k < s->n; k++) {
-        size_t i = hash_str(s->t[k].name) & (n - 1);
-        while (slots[i] >= 0)
-            i = (i + 1) & (n - 1);
-        slots[i] = k;
-    }
-    return 0;
+    int k = io_names_find(&s->ix, name, tensor_name, s->t, slot_out);
+    return k >= 0 ? &s->t[k] : NULL;
 }
 
 static int add_tensor(st_set *s, st_tensor *t, char *err, size_t errlen, const char *path)
 {
-    if ((size_t)(s->n + 1) * 2 > s->n_slots && rehash(s, (size_t)s->n + 1024) != 0)
+    if ((size_t)(s->n + 1) * 2 > s->ix.n_slots && io_names_rebuild(&s->ix, (size_t)s->n + 1024, s->n, tensor_name, s->t))
         return td_err(err, errlen, TANDEM_ENOMEM, "%s: out of memory indexing tensors", path);
     size_t slot;
     if (lookup(s, t->name, &slot))
@@ -132,7 +92,7 @@ static int add_tensor(st_set *s, st_tensor *t, char *err, size_t errlen, const c
         s->cap = cap;
     }
     s->t[s->n] = *t;
-    s->slots[slot] = s->n;
+    s->ix.slots[slot] = s->n;
     s->n++;
     return 0;
 }
@@ -405,7 +365,7 @@ void st_close(st_set *s)
     }
     free(s->files);
     free(s->t);
-    free(s->slots);
+    io_names_free(&s->ix);
     free(s);
 }
 
