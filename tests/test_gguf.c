@@ -358,6 +358,22 @@ static void test_metadata(void)
     gguf_close(g);
 }
 
+/* Float array elements read as integers saturate: fuzz/gguf found inf cast
+ * to uint64_t (undefined behaviour, UBSan stops on it). */
+static void test_float_array_as_int(void)
+{
+    const float v[5] = { INFINITY, -INFINITY, NAN, 1e30f, -7.9f };
+    gguf_kv a = { 0 };
+    a.type = GGUF_V_ARR;
+    a.arr_type = GGUF_V_F32;
+    a.arr_n = 5;
+    a.arr_data = v;
+    CHECK(gguf_arr_u64(&a, 0) == UINT64_MAX && gguf_arr_u64(&a, 1) == 0 && gguf_arr_u64(&a, 2) == 0 &&
+          gguf_arr_u64(&a, 3) == UINT64_MAX && gguf_arr_u64(&a, 4) == 0);
+    CHECK(gguf_arr_i64(&a, 0) == INT64_MAX && gguf_arr_i64(&a, 1) == INT64_MIN && gguf_arr_i64(&a, 2) == 0 &&
+          gguf_arr_i64(&a, 3) == INT64_MAX && gguf_arr_i64(&a, 4) == -7);
+}
+
 static void test_dequant(void)
 {
     gguf_file *g = NULL;
@@ -711,6 +727,7 @@ static void test_pack(void)
 TEST_GROUP(gguf)
 {
     test_metadata();
+    test_float_array_as_int();
     test_dequant();
     test_split();
     test_malformed();

@@ -835,6 +835,26 @@ int gguf_get_u64(const gguf_file *g, const char *key, uint64_t *out, char *err, 
 
 /* ---- array elements -------------------------------------------------------- */
 
+/* float array elements read as integers saturate (NaN reads 0): a cast of a
+ * value outside the integer's range would be undefined behaviour */
+static int64_t f_to_i64(double f)
+{
+    if (f != f)
+        return 0;
+    if (f >= 9223372036854775808.0)
+        return INT64_MAX;
+    if (f <= -9223372036854775808.0)
+        return INT64_MIN;
+    return (int64_t)f;
+}
+
+static uint64_t f_to_u64(double f)
+{
+    if (!(f > 0))
+        return 0;
+    return f >= 18446744073709551616.0 ? UINT64_MAX : (uint64_t)f;
+}
+
 static int arr_elem(const gguf_kv *kv, uint64_t i, gguf_kv *e)
 {
     if (kv->type != GGUF_V_ARR || i >= kv->arr_n || kv->arr_type == GGUF_V_STR || !kv->arr_data)
@@ -849,7 +869,7 @@ int64_t gguf_arr_i64(const gguf_kv *kv, uint64_t i)
     gguf_kv e;
     if (arr_elem(kv, i, &e))
         return 0;
-    return kv->arr_type == GGUF_V_F32 || kv->arr_type == GGUF_V_F64 ? (int64_t)e.f : e.i;
+    return kv->arr_type == GGUF_V_F32 || kv->arr_type == GGUF_V_F64 ? f_to_i64(e.f) : e.i;
 }
 
 uint64_t gguf_arr_u64(const gguf_kv *kv, uint64_t i)
@@ -857,7 +877,7 @@ uint64_t gguf_arr_u64(const gguf_kv *kv, uint64_t i)
     gguf_kv e;
     if (arr_elem(kv, i, &e))
         return 0;
-    return kv->arr_type == GGUF_V_F32 || kv->arr_type == GGUF_V_F64 ? (uint64_t)(e.f > 0 ? e.f : 0) : e.u;
+    return kv->arr_type == GGUF_V_F32 || kv->arr_type == GGUF_V_F64 ? f_to_u64(e.f) : e.u;
 }
 
 double gguf_arr_f64(const gguf_kv *kv, uint64_t i)
